@@ -1,0 +1,1 @@
+"""Config files: `get_config(arg)` programs loaded with `--config=configs/<kind>.py:<arg>`."""

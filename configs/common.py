@@ -1,0 +1,65 @@
+"""The fields every run shares; each `configs/<kind>.py` starts from `base(size)` and adds its kind.
+
+Kind-specific fields live only under `model.ffn.<kind>`. Optional fields are placeholders so the
+command line can set them (`--config.data.tokenizer=path/tokenizer.json`).
+"""
+
+from ml_collections import ConfigDict, config_dict
+
+from mole_jax.config import CPU_SIZES, SIZES
+
+
+def base(size: str) -> ConfigDict:
+    s = SIZES[size]
+    c = ConfigDict()
+    c.seed = 0
+    c.model = ConfigDict(
+        dict(
+            vocab_size=s["vocab_size"],  # embedding rows; >= the tokenizer's vocabulary
+            d_model=s["d_model"],
+            n_layers=s["n_layers"],
+            n_heads=s["n_heads"],
+            d_ff=s["d_ff"],
+            max_seq_len=max(1024, s["seq_len"]),  # RoPE / KV-cache limit
+            rope_theta=10_000.0,
+            init_std=0.01,  # paper: normal(0, 0.01) for every weight
+            norm_eps=1e-6,
+            activation="gelu",  # exact (erf) GELU, non-gated FFNs, as in the MoLE paper
+            dtype="float32",  # compute: float32 | bfloat16 (params, softmax and loss stay fp32)
+        )
+    )
+    c.model.ffn = ConfigDict(dict(kind="dense", layers="all"))
+    c.data = ConfigDict(
+        dict(
+            corpus="shakespeare",  # shakespeare | linux-doc | pydoc | files:<glob> | hf:<name>
+            tokenizer=config_dict.placeholder(str),  # a tokenizer.json; default: train a BPE
+            vocab_size=8192,  # BPE vocabulary when training one
+            seq_len=s["seq_len"],
+            val_fraction=0.05,  # share of documents held out for validation
+            cache_dir=config_dict.placeholder(str),  # default: $MOLE_JAX_CACHE or ~/.cache/mole_jax
+        )
+    )
+    local = size in CPU_SIZES
+    c.train = ConfigDict(
+        dict(
+            steps=s["steps"],
+            batch_size=s["batch_size"],  # sequences per optimiser step (global)
+            microbatches=1,  # gradient accumulation: the step is split into this many parts
+            lr=s["lr"],
+            warmup_frac=0.05 if local else 0.01,
+            min_lr_ratio=0.1,  # cosine floor as a fraction of lr
+            weight_decay=0.1,
+            b1=0.9,
+            b2=0.95,
+            eps=1e-8,
+            clip=1.0,
+            eval_every=100 if local else 1000,
+            eval_batches=8 if local else 64,
+            log_every=1 if local else 10,
+            ckpt_every=100 if local else 1000,
+            keep_ckpts=3,
+            async_ckpt=True,
+            progress=True,  # tqdm bar on a TTY
+        )
+    )
+    return c

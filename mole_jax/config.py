@@ -1,0 +1,211 @@
+"""Config plumbing: `:arg` strings, the SIZES table, one-line validation errors, (de)serialisation.
+
+Configs are `ml_collections.ConfigDict`s built by `configs/<kind>.py:get_config(arg)`. Everything
+the run needs is in the resolved config written to `<workdir>/config.json`; `export`, `eval` and
+`generate` read it back with `load_config`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import Any
+
+import ml_collections
+
+from mole_jax.errors import ConfigError
+
+# Model shapes and per-size training defaults. 160m/410m/1b are the Pythia shapes of the MoLE paper
+# (Table 2; GPT-NeoX vocab padded to 50,304; seq 2048; 1024 sequences per step). `tiny` trains in
+# seconds on a 2-core CPU, `small` in minutes.
+SIZES: dict[str, dict[str, Any]] = {
+    # name:    layers  D     heads  F      V       seq   batch steps   lr
+    "tiny": dict(n_layers=2, d_model=64, n_heads=4, d_ff=256, vocab_size=8192,
+                 seq_len=64, batch_size=16, steps=300, lr=3e-3),
+    "small": dict(n_layers=4, d_model=256, n_heads=4, d_ff=1024, vocab_size=8192,
+                  seq_len=128, batch_size=32, steps=1000, lr=2e-3),
+    "160m": dict(n_layers=12, d_model=768, n_heads=12, d_ff=3072, vocab_size=50304,
+                 seq_len=2048, batch_size=1024, steps=50_000, lr=6e-4),
+    "410m": dict(n_layers=24, d_model=1024, n_heads=16, d_ff=4096, vocab_size=50304,
+                 seq_len=2048, batch_size=1024, steps=50_000, lr=3e-4),
+    "1b": dict(n_layers=16, d_model=2048, n_heads=8, d_ff=8192, vocab_size=50304,
+               seq_len=2048, batch_size=1024, steps=50_000, lr=3e-4),
+}  # fmt: skip
+CPU_SIZES = ("tiny", "small")
+
+
+def parse_arg(arg: str | None, defaults: dict[str, Any]) -> ml_collections.ConfigDict:
+    """Parses `'size=tiny,experts=4'` into a ConfigDict typed after `defaults`.
+
+    Unknown keys and values that do not convert to the default's type raise ConfigError.
+    """
+    out = dict(defaults)
+    for item in filter(None, (arg or "").split(",")):
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not sep:
+            raise ConfigError(f"config argument '{item}' must look like key=value (in '{arg}')")
+        if key not in defaults:
+            known = ", ".join(sorted(defaults))
+            raise ConfigError(f"unknown config argument '{key}' (in '{arg}'); known: {known}")
+        out[key] = _coerce(key, value.strip(), defaults[key])
+    if "size" in out and out["size"] not in SIZES:
+        raise ConfigError(f"size='{out['size']}' is not one of {', '.join(SIZES)}")
+    return ml_collections.ConfigDict(out)
+
+
+def _coerce(key: str, value: str, default: Any) -> Any:
+    kind = type(default)
+    try:
+        if kind is bool:
+            if value.lower() not in ("true", "false", "1", "0"):
+                raise ValueError(value)
+            return value.lower() in ("true", "1")
+        return kind(value)
+    except ValueError:
+        raise ConfigError(f"config argument {key}={value!r} is not a {kind.__name__}") from None
+
+
+def layer_indices(spec: str, n_layers: int) -> tuple[int, ...]:
+    """Which blocks get the configured FFN kind: 'all', 'none', 'middle', 'every_N' or '0,3,5'."""
+    spec = str(spec).strip()
+    if spec == "all":
+        return tuple(range(n_layers))
+    if spec == "none":
+        return ()
+    if spec == "middle":
+        return (n_layers // 2,)
+    if spec.startswith("every_"):
+        step = spec.removeprefix("every_")
+        if not step.isdigit() or int(step) < 1:
+            raise ConfigError(f"model.ffn.layers='{spec}': every_N needs a positive integer N")
+        return tuple(range(int(step) - 1, n_layers, int(step)))
+    try:
+        idx = tuple(sorted({int(s) for s in spec.split(",") if s.strip()}))
+    except ValueError:
+        raise ConfigError(
+            f"model.ffn.layers='{spec}' is not all, none, middle, every_N or a list like '0,3'"
+        ) from None
+    bad = [i for i in idx if not 0 <= i < n_layers]
+    if bad:
+        raise ConfigError(
+            f"model.ffn.layers={spec!r} names blocks {bad}; valid are 0..{n_layers - 1}"
+        )
+    return idx
+
+
+def _require(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ConfigError(msg)
+
+
+def _positive(cfg: ml_collections.ConfigDict, prefix: str, names: tuple[str, ...]) -> None:
+    for name in names:
+        value = cfg[name]
+        _require(
+            isinstance(value, int) and not isinstance(value, bool) and value > 0,
+            f"{prefix}.{name}={value!r} must be a positive integer",
+        )
+
+
+def validate(cfg: ml_collections.ConfigDict, n_devices: int | None = None) -> None:
+    """Raises ConfigError naming the first offending field. Runs before anything compiles."""
+    from mole_jax import ffn  # late import: ffn modules import jax
+
+    m, d, t = cfg.model, cfg.data, cfg.train
+    _positive(m, "model", ("vocab_size", "d_model", "n_layers", "n_heads", "d_ff", "max_seq_len"))
+    _positive(d, "data", ("seq_len", "vocab_size"))
+    _positive(t, "train", ("steps", "batch_size", "microbatches", "eval_batches", "log_every"))
+    _require(
+        m.d_model % m.n_heads == 0,
+        f"model.n_heads={m.n_heads} must divide model.d_model={m.d_model}",
+    )
+    _require(
+        (m.d_model // m.n_heads) % 2 == 0,
+        f"head dim model.d_model/model.n_heads={m.d_model // m.n_heads} must be even for RoPE",
+    )
+    _require(m.dtype in ("float32", "bfloat16"), f"model.dtype={m.dtype!r}: use float32|bfloat16")
+    _require(m.init_std > 0, f"model.init_std={m.init_std} must be > 0")
+    _require(
+        d.seq_len <= m.max_seq_len,
+        f"data.seq_len={d.seq_len} exceeds model.max_seq_len={m.max_seq_len} (RoPE/KV-cache limit)",
+    )
+    _require(
+        d.vocab_size <= m.vocab_size,
+        f"data.vocab_size={d.vocab_size} (tokenizer) exceeds model.vocab_size={m.vocab_size}",
+    )
+    _require(0.0 < d.val_fraction < 1.0, f"data.val_fraction={d.val_fraction} must be in (0, 1)")
+    _validate_train(t, n_devices)
+    layer_indices(m.ffn.layers, m.n_layers)
+    kind = m.ffn.kind
+    _require(kind in ffn.KINDS, f"model.ffn.kind={kind!r} is not one of {', '.join(ffn.KINDS)}")
+    _require(
+        kind == "dense" or kind in m.ffn,
+        f"model.ffn.kind={kind!r} needs a model.ffn.{kind} section (use configs/{kind}.py)",
+    )
+    ffn.KINDS[kind].validate(m)
+
+
+def _validate_train(t: ml_collections.ConfigDict, n_devices: int | None) -> None:
+    _require(t.lr > 0, f"train.lr={t.lr} must be > 0")
+    _require(0.0 <= t.min_lr_ratio <= 1.0, f"train.min_lr_ratio={t.min_lr_ratio} must be in [0, 1]")
+    _require(0.0 <= t.warmup_frac < 1.0, f"train.warmup_frac={t.warmup_frac} must be in [0, 1)")
+    _require(t.clip > 0, f"train.clip={t.clip} must be > 0")
+    _require(t.weight_decay >= 0, f"train.weight_decay={t.weight_decay} must be >= 0")
+    _require(0 <= t.b1 < 1 and 0 <= t.b2 < 1, f"train.b1={t.b1}, train.b2={t.b2} must be in [0, 1)")
+    _require(t.eval_every >= 0 and t.ckpt_every >= 0, "train.eval_every/ckpt_every must be >= 0")
+    _require(t.keep_ckpts >= 1, f"train.keep_ckpts={t.keep_ckpts} must be >= 1")
+    _require(
+        t.batch_size % t.microbatches == 0,
+        f"train.batch_size={t.batch_size} must be divisible by train.microbatches={t.microbatches}",
+    )
+    if n_devices is None:
+        import jax
+
+        n_devices = jax.device_count()
+    micro = t.batch_size // t.microbatches
+    _require(
+        micro % n_devices == 0,
+        f"train.batch_size/train.microbatches={micro} must be divisible by the {n_devices} devices",
+    )
+
+
+def warmup_steps(cfg: ml_collections.ConfigDict) -> int:
+    return int(math.ceil(cfg.train.warmup_frac * cfg.train.steps))
+
+
+def to_json(cfg: ml_collections.ConfigDict) -> str:
+    return cfg.to_json_best_effort(indent=2, sort_keys=True)
+
+
+def save_config(cfg: ml_collections.ConfigDict, path: str) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(to_json(cfg))
+    os.replace(tmp, path)
+
+
+def load_config(workdir: str) -> ml_collections.ConfigDict:
+    """The resolved config a `train` run wrote to its workdir."""
+    path = os.path.join(workdir, "config.json")
+    if not os.path.exists(path):
+        raise ConfigError(
+            f"{path} not found: is '{workdir}' a workdir written by `launch.py train`?"
+        )
+    with open(path) as f:
+        try:
+            raw = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ConfigError(
+                f"{path} is not valid JSON ({e}); re-run train to rewrite it"
+            ) from None
+    return ml_collections.ConfigDict(_tuples(raw))
+
+
+def _tuples(x: Any) -> Any:
+    if isinstance(x, dict):
+        return {k: _tuples(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return tuple(_tuples(v) for v in x)
+    return x

