@@ -24,7 +24,7 @@ SIZES: dict[str, dict[str, Any]] = {
     "tiny": dict(n_layers=2, d_model=64, n_heads=4, d_ff=256, vocab_size=8192,
                  seq_len=64, batch_size=16, steps=300, lr=3e-3),
     "small": dict(n_layers=4, d_model=256, n_heads=4, d_ff=1024, vocab_size=8192,
-                  seq_len=128, batch_size=32, steps=1000, lr=2e-3),
+                  seq_len=128, batch_size=16, steps=600, lr=2e-3),
     "160m": dict(n_layers=12, d_model=768, n_heads=12, d_ff=3072, vocab_size=50304,
                  seq_len=2048, batch_size=1024, steps=50_000, lr=6e-4),
     "410m": dict(n_layers=24, d_model=1024, n_heads=16, d_ff=4096, vocab_size=50304,

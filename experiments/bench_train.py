@@ -1,0 +1,141 @@
+"""Train-step throughput and model FLOP utilisation.
+
+Question: how fast is one optimiser step of a config on this machine, and how close to the
+machine's own matmul peak does it run?
+
+    python experiments/bench_train.py --config=configs/dense.py:size=small [--json=out.json]
+
+Method: real batches (the config's corpus), the jitted train step with donation, `--warmup`
+untimed steps after compilation, then `--steps` steps each blocked on its result; the median is
+reported. MFU = flops_per_token * tokens_per_s / peak, where flops_per_token is 3x the forward
+FLOPs of the activated inference-form model (accounting.py: 6N + attention) and the peak is a
+jitted square matmul in the config's compute dtype measured here, printed beside it. The XLA cost
+analysis of the compiled step (FLOPs the program actually executes) is reported as well.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import _paths  # noqa: F401
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from mole_jax import accounting, data
+from mole_jax.config import validate
+from mole_jax.layers import compute_dtype
+from mole_jax.optim import make_optimizer
+from mole_jax.train import data_mesh, init_state, make_train_step
+
+config_flags.DEFINE_config_file("config", None, "Config to benchmark: path.py:arg.")
+flags.DEFINE_integer("steps", 10, "Timed steps.")
+flags.DEFINE_integer("warmup", 2, "Untimed steps after compilation.")
+flags.DEFINE_string("json", None, "Write the result here.")
+FLAGS = flags.FLAGS
+
+
+def matmul_peak(dtype, n: int = 2048, reps: int = 5) -> float:
+    """FLOP/s of the best of `reps` jitted n x n x n matmuls in `dtype` on this machine."""
+    a = jnp.ones((n, n), dtype)
+    f = jax.jit(lambda x: x @ x)
+    f(a).block_until_ready()
+    best = min(_timed(lambda: f(a).block_until_ready()) for _ in range(reps))
+    return 2 * n**3 / best
+
+
+def _timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def bench(cfg, steps: int = 10, warmup: int = 2, peak: float | None = None) -> dict:
+    """Times `steps` train steps of `cfg` after compilation and `warmup` steps."""
+    validate(cfg)
+    td = data.prepare(cfg)
+    tx = make_optimizer(cfg)
+    graphdef, state, table_layers = init_state(cfg, tx)
+    t = cfg.train
+    shape = (t.microbatches, t.batch_size // t.microbatches, cfg.data.seq_len + 1)
+    batches = [
+        data.train_batch(td.train, cfg.seed, s, t.batch_size, cfg.data.seq_len).reshape(shape)
+        for s in range(steps + warmup)
+    ]
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    mesh = data_mesh()
+    state = jax.device_put(state, NamedSharding(mesh, P()))
+    put = lambda b: jax.device_put(b, NamedSharding(mesh, P(None, "data")))
+    step = jax.jit(make_train_step(graphdef, tx, cfg, bool(table_layers)), donate_argnums=0)
+    t0 = time.perf_counter()
+    compiled = step.lower(state, put(batches[0])).compile()
+    compile_s = time.perf_counter() - t0
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    times = []
+    for i, b in enumerate(batches):
+        b = put(b)
+        t0 = time.perf_counter()
+        state, m = compiled(state, b)
+        jax.block_until_ready((state, m))
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+    summary = accounting.summarize(cfg)
+    tokens = t.batch_size * cfg.data.seq_len
+    step_s = float(np.median(times))
+    flops_per_token = 3 * summary["flops_per_token"]
+    peak = peak or matmul_peak(compute_dtype(cfg.model))
+    return {
+        "kind": cfg.model.ffn.kind,
+        "tokens_per_step": tokens,
+        "step_time_s": step_s,
+        "step_time_p90_s": float(np.percentile(times, 90)),
+        "tokens_per_s": tokens / step_s,
+        "flops_per_token": flops_per_token,
+        "xla_flops_per_token": float(cost.get("flops", 0.0)) / tokens,
+        "peak_flops": peak,
+        "mfu": flops_per_token * tokens / step_s / peak,
+        "compile_s": compile_s,
+        "params_total": summary["params_total"],
+        "params_active_per_token": summary["params_active_per_token"],
+        "devices": jax.device_count(),
+        "backend": jax.default_backend(),
+        "final_loss": float(m["loss"]),
+    }
+
+
+def table(rows: list[dict], ref: dict | None = None) -> str:
+    head = "| config | tokens/step | step (s) | tokens/s | MFU | XLA GFLOP/tok | vs dense |"
+    lines = [head, "|" + "---|" * 7]
+    for r in rows:
+        ratio = f"{r['step_time_s'] / ref['step_time_s']:.2f}x" if ref else "-"
+        lines.append(
+            f"| {r.get('name', r['kind'])} | {r['tokens_per_step']} | {r['step_time_s']:.3f} | "
+            f"{r['tokens_per_s']:.0f} | {100 * r['mfu']:.1f}% | "
+            f"{r['xla_flops_per_token'] / 1e9:.4f} | {ratio} |"
+        )
+    return "\n".join(lines)
+
+
+def main(_):
+    logging.set_verbosity(logging.WARNING)
+    cfg = FLAGS.config
+    res = bench(cfg, FLAGS.steps, FLAGS.warmup)
+    res["name"] = f"{cfg.model.ffn.kind}"
+    print(table([res]))
+    print(
+        f"peak (measured {compute_dtype(cfg.model).name} matmul): {res['peak_flops'] / 1e9:.1f} "
+        f"GFLOP/s on {res['devices']} {res['backend']} device(s); compile {res['compile_s']:.1f}s"
+    )  # noqa: E501
+    if FLAGS.json:
+        with open(FLAGS.json, "w") as f:
+            json.dump(res, f, indent=2)
+
+
+if __name__ == "__main__":
+    app.run(main)
