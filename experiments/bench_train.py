@@ -1,9 +1,14 @@
 """Train-step throughput and model FLOP utilisation.
 
-Question: how fast is one optimiser step of a config on this machine, and how close to the
-machine's own matmul peak does it run?
+Question: how fast is one optimiser step of a config on this machine, how close to the machine's
+own matmul peak does it run, and what does each FFN kind cost against dense?
 
     python experiments/bench_train.py --config=configs/dense.py:size=small [--json=out.json]
+    python experiments/bench_train.py --compare=small [--set=train.batch_size=512,...]
+
+`--compare` runs dense, MoE-10E (top-2, experts F/2), PEER (paper's h=8, k=16, middle block),
+MoLE-4E with the unique-token tables and MoLE-4E computed per position, all at `size`; MoE and
+MoLE activate as many FFN parameters per token as dense (PEER fewer: its row shows how many).
 
 Method: real batches (the config's corpus), the jitted train step with donation, `--warmup`
 untimed steps after compilation, then `--steps` steps each blocked on its result; the median is
@@ -26,15 +31,17 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from mole_jax import accounting, data
-from mole_jax.config import validate
+from mole_jax.config import coerce, validate
 from mole_jax.layers import compute_dtype
 from mole_jax.optim import make_optimizer
-from mole_jax.train import data_mesh, init_state, make_train_step
+from mole_jax.train import batch_putter, data_mesh, init_state, make_train_step
 
 config_flags.DEFINE_config_file("config", None, "Config to benchmark: path.py:arg.")
 flags.DEFINE_integer("steps", 10, "Timed steps.")
 flags.DEFINE_integer("warmup", 2, "Untimed steps after compilation.")
 flags.DEFINE_string("json", None, "Write the result here.")
+flags.DEFINE_string("compare", None, "Size at which to compare all kinds against dense.")
+flags.DEFINE_string("set", "", "Overrides for --compare: 'train.batch_size=64,data.seq_len=64'.")
 FLAGS = flags.FLAGS
 
 
@@ -60,9 +67,8 @@ def bench(cfg, steps: int = 10, warmup: int = 2, peak: float | None = None) -> d
     tx = make_optimizer(cfg)
     graphdef, state, table_layers = init_state(cfg, tx)
     t = cfg.train
-    shape = (t.microbatches, t.batch_size // t.microbatches, cfg.data.seq_len + 1)
     batches = [
-        data.train_batch(td.train, cfg.seed, s, t.batch_size, cfg.data.seq_len).reshape(shape)
+        data.train_batch(td.train, cfg.seed, s, t.batch_size, cfg.data.seq_len)
         for s in range(steps + warmup)
     ]
     from jax.sharding import NamedSharding
@@ -70,18 +76,19 @@ def bench(cfg, steps: int = 10, warmup: int = 2, peak: float | None = None) -> d
 
     mesh = data_mesh()
     state = jax.device_put(state, NamedSharding(mesh, P()))
-    put = lambda b: jax.device_put(b, NamedSharding(mesh, P(None, "data")))
+    put = batch_putter(mesh, cfg, bool(table_layers))
     step = jax.jit(make_train_step(graphdef, tx, cfg, bool(table_layers)), donate_argnums=0)
     t0 = time.perf_counter()
-    compiled = step.lower(state, put(batches[0])).compile()
+    step(state, *put(batches[0]))  # compile (and for MoLE, the first table-size bucket)
+    jax.block_until_ready(state)
     compile_s = time.perf_counter() - t0
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, list) else cost
+    cost = step.lower(state, *put(batches[0])).cost_analysis()
+    cost = (cost[0] if isinstance(cost, list) else cost) or {}
     times = []
     for i, b in enumerate(batches):
-        b = put(b)
+        args = put(b)  # host work (batch slicing, dedup) is part of the step time
         t0 = time.perf_counter()
-        state, m = compiled(state, b)
+        state, m = step(state, *args)
         jax.block_until_ready((state, m))
         if i >= warmup:
             times.append(time.perf_counter() - t0)
@@ -110,20 +117,63 @@ def bench(cfg, steps: int = 10, warmup: int = 2, peak: float | None = None) -> d
 
 
 def table(rows: list[dict], ref: dict | None = None) -> str:
-    head = "| config | tokens/step | step (s) | tokens/s | MFU | XLA GFLOP/tok | vs dense |"
-    lines = [head, "|" + "---|" * 7]
+    head = (
+        "| config | active params | tokens/step | step (s) | tokens/s | MFU "
+        "| XLA GFLOP/token | step vs dense |"
+    )
+    lines = [head, "|" + "---|" * 8]
     for r in rows:
         ratio = f"{r['step_time_s'] / ref['step_time_s']:.2f}x" if ref else "-"
         lines.append(
-            f"| {r.get('name', r['kind'])} | {r['tokens_per_step']} | {r['step_time_s']:.3f} | "
-            f"{r['tokens_per_s']:.0f} | {100 * r['mfu']:.1f}% | "
-            f"{r['xla_flops_per_token'] / 1e9:.4f} | {ratio} |"
+            f"| {r.get('name', r['kind'])} | {r['params_active_per_token'] / 1e6:.2f} M "
+            f"| {r['tokens_per_step']} | {r['step_time_s']:.3f} | {r['tokens_per_s']:.0f} "
+            f"| {100 * r['mfu']:.1f}% | {r['xla_flops_per_token'] / 1e9:.4f} | {ratio} |"
         )
     return "\n".join(lines)
 
 
+def compare_configs(size: str) -> dict:
+    from configs import dense, moe, mole, peer
+
+    per_position = mole.get_config(f"size={size},experts=4")
+    per_position.model.ffn.mole.impl = "per_position"
+    return {
+        "dense": dense.get_config(f"size={size}"),
+        "moe-10e": moe.get_config(f"size={size},experts=10,topk=2"),
+        "peer": peer.get_config(f"size={size}"),
+        "mole-4e": mole.get_config(f"size={size},experts=4"),
+        "mole-4e per_position": per_position,
+    }
+
+
+def apply_overrides(cfg, spec: str):
+    for item in filter(None, spec.split(",")):
+        path, _, value = item.partition("=")
+        *parents, leaf = path.split(".")
+        node = cfg
+        for p in parents:
+            node = node[p]
+        node[leaf] = coerce(path, value, node[leaf])
+    return cfg
+
+
 def main(_):
     logging.set_verbosity(logging.WARNING)
+    if FLAGS.compare:
+        peak = matmul_peak(jnp.float32)
+        rows = []
+        for name, cfg in compare_configs(FLAGS.compare).items():
+            res = bench(apply_overrides(cfg, FLAGS.set), FLAGS.steps, FLAGS.warmup, peak)
+            rows.append(dict(res, name=name))
+            print(f"  {name}: {res['step_time_s']:.3f} s/step", flush=True)
+        print(table(rows, rows[0]))
+        print(f"peak (measured float32 matmul): {peak / 1e9:.1f} GFLOP/s; size={FLAGS.compare}, "
+              f"overrides: {FLAGS.set or 'none'}")  # fmt: skip
+        result = {"size": FLAGS.compare, "overrides": FLAGS.set, "rows": rows}
+        if FLAGS.json:
+            with open(FLAGS.json, "w") as f:
+                json.dump(result, f, indent=2)
+        return
     cfg = FLAGS.config
     res = bench(cfg, FLAGS.steps, FLAGS.warmup)
     res["name"] = f"{cfg.model.ffn.kind}"

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from types import SimpleNamespace
 from typing import Any
 
 import ml_collections
@@ -35,8 +36,8 @@ SIZES: dict[str, dict[str, Any]] = {
 CPU_SIZES = ("tiny", "small")
 
 
-def parse_arg(arg: str | None, defaults: dict[str, Any]) -> ml_collections.ConfigDict:
-    """Parses `'size=tiny,experts=4'` into a ConfigDict typed after `defaults`.
+def parse_arg(arg: str | None, defaults: dict[str, Any]) -> SimpleNamespace:
+    """Parses `'size=tiny,experts=4'` into a namespace typed after `defaults`.
 
     Unknown keys and values that do not convert to the default's type raise ConfigError.
     """
@@ -49,13 +50,13 @@ def parse_arg(arg: str | None, defaults: dict[str, Any]) -> ml_collections.Confi
         if key not in defaults:
             known = ", ".join(sorted(defaults))
             raise ConfigError(f"unknown config argument '{key}' (in '{arg}'); known: {known}")
-        out[key] = _coerce(key, value.strip(), defaults[key])
+        out[key] = coerce(key, value.strip(), defaults[key])
     if "size" in out and out["size"] not in SIZES:
         raise ConfigError(f"size='{out['size']}' is not one of {', '.join(SIZES)}")
-    return ml_collections.ConfigDict(out)
+    return SimpleNamespace(**out)
 
 
-def _coerce(key: str, value: str, default: Any) -> Any:
+def coerce(key: str, value: str, default: Any) -> Any:
     kind = type(default)
     try:
         if kind is bool:
@@ -95,15 +96,19 @@ def layer_indices(spec: str, n_layers: int) -> tuple[int, ...]:
     return idx
 
 
-def _require(cond: bool, msg: str) -> None:
+def require(cond: bool, msg: str) -> None:
     if not cond:
         raise ConfigError(msg)
+
+
+def require_one_of(value, options, field: str) -> None:
+    require(value in options, f"{field}={value!r}: use one of {'|'.join(map(str, options))}")
 
 
 def _positive(cfg: ml_collections.ConfigDict, prefix: str, names: tuple[str, ...]) -> None:
     for name in names:
         value = cfg[name]
-        _require(
+        require(
             isinstance(value, int) and not isinstance(value, bool) and value > 0,
             f"{prefix}.{name}={value!r} must be a positive integer",
         )
@@ -117,30 +122,30 @@ def validate(cfg: ml_collections.ConfigDict, n_devices: int | None = None) -> No
     _positive(m, "model", ("vocab_size", "d_model", "n_layers", "n_heads", "d_ff", "max_seq_len"))
     _positive(d, "data", ("seq_len", "vocab_size"))
     _positive(t, "train", ("steps", "batch_size", "microbatches", "eval_batches", "log_every"))
-    _require(
+    require(
         m.d_model % m.n_heads == 0,
         f"model.n_heads={m.n_heads} must divide model.d_model={m.d_model}",
     )
-    _require(
+    require(
         (m.d_model // m.n_heads) % 2 == 0,
         f"head dim model.d_model/model.n_heads={m.d_model // m.n_heads} must be even for RoPE",
     )
-    _require(m.dtype in ("float32", "bfloat16"), f"model.dtype={m.dtype!r}: use float32|bfloat16")
-    _require(m.init_std > 0, f"model.init_std={m.init_std} must be > 0")
-    _require(
+    require_one_of(m.dtype, ("float32", "bfloat16"), "model.dtype")
+    require(m.init_std > 0, f"model.init_std={m.init_std} must be > 0")
+    require(
         d.seq_len <= m.max_seq_len,
         f"data.seq_len={d.seq_len} exceeds model.max_seq_len={m.max_seq_len} (RoPE/KV-cache limit)",
     )
-    _require(
+    require(
         d.vocab_size <= m.vocab_size,
         f"data.vocab_size={d.vocab_size} (tokenizer) exceeds model.vocab_size={m.vocab_size}",
     )
-    _require(0.0 < d.val_fraction < 1.0, f"data.val_fraction={d.val_fraction} must be in (0, 1)")
+    require(0.0 < d.val_fraction < 1.0, f"data.val_fraction={d.val_fraction} must be in (0, 1)")
     _validate_train(t, n_devices)
     layer_indices(m.ffn.layers, m.n_layers)
     kind = m.ffn.kind
-    _require(kind in ffn.KINDS, f"model.ffn.kind={kind!r} is not one of {', '.join(ffn.KINDS)}")
-    _require(
+    require(kind in ffn.KINDS, f"model.ffn.kind={kind!r} is not one of {', '.join(ffn.KINDS)}")
+    require(
         kind == "dense" or kind in m.ffn,
         f"model.ffn.kind={kind!r} needs a model.ffn.{kind} section (use configs/{kind}.py)",
     )
@@ -148,15 +153,15 @@ def validate(cfg: ml_collections.ConfigDict, n_devices: int | None = None) -> No
 
 
 def _validate_train(t: ml_collections.ConfigDict, n_devices: int | None) -> None:
-    _require(t.lr > 0, f"train.lr={t.lr} must be > 0")
-    _require(0.0 <= t.min_lr_ratio <= 1.0, f"train.min_lr_ratio={t.min_lr_ratio} must be in [0, 1]")
-    _require(0.0 <= t.warmup_frac < 1.0, f"train.warmup_frac={t.warmup_frac} must be in [0, 1)")
-    _require(t.clip > 0, f"train.clip={t.clip} must be > 0")
-    _require(t.weight_decay >= 0, f"train.weight_decay={t.weight_decay} must be >= 0")
-    _require(0 <= t.b1 < 1 and 0 <= t.b2 < 1, f"train.b1={t.b1}, train.b2={t.b2} must be in [0, 1)")
-    _require(t.eval_every >= 0 and t.ckpt_every >= 0, "train.eval_every/ckpt_every must be >= 0")
-    _require(t.keep_ckpts >= 1, f"train.keep_ckpts={t.keep_ckpts} must be >= 1")
-    _require(
+    require(t.lr > 0, f"train.lr={t.lr} must be > 0")
+    require(0.0 <= t.min_lr_ratio <= 1.0, f"train.min_lr_ratio={t.min_lr_ratio} must be in [0, 1]")
+    require(0.0 <= t.warmup_frac < 1.0, f"train.warmup_frac={t.warmup_frac} must be in [0, 1)")
+    require(t.clip > 0, f"train.clip={t.clip} must be > 0")
+    require(t.weight_decay >= 0, f"train.weight_decay={t.weight_decay} must be >= 0")
+    require(0 <= t.b1 < 1 and 0 <= t.b2 < 1, f"train.b1={t.b1}, train.b2={t.b2} must be in [0, 1)")
+    require(t.eval_every >= 0 and t.ckpt_every >= 0, "train.eval_every/ckpt_every must be >= 0")
+    require(t.keep_ckpts >= 1, f"train.keep_ckpts={t.keep_ckpts} must be >= 1")
+    require(
         t.batch_size % t.microbatches == 0,
         f"train.batch_size={t.batch_size} must be divisible by train.microbatches={t.microbatches}",
     )
@@ -165,7 +170,7 @@ def _validate_train(t: ml_collections.ConfigDict, n_devices: int | None) -> None
 
         n_devices = jax.device_count()
     micro = t.batch_size // t.microbatches
-    _require(
+    require(
         micro % n_devices == 0,
         f"train.batch_size/train.microbatches={micro} must be divisible by the {n_devices} devices",
     )

@@ -13,10 +13,12 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from mole_jax import ffn as ffn_lib
 from mole_jax.attention import Attention, init_kv
+from mole_jax.errors import DataError
 from mole_jax.ffn.base import Ctx
 from mole_jax.layers import RMSNorm, compute_dtype, normal
 
@@ -39,6 +41,41 @@ def dedup_ids(ids_BxL, vocab_size: int):
         return jnp.arange(vocab_size, dtype=ids_BxL.dtype), ids_BxL
     uniq_U, inv = jnp.unique(ids_BxL.ravel(), size=n, fill_value=0, return_inverse=True)
     return uniq_U, inv.reshape(ids_BxL.shape)
+
+
+def dedup_bucket(n: int, vocab_size: int) -> int:
+    """Static table size for n distinct ids: n rounded up to a quarter octave (at most 25%
+    padding, so a run compiles for a handful of sizes), capped at the vocabulary."""
+    if n >= vocab_size:
+        return vocab_size
+    step = 2 ** max(0, n.bit_length() - 3)
+    return min(vocab_size, -(-n // step) * step)
+
+
+def host_dedup(ids: np.ndarray, vocab_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """`dedup_ids` on the host, with the table padded only to `dedup_bucket` of the true count.
+
+    Returns (uniq_U, inv) as int32 numpy arrays, uniq_U[inv] == ids. Raises DataError for ids
+    outside [0, vocab_size).
+    """
+    check_ids(ids, vocab_size)
+    uniq, inv = np.unique(ids, return_inverse=True)
+    size = dedup_bucket(len(uniq), vocab_size)
+    if size == vocab_size:
+        return np.arange(vocab_size, dtype=np.int32), ids.astype(np.int32)
+    uniq_U = np.zeros(size, np.int32)
+    uniq_U[: len(uniq)] = uniq
+    return uniq_U, inv.reshape(ids.shape).astype(np.int32)
+
+
+def check_ids(ids: np.ndarray, vocab_size: int) -> None:
+    """Token ids must index the embedding; jnp.take would silently clamp them."""
+    lo, hi = int(ids.min()), int(ids.max())
+    if lo < 0 or hi >= vocab_size:
+        raise DataError(
+            f"token id {hi if hi >= vocab_size else lo} is outside the vocabulary [0, {vocab_size})"
+            "; was the data tokenized with another tokenizer?"
+        )
 
 
 class Block(nnx.Module):

@@ -29,7 +29,7 @@ from mole_jax.config import load_config, save_config, validate
 from mole_jax.errors import ConfigError, TrainingDiverged
 from mole_jax.losses import cross_entropy, objective
 from mole_jax.metrics import MetricsWriter, aux_stats
-from mole_jax.model import build_model, dedup_ids
+from mole_jax.model import build_model, dedup_ids, host_dedup
 from mole_jax.optim import make_optimizer, schedule
 
 
@@ -52,11 +52,13 @@ def _tree_add(a, b):
 
 
 def make_train_step(graphdef, tx, cfg, has_tables: bool) -> Callable:
-    """train_step(state, batch_MxBxL1) -> (state, metrics), M = train.microbatches.
+    """train_step(state, batch_MxBxL1, dedup=None) -> (state, metrics), M = train.microbatches.
 
     Token tables (MoLE's per-token expert outputs) are computed once for the whole step's distinct
     ids; each micro-batch returns the gradient w.r.t. the tables, the sum is pulled back through
     the experts once with the table function's VJP. Exactly the gradient of the per-position form.
+    `dedup` = (uniq_U, inv_MxBxL) from `model.host_dedup` of the step's inputs; without it the
+    ids are deduplicated inside the step with the static bound min(V, M*B*L).
     """
     n_micro, vocab = cfg.train.microbatches, cfg.model.vocab_size
     lr_at = schedule(cfg)
@@ -70,17 +72,17 @@ def make_train_step(graphdef, tx, cfg, has_tables: bool) -> Callable:
 
     grad_fn = jax.grad(forward_loss, argnums=(0, 2), has_aux=True)
 
-    def train_step(state, batch):
+    def train_step(state, batch, dedup=None):
         params = state["params"]
         inputs, targets = batch[..., :-1], batch[..., 1:]
         tables = inv = pull_tables = None
         if has_tables:
+            uniq_U, inv = dedup_ids(inputs, vocab) if dedup is None else dedup
 
             def tables_fn(p):
-                uniq_U, inv_MxBxL = dedup_ids(inputs, vocab)
-                return nnx.merge(graphdef, p, state["rest"]).token_tables(uniq_U), inv_MxBxL
+                return nnx.merge(graphdef, p, state["rest"]).token_tables(uniq_U)
 
-            tables, pull_tables, inv = jax.vjp(tables_fn, params, has_aux=True)
+            tables, pull_tables = jax.vjp(tables_fn, params)
 
         def micro(carry, xs):
             g_params, g_tables, rest = carry
@@ -147,6 +149,26 @@ def data_mesh() -> Mesh:
     return Mesh(np.array(jax.devices()), ("data",))
 
 
+def batch_putter(mesh: Mesh, cfg, has_tables: bool) -> Callable:
+    """batch int32[B, L+1] -> the train step's device arguments (batch, dedup), sharded on 'data'.
+
+    For models with token tables the distinct ids are found here on the host, so the tables are
+    only as large as the step's vocabulary (`model.host_dedup`)."""
+    t = cfg.train
+    shape = (t.microbatches, t.batch_size // t.microbatches, cfg.data.seq_len + 1)
+    split = NamedSharding(mesh, P(None, "data"))
+
+    def put(batch: np.ndarray):
+        batch = batch.reshape(shape)
+        dedup = None
+        if has_tables:
+            uniq_U, inv = host_dedup(batch[..., :-1], cfg.model.vocab_size)
+            dedup = (jax.device_put(uniq_U, NamedSharding(mesh, P())), jax.device_put(inv, split))
+        return jax.device_put(batch, split), dedup
+
+    return put
+
+
 def _check_resume_compatible(cfg, workdir: str) -> None:
     """A workdir with checkpoints resumes only with the same model and data."""
     path = os.path.join(workdir, "config.json")
@@ -203,7 +225,7 @@ def run(cfg, workdir: str, hooks: tuple[Callable[[int, dict], None], ...] = ()) 
     start = int(state["step"])
     mesh = data_mesh()
     state = jax.device_put(state, NamedSharding(mesh, P()))
-    shard_micro = lambda b: jax.device_put(b, NamedSharding(mesh, P(None, "data")))
+    shard_micro = batch_putter(mesh, cfg, bool(table_layers))
     shard_eval = lambda b: jax.device_put(b, NamedSharding(mesh, P("data")))
     step_fn = jax.jit(make_train_step(graphdef, tx, cfg, bool(table_layers)), donate_argnums=0)
     eval_fn = jax.jit(make_eval_step(graphdef))
@@ -231,7 +253,6 @@ def _loop(cfg, workdir, td, state, step_fn, eval_fn, ckpt, shards, start, summar
     writer = MetricsWriter(workdir, start)
     progress = _Progress(cfg, start)
     tokens_per_step = t.batch_size * cfg.data.seq_len
-    micro_shape = (t.microbatches, t.batch_size // t.microbatches, cfg.data.seq_len + 1)
     last = {"step": start}
     pending, t_ref = None, time.perf_counter()
 
@@ -264,7 +285,7 @@ def _loop(cfg, workdir, td, state, step_fn, eval_fn, ckpt, shards, start, summar
     try:
         for s in range(start, t.steps):
             batch = data.train_batch(td.train, cfg.seed, s, t.batch_size, cfg.data.seq_len)
-            state, mets = step_fn(state, shard_micro(batch.reshape(micro_shape)))
+            state, mets = step_fn(state, *shard_micro(batch))
             flush()
             pending = (s + 1, mets)
             done = s + 1 == t.steps

@@ -2,7 +2,7 @@
 
 import pytest
 
-from configs import dense
+from configs import dense, moe, mole, peer
 from mole_jax import accounting
 from mole_jax.config import SIZES, layer_indices, parse_arg, validate
 from mole_jax.errors import ConfigError
@@ -30,6 +30,59 @@ def test_160m_dense_matches_pythia_shape():
     assert s["params_total"] == expected
     # forward FLOPs: 2 per weight multiply-add + attention scores over the 2048 context
     assert s["flops_per_token"] == n * (2 * (4 * d * d + 2 * d * f) + 4 * 2048 * d) + 2 * v * d
+
+
+# Table 2 of the MoLE paper: params in training (billions).
+PAPER_TABLE_2 = [
+    (moe, "size=160m,experts=10", 0.39),
+    (mole, "size=160m,experts=4", 0.39),
+    (moe, "size=160m,experts=34", 1.07),
+    (mole, "size=160m,experts=16", 1.07),
+    (moe, "size=410m,experts=10", 1.21),
+    (mole, "size=410m,experts=4", 1.21),
+    (moe, "size=410m,experts=34", 3.63),
+    (mole, "size=410m,experts=16", 3.63),
+    (moe, "size=1b,experts=10", 3.16),
+    (mole, "size=1b,experts=4", 3.16),
+]
+
+
+@pytest.mark.parametrize("module,arg,billions", PAPER_TABLE_2)
+def test_paper_configs_match_table_2(module, arg, billions):
+    cfg = module.get_config(arg)
+    validate(cfg, n_devices=1)
+    s = accounting.summarize(cfg)
+    assert s["params_total"] == s["params_total_formula"]
+    assert abs(s["params_total"] / (billions * 1e9) - 1) < 0.02, s["params_total"]
+
+
+def test_mole_and_moe_accounting_follow_table_1():
+    d, v, n = 768, 50304, 12
+    s = accounting.summarize(mole.get_config("size=160m,experts=4"))
+    assert s["lut_values"] == n * v * 4 * d == 1_854_406_656  # "1.85 B LUT values offloaded"
+    assert s["lut_values_per_token"] == n * 4 * d == 36_864
+    assert s["lut_bytes_per_token"]["float16"] == 73_728  # "72 KB per token"
+    dense_s = accounting.summarize(dense.get_config("size=160m"))
+    # LUT form: resident = dense + router; FLOPs = dense + router + combining E rows
+    assert s["params_resident"] == dense_s["params_total"] + n * d * 4
+    assert s["flops_per_token"] == dense_s["flops_per_token"] + n * (2 * d * 4 + 2 * 4 * d)
+    m = accounting.summarize(moe.get_config("size=160m,experts=10"))
+    # top-2 of experts of width F/2 activates as many FFN params as dense (+ router)
+    assert m["params_active_per_token"] == dense_s["params_total"] + n * d * 10
+    p = accounting.summarize(peer.get_config("size=160m"))
+    assert p["layer_kinds"] == ["dense"] * 6 + ["peer"] + ["dense"] * 5
+
+
+def test_kind_specific_validation():
+    cases = [
+        (moe, "size=tiny,experts=4,topk=5", "topk=5 must be between 1 and"),
+        (moe, "size=tiny,experts=0", "experts=0 must be >= 1"),
+        (peer, "size=tiny,keys=8,topk=16", "topk=16 must be between 1 and"),
+        (mole, "size=tiny,input=tokens", "expert_input='tokens': use one of embedding|hidden"),
+    ]
+    for module, arg, match in cases:
+        with pytest.raises(ConfigError, match=match):
+            validate(module.get_config(arg), n_devices=1)
 
 
 def _expect_error(match, **fields):

@@ -10,10 +10,13 @@ from __future__ import annotations
 from flax import nnx
 
 from mole_jax.config import layer_indices
-from mole_jax.ffn import dense
+from mole_jax.ffn import dense, moe, mole, peer
 
 KINDS = {
     "dense": dense,
+    "moe": moe,
+    "peer": peer,
+    "mole": mole,
 }
 
 

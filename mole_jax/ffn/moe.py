@@ -1,0 +1,181 @@
+"""Top-k routed mixture of experts: route -> permute -> grouped matmul -> unpermute.
+
+Axis legend: T tokens, D model, F expert width, E experts, K chosen per token, A = T*K
+assignments, C capacity per expert, N tiles, R rows of a tile.
+
+Dispatch (`model.ffn.moe.dispatch`):
+  dropless  every assignment is computed. Tokens are sorted by expert and the per-expert groups
+            multiplied with `grouped`: `ragged` (jax.lax.ragged_dot, the grouped GEMM of GPU/TPU
+            backends) or `blocked` (each group padded to a multiple of `tile` rows, one batched
+            matmul over tiles; exact, and fast where ragged_dot is emulated, as on CPU).
+            `auto` picks ragged on GPU/TPU and blocked on CPU.
+  capacity  GShard/Switch einsum dispatch with capacity ceil(capacity_factor * A / E); overflow
+            assignments are dropped (their share is logged as `dropped`).
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from mole_jax.ffn import routing
+from mole_jax.ffn.base import FFN, Ctx
+from mole_jax.layers import ACTIVATIONS, Mlp, compute_dtype, normal
+
+DISPATCH = ("dropless", "capacity")
+GROUPED = ("auto", "ragged", "blocked")
+
+
+def permute(x_TxD, experts_TxK, n_experts: int):
+    """Assignments sorted by expert: (x_AxD, order_A, group_sizes_E). order_A[a] is the flat
+    (token * K + slot) index of sorted assignment a."""
+    order_A = jnp.argsort(experts_TxK.ravel(), stable=True)
+    token_A = order_A // experts_TxK.shape[1]
+    sizes_E = jnp.bincount(experts_TxK.ravel(), length=n_experts).astype(jnp.int32)
+    return x_TxD[token_A], order_A, sizes_E
+
+
+def unpermute(y_AxD, order_A, weights_TxK):
+    """Inverse of `permute`, then the gate-weighted sum over each token's K experts."""
+    t, k = weights_TxK.shape
+    y_TKxD = jnp.zeros_like(y_AxD).at[order_A].set(y_AxD)
+    y_TxKxD = y_TKxD.reshape(t, k, -1)
+    return jnp.einsum("tk,tkd->td", weights_TxK.astype(y_AxD.dtype), y_TxKxD)
+
+
+def grouped_ffn_ragged(x_AxD, sizes_E, up_ExDxF, down_ExFxD, act):
+    h_AxF = act(jax.lax.ragged_dot(x_AxD, up_ExDxF, sizes_E))
+    return jax.lax.ragged_dot(h_AxF, down_ExFxD, sizes_E)
+
+
+def grouped_ffn_blocked(x_AxD, sizes_E, up_ExDxF, down_ExFxD, act, tile: int):
+    """Exact grouped FFN: every expert's rows padded to a multiple of `tile`, so each tile has one
+    expert; the tiles run as one batched matmul with their expert's weights gathered."""
+    a, d = x_AxD.shape
+    e = sizes_E.shape[0]
+    n_tiles = -(-(a + e * (tile - 1)) // tile)
+    padded_E = -(-sizes_E // tile) * tile
+    start_E = jnp.cumsum(sizes_E) - sizes_E
+    pstart_E = jnp.cumsum(padded_E) - padded_E
+    expert_A = jnp.repeat(jnp.arange(e), sizes_E, total_repeat_length=a)
+    dest_A = pstart_E[expert_A] + jnp.arange(a) - start_E[expert_A]
+    x_NxRxD = jnp.zeros((n_tiles * tile, d), x_AxD.dtype).at[dest_A].set(x_AxD)
+    x_NxRxD = x_NxRxD.reshape(n_tiles, tile, d)
+    tile_expert_N = jnp.searchsorted(jnp.cumsum(padded_E), jnp.arange(n_tiles) * tile, "right")
+    tile_expert_N = jnp.minimum(tile_expert_N, e - 1)  # tail tiles hold only zero rows
+    h = act(jnp.einsum("nrd,ndf->nrf", x_NxRxD, up_ExDxF[tile_expert_N]))
+    y_NxRxD = jnp.einsum("nrf,nfd->nrd", h, down_ExFxD[tile_expert_N])
+    return y_NxRxD.reshape(n_tiles * tile, d)[dest_A]
+
+
+def capacity_ffn(x_TxD, experts_TxK, weights_TxK, up_ExDxF, down_ExFxD, act, factor: float):
+    """(y_TxD, dropped share). Assignments claim slots in token order; overflow is dropped."""
+    t, k = experts_TxK.shape
+    e = up_ExDxF.shape[0]
+    cap = max(1, math.ceil(factor * t * k / e))
+    onehot_AxE = jax.nn.one_hot(experts_TxK.reshape(t * k), e, dtype=jnp.int32)
+    pos_AxE = (jnp.cumsum(onehot_AxE, axis=0) - 1) * onehot_AxE
+    keep_AxE = onehot_AxE * (pos_AxE < cap)
+    slot_AxC = jax.nn.one_hot(pos_AxE.sum(-1), cap, dtype=x_TxD.dtype)
+    mask_TxKxE = keep_AxE.reshape(t, k, e).astype(x_TxD.dtype)
+    slot_TxKxC = slot_AxC.reshape(t, k, cap)
+    dispatch = jnp.einsum("tke,tkc->tec", mask_TxKxE, slot_TxKxC)
+    combine = jnp.einsum("tk,tke,tkc->tec", weights_TxK.astype(x_TxD.dtype), mask_TxKxE, slot_TxKxC)
+    x_ExCxD = jnp.einsum("tec,td->ecd", dispatch, x_TxD)
+    h = act(jnp.einsum("ecd,edf->ecf", x_ExCxD, up_ExDxF))
+    y_ExCxD = jnp.einsum("ecf,efd->ecd", h, down_ExFxD)
+    dropped = 1.0 - keep_AxE.sum() / (t * k)
+    return jnp.einsum("tec,ecd->td", combine, y_ExCxD), dropped
+
+
+class Layer(FFN):
+    def __init__(self, m, layer_idx: int, *, rngs: nnx.Rngs):
+        c = m.ffn.moe
+        d, e, f = m.d_model, c.experts, c.d_expert
+        init = normal(m.init_std)
+        self.router = nnx.Param(init(rngs.params(), (d, e)))
+        self.up = nnx.Param(init(rngs.params(), (e, d, f)))
+        self.down = nnx.Param(init(rngs.params(), (e, f, d)))
+        self.shared = Mlp(d, c.shared_d_ff, m, rngs) if c.shared_d_ff else None
+        self.k, self.mode, self.dispatch, self.factor = (
+            c.topk,
+            c.router_mode,
+            c.dispatch,
+            c.capacity_factor,
+        )
+        self.lb_coef, self.z_coef, self.tile = c.lb_coef, c.z_coef, c.tile
+        self.grouped = c.grouped if c.grouped != "auto" else _auto_grouped()
+        self.act_name, self.dtype = m.activation, m.dtype
+
+    def __call__(self, x_BxLxD, ctx: Ctx):
+        b, n, d = x_BxLxD.shape
+        x_TxD = x_BxLxD.reshape(b * n, d)
+        logits_TxE = x_TxD.astype(jnp.float32) @ self.router[...]
+        weights_TxK, experts_TxK, probs_TxE = routing.top_k_gates(logits_TxE, self.k, self.mode)
+        dt, act = compute_dtype(self), ACTIVATIONS[self.act_name]
+        up, down = self.up[...].astype(dt), self.down[...].astype(dt)
+        aux = {}
+        if self.dispatch == "capacity":
+            y_TxD, aux["dropped"] = capacity_ffn(
+                x_TxD, experts_TxK, weights_TxK, up, down, act, self.factor
+            )
+        else:
+            x_AxD, order_A, sizes_E = permute(x_TxD, experts_TxK, up.shape[0])
+            if self.grouped == "ragged":
+                y_AxD = grouped_ffn_ragged(x_AxD, sizes_E, up, down, act)
+            else:
+                y_AxD = grouped_ffn_blocked(x_AxD, sizes_E, up, down, act, self.tile)
+            y_TxD = unpermute(y_AxD, order_A, weights_TxK)
+        if self.shared is not None:
+            y_TxD = y_TxD + self.shared(x_TxD)
+        lb = routing.load_balance_loss(probs_TxE, experts_TxK)
+        z = routing.z_loss(logits_TxE)
+        aux.update(
+            aux_loss=self.lb_coef * lb + self.z_coef * z,
+            lb_loss=lb,
+            z_loss=z,
+            expert_load=routing.expert_load(experts_TxK, up.shape[0]),
+        )
+        return y_TxD.reshape(b, n, d), aux
+
+
+def _auto_grouped() -> str:
+    return "ragged" if jax.default_backend() in ("gpu", "tpu") else "blocked"
+
+
+def validate(m) -> None:
+    from mole_jax.config import require, require_one_of
+
+    c, name = m.ffn.moe, "model.ffn.moe"
+    require(c.experts >= 1, f"{name}.experts={c.experts} must be >= 1")
+    require(
+        1 <= c.topk <= c.experts,
+        f"{name}.topk={c.topk} must be between 1 and {name}.experts={c.experts}",
+    )
+    require(c.d_expert >= 1, f"{name}.d_expert={c.d_expert} must be >= 1")
+    require(c.shared_d_ff >= 0, f"{name}.shared_d_ff={c.shared_d_ff} must be >= 0")
+    require_one_of(c.router_mode, routing.ROUTER_MODES, f"{name}.router_mode")
+    require_one_of(c.dispatch, DISPATCH, f"{name}.dispatch")
+    require_one_of(c.grouped, GROUPED, f"{name}.grouped")
+    require(c.capacity_factor > 0, f"{name}.capacity_factor={c.capacity_factor} must be > 0")
+    require(c.tile >= 1, f"{name}.tile={c.tile} must be >= 1")
+    require(c.lb_coef >= 0 and c.z_coef >= 0, f"{name}.lb_coef and z_coef must be >= 0")
+
+
+def account(m) -> dict:
+    """Table 1 rows 'MoE' and 'MoE + expert offload' (per layer)."""
+    c, d = m.ffn.moe, m.d_model
+    expert = 2 * d * c.d_expert
+    fixed = d * c.experts + 2 * d * c.shared_d_ff  # router + shared expert
+    active = fixed + c.topk * expert
+    return dict(
+        params=fixed + c.experts * expert,
+        params_resident=fixed + c.experts * expert,
+        params_active=active,
+        flops=2 * active,
+        offloadable_params=c.experts * expert,
+        offload_resident_params=fixed + c.topk * expert,
+    )

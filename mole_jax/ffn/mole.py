@@ -1,0 +1,118 @@
+"""MoLE: mixture of lookup experts (Jie et al., ICML 2025).
+
+Axis legend: B batch, L length, D model, F routed expert width, E experts, U distinct token ids.
+
+    u = x (the post-attention RMSNormed state the block hands every FFN)
+    g = softmax_fp32(u W_r)                       over ALL experts, no top-k
+    out = FFN_shared(u) + sum_j g_j FFN_j(RMSNorm_exp(e))    e: the raw token embedding
+
+The routed experts see only the token embedding, so their outputs are a function of the token
+id: a table of U x E x D rows. With `impl='unique'` (default) the layer declares
+`uses_token_table`; the model computes the table once for the step's distinct ids and the layer
+gathers its rows (`ctx.tables[layer]`, `ctx.inv_BxL`). The same seam feeds the exported LUT, in
+memory or read from storage. `impl='per_position'` computes all E experts at every position (the
+naive reference). `expert_input='hidden'` is the ablation whose experts read u; it cannot be
+re-parameterised into a LUT.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from mole_jax.ffn import routing
+from mole_jax.ffn.base import FFN, Ctx
+from mole_jax.layers import ACTIVATIONS, Mlp, RMSNorm, compute_dtype, normal
+
+IMPLS = ("unique", "per_position")
+EXPERT_INPUTS = ("embedding", "hidden")
+
+
+class Layer(FFN):
+    def __init__(self, m, layer_idx: int, *, rngs: nnx.Rngs):
+        c = m.ffn.mole
+        d, e, f = m.d_model, c.experts, c.d_expert
+        init = normal(m.init_std)
+        self.router = nnx.Param(init(rngs.params(), (d, e)))
+        self.shared = Mlp(d, m.d_ff, m, rngs)
+        self.norm_exp = RMSNorm(d, m.norm_eps) if c.expert_input == "embedding" else None
+        self.up = nnx.Param(init(rngs.params(), (e, d, f)))
+        self.down = nnx.Param(init(rngs.params(), (e, f, d)))
+        self.uses_token_table = c.impl == "unique" and c.expert_input == "embedding"
+        self.layer_idx, self.act_name, self.dtype = layer_idx, m.activation, m.dtype
+        self.lb_coef, self.z_coef = c.lb_coef, c.z_coef
+
+    def experts(self, x_xD):
+        """All E routed experts on inputs [..., D] -> [..., E, D]."""
+        dt = compute_dtype(self)
+        h = jnp.einsum("...d,edf->...ef", x_xD, self.up[...].astype(dt))
+        return jnp.einsum(
+            "...ef,efd->...ed", ACTIVATIONS[self.act_name](h), self.down[...].astype(dt)
+        )
+
+    def token_table(self, emb_UxD):
+        """<dtype>[U, E, D]: expert_j(RMSNorm_exp(Emb[id])) for each distinct id (the LUT rows)."""
+        return self.experts(self.norm_exp(emb_UxD))
+
+    def routed_rows(self, x_BxLxD, ctx: Ctx):
+        """<dtype>[B, L, E, D]: every routed expert's output at every position."""
+        if self.uses_token_table:
+            return jnp.take(ctx.tables[self.layer_idx], ctx.inv_BxL, axis=0)
+        if self.norm_exp is not None:
+            return self.experts(self.norm_exp(ctx.emb_BxLxD))
+        return self.experts(x_BxLxD)
+
+    def __call__(self, x_BxLxD, ctx: Ctx):
+        logits_BxLxE = jnp.einsum("bld,de->ble", x_BxLxD.astype(jnp.float32), self.router[...])
+        g_BxLxE = jax.nn.softmax(logits_BxLxE, axis=-1)
+        rows = self.routed_rows(x_BxLxD, ctx)
+        y = self.shared(x_BxLxD) + jnp.einsum("ble,bled->bld", g_BxLxE.astype(rows.dtype), rows)
+        e = g_BxLxE.shape[-1]
+        probs_TxE, logits_TxE = g_BxLxE.reshape(-1, e), logits_BxLxE.reshape(-1, e)
+        aux = {"expert_load": probs_TxE.mean(axis=0)}
+        if self.lb_coef or self.z_coef:  # off in the paper: they made MoLE worse (Table 4)
+            top1_Tx1 = jnp.argmax(probs_TxE, axis=-1)[:, None]
+            aux["lb_loss"] = routing.load_balance_loss(probs_TxE, top1_Tx1)
+            aux["z_loss"] = routing.z_loss(logits_TxE)
+            aux["aux_loss"] = self.lb_coef * aux["lb_loss"] + self.z_coef * aux["z_loss"]
+        return y, aux
+
+
+def validate(m) -> None:
+    from mole_jax.config import require, require_one_of
+
+    c, name = m.ffn.mole, "model.ffn.mole"
+    require(c.experts >= 1, f"{name}.experts={c.experts} must be >= 1")
+    require(c.d_expert >= 1, f"{name}.d_expert={c.d_expert} must be >= 1")
+    require_one_of(c.impl, IMPLS, f"{name}.impl")
+    require_one_of(c.expert_input, EXPERT_INPUTS, f"{name}.expert_input")
+    require(c.lb_coef >= 0 and c.z_coef >= 0, f"{name}.lb_coef and z_coef must be >= 0")
+    require(c.nf4_block >= 1, f"{name}.nf4_block={c.nf4_block} must be >= 1")
+
+
+def account(m) -> dict:
+    """Table 1 row 'MoLE + LUT offload' (per layer); training counts the routed experts."""
+    c, d, v = m.ffn.mole, m.d_model, m.vocab_size
+    shared_router = 2 * d * m.d_ff + d * c.experts
+    experts = c.experts * 2 * d * c.d_expert
+    out = dict(
+        params=shared_router + experts,
+        norm_params=d if c.expert_input == "embedding" else 0,
+        train_flops=2 * (shared_router + experts) + 2 * c.experts * d,
+    )
+    if c.expert_input == "embedding":  # the LUT form: experts offloaded as V x E x D values
+        out.update(
+            params_resident=shared_router,
+            params_active=shared_router,
+            flops=2 * shared_router + 2 * c.experts * d,
+            lut_values=v * c.experts * d,
+            lut_values_per_token=c.experts * d,
+        )
+    else:  # hidden-input experts stay experts at inference
+        out.update(
+            params_resident=shared_router + experts,
+            params_active=shared_router + experts,
+            flops=out["train_flops"],
+        )
+    return out
