@@ -1,4 +1,4 @@
-"""MoE: each dispatch path against a naive per-expert loop, aux losses by hand, 1 expert == dense."""
+"""MoE: each dispatch path vs a naive per-expert loop, aux losses by hand, 1 expert == dense."""
 
 import jax
 import jax.numpy as jnp
