@@ -167,8 +167,10 @@ def main(_):
             rows.append(dict(res, name=name))
             print(f"  {name}: {res['step_time_s']:.3f} s/step", flush=True)
         print(table(rows, rows[0]))
-        print(f"peak (measured float32 matmul): {peak / 1e9:.1f} GFLOP/s; size={FLAGS.compare}, "
-              f"overrides: {FLAGS.set or 'none'}")  # fmt: skip
+        print(
+            f"peak (measured float32 matmul): {peak / 1e9:.1f} GFLOP/s; size={FLAGS.compare}, "
+            f"overrides: {FLAGS.set or 'none'}"
+        )
         result = {"size": FLAGS.compare, "overrides": FLAGS.set, "rows": rows}
         if FLAGS.json:
             with open(FLAGS.json, "w") as f:

@@ -98,6 +98,36 @@ class Checkpointer:
             )
         return None
 
+    def meta(self, step: int | None = None) -> dict:
+        """The JSON saved with `step` (newest when None): {'step', 'params_sha256'}."""
+        steps = self.steps()
+        if not steps:
+            raise CheckpointError(f"no checkpoint in {self.directory}; train first")
+        step = steps[-1] if step is None else step
+        if step not in steps:
+            raise CheckpointError(f"no checkpoint at step {step} in {self.directory} ({steps})")
+        return self.mgr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+
+    def restore_subset(self, like_params, step: int):
+        """Only the parameters in `like_params` (a sub-tree of the saved ones) from `step`; the
+        others are never read. Used to load a model's inference form without its experts."""
+        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        abstract = _abstract(like_params)
+        restore_args = jax.tree.map(
+            lambda s: ocp.ArrayRestoreArgs(global_shape=s.shape, dtype=s.dtype, sharding=device),
+            abstract,
+        )
+        path = os.path.join(self.directory, str(step), "params")
+        try:
+            return ocp.PyTreeCheckpointer().restore(
+                path,
+                args=ocp.args.PyTreeRestore(
+                    item=abstract, restore_args=restore_args, partial_restore=True
+                ),
+            )
+        except Exception as e:  # noqa: BLE001
+            raise CheckpointError(f"checkpoint {path} is unreadable ({_short(e)})") from None
+
     def wait(self) -> None:
         self.mgr.wait_until_finished()
 

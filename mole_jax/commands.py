@@ -34,6 +34,63 @@ def summary(f):
     return s
 
 
+def export(f):
+    from mole_jax.export import export_lut
+    from mole_jax.lut_store import array_bytes
+
+    _need(f, "workdir")
+    m = export_lut(f.workdir, f.step, f.dtype)
+    total = sum(array_bytes(a) for a in m["arrays"].values())
+    print(
+        f"exported {len(m['layers'])} MoLE layer(s) of step {m['checkpoint_step']} to "
+        f"{f.workdir}/lut ({m['dtype']}): {m['vocab_size']} rows x {m['experts']} experts x "
+        f"{m['d_model']}, {total / 2**20:.1f} MiB, {m['bytes_per_token']} bytes per token"
+    )
+    return m
+
+
+def eval(f):  # noqa: A001 - the subcommand's name
+    from mole_jax.evaluate import evaluate
+
+    _need(f, "workdir")
+    out = evaluate(f.workdir, offload=f.offload, corpus=f.data, step=f.step)
+    line = f"{out['mode']} eval of step {out['step']}: loss {out['loss']:.4f}, ppl {out['ppl']:.2f}"
+    if f.offload:
+        line += (
+            f", {out['bytes_per_token']} bytes/token ({out['lut_dtype']}), "
+            f"{out['bytes_read']} bytes read, cache hit rate {out['cache_hit_rate']:.2f}"
+        )
+    print(line + f" over {out['tokens']} tokens")
+    return out
+
+
+def generate(f):
+    from mole_jax import data
+    from mole_jax.evaluate import tokenizer_path
+    from mole_jax.inference import build_engine, decode
+
+    _need(f, "workdir")
+    tok = data.load_tokenizer(tokenizer_path(f.workdir))
+    ids = data.encode(tok, f.prompt) or [tok.token_to_id(data.EOS)]
+    engine = build_engine(f.workdir, "offload" if f.offload else "experts", f.step)
+    out = decode(engine, [ids], f.max_new, f.temperature, f.top_k, f.seed)
+    text = data.decode(tok, out["tokens"][0])
+    print(f.prompt + text)
+    steps = out["step_s"]
+    stats = {
+        "prompt_tokens": len(ids),
+        "new_tokens": f.max_new,
+        "prefill_s": out["prefill_s"],
+        "decode_ms_median": 1e3 * float(sorted(steps)[len(steps) // 2]) if steps else None,
+        "text": text,
+    }
+    if engine.rows is not None:
+        stats.update(
+            bytes_read=engine.rows.stats.bytes_read, cache_hit_rate=engine.rows.stats.hit_rate
+        )
+    return stats
+
+
 def _not_yet(name: str):
     def command(f):
         raise UserError(f"`{name}` is not available in this version of mole_jax")
@@ -41,7 +98,4 @@ def _not_yet(name: str):
     return command
 
 
-export = _not_yet("export")
-eval = _not_yet("eval")  # noqa: A001 - the subcommand's name
-generate = _not_yet("generate")
 sweep = _not_yet("sweep")

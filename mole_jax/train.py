@@ -212,6 +212,10 @@ def run(cfg, workdir: str, hooks: tuple[Callable[[int, dict], None], ...] = ()) 
     td = data.prepare(cfg)  # before writing anything: a missing corpus leaves the workdir as it was
     os.makedirs(workdir, exist_ok=True)
     save_config(cfg, os.path.join(workdir, "config.json"))
+    tok_path = os.path.join(workdir, "tokenizer.json")  # eval/generate read the run's tokenizer
+    with open(tok_path + ".tmp", "w") as f:
+        f.write(td.tokenizer.to_str())
+    os.replace(tok_path + ".tmp", tok_path)
     summary = accounting.summarize(cfg)
     with open(os.path.join(workdir, "model_summary.json"), "w") as f:
         json.dump(summary, f, indent=2)

@@ -69,8 +69,9 @@ def test_dropless_output_and_gradients_equal_naive_loop(grouped, mode):
 def test_capacity_path_equals_dropless_when_nothing_drops_and_drops_when_tight():
     roomy = make_layer(dispatch="capacity", capacity_factor=6.0)  # capacity >= all assignments
     y_cap, aux = run_layer(roomy, X)
-    y_ref = naive_moe(X.reshape(-1, 64), roomy.router[...], roomy.up[...], roomy.down[...], 2,
-                      "topk_softmax")  # fmt: skip
+    y_ref = naive_moe(
+        X.reshape(-1, 64), roomy.router[...], roomy.up[...], roomy.down[...], 2, "topk_softmax"
+    )
     np.testing.assert_allclose(y_cap.reshape(-1, 64), y_ref, rtol=1e-5, atol=1e-6)
     assert float(aux["dropped"]) == 0.0
     tight = make_layer(dispatch="capacity", capacity_factor=0.5)

@@ -69,8 +69,9 @@ def test_layer_equals_dense_computation_over_all_experts():
     y, aux = layer(x, Ctx(None, None, train=True))
     x_TxD = x.reshape(-1, 64)
     q = layer.query(x_TxD).reshape(-1, 3, 16)
-    np.testing.assert_allclose(y.reshape(-1, 64), dense_reference(layer, x_TxD, q), rtol=1e-4,
-                               atol=1e-5)  # fmt: skip
+    np.testing.assert_allclose(
+        y.reshape(-1, 64), dense_reference(layer, x_TxD, q), rtol=1e-4, atol=1e-5
+    )
     assert 0 < float(aux["usage"]) <= 1 and float(aux["unevenness"]) >= 0
 
 

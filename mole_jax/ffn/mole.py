@@ -12,7 +12,8 @@ id: a table of U x E x D rows. With `impl='unique'` (default) the layer declares
 gathers its rows (`ctx.tables[layer]`, `ctx.inv_BxL`). The same seam feeds the exported LUT, in
 memory or read from storage. `impl='per_position'` computes all E experts at every position (the
 naive reference). `expert_input='hidden'` is the ablation whose experts read u; it cannot be
-re-parameterised into a LUT.
+re-parameterised into a LUT. `lut_form=True` builds the inference form: no expert weights and no
+expert norm, only the shared FFN and the router; the rows always come from `ctx.tables`.
 """
 
 from __future__ import annotations
@@ -36,10 +37,12 @@ class Layer(FFN):
         init = normal(m.init_std)
         self.router = nnx.Param(init(rngs.params(), (d, e)))
         self.shared = Mlp(d, m.d_ff, m, rngs)
-        self.norm_exp = RMSNorm(d, m.norm_eps) if c.expert_input == "embedding" else None
-        self.up = nnx.Param(init(rngs.params(), (e, d, f)))
-        self.down = nnx.Param(init(rngs.params(), (e, f, d)))
-        self.uses_token_table = c.impl == "unique" and c.expert_input == "embedding"
+        lut_form = c.get("lut_form", False)  # inference form: no experts, rows from a LUT
+        has_norm = c.expert_input == "embedding" and not lut_form
+        self.norm_exp = RMSNorm(d, m.norm_eps) if has_norm else None
+        self.up = None if lut_form else nnx.Param(init(rngs.params(), (e, d, f)))
+        self.down = None if lut_form else nnx.Param(init(rngs.params(), (e, f, d)))
+        self.uses_token_table = lut_form or (c.impl == "unique" and c.expert_input == "embedding")
         self.layer_idx, self.act_name, self.dtype = layer_idx, m.activation, m.dtype
         self.lb_coef, self.z_coef = c.lb_coef, c.z_coef
 
@@ -53,6 +56,8 @@ class Layer(FFN):
 
     def token_table(self, emb_UxD):
         """<dtype>[U, E, D]: expert_j(RMSNorm_exp(Emb[id])) for each distinct id (the LUT rows)."""
+        if self.up is None:
+            raise ValueError("a MoLE layer in LUT form has no experts: pass the LUT rows as tables")
         return self.experts(self.norm_exp(emb_UxD))
 
     def routed_rows(self, x_BxLxD, ctx: Ctx):
@@ -89,6 +94,10 @@ def validate(m) -> None:
     require_one_of(c.expert_input, EXPERT_INPUTS, f"{name}.expert_input")
     require(c.lb_coef >= 0 and c.z_coef >= 0, f"{name}.lb_coef and z_coef must be >= 0")
     require(c.nf4_block >= 1, f"{name}.nf4_block={c.nf4_block} must be >= 1")
+    require(
+        not (c.get("lut_form", False) and c.expert_input != "embedding"),
+        f"{name}.lut_form needs expert_input='embedding': hidden-input experts have no LUT",
+    )
 
 
 def account(m) -> dict:

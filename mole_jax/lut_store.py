@@ -1,0 +1,242 @@
+"""A MoLE lookup-table store: one tensorstore zarr3 array per layer (and per scale array), a
+manifest, and batched row reads. Shared by `export` (writer) and offloaded `eval`/`generate`.
+
+Layout under the store directory:
+    manifest.json                 written last; a directory without it is not a store
+    layer_XX/values               zarr3 [V, E, D] (nf4: [V, E, D/2] uint8)
+    layer_XX/scales               int8: [V, E] float32; nf4: [V, E, D/block] float16
+Arrays use the `sharding_indexed` codec: shards of `shard_rows` token rows, inner chunks of
+`rows_per_chunk` rows (default 1: one token's E x D values are one small read), no compression,
+a crc32c checksum on every inner chunk and on every shard index, so a corrupt byte is reported
+by the read that touches it. The manifest also holds a SHA-256 of each array's content;
+`open(verify=...)` recomputes them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import tensorstore as ts
+
+from mole_jax import quant
+from mole_jax.errors import StoreError
+
+FORMAT_VERSION = 1
+VERIFY_AUTO_BYTES = 256 * 2**20  # `verify='auto'` hashes every array of stores up to this size
+
+
+def array_spec(path: Path, shape, dtype: str, rows_per_chunk: int, shard_rows: int) -> dict:
+    chunk = [rows_per_chunk, *shape[1:]]
+    shard = [max(rows_per_chunk, shard_rows - shard_rows % rows_per_chunk), *shape[1:]]
+    raw_crc = [{"name": "bytes", "configuration": {"endian": "little"}}, {"name": "crc32c"}]
+    return {
+        "driver": "zarr3",
+        "kvstore": {"driver": "file", "path": str(path)},
+        "metadata": {
+            "shape": list(shape),
+            "data_type": dtype,
+            "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": shard}},
+            "codecs": [
+                {
+                    "name": "sharding_indexed",
+                    "configuration": {
+                        "chunk_shape": chunk,
+                        "codecs": raw_crc,
+                        "index_codecs": raw_crc,
+                    },
+                }
+            ],
+        },
+    }
+
+
+def layer_name(layer: int) -> str:
+    return f"layer_{layer:02d}"
+
+
+class LutStore:
+    """Open store: `read_rows(ids)` returns every layer's stored arrays for those token ids."""
+
+    def __init__(self, path: Path, manifest: dict, arrays: dict[int, dict[str, ts.TensorStore]]):
+        self.path, self.manifest, self.arrays = path, manifest, arrays
+        self.layers = tuple(sorted(arrays))
+        self.dtype, self.block = manifest["dtype"], manifest["nf4_block"]
+        self.row_bytes = manifest["bytes_per_token"]  # all layers, scales included
+
+    # -- writing ---------------------------------------------------------------------------
+    @classmethod
+    def create(
+        cls,
+        path: Path,
+        layers,
+        shape: tuple[int, int, int],
+        dtype: str,
+        block: int,
+        rows_per_chunk: int = 1,
+        shard_rows: int = 4096,
+    ) -> LutStore:
+        """An empty store for `layers` of LUT shape (V, E, D) in `dtype`."""
+        vocab, experts, d = shape
+        arrays = {}
+        for layer in layers:
+            arrays[layer] = {}
+            for name, (trail, dt) in quant.stored_arrays(dtype, d, block).items():
+                where = path / layer_name(layer) / name
+                spec = array_spec(where, (vocab, experts, *trail), dt, rows_per_chunk, shard_rows)
+                arrays[layer][name] = ts.open(spec, create=True, delete_existing=True).result()
+        manifest = dict(
+            dtype=dtype,
+            nf4_block=block,
+            rows_per_chunk=rows_per_chunk,
+            bytes_per_token=len(layers) * experts * quant.row_bytes(dtype, d, block),
+        )
+        return cls(path, manifest, arrays)
+
+    def write_rows(self, start: int, tables: dict[int, np.ndarray]) -> None:
+        """Quantises float tables {layer: [n, E, D]} and writes them at rows start..start+n."""
+        futures = []
+        for layer, table in tables.items():
+            for name, arr in quant.quantize(table, self.dtype, self.block).items():
+                futures.append(self.arrays[layer][name][start : start + len(table)].write(arr))
+        for f in futures:
+            f.result()
+
+    def finalize(self, meta: dict) -> dict:
+        """Hashes every array, writes manifest.json (last), returns the manifest."""
+        first = self.arrays[self.layers[0]]["values"]
+        manifest = dict(
+            format_version=FORMAT_VERSION,
+            kind="mole_lut",
+            **meta,
+            **self.manifest,
+            layers=list(self.layers),
+            vocab_size=int(first.shape[0]),
+            experts=int(first.shape[1]),
+            created=time.strftime("%Y-%m-%dT%H:%M:%S"),
+            arrays={
+                f"{layer_name(layer)}/{name}": dict(
+                    shape=list(arr.shape), dtype=str(arr.dtype.name), sha256=_digest(arr)
+                )
+                for layer in self.layers
+                for name, arr in self.arrays[layer].items()
+            },
+        )
+        tmp = self.path / "manifest.json.tmp"
+        tmp.write_text(json.dumps(manifest, indent=2))
+        os.replace(tmp, self.path / "manifest.json")
+        self.manifest = manifest
+        return manifest
+
+    # -- reading ---------------------------------------------------------------------------
+    @classmethod
+    def open(cls, path, expect: dict | None = None, verify: str = "auto") -> LutStore:
+        """Opens and checks a store. `expect`: manifest fields that must match (for example the
+        params_sha256 of the checkpoint in use). verify: 'full' | 'auto' | 'none' (per-chunk
+        crc32c checks still apply to every read)."""
+        path = Path(path)
+        mpath = path / "manifest.json"
+        if not mpath.is_file():
+            raise StoreError(
+                f"no LUT store at {path} (manifest.json missing): run `launch.py export` first"
+            )
+        try:
+            manifest = json.loads(mpath.read_text())
+        except json.JSONDecodeError as e:
+            raise StoreError(f"{mpath} is corrupt ({e}); re-run `launch.py export`") from None
+        version = manifest.get("format_version")
+        if version != FORMAT_VERSION:
+            raise StoreError(
+                f"{path}: format version {version} is not {FORMAT_VERSION}; re-run export"
+            )
+        for key, want in (expect or {}).items():
+            if manifest.get(key) != want:
+                raise StoreError(
+                    f"LUT store {path} does not match the checkpoint: its {key} is "
+                    f"{manifest.get(key)!r}, expected {want!r}; re-run `launch.py export`"
+                )
+        arrays = _open_arrays(path, manifest)
+        store = cls(path, manifest, arrays)
+        total = sum(array_bytes(a) for a in manifest["arrays"].values())
+        if verify == "full" or (verify == "auto" and total <= VERIFY_AUTO_BYTES):
+            store.verify()
+        return store
+
+    def verify(self) -> None:
+        for name, info in self.manifest["arrays"].items():
+            layer = int(name.split("/")[0].removeprefix("layer_"))
+            arr = self.arrays[layer][name.split("/")[1]]
+            try:
+                digest = _digest(arr)
+            except ValueError as e:  # a crc32c mismatch surfaces as DATA_LOSS
+                raise StoreError(f"LUT array {self.path}/{name} is corrupt ({_short(e)})") from None
+            if digest != info["sha256"]:
+                raise StoreError(f"LUT array {self.path}/{name} fails its checksum; re-export")
+
+    def read_rows(self, ids: np.ndarray) -> dict[int, dict[str, np.ndarray]]:
+        """{layer: {name: rows for ids}}: one batched read per array, all in flight at once."""
+        ids = np.asarray(ids, np.int64)
+        futures = {
+            (layer, name): arr[ids].read()
+            for layer, group in self.arrays.items()
+            for name, arr in group.items()
+        }
+        out: dict[int, dict[str, np.ndarray]] = {layer: {} for layer in self.arrays}
+        for (layer, name), fut in futures.items():
+            try:
+                out[layer][name] = fut.result()
+            except ValueError as e:
+                where = f"{self.path}/{layer_name(layer)}/{name}"
+                raise StoreError(
+                    f"reading {where} failed ({_short(e)}); the store is corrupt, re-export it"
+                ) from None
+        return out
+
+    def read_all(self) -> dict[int, dict[str, np.ndarray]]:
+        return {
+            layer: {name: arr.read().result() for name, arr in group.items()}
+            for layer, group in self.arrays.items()
+        }
+
+
+def _open_arrays(path: Path, manifest: dict) -> dict[int, dict[str, ts.TensorStore]]:
+    arrays: dict[int, dict[str, ts.TensorStore]] = {}
+    for name, info in manifest["arrays"].items():
+        layer_dir, array = name.split("/")
+        spec = {"driver": "zarr3", "kvstore": {"driver": "file", "path": str(path / name)}}
+        try:
+            arr = ts.open(spec, open=True).result()
+        except ValueError as e:
+            raise StoreError(
+                f"LUT array {path}/{name} is missing or unreadable ({_short(e)}); re-run export"
+            ) from None
+        if list(arr.shape) != info["shape"] or arr.dtype.name != info["dtype"]:
+            raise StoreError(
+                f"LUT array {path}/{name} is {list(arr.shape)} {arr.dtype.name}; the manifest "
+                f"says {info['shape']} {info['dtype']}"
+            )
+        arrays.setdefault(int(layer_dir.removeprefix("layer_")), {})[array] = arr
+    return arrays
+
+
+def array_bytes(info: dict) -> int:
+    """Stored bytes of a manifest array entry {'shape', 'dtype'}."""
+    itemsize = np.dtype(quant.FLOAT_DTYPES.get(info["dtype"], info["dtype"])).itemsize
+    return int(np.prod(info["shape"])) * itemsize
+
+
+def _digest(arr: ts.TensorStore, rows: int = 8192) -> str:
+    h = hashlib.sha256()
+    n = arr.shape[0]
+    for start in range(0, n, rows):
+        h.update(np.ascontiguousarray(arr[start : min(n, start + rows)].read().result()).tobytes())
+    return h.hexdigest()
+
+
+def _short(e: Exception) -> str:
+    text = str(e).replace("\n", " ")
+    return text[:240] + ("..." if len(text) > 240 else "")

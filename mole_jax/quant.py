@@ -1,0 +1,92 @@
+"""LUT storage formats: float32/float16/bfloat16 as is, int8 with one scale per row, NF4 in blocks.
+
+A LUT row is the D values of one (token, expert) pair. Quantisation runs on the host (numpy) at
+export; dequantisation runs inside the jitted forward, so only the stored bytes move to the device.
+
+- int8: q = round(x / s) with s = max|x| / 127 per row (float32 scale), |x - q s| <= s / 2.
+- nf4 (QLoRA's NormalFloat-4): per block of `block` values along D, x / absmax is rounded to the
+  nearest of 16 levels placed at normal quantiles (`nf4_codebook`); absmax is stored as float16
+  and two 4-bit codes share a byte (even index in the low nibble). No double quantisation.
+"""
+
+from __future__ import annotations
+
+from functools import cache
+from statistics import NormalDist
+
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+
+DTYPES = ("float32", "float16", "bfloat16", "int8", "nf4")
+FLOAT_DTYPES = {"float32": np.float32, "float16": np.float16, "bfloat16": ml_dtypes.bfloat16}
+
+
+@cache
+def nf4_codebook() -> np.ndarray:
+    """The 16 NF4 levels: 8 positive and 7 negative normal quantiles plus an exact 0, scaled to
+    [-1, 1] (QLoRA, Dettmers et al. 2023, with their offset 0.9677)."""
+    offset, ppf = 0.9677083, NormalDist().inv_cdf
+    pos = [ppf(offset + (0.5 - offset) * i / 8) for i in range(8)]
+    neg = [-ppf(offset + (0.5 - offset) * i / 7) for i in range(7)]
+    levels = np.sort(np.array(pos + [0.0] + neg))
+    return (levels / np.abs(levels).max()).astype(np.float32)
+
+
+def stored_arrays(dtype: str, d: int, block: int) -> dict[str, tuple[tuple[int, ...], str]]:
+    """Per-row layout of the arrays a LUT layer stores: {name: (trailing shape, dtype)}."""
+    if dtype in FLOAT_DTYPES:
+        return {"values": ((d,), dtype)}
+    if dtype == "int8":
+        return {"values": ((d,), "int8"), "scales": ((), "float32")}
+    if dtype == "nf4":
+        return {"values": ((d // 2,), "uint8"), "scales": ((d // block,), "float16")}
+    raise ValueError(f"unknown LUT dtype {dtype!r}; use one of {', '.join(DTYPES)}")
+
+
+def quantize(x_xD: np.ndarray, dtype: str, block: int = 64) -> dict[str, np.ndarray]:
+    """float rows [..., D] -> the stored arrays (see `stored_arrays`)."""
+    x = np.asarray(x_xD, np.float32)
+    if dtype in FLOAT_DTYPES:
+        return {"values": x.astype(FLOAT_DTYPES[dtype])}
+    if dtype == "int8":
+        scale = np.abs(x).max(axis=-1) / 127.0
+        safe = np.where(scale > 0, scale, 1.0)[..., None]
+        q = np.clip(np.rint(x / safe), -127, 127).astype(np.int8)
+        return {"values": q, "scales": scale.astype(np.float32)}
+    if dtype == "nf4":
+        *lead, d = x.shape
+        xb = x.reshape(*lead, d // block, block)
+        absmax = np.abs(xb).max(axis=-1).astype(np.float16)
+        safe = np.where(absmax > 0, absmax.astype(np.float32), 1.0)[..., None]
+        book = nf4_codebook()
+        codes = np.abs((xb / safe)[..., None] - book).argmin(axis=-1).astype(np.uint8)
+        codes = codes.reshape(*lead, d)
+        packed = (codes[..., 0::2] | (codes[..., 1::2] << 4)).astype(np.uint8)
+        return {"values": packed, "scales": absmax}
+    raise ValueError(f"unknown LUT dtype {dtype!r}; use one of {', '.join(DTYPES)}")
+
+
+def dequantize(stored: dict, dtype: str, block: int = 64, out_dtype=jnp.float32):
+    """Stored arrays -> float rows [..., D] in `out_dtype`; jax, so it runs inside jit."""
+    v = jnp.asarray(stored["values"])
+    if dtype in FLOAT_DTYPES:
+        return v.astype(out_dtype)
+    if dtype == "int8":
+        return (v.astype(jnp.float32) * stored["scales"][..., None]).astype(out_dtype)
+    if dtype == "nf4":
+        lo, hi = v & 0xF, v >> 4
+        codes = jnp.stack([lo, hi], axis=-1).reshape(*v.shape[:-1], v.shape[-1] * 2)
+        x = jnp.asarray(nf4_codebook())[codes]
+        *lead, d = x.shape
+        scale = jnp.asarray(stored["scales"]).astype(jnp.float32)[..., None]
+        return (x.reshape(*lead, d // block, block) * scale).reshape(*lead, d).astype(out_dtype)
+    raise ValueError(f"unknown LUT dtype {dtype!r}; use one of {', '.join(DTYPES)}")
+
+
+def row_bytes(dtype: str, d: int, block: int) -> int:
+    """Stored bytes of one D-row, scales included."""
+    total = 0
+    for shape, dt in stored_arrays(dtype, d, block).values():
+        total += int(np.prod(shape, dtype=np.int64)) * np.dtype(FLOAT_DTYPES.get(dt, dt)).itemsize
+    return total
