@@ -3,6 +3,7 @@
     python launch.py train    --config=configs/mole.py:size=tiny,experts=4 --workdir=runs/m
     python launch.py summary  --config=configs/mole.py:size=160m,experts=16 [--json=FILE]
     python launch.py export   --workdir=runs/m [--dtype=float16|bfloat16|float32|int8|nf4]
+    python launch.py export   --workdir=runs/moe --experts [--dtype=float32|float16|bfloat16]
     python launch.py eval     --workdir=runs/m [--offload] [--data=<corpus or files:glob>]
     python launch.py generate --workdir=runs/m --prompt="..." [--offload]
     python launch.py sweep    --config=experiments/<study>.py --workdir=runs/<study>
@@ -27,6 +28,7 @@ flags.DEFINE_string("workdir", None, "Run directory (config.json, metrics, check
 flags.DEFINE_string("json", None, "summary/bench: also write the result to this JSON file.")
 flags.DEFINE_integer("step", None, "export/eval/generate: checkpoint step (default: newest).")
 flags.DEFINE_string("dtype", "float16", "export: LUT dtype float32|float16|bfloat16|int8|nf4.")
+flags.DEFINE_bool("experts", False, "export: a MoE model's experts (offload baseline), not a LUT.")
 flags.DEFINE_bool("offload", False, "eval/generate: read LUT rows from the tensorstore store.")
 flags.DEFINE_string("data", None, "eval: corpus name or files:<glob> (default: the run's corpus).")
 flags.DEFINE_string("prompt", "", "generate: the prompt text.")

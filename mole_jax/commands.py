@@ -39,12 +39,26 @@ def export(f):
     from mole_jax.lut_store import array_bytes
 
     _need(f, "workdir")
+    if f.experts:
+        return _export_experts(f)
     m = export_lut(f.workdir, f.step, f.dtype)
     total = sum(array_bytes(a) for a in m["arrays"].values())
     print(
         f"exported {len(m['layers'])} MoLE layer(s) of step {m['checkpoint_step']} to "
         f"{f.workdir}/lut ({m['dtype']}): {m['vocab_size']} rows x {m['experts']} experts x "
         f"{m['d_model']}, {total / 2**20:.1f} MiB, {m['bytes_per_token']} bytes per token"
+    )
+    return m
+
+
+def _export_experts(f):
+    from mole_jax.offload.experts import export_experts
+
+    m = export_experts(f.workdir, f.step, f.dtype)
+    print(
+        f"exported {len(m['layers'])} MoE layer(s) x {m['experts']} experts of step "
+        f"{m['checkpoint_step']} to {f.workdir}/experts ({m['dtype']}), "
+        f"{m['bytes_per_expert']} bytes per expert"
     )
     return m
 

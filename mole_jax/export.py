@@ -35,7 +35,7 @@ def check_exportable(cfg, workdir: str) -> None:
     if kind != "mole":
         raise UserError(
             f"{workdir} holds a '{kind}' model; only MoLE experts become lookup tables "
-            "(for MoE expert offloading use experiments/bench_offload.py)"
+            "(a MoE's experts are exported for offloading with `launch.py export --experts`)"
         )
     if cfg.model.ffn.mole.expert_input != "embedding":
         raise UserError(
@@ -89,9 +89,7 @@ def export_lut(
     cfg, graphdef, params, rest, meta = restore_model(workdir, step, cfg)
     layers = [i for i in range(m.n_layers) if kind_of_layer(m, i) == "mole"]
     final = Path(workdir) / out
-    for stale in final.parent.glob(f".{out}.tmp-*"):
-        shutil.rmtree(stale, ignore_errors=True)
-    tmp = final.parent / f".{out}.tmp-{os.getpid()}"
+    tmp = staging_dir(final)
     rows = chunk_rows(cfg, len(layers))
     shape = (m.vocab_size, m.ffn.mole.experts, m.d_model)
     store = LutStore.create(tmp, layers, shape, dtype, m.ffn.mole.nf4_block, rows_per_chunk, rows)
@@ -116,11 +114,19 @@ def export_lut(
         if manifest["arrays"][name]["sha256"] != h.hexdigest():
             shutil.rmtree(tmp, ignore_errors=True)
             raise StoreError(f"export verification failed for {name}: read-back differs")
-    _swap_into_place(tmp, final)
+    swap_into_place(tmp, final)
     return manifest
 
 
-def _swap_into_place(tmp: Path, final: Path) -> None:
+def staging_dir(final: Path) -> Path:
+    """Where an export to `final` is written first; stale ones from killed exports are removed."""
+    for stale in final.parent.glob(f".{final.name}.tmp-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    return final.parent / f".{final.name}.tmp-{os.getpid()}"
+
+
+def swap_into_place(tmp: Path, final: Path) -> None:
+    """Renames a verified store into place, replacing an older one only after it is complete."""
     old = final.parent / f".{final.name}.old-{os.getpid()}"
     if final.exists():
         os.replace(final, old)

@@ -110,27 +110,14 @@ class LutStore:
         """Hashes every array, writes manifest.json (last), returns the manifest."""
         first = self.arrays[self.layers[0]]["values"]
         manifest = dict(
-            format_version=FORMAT_VERSION,
-            kind="mole_lut",
             **meta,
             **self.manifest,
             layers=list(self.layers),
             vocab_size=int(first.shape[0]),
             experts=int(first.shape[1]),
-            created=time.strftime("%Y-%m-%dT%H:%M:%S"),
-            arrays={
-                f"{layer_name(layer)}/{name}": dict(
-                    shape=list(arr.shape), dtype=str(arr.dtype.name), sha256=_digest(arr)
-                )
-                for layer in self.layers
-                for name, arr in self.arrays[layer].items()
-            },
         )
-        tmp = self.path / "manifest.json.tmp"
-        tmp.write_text(json.dumps(manifest, indent=2))
-        os.replace(tmp, self.path / "manifest.json")
-        self.manifest = manifest
-        return manifest
+        self.manifest = write_manifest(self.path, "mole_lut", manifest, self.arrays)
+        return self.manifest
 
     # -- reading ---------------------------------------------------------------------------
     @classmethod
@@ -139,43 +126,12 @@ class LutStore:
         params_sha256 of the checkpoint in use). verify: 'full' | 'auto' | 'none' (per-chunk
         crc32c checks still apply to every read)."""
         path = Path(path)
-        mpath = path / "manifest.json"
-        if not mpath.is_file():
-            raise StoreError(
-                f"no LUT store at {path} (manifest.json missing): run `launch.py export` first"
-            )
-        try:
-            manifest = json.loads(mpath.read_text())
-        except json.JSONDecodeError as e:
-            raise StoreError(f"{mpath} is corrupt ({e}); re-run `launch.py export`") from None
-        version = manifest.get("format_version")
-        if version != FORMAT_VERSION:
-            raise StoreError(
-                f"{path}: format version {version} is not {FORMAT_VERSION}; re-run export"
-            )
-        for key, want in (expect or {}).items():
-            if manifest.get(key) != want:
-                raise StoreError(
-                    f"LUT store {path} does not match the checkpoint: its {key} is "
-                    f"{manifest.get(key)!r}, expected {want!r}; re-run `launch.py export`"
-                )
-        arrays = _open_arrays(path, manifest)
-        store = cls(path, manifest, arrays)
-        total = sum(array_bytes(a) for a in manifest["arrays"].values())
-        if verify == "full" or (verify == "auto" and total <= VERIFY_AUTO_BYTES):
-            store.verify()
-        return store
+        manifest = read_manifest(path, "mole_lut", expect)
+        arrays = open_arrays(path, manifest, verify)
+        return cls(path, manifest, arrays)
 
     def verify(self) -> None:
-        for name, info in self.manifest["arrays"].items():
-            layer = int(name.split("/")[0].removeprefix("layer_"))
-            arr = self.arrays[layer][name.split("/")[1]]
-            try:
-                digest = _digest(arr)
-            except ValueError as e:  # a crc32c mismatch surfaces as DATA_LOSS
-                raise StoreError(f"LUT array {self.path}/{name} is corrupt ({_short(e)})") from None
-            if digest != info["sha256"]:
-                raise StoreError(f"LUT array {self.path}/{name} fails its checksum; re-export")
+        verify_arrays(self.path, self.manifest, self.arrays)
 
     def read_rows(self, ids: np.ndarray) -> dict[int, dict[str, np.ndarray]]:
         """{layer: {name: rows for ids}}: one batched read per array, all in flight at once."""
@@ -203,7 +159,55 @@ class LutStore:
         }
 
 
-def _open_arrays(path: Path, manifest: dict) -> dict[int, dict[str, ts.TensorStore]]:
+def write_manifest(path: Path, kind: str, fields: dict, arrays: dict) -> dict:
+    """Hashes `arrays` ({layer: {name: TensorStore}}) and writes manifest.json last (atomically)."""
+    manifest = dict(
+        format_version=FORMAT_VERSION,
+        kind=kind,
+        **fields,
+        created=time.strftime("%Y-%m-%dT%H:%M:%S"),
+        arrays={
+            f"{layer_name(layer)}/{name}": dict(
+                shape=list(arr.shape), dtype=str(arr.dtype.name), sha256=_digest(arr)
+            )
+            for layer in sorted(arrays)
+            for name, arr in arrays[layer].items()
+        },
+    )
+    tmp = path / "manifest.json.tmp"
+    tmp.write_text(json.dumps(manifest, indent=2))
+    os.replace(tmp, path / "manifest.json")
+    return manifest
+
+
+def read_manifest(path: Path, kind: str, expect: dict | None) -> dict:
+    """The manifest of a store of `kind`, checked for format and for the `expect`ed fields."""
+    mpath = path / "manifest.json"
+    what = {"mole_lut": "LUT store", "moe_experts": "expert store"}[kind]
+    if not mpath.is_file():
+        raise StoreError(f"no {what} at {path} (manifest.json missing): run `launch.py export`")
+    try:
+        manifest = json.loads(mpath.read_text())
+    except json.JSONDecodeError as e:
+        raise StoreError(f"{mpath} is corrupt ({e}); re-run `launch.py export`") from None
+    version = manifest.get("format_version")
+    if version != FORMAT_VERSION or manifest.get("kind") != kind:
+        raise StoreError(
+            f"{path}: format {manifest.get('kind')} v{version} is not {kind} v{FORMAT_VERSION}"
+            "; re-run `launch.py export`"
+        )
+    for key, want in (expect or {}).items():
+        if manifest.get(key) != want:
+            raise StoreError(
+                f"{what} {path} does not match the checkpoint: its {key} is "
+                f"{manifest.get(key)!r}, expected {want!r}; re-run `launch.py export`"
+            )
+    return manifest
+
+
+def open_arrays(path: Path, manifest: dict, verify: str) -> dict[int, dict[str, ts.TensorStore]]:
+    """Opens every array the manifest lists, checks shapes and dtypes, and with verify='full'
+    (or 'auto' and at most VERIFY_AUTO_BYTES in all) their SHA-256 digests."""
     arrays: dict[int, dict[str, ts.TensorStore]] = {}
     for name, info in manifest["arrays"].items():
         layer_dir, array = name.split("/")
@@ -212,15 +216,30 @@ def _open_arrays(path: Path, manifest: dict) -> dict[int, dict[str, ts.TensorSto
             arr = ts.open(spec, open=True).result()
         except ValueError as e:
             raise StoreError(
-                f"LUT array {path}/{name} is missing or unreadable ({_short(e)}); re-run export"
+                f"array {path}/{name} is missing or unreadable ({_short(e)}); re-run export"
             ) from None
         if list(arr.shape) != info["shape"] or arr.dtype.name != info["dtype"]:
             raise StoreError(
-                f"LUT array {path}/{name} is {list(arr.shape)} {arr.dtype.name}; the manifest "
+                f"array {path}/{name} is {list(arr.shape)} {arr.dtype.name}; the manifest "
                 f"says {info['shape']} {info['dtype']}"
             )
         arrays.setdefault(int(layer_dir.removeprefix("layer_")), {})[array] = arr
+    total = sum(array_bytes(a) for a in manifest["arrays"].values())
+    if verify == "full" or (verify == "auto" and total <= VERIFY_AUTO_BYTES):
+        verify_arrays(path, manifest, arrays)
     return arrays
+
+
+def verify_arrays(path: Path, manifest: dict, arrays: dict) -> None:
+    for name, info in manifest["arrays"].items():
+        layer_dir, array = name.split("/")
+        arr = arrays[int(layer_dir.removeprefix("layer_"))][array]
+        try:
+            digest = _digest(arr)
+        except ValueError as e:  # a crc32c mismatch surfaces as DATA_LOSS
+            raise StoreError(f"array {path}/{name} is corrupt ({_short(e)}); re-export") from None
+        if digest != info["sha256"]:
+            raise StoreError(f"array {path}/{name} fails its checksum; re-export")
 
 
 def array_bytes(info: dict) -> int:

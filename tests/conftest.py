@@ -71,6 +71,18 @@ def tiny_overrides(cfg, corpus_dir, cache_dir, **train):
     return cfg
 
 
+def trained_workdir(tmp_path_factory, cfg, corpus_dir, cache_dir, steps: int = 20) -> str:
+    """A workdir holding a tiny run of `cfg` for `steps` steps, checkpointed at the end."""
+    from mole_jax import train
+
+    w = str(tmp_path_factory.mktemp(cfg.model.ffn.kind) / "w")
+    cfg = tiny_overrides(
+        cfg, corpus_dir, cache_dir, steps=steps, eval_every=steps, ckpt_every=steps
+    )
+    train.run(cfg, w)
+    return w
+
+
 @pytest.fixture
 def tiny_cfg(corpus_dir, cache_dir):
     from configs import dense

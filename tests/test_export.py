@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import tiny_overrides
+from conftest import tiny_overrides, trained_workdir
 
 from configs import dense, mole
 from mole_jax import export as export_lib
@@ -17,22 +17,16 @@ from mole_jax.evaluate import evaluate
 from mole_jax.inference import build_engine, decode
 from mole_jax.lut_store import LutStore
 from mole_jax.metrics import read_metrics
+from mole_jax.offload.experts import export_experts
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
 def mole_run(tmp_path_factory, corpus_dir, cache_dir):
-    w = str(tmp_path_factory.mktemp("mole") / "w")
-    cfg = tiny_overrides(
-        mole.get_config("size=tiny,experts=4"),
-        corpus_dir,
-        cache_dir,
-        steps=20,
-        eval_every=20,
-        ckpt_every=20,
+    w = trained_workdir(
+        tmp_path_factory, mole.get_config("size=tiny,experts=4"), corpus_dir, cache_dir
     )
-    train.run(cfg, w)
     export_lib.export_lut(w, dtype="float32")
     return w
 
@@ -186,4 +180,6 @@ def test_export_refuses_non_mole_and_hidden_input(corpus_dir, cache_dir, tmp_pat
         train.run(cfg, w)
         with pytest.raises(UserError, match=match):
             export_lib.export_lut(w)
-        assert not (Path(w) / "lut").exists()
+        with pytest.raises(UserError, match="only MoE experts are offloaded"):
+            export_experts(w)
+        assert not (Path(w) / "lut").exists() and not (Path(w) / "experts").exists()

@@ -1,0 +1,89 @@
+"""MoE expert-offloading baseline: the layer-by-layer offloaded decode equals the in-memory MoE,
+the LRU cache and the byte counts behave as specified, and bad stores are refused."""
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import trained_workdir
+
+from configs import moe
+from mole_jax.errors import StoreError, UserError
+from mole_jax.inference import build_engine, decode
+from mole_jax.offload.experts import export_experts
+from mole_jax.offload.moe import MoeOffloadEngine
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def moe_run(tmp_path_factory, corpus_dir, cache_dir):
+    w = trained_workdir(
+        tmp_path_factory,
+        moe.get_config("size=tiny,experts=6,topk=2,shared=1"),
+        corpus_dir,
+        cache_dir,
+    )
+    export_experts(w, dtype="float32")
+    return w
+
+
+@pytest.mark.parametrize("capacity,prefetch", [(0, False), (2, True), (6, False)])
+def test_offloaded_moe_equals_in_memory(moe_run, capacity, prefetch):
+    ref = build_engine(moe_run, "experts")
+    eng = MoeOffloadEngine(moe_run, capacity=capacity, prefetch=prefetch)
+    ids = np.random.default_rng(1).integers(0, ref.cfg.model.vocab_size, (3, 10))
+    want, _ = ref.forward(ids)
+    got, _ = eng.forward(ids)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5, rtol=1e-5)
+    a, b = decode(ref, ids, 8), decode(eng, ids, 8)
+    np.testing.assert_array_equal(a["tokens"], b["tokens"])
+
+
+def test_cache_and_byte_accounting(moe_run):
+    manifest = json.loads(Path(moe_run, "experts", "manifest.json").read_text())
+    d, f = manifest["d_model"], manifest["d_expert"]
+    assert manifest["bytes_per_expert"] == 2 * d * f * 4
+    ids = np.array([[5, 17, 5, 99]], np.int32)
+    cold = MoeOffloadEngine(moe_run, capacity=0)
+    cold.forward(ids)
+    cold.forward(ids)
+    s = cold.stats
+    assert s.hits == 0 and s.experts_read == s.lookups  # no cache: every lookup is a read
+    assert s.bytes_read == s.lookups * manifest["bytes_per_expert"]
+    warm = MoeOffloadEngine(moe_run, capacity=manifest["experts"])
+    warm.forward(ids)
+    first = warm.stats.experts_read
+    warm.forward(ids)  # the same tokens route to the same experts, all now cached
+    assert warm.stats.experts_read == first and warm.stats.hits == first
+    assert warm.stats.hit_rate == 0.5
+    assert all(len(c) <= manifest["experts"] for c in warm.cache.values())
+    one = MoeOffloadEngine(moe_run, capacity=1)
+    one.forward(np.arange(40, dtype=np.int32)[None])
+    assert all(len(c) == 1 for c in one.cache.values())  # LRU bounded by its capacity
+
+
+def test_resident_bytes_exclude_the_experts(moe_run):
+    ref = build_engine(moe_run, "experts")
+    eng = MoeOffloadEngine(moe_run, capacity=0)
+    m = json.loads(Path(moe_run, "experts", "manifest.json").read_text())
+    all_experts = len(m["layers"]) * m["experts"] * m["bytes_per_expert"]
+    assert eng.resident_bytes() == ref.resident_bytes() - all_experts
+
+
+def test_bad_expert_stores_are_refused(moe_run, tmp_path):
+    w = tmp_path / "w"
+    shutil.copytree(moe_run, w)
+    with pytest.raises(StoreError, match="expert store .* does not match the checkpoint"):
+        manifest = json.loads((w / "experts" / "manifest.json").read_text())
+        manifest["params_sha256"] = "0" * 64
+        (w / "experts" / "manifest.json").write_text(json.dumps(manifest))
+        MoeOffloadEngine(str(w))
+    shutil.rmtree(w / "experts")
+    with pytest.raises(StoreError, match="no expert store"):
+        MoeOffloadEngine(str(w))
+    with pytest.raises(UserError, match="float32|float16|bfloat16"):
+        export_experts(str(w), dtype="int8")
+    assert not (w / "experts").exists()
