@@ -3,7 +3,7 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-DEMO_DIR ?= runs/demo
+DEMO_DIR ?= runs/demo-mole
 
 .PHONY: demo test lint format install clean
 

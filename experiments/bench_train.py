@@ -5,6 +5,7 @@ own matmul peak does it run, and what does each FFN kind cost against dense?
 
     python experiments/bench_train.py --config=configs/dense.py:size=small [--json=out.json]
     python experiments/bench_train.py --compare=small [--set=train.batch_size=512,...]
+        [--only=dense,mole-4e,"mole-4e per_position"]
 
 `--compare` runs dense, MoE-10E (top-2, experts F/2), PEER (paper's h=8, k=16, middle block),
 MoLE-4E with the unique-token tables and MoLE-4E computed per position, all at `size`; MoE and
@@ -41,6 +42,7 @@ flags.DEFINE_integer("steps", 10, "Timed steps.")
 flags.DEFINE_integer("warmup", 2, "Untimed steps after compilation.")
 flags.DEFINE_string("json", None, "Write the result here.")
 flags.DEFINE_string("compare", None, "Size at which to compare all kinds against dense.")
+flags.DEFINE_list("only", [], "With --compare: just these rows, e.g. 'dense,mole-4e'.")
 flags.DEFINE_string("set", "", "Overrides for --compare: 'train.batch_size=64,data.seq_len=64'.")
 FLAGS = flags.FLAGS
 
@@ -163,6 +165,8 @@ def main(_):
         peak = matmul_peak(jnp.float32)
         rows = []
         for name, cfg in compare_configs(FLAGS.compare).items():
+            if FLAGS.only and name not in FLAGS.only:
+                continue
             res = bench(apply_overrides(cfg, FLAGS.set), FLAGS.steps, FLAGS.warmup, peak)
             rows.append(dict(res, name=name))
             print(f"  {name}: {res['step_time_s']:.3f} s/step", flush=True)

@@ -170,15 +170,21 @@ def sample(logits_BxV: np.ndarray, temperature: float, top_k: int, rng) -> np.nd
     return np.array([rng.choice(len(row), p=row) for row in p], np.int32)
 
 
-def decode(engine: Engine, prompt_BxP, max_new: int, temperature=0.0, top_k=0, seed=0) -> dict:
+def decode(
+    engine, prompt_BxP, max_new: int, temperature=0.0, top_k=0, seed=0, before_step=None
+) -> dict:
     """Prefill the prompt, then sample `max_new` tokens one at a time with the KV cache.
 
+    `engine`: an `Engine` or anything with its forward/init_cache (the MoE offload engine).
+    `before_step(t)`, if given, runs untimed before forward call t (0: the prefill).
     Returns {'tokens' [B, max_new], 'prefill_s', 'step_s' (per decode step, blocked)}.
     """
+    hook = before_step or (lambda t: None)
     prompt = np.asarray(prompt_BxP, np.int32)
     b, p = prompt.shape
     rng = np.random.default_rng(seed)
     cache = engine.init_cache(b, p + max_new)
+    hook(0)
     t0 = time.perf_counter()
     logits, cache = engine.forward(prompt, cache)
     last = np.asarray(logits[:, -1])
@@ -189,6 +195,7 @@ def decode(engine: Engine, prompt_BxP, max_new: int, temperature=0.0, top_k=0, s
         tokens.append(nxt)
         if t + 1 == max_new:
             break
+        hook(t + 1)
         t0 = time.perf_counter()
         logits, cache = engine.forward(nxt[:, None], cache)
         last = np.asarray(logits[:, -1])

@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from mole_jax.attention import init_kv
 from mole_jax.checkpoint import Checkpointer
 from mole_jax.config import load_config
 from mole_jax.errors import UserError
@@ -100,7 +101,9 @@ class MoeOffloadEngine:
             raise UserError(
                 f"{length} tokens exceed model.max_seq_len={self.cfg.model.max_seq_len}"
             )
-        return self.fns.init_cache(batch, length)
+        m = self.cfg.model
+        layers = [init_kv(batch, length, m, compute_dtype(m)) for _ in range(m.n_layers)]
+        return {"index": jnp.zeros((), jnp.int32), "layers": layers}
 
     def resident_bytes(self) -> int:
         """Resident parameters plus the experts currently held in the caches."""
@@ -187,6 +190,20 @@ def _bucket(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
 
+def attention(block, h, kv, index):
+    """A block's attention half: (post-attention residual a, norm_ffn(a), kv)."""
+    pos_L = index + jnp.arange(h.shape[1], dtype=jnp.int32)
+    y, kv = block.attn(block.norm_attn(h), pos_L, kv, index)
+    a = h + y
+    return a, block.norm_ffn(a), kv
+
+
+def route(block, x):
+    """(gate weights [T, K], experts [T, K]) of a MoE block's router for its FFN input x."""
+    logits = x.reshape(-1, x.shape[-1]).astype(jnp.float32) @ block.ffn.router[...]
+    return top_k_gates(logits, block.ffn.k, block.ffn.mode)[:2]
+
+
 def _compiled(graphdef, m, moe_layers):
     """The jitted pieces of a layer-by-layer forward. Expert parameters are absent from `p`."""
 
@@ -201,21 +218,10 @@ def _compiled(graphdef, m, moe_layers):
         mod = model(p, r)
         return jnp.take(mod.embed[...], ids, axis=0).astype(compute_dtype(mod))
 
-    def attention(block, h, kv, index):
-        pos_L = index + jnp.arange(h.shape[1], dtype=jnp.int32)
-        y, kv = block.attn(block.norm_attn(h), pos_L, kv, index)
-        a = h + y
-        return a, block.norm_ffn(a), kv
-
     def dense_block(p, r, i, h, kv, index):
         block = model(p, r).blocks[i]
         a, x, kv = attention(block, h, kv, index)
         return a + block.ffn(x, Ctx(None, None))[0], kv
-
-    def route(block, x):
-        d = x.shape[-1]
-        logits = x.reshape(-1, d).astype(jnp.float32) @ block.ffn.router[...]
-        return top_k_gates(logits, block.ffn.k, block.ffn.mode)[:2]
 
     def attn_route(p, r, i, h, kv, index, guess_next):
         mod = model(p, r)
@@ -246,12 +252,6 @@ def _compiled(graphdef, m, moe_layers):
             jnp.float32
         )
 
-    def init_cache(batch, length):
-        from mole_jax.attention import init_kv
-
-        layers = [init_kv(batch, length, m, compute_dtype(m)) for _ in range(m.n_layers)]
-        return {"index": jnp.zeros((), jnp.int32), "layers": layers}
-
     static = partial(jax.jit, static_argnums=(2,))
     return _Fns(
         embed=jax.jit(embed),
@@ -259,7 +259,6 @@ def _compiled(graphdef, m, moe_layers):
         attn_route=jax.jit(attn_route, static_argnums=(2, 6)),
         expert_out=static(expert_out),
         head=jax.jit(head),
-        init_cache=init_cache,
     )
 
 
@@ -270,4 +269,3 @@ class _Fns:
     attn_route: object
     expert_out: object
     head: object
-    init_cache: object

@@ -1,0 +1,300 @@
+"""Offloaded inference: decode latency, bytes moved and quality of MoLE's LUTs against MoE experts.
+
+Question: with its routed parameters on storage, how fast does each model decode, how many bytes
+does a token pull from storage, and what does it cost in quality? (MoLE paper, latency study.)
+Expected: MoLE offloaded decodes about as fast as dense (it reads E·D values per layer per
+token) and faster than MoE with offloaded experts (2·D·F_e values per expert it misses), with
+about 2·F_e/E (here 2D) times fewer bytes per token.
+
+    python experiments/bench_offload.py [--size=small] [--train_steps=200] [--batches=1,8,32]
+        [--prompt=128] [--new=32] [--capacity=4] [--page_cache=warm|cold]
+
+Models of the same activated size, trained here (or reused) under --root: dense, MoE-10E top-2
+(experts F/2) and MoLE-4E. Rows: dense; MoE in memory; MoE offloaded (float16 experts in
+tensorstore, per-layer LRU of --capacity experts, speculative prefetch); MoLE with its float16
+LUT in memory; MoLE offloaded with float16 and nf4 LUTs (row cache of --cache_rows tokens), and
+with float16 and no row cache (every step reads its tokens' rows).
+
+Method: prompts are validation windows; one untimed decode compiles every shape, the caches are
+emptied, then a greedy decode of --new tokens is timed step by step (each step blocked on its
+logits). Bytes per token: storage reads during the decode steps divided by the tokens fed through
+them, and reads during the prefill divided by the prompt tokens. Quality is the loss of the same
+engine over the validation windows. `cold` drops the store files from the OS page cache
+(posix_fadvise DONTNEED) before every forward call, untimed; `warm` leaves them cached (the
+stores were just written or read).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+import _paths  # noqa: F401
+import numpy as np
+from absl import app, flags, logging
+
+from configs import dense, moe, mole
+from mole_jax import train
+from mole_jax.errors import StoreError
+from mole_jax.evaluate import eval_batches
+from mole_jax.export import export_lut
+from mole_jax.inference import build_engine, decode
+from mole_jax.lut_store import LutStore
+from mole_jax.offload.experts import ExpertStore, export_experts
+from mole_jax.offload.moe import MoeOffloadEngine
+
+flags.DEFINE_string("size", "small", "Model size of all three models.")
+flags.DEFINE_integer("train_steps", 200, "Training steps for models not yet trained under --root.")
+flags.DEFINE_string("root", "runs/bench_offload", "Workdirs of the dense, moe and mole models.")
+flags.DEFINE_list("batches", ["1", "8", "32"], "Decode batch sizes.")
+flags.DEFINE_integer("prompt", 128, "Prompt length (tokens).")
+flags.DEFINE_integer("new", 32, "Tokens generated per sequence.")
+flags.DEFINE_integer("capacity", 4, "MoE offload: experts cached per layer (LRU).")
+flags.DEFINE_bool("prefetch", True, "MoE offload: speculative prefetch of the next layer.")
+flags.DEFINE_integer("cache_rows", 4096, "MoLE offload: token rows cached (LRU).")
+flags.DEFINE_enum("page_cache", "warm", ["warm", "cold"], "OS page cache state of the stores.")
+flags.DEFINE_integer("eval_batches", 4, "Validation batches for the quality column.")
+flags.DEFINE_string("out", "experiments/results/bench_offload", "Writes OUT.json, .md and .png.")
+FLAGS = flags.FLAGS
+
+CONFIGS = {"dense": (dense, ""), "moe": (moe, ",experts=10,topk=2"), "mole": (mole, ",experts=4")}
+
+
+def ensure_models(root: Path, size: str, steps: int) -> dict[str, str]:
+    """Trains what is missing (resuming what is partial) and exports the stores the rows read."""
+    dirs = {}
+    for kind, (module, extra) in CONFIGS.items():
+        w = str(root / kind)
+        cfg = module.get_config(f"size={size}{extra}")
+        cfg.train.steps, cfg.train.progress = steps, False
+        print(f"[{kind}] training {size} for {steps} steps in {w} (resumes if present)", flush=True)
+        train.run(cfg, w)
+        dirs[kind] = w
+    for dtype in ("float16", "nf4"):
+        _fresh(
+            LutStore,
+            dirs["mole"],
+            f"lut_{dtype}",
+            lambda d=dtype: export_lut(dirs["mole"], dtype=d, out=f"lut_{d}"),
+        )
+    _fresh(
+        ExpertStore,
+        dirs["moe"],
+        "experts_float16",
+        lambda: export_experts(dirs["moe"], dtype="float16", out="experts_float16"),
+    )
+    return dirs
+
+
+def _fresh(store_cls, workdir: str, name: str, export) -> None:
+    """Re-exports unless the store opens and names the newest checkpoint's parameters."""
+    from mole_jax.checkpoint import Checkpointer
+
+    ckpt = Checkpointer(workdir)
+    digest = ckpt.meta()["params_sha256"]
+    ckpt.close()
+    try:
+        store_cls.open(os.path.join(workdir, name), expect={"params_sha256": digest})
+    except StoreError:
+        print(f"exporting {workdir}/{name}", flush=True)
+        export()
+
+
+def engines(dirs: dict[str, str]):
+    """(row name, store dir or None, engine factory) for every row of the table."""
+    k, rows = FLAGS.capacity, FLAGS.cache_rows
+    return [
+        ("dense", None, lambda: build_engine(dirs["dense"])),
+        ("MoE-10E in memory", None, lambda: build_engine(dirs["moe"])),
+        (
+            f"MoE-10E offloaded fp16, LRU {k}/layer" + (" + prefetch" if FLAGS.prefetch else ""),
+            f"{dirs['moe']}/experts_float16",
+            lambda: MoeOffloadEngine(dirs["moe"], None, "experts_float16", k, FLAGS.prefetch),
+        ),
+        (
+            "MoLE-4E LUT in memory fp16",
+            None,
+            lambda: build_engine(dirs["mole"], "lut_memory", lut="lut_float16"),
+        ),
+        (
+            "MoLE-4E offloaded fp16",
+            f"{dirs['mole']}/lut_float16",
+            lambda: build_engine(dirs["mole"], "offload", lut="lut_float16", cache_rows=rows),
+        ),
+        (
+            "MoLE-4E offloaded fp16, no row cache",
+            f"{dirs['mole']}/lut_float16",
+            lambda: build_engine(dirs["mole"], "offload", lut="lut_float16", cache_rows=0),
+        ),
+        (
+            "MoLE-4E offloaded nf4",
+            f"{dirs['mole']}/lut_nf4",
+            lambda: build_engine(dirs["mole"], "offload", lut="lut_nf4", cache_rows=rows),
+        ),
+    ]
+
+
+def storage(engine) -> tuple[object, str]:
+    """(stats object with bytes_read, cache kind) of an engine; (None, '-') when in memory."""
+    if isinstance(engine, MoeOffloadEngine):
+        return engine.stats, "experts"
+    return (engine.rows.stats, "rows") if engine.rows is not None else (None, "-")
+
+
+def reset_caches(engine) -> None:
+    if isinstance(engine, MoeOffloadEngine):
+        for c in engine.cache.values():
+            c.clear()
+        engine.stats = type(engine.stats)()
+    elif engine.rows is not None:
+        engine.rows.cache.clear()
+        engine.rows.stats = type(engine.rows.stats)()
+
+
+def drop_page_cache(directory: str) -> None:
+    for path in Path(directory).rglob("*"):
+        if path.is_file():
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+
+
+def measure(engine, store_dir, prompts, new: int) -> dict:
+    """One timed greedy decode after an untimed one that compiles every shape it meets."""
+    decode(engine, prompts, new)
+    reset_caches(engine)
+    stats, _ = storage(engine)
+    after_prefill = {}
+
+    def before(t):
+        if t == 1 and stats is not None:
+            after_prefill["bytes"] = stats.bytes_read
+        if FLAGS.page_cache == "cold" and store_dir:
+            drop_page_cache(store_dir)
+
+    out = decode(engine, prompts, new, before_step=before)
+    steps = np.array(out["step_s"]) * 1e3
+    generated = prompts.shape[0] * (new - 1)  # tokens fed through the decode steps
+    decode_bytes = stats.bytes_read - after_prefill["bytes"] if stats is not None else 0
+    row = dict(
+        batch=int(prompts.shape[0]),
+        prefill_s=out["prefill_s"],
+        decode_ms_median=float(np.median(steps)),
+        decode_ms_p95=float(np.percentile(steps, 95)),
+        bytes_per_token=decode_bytes / generated,
+        prefill_bytes_per_token=after_prefill.get("bytes", 0) / prompts.size,
+        resident_bytes=engine.resident_bytes(),
+    )
+    if stats is not None:
+        row["cache_hit_rate"] = stats.hit_rate
+    return row
+
+
+def run_all(dirs) -> list[dict]:
+    val = eval_batches(dirs["dense"], n_batches=64)
+    windows = np.concatenate(val)[:, : FLAGS.prompt]
+    if windows.shape[1] < FLAGS.prompt:
+        raise SystemExit(f"--prompt={FLAGS.prompt} is longer than the validation windows")
+    quality = val[: FLAGS.eval_batches]
+    results = []
+    for name, store_dir, make in engines(dirs):
+        engine = make()
+        loss = float(np.mean([engine.loss(b) for b in quality]))
+        for b in (int(x) for x in FLAGS.batches):
+            if b > len(windows):
+                raise SystemExit(f"only {len(windows)} validation windows for batch {b}")
+            row = dict(
+                model=name, val_loss=loss, **measure(engine, store_dir, windows[:b], FLAGS.new)
+            )
+            print(_line(row), flush=True)
+            results.append(row)
+    return results
+
+
+def _line(r: dict) -> str:
+    return (
+        f"{r['model']:<44} B={r['batch']:<3} decode {r['decode_ms_median']:8.2f} ms "
+        f"(p95 {r['decode_ms_p95']:8.2f})  prefill {r['prefill_s'] * 1e3:8.1f} ms  "
+        f"{r['bytes_per_token']:12.0f} B/token  resident {r['resident_bytes'] / 2**20:7.1f} MiB  "
+        f"val {r['val_loss']:.4f}"
+    )
+
+
+def markdown(results: list[dict], meta: dict) -> str:
+    head = (
+        "| model | batch | decode ms median | p95 | prefill ms | bytes/token read (decode) | "
+        "bytes/token read (prefill) | resident MiB | val loss |\n"
+        "|---|---|---|---|---|---|---|---|---|\n"
+    )
+    body = "".join(
+        f"| {r['model']} | {r['batch']} | {r['decode_ms_median']:.2f} | {r['decode_ms_p95']:.2f} "
+        f"| {r['prefill_s'] * 1e3:.1f} | {r['bytes_per_token']:,.0f} "
+        f"| {r['prefill_bytes_per_token']:,.0f} "
+        f"| {r['resident_bytes'] / 2**20:.1f} | {r['val_loss']:.4f} |\n"
+        for r in results
+    )
+    note = (
+        f"\nsize={meta['size']}, prompt {meta['prompt']} tokens, {meta['new']} new tokens, "
+        f"page cache {meta['page_cache']}, {meta['machine']}.\n"
+    )
+    return head + body + note
+
+
+def plot(results: list[dict], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for name in dict.fromkeys(r["model"] for r in results):
+        rs = [r for r in results if r["model"] == name]
+        ax1.plot([r["batch"] for r in rs], [r["decode_ms_median"] for r in rs], "o-", label=name)
+        if any(r["bytes_per_token"] for r in rs):
+            ax2.plot([r["batch"] for r in rs], [r["bytes_per_token"] for r in rs], "o-", label=name)
+    ax1.set(xscale="log", xlabel="batch", ylabel="decode step, ms (median)", title="latency")
+    ax2.set(
+        xscale="log",
+        yscale="log",
+        xlabel="batch",
+        ylabel="bytes read per token",
+        title="storage traffic",
+    )
+    ax1.legend(fontsize=7)
+    ax2.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(_):
+    logging.set_verbosity(logging.WARNING)
+    dirs = ensure_models(Path(FLAGS.root), FLAGS.size, FLAGS.train_steps)
+    t0 = time.time()
+    results = run_all(dirs)
+    meta = dict(
+        size=FLAGS.size,
+        prompt=FLAGS.prompt,
+        new=FLAGS.new,
+        page_cache=FLAGS.page_cache,
+        capacity=FLAGS.capacity,
+        prefetch=FLAGS.prefetch,
+        cache_rows=FLAGS.cache_rows,
+        machine=f"{platform.machine()} CPU x{os.cpu_count()}",
+        seconds=time.time() - t0,
+    )
+    os.makedirs(os.path.dirname(FLAGS.out) or ".", exist_ok=True)
+    with open(FLAGS.out + ".json", "w") as f:
+        json.dump(dict(meta=meta, results=results), f, indent=2)
+    md = markdown(results, meta)
+    Path(FLAGS.out + ".md").write_text(md)
+    plot(results, FLAGS.out + ".png")
+    print("\n" + md + f"\nwrote {FLAGS.out}.json, .md, .png")
+
+
+if __name__ == "__main__":
+    app.run(main)
