@@ -81,7 +81,7 @@ def bench(cfg, steps: int = 10, warmup: int = 2, peak: float | None = None) -> d
     put = batch_putter(mesh, cfg, bool(table_layers))
     step = jax.jit(make_train_step(graphdef, tx, cfg, bool(table_layers)), donate_argnums=0)
     t0 = time.perf_counter()
-    step(state, *put(batches[0]))  # compile (and for MoLE, the first table-size bucket)
+    state, _ = step(state, *put(batches[0]))  # compile (and for MoLE, the first table-size bucket)
     jax.block_until_ready(state)
     compile_s = time.perf_counter() - t0
     cost = step.lower(state, *put(batches[0])).cost_analysis()

@@ -53,9 +53,12 @@ def grouped_ffn_ragged(x_AxD, sizes_E, up_ExDxF, down_ExFxD, act):
 
 def grouped_ffn_blocked(x_AxD, sizes_E, up_ExDxF, down_ExFxD, act, tile: int):
     """Exact grouped FFN: every expert's rows padded to a multiple of `tile`, so each tile has one
-    expert; the tiles run as one batched matmul with their expert's weights gathered."""
+    expert; the tiles run as one batched matmul with their expert's weights gathered. The tile
+    shrinks to about A/E rows when there are few assignments, so a decode step does not pad
+    each of its handful of rows to a full tile."""
     a, d = x_AxD.shape
     e = sizes_E.shape[0]
+    tile = min(tile, 1 << (a // e).bit_length())  # few assignments (decoding): smaller tiles
     n_tiles = -(-(a + e * (tile - 1)) // tile)
     padded_E = -(-sizes_E // tile) * tile
     start_E = jnp.cumsum(sizes_E) - sizes_E
