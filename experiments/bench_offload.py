@@ -137,11 +137,11 @@ def engines(dirs: dict[str, str]):
     ]
 
 
-def storage(engine) -> tuple[object, str]:
-    """(stats object with bytes_read, cache kind) of an engine; (None, '-') when in memory."""
+def storage(engine):
+    """The storage-read stats (with bytes_read, hit_rate) of an engine; None when in memory."""
     if isinstance(engine, MoeOffloadEngine):
-        return engine.stats, "experts"
-    return (engine.rows.stats, "rows") if engine.rows is not None else (None, "-")
+        return engine.stats
+    return engine.rows.stats if engine.rows is not None else None
 
 
 def reset_caches(engine) -> None:
@@ -168,7 +168,7 @@ def measure(engine, store_dir, prompts, new: int) -> dict:
     """One timed greedy decode after an untimed one that compiles every shape it meets."""
     decode(engine, prompts, new)
     reset_caches(engine)
-    stats, _ = storage(engine)
+    stats = storage(engine)
     after_prefill = {}
 
     def before(t):

@@ -51,6 +51,21 @@ def _tree_add(a, b):
     return jax.tree.map(lambda x, y: x + y.astype(x.dtype), a, b)
 
 
+def _accumulate(grad_fn, params, rest, tables, xs):
+    """Sums `grad_fn`'s gradients (w.r.t. params and tables) over the micro-batches
+    xs = (inputs_MxBxL, targets_MxBxL, inv_MxBxL) with lax.scan, threading the non-param state.
+    Returns ((g_params, g_tables, rest), (metrics, per_layer)) with per-micro-batch metrics."""
+
+    def micro(carry, x):
+        g_params, g_tables, rest = carry
+        inp, tgt, inv_m = x
+        (gp, gt), (mets, per_layer, rest) = grad_fn(params, rest, tables, inv_m, inp, tgt)
+        return (_tree_add(g_params, gp), _tree_add(g_tables, gt), rest), (mets, per_layer)
+
+    zeros = lambda t: jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), t)
+    return jax.lax.scan(micro, (zeros(params), zeros(tables), rest), xs)
+
+
 def make_train_step(graphdef, tx, cfg, has_tables: bool) -> Callable:
     """train_step(state, batch_MxBxL1, dedup=None) -> (state, metrics), M = train.microbatches.
 
@@ -84,16 +99,9 @@ def make_train_step(graphdef, tx, cfg, has_tables: bool) -> Callable:
 
             tables, pull_tables = jax.vjp(tables_fn, params)
 
-        def micro(carry, xs):
-            g_params, g_tables, rest = carry
-            inp, tgt, inv_m = xs
-            (gp, gt), (mets, per_layer, rest) = grad_fn(params, rest, tables, inv_m, inp, tgt)
-            return (_tree_add(g_params, gp), _tree_add(g_tables, gt), rest), (mets, per_layer)
-
-        zeros = lambda t: jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), t)
-        carry = (zeros(params), zeros(tables), state["rest"])
-        (g_params, g_tables, rest), (mets, per_layer) = jax.lax.scan(
-            micro, carry, (inputs, targets, inv)
+        xs = (inputs, targets, inv)
+        (g_params, g_tables, rest), (mets, per_layer) = _accumulate(
+            grad_fn, params, state["rest"], tables, xs
         )
         grads = jax.tree.map(lambda g: g / n_micro, g_params)
         if has_tables:

@@ -94,7 +94,7 @@ class MoeOffloadEngine:
         self.fns = _compiled(graphdef, m, self.moe_layers)
         self.cache = {i: collections.OrderedDict() for i in self.moe_layers}
         self.stats = ExpertStats()
-        self.rows, self.store_dtype = None, self.store.dtype
+        self.rows = None  # no LUT rows (`inference.Engine` compatibility)
 
     def init_cache(self, batch: int, length: int):
         if length > self.cfg.model.max_seq_len:
