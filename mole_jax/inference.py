@@ -26,6 +26,7 @@ import numpy as np
 from flax import nnx
 
 from mole_jax import quant
+from mole_jax.attention import init_kv
 from mole_jax.checkpoint import Checkpointer
 from mole_jax.config import load_config
 from mole_jax.errors import UserError
@@ -64,18 +65,21 @@ class Engine:
         return float(cross_entropy(logits, jnp.asarray(batch_BxL1[:, 1:])))
 
     def init_cache(self, batch: int, length: int):
-        if length > self.cfg.model.max_seq_len:
-            raise UserError(
-                f"{length} tokens exceed model.max_seq_len={self.cfg.model.max_seq_len}"
-            )
-        model = nnx.merge(self.graphdef, self.params, self.rest)
-        return model.init_cache(batch, length, self.cfg.model)
+        return new_cache(self.cfg.model, batch, length)
 
     def resident_bytes(self) -> int:
         """Bytes of the parameters (and in-memory LUT) this engine keeps in device memory."""
         extra = getattr(self.prepare, "resident", None)
         leaves = jax.tree.leaves(self.params) + (jax.tree.leaves(extra) if extra else [])
         return int(sum(x.size * x.dtype.itemsize for x in leaves))
+
+
+def new_cache(m, batch: int, length: int) -> dict:
+    """An empty KV cache for `length` positions, refused beyond model.max_seq_len."""
+    if length > m.max_seq_len:
+        raise UserError(f"{length} tokens exceed model.max_seq_len={m.max_seq_len}")
+    layers = [init_kv(batch, length, m, compute_dtype(m)) for _ in range(m.n_layers)]
+    return {"index": jnp.zeros((), jnp.int32), "layers": layers}
 
 
 def _run_fn(graphdef, lut_dtype=None, block=64):

@@ -26,7 +26,6 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from mole_jax.attention import init_kv
 from mole_jax.checkpoint import Checkpointer
 from mole_jax.config import load_config
 from mole_jax.errors import UserError
@@ -97,13 +96,9 @@ class MoeOffloadEngine:
         self.rows = None  # no LUT rows (`inference.Engine` compatibility)
 
     def init_cache(self, batch: int, length: int):
-        if length > self.cfg.model.max_seq_len:
-            raise UserError(
-                f"{length} tokens exceed model.max_seq_len={self.cfg.model.max_seq_len}"
-            )
-        m = self.cfg.model
-        layers = [init_kv(batch, length, m, compute_dtype(m)) for _ in range(m.n_layers)]
-        return {"index": jnp.zeros((), jnp.int32), "layers": layers}
+        from mole_jax.inference import new_cache
+
+        return new_cache(self.cfg.model, batch, length)
 
     def resident_bytes(self) -> int:
         """Resident parameters plus the experts currently held in the caches."""
