@@ -17,8 +17,10 @@ with float16 and no row cache (every step reads its tokens' rows).
 
 Method: prompts are validation windows; one untimed decode compiles every shape, the caches are
 emptied, then a greedy decode of --new tokens is timed step by step (each step blocked on its
-logits). Bytes per token: storage reads during the decode steps divided by the tokens fed through
-them, and reads during the prefill divided by the prompt tokens. Quality is the loss of the same
+logits). Bytes per token: the rows (MoLE) or experts (MoE) read from the store during the decode
+steps divided by the tokens fed through them, and reads during the prefill divided by the prompt
+tokens; "measured I/O" is what the process really read (Linux rchar) over the decode steps, shard
+indexes and anything tensorstore's own cache held included. Quality is the loss of the same
 engine over the validation windows. `cold` drops the store files from the OS page cache
 (posix_fadvise DONTNEED) before every forward call, untimed; `warm` leaves them cached (the
 stores were just written or read).
@@ -45,6 +47,7 @@ from mole_jax.inference import build_engine, decode
 from mole_jax.lut_store import LutStore
 from mole_jax.offload.experts import ExpertStore, export_experts
 from mole_jax.offload.moe import MoeOffloadEngine
+from mole_jax.offload.rows import read_bytes
 
 flags.DEFINE_string("size", "small", "Model size of all three models.")
 flags.DEFINE_integer("train_steps", 200, "Training steps for models not yet trained under --root.")
@@ -150,8 +153,7 @@ def reset_caches(engine) -> None:
             c.clear()
         engine.stats = type(engine.stats)()
     elif engine.rows is not None:
-        engine.rows.cache.clear()
-        engine.rows.stats = type(engine.rows.stats)()
+        engine.rows.reset()
 
 
 def drop_page_cache(directory: str) -> None:
@@ -172,12 +174,15 @@ def measure(engine, store_dir, prompts, new: int) -> dict:
     after_prefill = {}
 
     def before(t):
-        if t == 1 and stats is not None:
-            after_prefill["bytes"] = stats.bytes_read
+        if t == 1:
+            after_prefill["io"] = read_bytes()
+            if stats is not None:
+                after_prefill["bytes"] = stats.bytes_read
         if FLAGS.page_cache == "cold" and store_dir:
             drop_page_cache(store_dir)
 
     out = decode(engine, prompts, new, before_step=before)
+    io = read_bytes() - after_prefill["io"] if after_prefill["io"] is not None else float("nan")
     steps = np.array(out["step_s"]) * 1e3
     generated = prompts.shape[0] * (new - 1)  # tokens fed through the decode steps
     decode_bytes = stats.bytes_read - after_prefill["bytes"] if stats is not None else 0
@@ -187,6 +192,7 @@ def measure(engine, store_dir, prompts, new: int) -> dict:
         decode_ms_median=float(np.median(steps)),
         decode_ms_p95=float(np.percentile(steps, 95)),
         bytes_per_token=decode_bytes / generated,
+        io_bytes_per_token=io / generated,
         prefill_bytes_per_token=after_prefill.get("bytes", 0) / prompts.size,
         resident_bytes=engine.resident_bytes(),
     )
@@ -228,13 +234,14 @@ def _line(r: dict) -> str:
 def markdown(results: list[dict], meta: dict) -> str:
     head = (
         "| model | batch | decode ms median | p95 | prefill ms | bytes/token read (decode) | "
-        "bytes/token read (prefill) | resident MiB | val loss |\n"
-        "|---|---|---|---|---|---|---|---|---|\n"
+        "measured I/O bytes/token (decode) | bytes/token read (prefill) | resident MiB | "
+        "val loss |\n"
+        "|---|---|---|---|---|---|---|---|---|---|\n"
     )
     body = "".join(
         f"| {r['model']} | {r['batch']} | {r['decode_ms_median']:.2f} | {r['decode_ms_p95']:.2f} "
         f"| {r['prefill_s'] * 1e3:.1f} | {r['bytes_per_token']:,.0f} "
-        f"| {r['prefill_bytes_per_token']:,.0f} "
+        f"| {r['io_bytes_per_token']:,.0f} | {r['prefill_bytes_per_token']:,.0f} "
         f"| {r['resident_bytes'] / 2**20:.1f} | {r['val_loss']:.4f} |\n"
         for r in results
     )

@@ -99,9 +99,8 @@ def generate(f):
         "text": text,
     }
     if engine.rows is not None:
-        stats.update(
-            bytes_read=engine.rows.stats.bytes_read, cache_hit_rate=engine.rows.stats.hit_rate
-        )
+        s = engine.rows.stats
+        stats.update(bytes_read=s.bytes_read, io_bytes=s.io_bytes, cache_hit_rate=s.hit_rate)
     return stats
 
 

@@ -94,6 +94,7 @@ def evaluate(
         s = engine.rows.stats
         out.update(
             bytes_read=s.bytes_read,
+            io_bytes=s.io_bytes,
             rows_read=s.rows_read,
             cache_hit_rate=s.hit_rate,
             bytes_read_per_position=s.bytes_read / tokens,

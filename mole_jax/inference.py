@@ -3,9 +3,10 @@
     experts     the training-form model, all parameters in memory (any FFN kind)
     lut_memory  MoLE's inference form with its LUT in device memory (rows gathered inside jit)
     offload     MoLE's inference form; for each call the host reads the rows of the distinct
-                token ids from the tensorstore LUT (through a row cache), pads them to the static
-                table size and hands them to the jitted forward. No I/O inside jit, and neither
-                expert weights nor the LUT are ever in device memory.
+                token ids from the tensorstore LUT (through a row cache) as one packed byte array
+                padded to the static table size, and hands it to the jitted forward, which
+                unpacks and dequantises it. No I/O inside jit, and neither expert weights nor the
+                LUT are ever in device memory.
 
 In the LUT modes the model is built with `model.ffn.mole.lut_form=True` (no expert parameters)
 and only the resident parameters are restored from the checkpoint. The store's manifest must name
@@ -35,7 +36,7 @@ from mole_jax.layers import compute_dtype
 from mole_jax.losses import cross_entropy
 from mole_jax.lut_store import LutStore
 from mole_jax.model import Transformer, check_ids, dedup_bucket, host_dedup
-from mole_jax.offload.rows import LutRows, pad_rows
+from mole_jax.offload.rows import LutRows
 
 MODES = ("experts", "lut_memory", "offload")
 
@@ -70,7 +71,7 @@ class Engine:
     def resident_bytes(self) -> int:
         """Bytes of the parameters (and in-memory LUT) this engine keeps in device memory."""
         extra = getattr(self.prepare, "resident", None)
-        leaves = jax.tree.leaves(self.params) + (jax.tree.leaves(extra) if extra else [])
+        leaves = jax.tree.leaves(self.params) + jax.tree.leaves(extra)
         return int(sum(x.size * x.dtype.itemsize for x in leaves))
 
 
@@ -82,17 +83,18 @@ def new_cache(m, batch: int, length: int) -> dict:
     return {"index": jnp.zeros((), jnp.int32), "layers": layers}
 
 
-def _run_fn(graphdef, lut_dtype=None, block=64):
+def _run_fn(graphdef, store: LutStore | None = None):
     def run(params, rest, ids, extra, cache):
         model = nnx.merge(graphdef, params, rest)
         if extra is None:
             out = model(ids, cache=cache)
         else:
-            stored, gather, inv = extra
+            packed, gather, inv = extra  # packed rows [U, row_bytes] (or [V, ...] with gather)
             if gather is not None:  # LUT in memory: pick the batch's rows inside jit
-                stored = jax.tree.map(lambda a: a[gather], stored)
-            dt = compute_dtype(model)
-            tables = {i: quant.dequantize(s, lut_dtype, block, dt) for i, s in stored.items()}
+                packed = packed[gather]
+            dt, kind, block = compute_dtype(model), store.dtype, store.block
+            stored = store.layout.unpack(packed)
+            tables = {i: quant.dequantize(s, kind, block, dt) for i, s in stored.items()}
             out = model(ids, tables=tables, inv_BxL=inv, cache=cache)
         return out.logits_BxLxV, out.cache
 
@@ -138,7 +140,7 @@ def build_engine(
     finally:
         ckpt.close()
     rest = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), nnx.to_pure_dict(rest))
-    run = _run_fn(graphdef, store.dtype, store.block)
+    run = _run_fn(graphdef, store)
     vocab = cfg.model.vocab_size
     rows = None
     if mode == "lut_memory":
@@ -152,10 +154,10 @@ def build_engine(
     else:
         rows = LutRows(store, cache_rows)
 
-        def prepare(ids):
+        def prepare(ids):  # numpy out: jit's own argument transfer is the cheapest device_put
             real, inv = np.unique(ids, return_inverse=True)
-            stored = pad_rows(rows.fetch(real), dedup_bucket(len(real), vocab))
-            return jax.device_put(stored), None, jnp.asarray(inv.reshape(ids.shape), jnp.int32)
+            packed = rows.fetch(real, dedup_bucket(len(real), vocab))
+            return packed, None, inv.reshape(ids.shape).astype(np.int32)
 
     step = int(meta["step"])
     return Engine(cfg, mode, graphdef, params, rest, step, run, prepare, rows=rows, store=store)

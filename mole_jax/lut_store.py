@@ -10,16 +10,25 @@ Arrays use the `sharding_indexed` codec: shards of `shard_rows` token rows, inne
 a crc32c checksum on every inner chunk and on every shard index, so a corrupt byte is reported
 by the read that touches it. The manifest also holds a SHA-256 of each array's content;
 `open(verify=...)` recomputes them.
+
+Reading, a store keeps every shard index in a tensorstore cache pool sized for the indexes
+(16 bytes per row and array), so a row read costs one index read per shard over the life of the
+store instead of one per row (without it a 2 KB row read re-reads its shard's 64 KB index).
+A token's row travels as one packed byte vector ([n, bytes_per_token] uint8, see `RowLayout`):
+one host->device transfer per batch, unpacked by bitcasts inside jit.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
 import time
 from pathlib import Path
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import tensorstore as ts
 
@@ -59,6 +68,64 @@ def layer_name(layer: int) -> str:
     return f"layer_{layer:02d}"
 
 
+@dataclasses.dataclass(frozen=True)
+class Field:
+    layer: int
+    name: str
+    shape: tuple[int, ...]  # per token, e.g. (E, D)
+    dtype: np.dtype
+    offset: int  # bytes into the packed row
+    nbytes: int
+
+
+class RowLayout:
+    """Where each stored array's values for one token sit in the packed row of all layers."""
+
+    def __init__(self, arrays: dict[int, dict[str, ts.TensorStore]]):
+        fields, offset = [], 0
+        for layer in sorted(arrays):
+            for name, arr in arrays[layer].items():
+                dtype = np.dtype(arr.dtype.numpy_dtype)
+                shape = tuple(int(n) for n in arr.shape[1:])
+                nbytes = int(np.prod(shape)) * dtype.itemsize
+                fields.append(Field(layer, name, shape, dtype, offset, nbytes))
+                offset += nbytes
+        self.fields, self.row_bytes = tuple(fields), offset
+
+    def pack(self, stored: dict[int, dict[str, np.ndarray]], out: np.ndarray | None = None):
+        """{layer: {name: [n, ...]}} -> uint8 [n, row_bytes] (written into `out` if given)."""
+        n = len(next(iter(next(iter(stored.values())).values())))
+        out = np.empty((n, self.row_bytes), np.uint8) if out is None else out
+        for f in self.fields:
+            a = np.ascontiguousarray(stored[f.layer][f.name], f.dtype)
+            out[:n, f.offset : f.offset + f.nbytes] = a.reshape(n, -1).view(np.uint8)
+        return out
+
+    def unpack(self, packed_NxR: jax.Array) -> dict[int, dict[str, jax.Array]]:
+        """The inverse of `pack`, in jax (bitcasts, no copies of note), for use inside jit."""
+        n = packed_NxR.shape[0]
+        out: dict[int, dict[str, jax.Array]] = {}
+        for f in self.fields:
+            raw = packed_NxR[:, f.offset : f.offset + f.nbytes]
+            size = f.dtype.itemsize
+            raw = raw.reshape(n, -1, size) if size > 1 else raw
+            value = jax.lax.bitcast_convert_type(raw, jnp.dtype(f.dtype))
+            out.setdefault(f.layer, {})[f.name] = value.reshape(n, *f.shape)
+        return out
+
+
+def index_cache(manifest: dict) -> ts.Context:
+    """A context whose cache pool holds every shard index of the store's arrays (16 bytes per
+    inner chunk). Tensorstore charges an index between one and two times its size, depending on
+    the layout, so the pool is three times the indexes plus 1 MiB; whatever the indexes leave
+    may keep recently read rows, which is why `LutRows.stats.io_bytes` measures the bytes the
+    reads really cost next to the rows they asked for."""
+    vocab, rows_per_chunk = manifest["vocab_size"], manifest["rows_per_chunk"]
+    index_bytes = len(manifest["arrays"]) * 16 * -(-vocab // rows_per_chunk)
+    limit = 3 * index_bytes + 2**20
+    return ts.Context({"cache_pool": {"total_bytes_limit": limit}})
+
+
 class LutStore:
     """Open store: `read_rows(ids)` returns every layer's stored arrays for those token ids."""
 
@@ -67,6 +134,12 @@ class LutStore:
         self.layers = tuple(sorted(arrays))
         self.dtype, self.block = manifest["dtype"], manifest["nf4_block"]
         self.row_bytes = manifest["bytes_per_token"]  # all layers, scales included
+        self.layout = RowLayout(arrays)
+        if self.layout.row_bytes != self.row_bytes:
+            raise StoreError(
+                f"{path}: arrays hold {self.layout.row_bytes} bytes per token, the manifest says "
+                f"{self.row_bytes}; re-run `launch.py export`"
+            )
 
     # -- writing ---------------------------------------------------------------------------
     @classmethod
@@ -93,6 +166,7 @@ class LutStore:
             dtype=dtype,
             nf4_block=block,
             rows_per_chunk=rows_per_chunk,
+            shard_rows=max(rows_per_chunk, shard_rows - shard_rows % rows_per_chunk),
             bytes_per_token=len(layers) * experts * quant.row_bytes(dtype, d, block),
         )
         return cls(path, manifest, arrays)
@@ -127,7 +201,7 @@ class LutStore:
         crc32c checks still apply to every read)."""
         path = Path(path)
         manifest = read_manifest(path, "mole_lut", expect)
-        arrays = open_arrays(path, manifest, verify)
+        arrays = open_arrays(path, manifest, verify, index_cache(manifest))
         return cls(path, manifest, arrays)
 
     def verify(self) -> None:
@@ -152,11 +226,17 @@ class LutStore:
                 ) from None
         return out
 
-    def read_all(self) -> dict[int, dict[str, np.ndarray]]:
-        return {
+    def read_packed(self, ids: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """uint8 [len(ids), row_bytes]: every layer's stored values for `ids`, packed."""
+        return self.layout.pack(self.read_rows(ids), out)
+
+    def read_all(self) -> np.ndarray:
+        """The whole table, packed: uint8 [V, row_bytes]."""
+        stored = {
             layer: {name: arr.read().result() for name, arr in group.items()}
             for layer, group in self.arrays.items()
         }
+        return self.layout.pack(stored)
 
 
 def write_manifest(path: Path, kind: str, fields: dict, arrays: dict) -> dict:
@@ -205,15 +285,17 @@ def read_manifest(path: Path, kind: str, expect: dict | None) -> dict:
     return manifest
 
 
-def open_arrays(path: Path, manifest: dict, verify: str) -> dict[int, dict[str, ts.TensorStore]]:
-    """Opens every array the manifest lists, checks shapes and dtypes, and with verify='full'
-    (or 'auto' and at most VERIFY_AUTO_BYTES in all) their SHA-256 digests."""
+def open_arrays(
+    path: Path, manifest: dict, verify: str, context: ts.Context | None = None
+) -> dict[int, dict[str, ts.TensorStore]]:
+    """Opens every array the manifest lists (in `context`), checks shapes and dtypes, and with
+    verify='full' (or 'auto' and at most VERIFY_AUTO_BYTES in all) their SHA-256 digests."""
     arrays: dict[int, dict[str, ts.TensorStore]] = {}
     for name, info in manifest["arrays"].items():
         layer_dir, array = name.split("/")
         spec = {"driver": "zarr3", "kvstore": {"driver": "file", "path": str(path / name)}}
         try:
-            arr = ts.open(spec, open=True).result()
+            arr = ts.open(spec, open=True, context=context or ts.Context()).result()
         except ValueError as e:
             raise StoreError(
                 f"array {path}/{name} is missing or unreadable ({_short(e)}); re-run export"

@@ -1,6 +1,6 @@
 """Host side of LUT offloading: a bounded row cache in front of a `LutStore`, batched reads of the
-rows for a batch's distinct token ids, and a one-slot prefetcher that overlaps the next batch's
-reads with the current batch's compute."""
+packed rows for a batch's distinct token ids, and a one-slot prefetcher that overlaps the next
+batch's reads with the current batch's compute."""
 
 from __future__ import annotations
 
@@ -18,7 +18,8 @@ class RowStats:
     lookups: int = 0  # distinct ids asked for, summed over requests
     hits: int = 0
     rows_read: int = 0  # token rows read from storage
-    bytes_read: int = 0
+    bytes_read: int = 0  # rows_read * row_bytes: the rows asked of the store
+    io_bytes: int = 0  # measured: bytes the process read (read/pread) during those reads
 
     @property
     def hit_rate(self) -> float:
@@ -26,54 +27,74 @@ class RowStats:
 
 
 class LutRows:
-    """Gives every LUT layer's stored rows for a set of token ids.
+    """Gives the packed rows (`LutStore.layout`) of a set of token ids.
 
-    Rows come from an LRU cache of `cache_rows` tokens (0 disables it) or, for the misses, from
-    one batched read per stored array. A token row is all its layers' values and scales, so
-    `bytes_read` grows by `store.row_bytes` for every token read.
+    Rows come from an LRU cache of `cache_rows` tokens (0 disables it), a preallocated
+    [cache_rows, row_bytes] byte slab, or, for the misses, from one batched read per stored
+    array. `bytes_read` grows by `store.row_bytes` (all layers, scales included) per token read;
+    `io_bytes` by what the process really read meanwhile (shard indexes the first time, nothing
+    for rows tensorstore still held; Linux only, and exact while no other thread reads files).
     """
 
     def __init__(self, store: LutStore, cache_rows: int = 4096):
         self.store, self.capacity = store, cache_rows
-        self.cache: collections.OrderedDict[int, dict] = collections.OrderedDict()
+        self.slab = np.empty((cache_rows, store.row_bytes), np.uint8)
+        self.reset()
+
+    def reset(self) -> None:
+        """Empties the cache and zeroes the counters."""
+        self.slot: collections.OrderedDict[int, int] = collections.OrderedDict()
+        self.free = list(range(self.capacity))
         self.stats = RowStats()
 
-    def fetch(self, ids: np.ndarray) -> dict[int, dict[str, np.ndarray]]:
-        """{layer: {name: rows [len(ids), ...]}} for distinct `ids`, in the order given."""
+    def fetch(self, ids: np.ndarray, size: int | None = None) -> np.ndarray:
+        """uint8 [size, row_bytes]: the rows of distinct `ids` in order, then zero rows."""
         ids = [int(i) for i in np.asarray(ids).ravel()]
+        out = np.zeros((size or len(ids), self.store.row_bytes), np.uint8)
+        hit_at, hit_slot, miss_at = [], [], []
+        for j, t in enumerate(ids):
+            s = self.slot.get(t)
+            if s is None:
+                miss_at.append(j)
+            else:
+                self.slot.move_to_end(t)
+                hit_at.append(j)
+                hit_slot.append(s)
+        out[hit_at] = self.slab[hit_slot]
         self.stats.lookups += len(ids)
-        rows = {}
-        for t in ids:  # hits first, before any insertion can evict them
-            if t in self.cache:
-                self.cache.move_to_end(t)
-                rows[t] = self.cache[t]
-        self.stats.hits += len(rows)
-        miss = [t for t in ids if t not in rows]
-        if miss:
-            read = self.store.read_rows(np.array(miss, np.int64))
+        self.stats.hits += len(hit_at)
+        if miss_at:
+            miss = np.array([ids[j] for j in miss_at], np.int64)
+            before = read_bytes()
+            read = self.store.read_packed(miss)
+            if before is not None:
+                self.stats.io_bytes += read_bytes() - before
+            out[miss_at] = read
             self.stats.rows_read += len(miss)
             self.stats.bytes_read += len(miss) * self.store.row_bytes
-            for j, t in enumerate(miss):
-                rows[t] = {layer: {n: a[j] for n, a in g.items()} for layer, g in read.items()}
-                if self.capacity:
-                    self.cache[t] = rows[t]
-                    if len(self.cache) > self.capacity:
-                        self.cache.popitem(last=False)
-        return {
-            layer: {name: np.stack([rows[t][layer][name] for t in ids]) for name in group}
-            for layer, group in self.store.arrays.items()
-        }
+            self._insert(miss, read)
+        return out
+
+    def _insert(self, ids: np.ndarray, rows: np.ndarray) -> None:
+        if not self.capacity:
+            return
+        for t, row in zip(ids[-self.capacity :].tolist(), rows[-self.capacity :], strict=True):
+            slot = self.free.pop() if self.free else self.slot.popitem(last=False)[1]
+            self.slab[slot] = row
+            self.slot[t] = slot
 
 
-def pad_rows(rows: dict, size: int) -> dict:
-    """Zero rows appended up to `size` (the static table size of `model.host_dedup`)."""
-    return {
-        layer: {
-            n: np.concatenate([a, np.zeros((size - len(a), *a.shape[1:]), a.dtype)])
-            for n, a in g.items()
-        }
-        for layer, g in rows.items()
-    }
+def read_bytes() -> int | None:
+    """Bytes this process has read through read()/pread() so far (Linux /proc/self/io rchar,
+    page-cache hits included); None where the counter does not exist."""
+    try:
+        with open("/proc/self/io", "rb") as f:
+            for line in f:
+                if line.startswith(b"rchar:"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
 
 
 class Prefetcher:
