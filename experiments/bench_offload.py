@@ -13,17 +13,21 @@ Models of the same activated size, trained here (or reused) under --root: dense,
 (experts F/2) and MoLE-4E. Rows: dense; MoE in memory; MoE offloaded (float16 experts in
 tensorstore, per-layer LRU of --capacity experts, speculative prefetch); MoLE with its float16
 LUT in memory; MoLE offloaded with float16 and nf4 LUTs (row cache of --cache_rows tokens), and
-with float16 and no row cache (every step reads its tokens' rows).
+with float16 and the row cache off (rows are asked of the store every step; tensorstore's pool,
+sized for the shard indexes, may still hold a few, which the measured I/O column shows).
 
-Method: prompts are validation windows; one untimed decode compiles every shape, the caches are
-emptied, then a greedy decode of --new tokens is timed step by step (each step blocked on its
-logits). Bytes per token: the rows (MoLE) or experts (MoE) read from the store during the decode
-steps divided by the tokens fed through them, and reads during the prefill divided by the prompt
-tokens; "measured I/O" is what the process really read (Linux rchar) over the decode steps, shard
-indexes and anything tensorstore's own cache held included. Quality is the loss of the same
-engine over the validation windows. `cold` drops the store files from the OS page cache
-(posix_fadvise DONTNEED) before every forward call, untimed; `warm` leaves them cached (the
-stores were just written or read).
+Method: prompts are validation windows; one untimed decode per engine compiles every shape and
+one more, alone, gives the storage columns; then --rounds rounds each run one greedy decode of
+--new tokens per engine from empty caches, the engines advanced in lockstep (one step of each in
+turn, so that load drifting on this shared machine lands on all of them alike; each round starts
+with the next engine, so none always follows the same one), every step timed
+and blocked on its logits; medians and p95 pool the steps of all rounds. Bytes per token: the
+rows (MoLE) or experts (MoE) asked of the store during the decode steps divided by the tokens
+fed through them (prefill: by the prompt tokens); "measured I/O" is what
+the process really read (Linux rchar) over the decode steps, shard indexes included and rows
+tensorstore still held excluded. Quality is the loss of the same engine over the validation
+windows. `cold` drops the store files from the OS page cache (posix_fadvise DONTNEED) before
+every forward call, untimed; `warm` leaves them cached (the stores were just written or read).
 """
 
 from __future__ import annotations
@@ -43,7 +47,7 @@ from mole_jax import train
 from mole_jax.errors import StoreError
 from mole_jax.evaluate import eval_batches
 from mole_jax.export import export_lut
-from mole_jax.inference import build_engine, decode
+from mole_jax.inference import build_engine, decode, decode_steps
 from mole_jax.lut_store import LutStore
 from mole_jax.offload.experts import ExpertStore, export_experts
 from mole_jax.offload.moe import MoeOffloadEngine
@@ -55,6 +59,7 @@ flags.DEFINE_string("root", "runs/bench_offload", "Workdirs of the dense, moe an
 flags.DEFINE_list("batches", ["1", "8", "32"], "Decode batch sizes.")
 flags.DEFINE_integer("prompt", 128, "Prompt length (tokens).")
 flags.DEFINE_integer("new", 32, "Tokens generated per sequence.")
+flags.DEFINE_integer("rounds", 7, "Timed decodes per engine and batch, interleaved across engines.")
 flags.DEFINE_integer("capacity", 4, "MoE offload: experts cached per layer (LRU).")
 flags.DEFINE_bool("prefetch", True, "MoE offload: speculative prefetch of the next layer.")
 flags.DEFINE_integer("cache_rows", 4096, "MoLE offload: token rows cached (LRU).")
@@ -166,60 +171,88 @@ def drop_page_cache(directory: str) -> None:
                 os.close(fd)
 
 
-def measure(engine, store_dir, prompts, new: int) -> dict:
-    """One timed greedy decode after an untimed one that compiles every shape it meets."""
-    decode(engine, prompts, new)
+def storage_pass(engine, store_dir, prompts, new: int) -> dict:
+    """One greedy decode from empty caches, alone, for the storage columns: bytes asked of the
+    store and bytes the process really read (rchar), during the prefill and the decode steps."""
     reset_caches(engine)
-    stats = storage(engine)
-    after_prefill = {}
+    stats, mark = storage(engine), {}
 
     def before(t):
         if t == 1:
-            after_prefill["io"] = read_bytes()
-            if stats is not None:
-                after_prefill["bytes"] = stats.bytes_read
+            mark["io"], mark["bytes"] = read_bytes(), stats.bytes_read if stats else 0
         if FLAGS.page_cache == "cold" and store_dir:
             drop_page_cache(store_dir)
 
-    out = decode(engine, prompts, new, before_step=before)
-    io = read_bytes() - after_prefill["io"] if after_prefill["io"] is not None else float("nan")
-    steps = np.array(out["step_s"]) * 1e3
+    decode(engine, prompts, new, before_step=before)
+    io = read_bytes() - mark["io"] if mark["io"] is not None else float("nan")
     generated = prompts.shape[0] * (new - 1)  # tokens fed through the decode steps
-    decode_bytes = stats.bytes_read - after_prefill["bytes"] if stats is not None else 0
-    row = dict(
-        batch=int(prompts.shape[0]),
-        prefill_s=out["prefill_s"],
-        decode_ms_median=float(np.median(steps)),
-        decode_ms_p95=float(np.percentile(steps, 95)),
-        bytes_per_token=decode_bytes / generated,
+    out = dict(
+        bytes_per_token=((stats.bytes_read if stats else 0) - mark["bytes"]) / generated,
         io_bytes_per_token=io / generated,
-        prefill_bytes_per_token=after_prefill.get("bytes", 0) / prompts.size,
-        resident_bytes=engine.resident_bytes(),
+        prefill_bytes_per_token=mark["bytes"] / prompts.size,
     )
     if stats is not None:
-        row["cache_hit_rate"] = stats.hit_rate
-    return row
+        out["cache_hit_rate"] = stats.hit_rate
+    return out
+
+
+def timed_round(built, prompts, new: int, start: int = 0) -> dict[str, dict]:
+    """One greedy decode per engine from empty caches, the engines advanced in lockstep (one
+    step of each in turn, beginning with engine `start`) so that load drifting on the machine
+    lands on all of them alike."""
+    live, results = {}, {}
+    for name, store_dir, engine in built[start:] + built[:start]:
+        reset_caches(engine)
+
+        def before(t, store_dir=store_dir):
+            if FLAGS.page_cache == "cold" and store_dir:
+                drop_page_cache(store_dir)
+
+        live[name] = decode_steps(engine, prompts, new, before_step=before)
+    while live:
+        for name in list(live):
+            try:
+                next(live[name])
+            except StopIteration as done:
+                del live[name]
+                results[name] = done.value
+    return results
 
 
 def run_all(dirs) -> list[dict]:
+    """Every engine at every batch size: storage columns from one decode each, latency from
+    --rounds lockstep rounds, pooled."""
     val = eval_batches(dirs["dense"], n_batches=64)
     windows = np.concatenate(val)[:, : FLAGS.prompt]
     if windows.shape[1] < FLAGS.prompt:
         raise SystemExit(f"--prompt={FLAGS.prompt} is longer than the validation windows")
     quality = val[: FLAGS.eval_batches]
+    built = [(name, store_dir, make()) for name, store_dir, make in engines(dirs)]
+    losses = {name: float(np.mean([e.loss(b) for b in quality])) for name, _, e in built}
     results = []
-    for name, store_dir, make in engines(dirs):
-        engine = make()
-        loss = float(np.mean([engine.loss(b) for b in quality]))
-        for b in (int(x) for x in FLAGS.batches):
-            if b > len(windows):
-                raise SystemExit(f"only {len(windows)} validation windows for batch {b}")
-            row = dict(
-                model=name, val_loss=loss, **measure(engine, store_dir, windows[:b], FLAGS.new)
+    for b in (int(x) for x in FLAGS.batches):
+        if b > len(windows):
+            raise SystemExit(f"only {len(windows)} validation windows for batch {b}")
+        prompts = windows[:b]
+        rows = {}
+        for name, store_dir, engine in built:
+            decode(engine, prompts, FLAGS.new)  # compiles every shape the timed runs meet
+            rows[name] = dict(model=name, val_loss=losses[name], batch=b)
+            rows[name].update(storage_pass(engine, store_dir, prompts, FLAGS.new))
+            rows[name]["resident_bytes"] = engine.resident_bytes()
+        n = len(built)
+        rounds = [timed_round(built, prompts, FLAGS.new, r % n) for r in range(FLAGS.rounds)]
+        for name, row in rows.items():
+            steps = np.concatenate([r[name]["step_s"] for r in rounds]) * 1e3
+            row.update(
+                decode_ms_median=float(np.median(steps)),
+                decode_ms_p95=float(np.percentile(steps, 95)),
+                prefill_s=float(np.median([r[name]["prefill_s"] for r in rounds])),
             )
             print(_line(row), flush=True)
             results.append(row)
-    return results
+    order = [name for name, _, _ in built]
+    return sorted(results, key=lambda r: order.index(r["model"]))  # stable: batches in order
 
 
 def _line(r: dict) -> str:
@@ -247,6 +280,7 @@ def markdown(results: list[dict], meta: dict) -> str:
     )
     note = (
         f"\nsize={meta['size']}, prompt {meta['prompt']} tokens, {meta['new']} new tokens, "
+        f"{meta['rounds']} lockstep rounds, "
         f"page cache {meta['page_cache']}, {meta['machine']}.\n"
     )
     return head + body + note
@@ -287,6 +321,7 @@ def main(_):
         size=FLAGS.size,
         prompt=FLAGS.prompt,
         new=FLAGS.new,
+        rounds=FLAGS.rounds,
         page_cache=FLAGS.page_cache,
         capacity=FLAGS.capacity,
         prefetch=FLAGS.prefetch,

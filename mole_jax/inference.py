@@ -35,7 +35,7 @@ from mole_jax.export import check_exportable, restore_model
 from mole_jax.layers import compute_dtype
 from mole_jax.losses import cross_entropy
 from mole_jax.lut_store import LutStore
-from mole_jax.model import Transformer, check_ids, dedup_bucket, host_dedup
+from mole_jax.model import Transformer, check_ids, dedup_bucket, host_dedup, unique_inverse
 from mole_jax.offload.rows import LutRows
 
 MODES = ("experts", "lut_memory", "offload")
@@ -148,14 +148,14 @@ def build_engine(
 
         def prepare(ids):
             uniq, inv = host_dedup(ids, vocab)
-            return lut_dev, jnp.asarray(uniq), jnp.asarray(inv)
+            return lut_dev, uniq, inv  # numpy: jit's own argument transfer is the cheapest
 
         prepare.resident = lut_dev
     else:
         rows = LutRows(store, cache_rows)
 
-        def prepare(ids):  # numpy out: jit's own argument transfer is the cheapest device_put
-            real, inv = np.unique(ids, return_inverse=True)
+        def prepare(ids):  # numpy out, as above
+            real, inv = unique_inverse(ids)
             packed = rows.fetch(real, dedup_bucket(len(real), vocab))
             return packed, None, inv.reshape(ids.shape).astype(np.int32)
 
@@ -185,6 +185,19 @@ def decode(
     `before_step(t)`, if given, runs untimed before forward call t (0: the prefill).
     Returns {'tokens' [B, max_new], 'prefill_s', 'step_s' (per decode step, blocked)}.
     """
+    steps = decode_steps(engine, prompt_BxP, max_new, temperature, top_k, seed, before_step)
+    while True:
+        try:
+            next(steps)
+        except StopIteration as done:
+            return done.value
+
+
+def decode_steps(
+    engine, prompt_BxP, max_new: int, temperature=0.0, top_k=0, seed=0, before_step=None
+):
+    """`decode` as a generator that yields after the prefill and after every decode step (so
+    that a benchmark can interleave several engines step by step); returns decode's dict."""
     hook = before_step or (lambda t: None)
     prompt = np.asarray(prompt_BxP, np.int32)
     b, p = prompt.shape
@@ -195,6 +208,7 @@ def decode(
     logits, cache = engine.forward(prompt, cache)
     last = np.asarray(logits[:, -1])
     prefill_s = time.perf_counter() - t0
+    yield
     tokens, step_s = [], []
     for t in range(max_new):
         nxt = sample(last, temperature, top_k, rng)
@@ -206,4 +220,5 @@ def decode(
         logits, cache = engine.forward(nxt[:, None], cache)
         last = np.asarray(logits[:, -1])
         step_s.append(time.perf_counter() - t0)
+        yield
     return {"tokens": np.stack(tokens, axis=1), "prefill_s": prefill_s, "step_s": step_s}

@@ -9,7 +9,14 @@ from flax import nnx
 
 from configs import mole as mole_cfg
 from mole_jax.errors import DataError
-from mole_jax.model import build_model, check_ids, dedup_bucket, dedup_ids, host_dedup
+from mole_jax.model import (
+    build_model,
+    check_ids,
+    dedup_bucket,
+    dedup_ids,
+    host_dedup,
+    unique_inverse,
+)
 from mole_jax.optim import make_optimizer
 from mole_jax.train import init_state, make_train_step
 
@@ -115,3 +122,13 @@ def test_dedup_helpers():
     np.testing.assert_array_equal(np.asarray(u2)[np.asarray(inv2)], ids)
     with pytest.raises(DataError, match="token id 9 is outside the vocabulary"):
         check_ids(ids, 9)
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (3, 5), (8, 8), (4, 100)])  # dict path and numpy path
+def test_unique_inverse_equals_numpy(shape):
+    ids = np.random.default_rng(0).integers(0, 50, shape).astype(np.int32)
+    uniq, inv = unique_inverse(ids)
+    want_uniq, want_inv = np.unique(ids.ravel(), return_inverse=True)
+    np.testing.assert_array_equal(uniq, want_uniq)
+    np.testing.assert_array_equal(inv, want_inv)
+    assert uniq.dtype == ids.dtype
