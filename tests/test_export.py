@@ -18,6 +18,7 @@ from mole_jax.inference import build_engine, decode
 from mole_jax.lut_store import LutStore
 from mole_jax.metrics import read_metrics
 from mole_jax.offload.experts import export_experts
+from mole_jax.offload.rows import read_bytes
 
 pytestmark = pytest.mark.slow
 
@@ -45,6 +46,7 @@ def test_offloaded_eval_equals_in_memory_and_training_form(mole_run):
         "ppl",
         "tokens",
         "bytes_read",
+        "io_bytes",
         "bytes_per_token",
         "cache_hit_rate",
         "lut_dtype",
@@ -63,6 +65,8 @@ def test_bytes_per_token_is_layers_experts_d_times_value_bytes(mole_run):
     engine.forward(batch)
     assert engine.rows.stats.rows_read == 4  # distinct ids 1, 3, 5, 9
     assert engine.rows.stats.bytes_read == 4 * layers * e * d * 4
+    if read_bytes() is not None:  # measured: the rows at least, plus the shard indexes
+        assert engine.rows.stats.io_bytes >= engine.rows.stats.bytes_read
     engine.forward(batch)  # without a cache the same rows are read again
     assert engine.rows.stats.bytes_read == 8 * layers * e * d * 4
     cached = build_engine(mole_run, "offload", cache_rows=100)
