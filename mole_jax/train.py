@@ -28,7 +28,7 @@ from mole_jax.checkpoint import Checkpointer
 from mole_jax.config import load_config, save_config, validate
 from mole_jax.errors import ConfigError, TrainingDiverged
 from mole_jax.losses import cross_entropy, objective
-from mole_jax.metrics import MetricsWriter, aux_stats
+from mole_jax.metrics import MetricsWriter, aux_stats, read_metrics
 from mole_jax.model import build_model, dedup_ids, host_dedup
 from mole_jax.optim import make_optimizer, schedule
 
@@ -242,7 +242,7 @@ def run(cfg, workdir: str, hooks: tuple[Callable[[int, dict], None], ...] = ()) 
     step_fn = jax.jit(make_train_step(graphdef, tx, cfg, bool(table_layers)), donate_argnums=0)
     eval_fn = jax.jit(make_eval_step(graphdef))
     try:
-        return _loop(
+        result = _loop(
             cfg,
             workdir,
             td,
@@ -257,6 +257,14 @@ def run(cfg, workdir: str, hooks: tuple[Callable[[int, dict], None], ...] = ()) 
         )
     finally:
         ckpt.close()
+    return _recorded(result, workdir) if start == cfg.train.steps else result
+
+
+def _recorded(result: dict, workdir: str) -> dict:
+    """A run that was already complete trains nothing: report its last recorded metrics."""
+    for row in read_metrics(workdir):
+        result.update({k: row[k] for k in ("loss", "val_loss", "tokens_per_s") if k in row})
+    return result
 
 
 def _loop(cfg, workdir, td, state, step_fn, eval_fn, ckpt, shards, start, summary, hooks):

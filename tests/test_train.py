@@ -69,8 +69,11 @@ def test_rerun_with_more_steps_resumes(tiny_cfg, tmp_path):
     train.run(tiny_cfg, w)
     tiny_cfg.train.steps = 20
     seen = []
-    train.run(tiny_cfg, w, hooks=(lambda s, row: seen.append(s),))
+    first = train.run(tiny_cfg, w, hooks=(lambda s, row: seen.append(s),))
     assert seen[0] == 11 and seen[-1] == 20
+    again = train.run(tiny_cfg, w, hooks=(lambda s, row: seen.append(s),))  # already complete
+    assert seen[-1] == 20 and again["step"] == 20  # trained nothing, reports the run's record
+    assert again["loss"] == pytest.approx(first["loss"]) and again["val_loss"] == first["val_loss"]
 
 
 def _largest_file(root: Path) -> Path:
