@@ -92,13 +92,13 @@ class RowLayout:
                 offset += nbytes
         self.fields, self.row_bytes = tuple(fields), offset
 
-    def pack(self, stored: dict[int, dict[str, np.ndarray]], out: np.ndarray | None = None):
-        """{layer: {name: [n, ...]}} -> uint8 [n, row_bytes] (written into `out` if given)."""
+    def pack(self, stored: dict[int, dict[str, np.ndarray]]) -> np.ndarray:
+        """{layer: {name: [n, ...]}} -> uint8 [n, row_bytes]."""
         n = len(next(iter(next(iter(stored.values())).values())))
-        out = np.empty((n, self.row_bytes), np.uint8) if out is None else out
+        out = np.empty((n, self.row_bytes), np.uint8)
         for f in self.fields:
             a = np.ascontiguousarray(stored[f.layer][f.name], f.dtype)
-            out[:n, f.offset : f.offset + f.nbytes] = a.reshape(n, -1).view(np.uint8)
+            out[:, f.offset : f.offset + f.nbytes] = a.reshape(n, -1).view(np.uint8)
         return out
 
     def unpack(self, packed_NxR: jax.Array) -> dict[int, dict[str, jax.Array]]:
@@ -166,7 +166,6 @@ class LutStore:
             dtype=dtype,
             nf4_block=block,
             rows_per_chunk=rows_per_chunk,
-            shard_rows=max(rows_per_chunk, shard_rows - shard_rows % rows_per_chunk),
             bytes_per_token=len(layers) * experts * quant.row_bytes(dtype, d, block),
         )
         return cls(path, manifest, arrays)
@@ -226,9 +225,9 @@ class LutStore:
                 ) from None
         return out
 
-    def read_packed(self, ids: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    def read_packed(self, ids: np.ndarray) -> np.ndarray:
         """uint8 [len(ids), row_bytes]: every layer's stored values for `ids`, packed."""
-        return self.layout.pack(self.read_rows(ids), out)
+        return self.layout.pack(self.read_rows(ids))
 
     def read_all(self) -> np.ndarray:
         """The whole table, packed: uint8 [V, row_bytes]."""
