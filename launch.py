@@ -6,7 +6,8 @@
     python launch.py export   --workdir=runs/moe --experts [--dtype=float32|float16|bfloat16]
     python launch.py eval     --workdir=runs/m [--offload] [--data=<corpus or files:glob>]
     python launch.py generate --workdir=runs/m --prompt="..." [--offload]
-    python launch.py sweep    --config=experiments/<study>.py --workdir=runs/<study>
+    python launch.py sweep    --config=experiments/<study>.py[:arg] --workdir=runs/<study>
+                              [--parallel=N] [--dry_run]
 
 Everything is a function in `mole_jax`; this file parses flags and dispatches. User mistakes end
 with one line on stderr and exit status 2.

@@ -32,7 +32,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from mole_jax import accounting, data
-from mole_jax.config import coerce, validate
+from mole_jax.config import apply_overrides, validate
 from mole_jax.layers import compute_dtype
 from mole_jax.optim import make_optimizer
 from mole_jax.train import batch_putter, data_mesh, init_state, make_train_step
@@ -146,17 +146,6 @@ def compare_configs(size: str) -> dict:
         "mole-4e": mole.get_config(f"size={size},experts=4"),
         "mole-4e per_position": per_position,
     }
-
-
-def apply_overrides(cfg, spec: str):
-    for item in filter(None, spec.split(",")):
-        path, _, value = item.partition("=")
-        *parents, leaf = path.split(".")
-        node = cfg
-        for p in parents:
-            node = node[p]
-        node[leaf] = coerce(path, value, node[leaf])
-    return cfg
 
 
 def main(_):

@@ -104,11 +104,8 @@ def generate(f):
     return stats
 
 
-def _not_yet(name: str):
-    def command(f):
-        raise UserError(f"`{name}` is not available in this version of mole_jax")
+def sweep(f):
+    from mole_jax.sweep import run_sweep
 
-    return command
-
-
-sweep = _not_yet("sweep")
+    _need(f, "config", "workdir")
+    return run_sweep(f["config"].config_filename, f.config, f.workdir, f.parallel, f.dry_run)

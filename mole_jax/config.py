@@ -176,6 +176,66 @@ def _validate_train(t: ml_collections.ConfigDict, n_devices: int | None) -> None
     )
 
 
+def load_file(spec: str) -> ml_collections.ConfigDict:
+    """The config of a `path.py:arg` string as `--config=` takes it: "configs/moe.py:size=tiny".
+
+    The path is relative to the working directory; the file's `get_config(arg)` builds the config.
+    """
+    path, _, arg = spec.partition(":")
+    if not os.path.isfile(path):
+        raise ConfigError(f"config file '{path}' (in '{spec}') does not exist")
+    module = load_module(path)
+    if not hasattr(module, "get_config"):
+        raise ConfigError(f"config file '{path}' has no get_config(arg) function")
+    return module.get_config(arg or None)
+
+
+def load_module(path: str):
+    """Imports a Python file by path (a config or a study), with its folder's parent importable
+    so that `from configs import common` works as it does under launch.py."""
+    import importlib.util
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(path)))
+    if root not in sys.path:
+        sys.path.insert(0, root)
+    name = "_mole_jax_file_" + os.path.splitext(os.path.basename(path))[0]
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def apply_overrides(
+    cfg: ml_collections.ConfigDict, overrides: dict[str, Any] | str
+) -> ml_collections.ConfigDict:
+    """Sets dotted fields in place: {'train.steps': 50} or 'train.steps=50,data.seq_len=32'.
+
+    String values are converted to the field's type; a field the config does not have raises
+    ConfigError naming it.
+    """
+    if isinstance(overrides, str):
+        items = [i.partition("=")[::2] for i in filter(None, overrides.split(","))]
+    else:
+        items = list(overrides.items())
+    for path, value in items:
+        *parents, leaf = path.strip().split(".")
+        node = cfg
+        try:
+            for p in parents:
+                node = node[p]
+            current = node[leaf]
+        except (KeyError, AttributeError, TypeError):
+            raise ConfigError(f"override '{path}': the config has no such field") from None
+        if isinstance(value, str) and current is not None and not isinstance(current, str):
+            value = coerce(path, value, current)
+        try:
+            node[leaf] = value
+        except TypeError as e:
+            raise ConfigError(f"override {path}={value!r}: {e}") from None
+    return cfg
+
+
 def warmup_steps(cfg: ml_collections.ConfigDict) -> int:
     return int(math.ceil(cfg.train.warmup_frac * cfg.train.steps))
 
@@ -205,6 +265,11 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
             raise ConfigError(
                 f"{path} is not valid JSON ({e}); re-run train to rewrite it"
             ) from None
+    return from_dict(raw)
+
+
+def from_dict(raw: dict) -> ml_collections.ConfigDict:
+    """A config from its JSON form (`to_json`); JSON lists become the tuples configs hold."""
     return ml_collections.ConfigDict(_tuples(raw))
 
 

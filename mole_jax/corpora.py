@@ -45,7 +45,11 @@ def atomic_dir(final: Path, fill) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=final.parent))
     try:
         fill(tmp)
-        os.replace(tmp, final)
+        try:
+            os.replace(tmp, final)
+        except OSError:
+            if not final.exists():  # else a concurrent run (a parallel sweep) finished it first
+                raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return final

@@ -1,0 +1,36 @@
+"""LUT quantisation (the MoLE paper's Table 8, at CPU scale).
+
+Question: what does storing the lookup tables in fewer bits cost in validation loss, against
+what it saves in bytes read per token? One MoLE-4E run is exported in every LUT dtype and
+evaluated with the rows read from storage.
+Expected (PAPERS.md): 4-bit tables cost almost nothing (NF4 40.9 vs fp16 40.8 at 160M) for a
+quarter of the bytes; float16 / bfloat16 equal float32 to within their rounding.
+
+    python launch.py sweep --config=experiments/lut_quant.py:size=tiny,steps=600 \
+        --workdir=runs/lut_quant
+"""
+
+from experiments._study import knobs, run, val
+from mole_jax.quant import DTYPES
+
+
+def get_config(arg=None):
+    return knobs(arg, size="tiny", steps=600, experts=4)
+
+
+def get_sweep(c):
+    evals = [dict(name=d, export=d) for d in DTYPES]
+    return [run("mole", "mole", c, evals=evals, experts=c.experts)]
+
+
+def report(rows):
+    ref = val(rows)["mole"]
+    ev = rows[0]["evals"]
+    lines = [f"- in memory (trained experts): {ref:.5f}"]
+    for d in DTYPES:
+        e = ev[d]
+        lines.append(
+            f"- {d}: {e['loss']:.5f} ({e['loss'] - ref:+.2e}), {e['bytes_per_token']:,} bytes per "
+            f"token ({e['bytes_per_token'] / ev['float16']['bytes_per_token']:.2f}x float16)"
+        )
+    return "\n".join(lines)

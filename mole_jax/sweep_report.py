@@ -1,0 +1,137 @@
+"""What a sweep prints and writes: the dry-run plan, `sweep.json`, `results.md`, `curves.png`."""
+
+from __future__ import annotations
+
+import json
+import os
+
+from mole_jax.config import to_json
+from mole_jax.sweep_worker import RESULT
+
+
+def _m(n) -> str:
+    return "-" if n is None else f"{n / 1e6:.2f} M"
+
+
+def _overrides(d: dict) -> str:
+    return ", ".join(f"{k}={v}" for k, v in d.items()) or "-"
+
+
+def plan_table(runs) -> str:
+    """The runs a sweep would start, with their sizes from abstract evaluation (nothing trains)."""
+    from mole_jax import accounting
+
+    lines = [
+        "| run | config | overrides | params in training | active / token | tokens | evals |",
+        "|" + "---|" * 7,
+    ]
+    for r in runs:
+        s = accounting.summarize(r.cfg)
+        t = r.cfg.train
+        tokens = t.steps * t.batch_size * r.cfg.data.seq_len
+        evals = ", ".join(e["name"] for e in r.spec["evals"]) or "-"
+        lines.append(
+            f"| {r.name} | {r.spec['config']} | {_overrides(r.spec['set'])} "
+            f"| {_m(s['params_total'])} | {_m(s['params_active_per_token'])} | {tokens:,} "
+            f"| {evals} |"
+        )
+    return "\n".join(lines)
+
+
+def _eval_cell(e: dict | None) -> str:
+    if e is None:
+        return "-"
+    cell = f"{e['loss']:.4f}"
+    if "bytes_per_token" in e:
+        cell += f" ({e['bytes_per_token']:,} B/token)"
+    return cell
+
+
+def results_table(rows: list[dict]) -> str:
+    names = list(dict.fromkeys(n for r in rows for n in r.get("evals", {})))
+    head = ["run", "config", "overrides", "params in training", "active / token", "steps"]
+    head += ["train loss", "val loss", *names]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        if "val_loss" not in r:
+            cells = [r["name"], r["config"], _overrides(r["set"]), r["status"]]
+            cells += [""] * (len(head) - len(cells))
+        else:
+            cells = [r["name"], r["config"], _overrides(r["set"])]
+            cells += [_m(r.get("params_total")), _m(r.get("params_active_per_token"))]
+            cells += [str(r["steps"]), f"{r['loss']:.4f}", f"{r['val_loss']:.4f}"]
+            cells += [_eval_cell(r["evals"].get(n)) for n in names]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def write(module, filename: str, study_cfg, workdir: str, runs, status: dict) -> dict:
+    """Gathers the runs' results into sweep.json, results.md and curves.png; returns sweep.json."""
+    rows = []
+    for run in runs:
+        path = os.path.join(run.dir, RESULT)
+        ok = not status[run.name].startswith("failed") and os.path.exists(path)
+        if ok:
+            with open(path) as f:
+                row = json.load(f)
+            row.pop("spec", None)
+        else:
+            row = dict(name=run.name, config=run.spec["config"], set=run.spec["set"])
+        rows.append(dict(row, status=status[run.name]))
+    complete = all("val_loss" in r for r in rows)
+    report = getattr(module, "report", None)
+    text = report(rows) if report and complete else ""
+    out = dict(
+        study=filename,
+        study_config=json.loads(to_json(study_cfg)),
+        complete=complete,
+        rows=rows,
+        report=text,
+    )
+    os.makedirs(workdir, exist_ok=True)
+    _write_atomic(os.path.join(workdir, "sweep.json"), json.dumps(out, indent=2))
+    doc = (module.__doc__ or "").strip()
+    md = f"# {filename}\n\n{doc}\n\n{results_table(rows)}\n"
+    if text:
+        md += f"\n{text}\n"
+    if not complete:
+        md += "\n**Incomplete**: some runs failed or are missing; re-run the sweep.\n"
+    _write_atomic(os.path.join(workdir, "results.md"), md)
+    plot_curves(rows, runs, os.path.join(workdir, "curves.png"))
+    print(results_table(rows))
+    if text:
+        print(text)
+    print(f"wrote {workdir}/sweep.json, results.md and curves.png")
+    return out
+
+
+def plot_curves(rows: list[dict], runs, path: str) -> None:
+    """Validation loss against training tokens, one line per finished run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from mole_jax.metrics import read_metrics
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for row, run in zip(rows, runs, strict=True):
+        if "val_loss" not in row:
+            continue
+        per_step = row["tokens_trained"] / max(1, row["steps"])
+        pts = [(m["step"], m["val_loss"]) for m in read_metrics(run.dir) if "val_loss" in m]
+        ax.plot([s * per_step for s, _ in pts], [v for _, v in pts], marker="o", label=run.name)
+    ax.set_xlabel("training tokens")
+    ax.set_ylabel("validation loss")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path + ".tmp.png", dpi=120)
+    plt.close(fig)
+    os.replace(path + ".tmp.png", path)
+
+
+def _write_atomic(path: str, text: str) -> None:
+    with open(path + ".tmp", "w") as f:
+        f.write(text)
+    os.replace(path + ".tmp", path)

@@ -1,0 +1,93 @@
+"""One run of a sweep, in its own process: `python -m mole_jax.sweep_worker <run>/sweep_spec.json`.
+
+Trains the spec's resolved config in the run's directory (resuming from its checkpoint), measures
+the spec's evals, and writes `<run>/sweep_result.json` last, so a result on disk always means a
+finished run. A user mistake ends with one `error:` line and exit status 2.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+SPEC, RESULT, LOG = "sweep_spec.json", "sweep_result.json", "sweep.log"
+SUMMARY_KEYS = (
+    "params_total",
+    "params_resident",
+    "params_active_per_token",
+    "flops_per_token",
+    "lut_values_per_token",
+)
+EVAL_KEYS = ("loss", "ppl", "mode", "tokens", "lut_dtype", "bytes_per_token", "cache_hit_rate")
+
+
+def run_spec(spec: dict, run_dir: str) -> dict:
+    from mole_jax import train
+    from mole_jax.config import from_dict
+
+    cfg = from_dict(spec["resolved"])
+    t0 = time.perf_counter()
+    out = train.run(cfg, run_dir)
+    train_s = time.perf_counter() - t0
+    with open(os.path.join(run_dir, "model_summary.json")) as f:
+        summary = json.load(f)
+    exported: set[str] = set()
+    evals = {e["name"]: run_eval(run_dir, e, exported) for e in spec["evals"]}
+    t = cfg.train
+    return dict(
+        name=spec["name"],
+        config=spec["config"],
+        set=spec["set"],
+        kind=cfg.model.ffn.kind,
+        steps=out["step"],
+        tokens_trained=out["step"] * t.batch_size * cfg.data.seq_len,
+        loss=out["loss"],
+        val_loss=out["val_loss"],
+        tokens_per_s=out["tokens_per_s"],
+        wall_s=train_s,
+        **{k: summary[k] for k in SUMMARY_KEYS if k in summary},
+        evals=evals,
+        spec=spec,
+    )
+
+
+def run_eval(run_dir: str, e: dict, exported: set[str]) -> dict:
+    from mole_jax.evaluate import evaluate
+    from mole_jax.export import export_lut
+
+    lut = "lut"
+    if "export" in e:
+        lut = f"lut_{e['export']}"
+        if lut not in exported:  # two evals of one dtype share its export
+            export_lut(run_dir, dtype=e["export"], out=lut)
+            exported.add(lut)
+    r = evaluate(run_dir, mode=e["mode"], lut=lut, write=False)
+    return {k: r[k] for k in EVAL_KEYS if k in r}
+
+
+def main(argv: list[str]) -> int:
+    from mole_jax.errors import UserError
+
+    if len(argv) != 1:
+        print("usage: python -m mole_jax.sweep_worker <run>/sweep_spec.json", file=sys.stderr)
+        return 2
+    spec_path = argv[0]
+    run_dir = os.path.dirname(spec_path)
+    try:
+        with open(spec_path) as f:
+            spec = json.load(f)
+        result = run_spec(spec, run_dir)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    path = os.path.join(run_dir, RESULT)
+    with open(path + ".tmp", "w") as f:
+        json.dump(result, f, indent=2)
+    os.replace(path + ".tmp", path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

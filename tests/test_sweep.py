@@ -1,0 +1,152 @@
+"""`launch.py sweep`: every shipped study plans; a two-run study trains, exports, evaluates,
+is skipped when finished, reports a run that fails; bad studies are refused before anything runs."""
+
+import json
+import os
+
+import pytest
+from conftest import ROOT
+from test_launch import launch
+
+from mole_jax import sweep
+from mole_jax.errors import ConfigError, UserError
+from mole_jax.sweep_report import plan_table
+
+STUDIES = ["kinds", "num_experts", "expert_input", "lut_quant", "seeds"]
+
+
+@pytest.mark.parametrize("name", STUDIES)
+def test_every_shipped_study_plans_and_validates(name, tmp_path, monkeypatch):
+    monkeypatch.chdir(ROOT)  # studies name their configs relative to the repository
+    path = f"experiments/{name}.py"
+    module = sweep.load_study(path)
+    assert module.__doc__ and "Question" in module.__doc__ and "Expected" in module.__doc__
+    runs = sweep.plan(module, module.get_config(None), str(tmp_path))
+    assert len({r.name for r in runs}) == len(runs) >= 1
+    table = plan_table(runs)
+    assert all(f"| {r.name} |" in table for r in runs)
+    assert not os.listdir(tmp_path)  # planning writes nothing
+
+
+def _settings(corpus_dir, cache_dir) -> dict:
+    return {
+        "data.corpus": f"files:{corpus_dir}/*.txt",
+        "data.cache_dir": cache_dir,
+        "data.vocab_size": 512,
+        "model.vocab_size": 512,
+        "data.seq_len": 32,
+        "data.val_fraction": 0.2,
+        "train.batch_size": 8,
+        "train.eval_batches": 2,
+        "train.progress": False,
+        "train.async_ckpt": False,
+    }
+
+
+STUDY = """\"\"\"A test study.\"\"\"
+from ml_collections import ConfigDict
+
+S = {settings!r}
+
+
+def get_config(arg=None):
+    return ConfigDict(dict(steps=6, d_model=64))
+
+
+def get_sweep(c):
+    s = dict(S, **{{"train.steps": c.steps}})
+    return {runs}
+
+
+def report(rows):
+    return "report: " + ",".join(r["name"] for r in rows)
+"""
+
+
+def write_study(path, settings: dict, runs: str) -> str:
+    path.write_text(STUDY.format(settings=settings, runs=runs))
+    return str(path)
+
+
+TWO_RUNS = """[
+    dict(name="dense", config="configs/dense.py:size=tiny",
+         set=dict(s, **{"model.d_model": c.d_model})),
+    dict(name="mole", config="configs/mole.py:size=tiny,experts=2", set=s,
+         evals=[dict(name="fp16", export="float16")]),
+]"""
+
+
+@pytest.mark.slow
+def test_sweep_trains_evaluates_skips_and_reports_failures(corpus_dir, cache_dir, tmp_path):
+    study = write_study(tmp_path / "study.py", _settings(corpus_dir, cache_dir), TWO_RUNS)
+    w = tmp_path / "sweep"
+    launch("sweep", f"--config={study}", f"--workdir={w}", "--parallel=2")
+    out = json.loads((w / "sweep.json").read_text())
+    assert out["complete"] and [r["name"] for r in out["rows"]] == ["dense", "mole"]
+    dense, mole = out["rows"]
+    assert dense["steps"] == mole["steps"] == 6 and dense["tokens_trained"] == 6 * 8 * 32
+    assert (
+        dense["params_total"]
+        == json.loads((w / "dense/model_summary.json").read_text())["params_total"]
+    )
+    fp16 = mole["evals"]["fp16"]
+    assert fp16["mode"] == "offload" and fp16["lut_dtype"] == "float16"
+    assert abs(fp16["loss"] - mole["val_loss"]) < 1e-4  # the offloaded LUT equals the model
+    assert (w / "mole/lut_float16/manifest.json").exists()
+    md = (w / "results.md").read_text()
+    assert "| dense |" in md and "report: dense,mole" in md and "Incomplete" not in md
+    assert (w / "curves.png").stat().st_size > 0
+
+    logs = {n: (w / n / "sweep.log").stat().st_size for n in ("dense", "mole")}
+    again = launch("sweep", f"--config={study}", f"--workdir={w}")
+    assert again.stdout.count("skipped") == 2
+    assert logs == {n: (w / n / "sweep.log").stat().st_size for n in ("dense", "mole")}
+
+    # A new d_model for the dense run: its workdir holds another model, so that run fails.
+    bad = launch("sweep", f"--config={study}", f"--workdir={w}", "--config.d_model=32", check=False)
+    assert bad.returncode == 2
+    assert bad.stderr.strip().splitlines()[-1].startswith("error: 1 of 2 run(s) failed (dense)")
+    assert "dense: FAILED" in bad.stdout and "model.d_model=64" in bad.stdout
+    out = json.loads((w / "sweep.json").read_text())
+    assert not out["complete"] and out["rows"][1]["status"] == "skipped"
+    assert "Incomplete" in (w / "results.md").read_text()
+    assert not (w / "dense/sweep_result.json").exists()  # the old spec's result is gone
+
+
+BAD_RUNS = [
+    ('[dict(name="a", config="configs/dense.py:size=tiny", set=s)] * 2', "two runs"),
+    ('[dict(name="a", config="configs/nope.py:size=tiny", set=s)]', "does not exist"),
+    ('[dict(name="a", config="configs/dense.py:size=tiny", set=dict(s, x=1))]', "'x'"),
+    ('[dict(name="a", config="configs/dense.py:size=tiny", sett=s)]', "unknown key"),
+    ('[dict(name="a/b", config="configs/dense.py:size=tiny", set=s)]', "directory name"),
+    ('[dict(name="a", config="configs/dense.py:size=tiny", set=dict(s, **{"model.n_heads": 5}))]',
+     "n_heads"),
+    ('[dict(name="a", config="configs/moe.py:size=tiny,experts=2,topk=3", set=s)]', "topk"),
+    ('[dict(name="a", config="configs/dense.py:size=tiny", set=s, '
+     'evals=[dict(name="e", export="float16")])]', "lookup table"),
+    ('[dict(name="a", config="configs/mole.py:size=tiny", set=s, '
+     'evals=[dict(name="e", export="fp8")])]', "fp8"),
+    ('[dict(name="a", config="configs/mole.py:size=tiny", set=s, '
+     'evals=[dict(name="e", mode="offload")])]', "export=<dtype>"),
+    ("[]", "no runs"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("runs,message", BAD_RUNS)
+def test_bad_study_is_refused_before_anything_runs(runs, message, tmp_path, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    study = write_study(tmp_path / "study.py", {}, runs)
+    module = sweep.load_study(study)
+    w = tmp_path / "sweep"
+    with pytest.raises(ConfigError, match=message) as e:
+        sweep.run_sweep(study, module.get_config(), str(w))
+    assert "\n" not in str(e.value)
+    assert not w.exists()
+
+
+def test_study_file_errors(tmp_path):
+    with pytest.raises(UserError, match="does not exist"):
+        sweep.load_study(str(tmp_path / "missing.py"))
+    (tmp_path / "s.py").write_text("def get_config(arg=None):\n    return None\n")
+    with pytest.raises(UserError, match="get_sweep"):
+        sweep.load_study(str(tmp_path / "s.py"))
