@@ -1,4 +1,4 @@
-"""What the routed experts read: the token embedding (MoLE) or the hidden state (Table 7).
+r"""What the routed experts read: the token embedding (MoLE) or the hidden state (Table 7).
 
 Question: how much quality does MoLE give up by feeding its routed experts the token embedding
 instead of the layer's hidden state, which is what makes them lookup tables, and is the

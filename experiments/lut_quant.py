@@ -1,4 +1,4 @@
-"""LUT quantisation (the MoLE paper's Table 8, at CPU scale).
+r"""LUT quantisation (the MoLE paper's Table 8, at CPU scale).
 
 Question: what does storing the lookup tables in fewer bits cost in validation loss, against
 what it saves in bytes read per token? One MoLE-4E run is exported in every LUT dtype and

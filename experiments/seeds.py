@@ -1,4 +1,4 @@
-"""Seed noise: the yardstick for the other studies' differences.
+r"""Seed noise: the yardstick for the other studies' differences.
 
 Question: how far apart are the validation losses of runs that differ only in the seed (the
 initialisation and the order of the training batches)? A difference between two models in the

@@ -42,7 +42,7 @@ def _eval_cell(e: dict | None) -> str:
     if e is None:
         return "-"
     cell = f"{e['loss']:.4f}"
-    if "bytes_per_token" in e:
+    if e.get("mode") == "offload":  # rows read from storage per token
         cell += f" ({e['bytes_per_token']:,} B/token)"
     return cell
 
