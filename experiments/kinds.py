@@ -1,4 +1,4 @@
-r"""Dense vs MoE vs MoLE at equal parameters (the MoLE paper's Table 3, at CPU scale).
+r"""Dense vs MoE vs MoLE at equal parameters (the MoLE paper's main comparison, at CPU scale).
 
 Question: with the same activated parameters per token and the same training tokens, where do
 MoE-10E and MoLE-4E (equal parameters in training) land against dense, and, with `large=true`,

@@ -1,4 +1,4 @@
-r"""Number of MoLE experts (the MoLE paper's Figure 4 / Table 5, at CPU scale).
+r"""Number of MoLE experts (the MoLE paper's expert-count ablation, at CPU scale).
 
 Question: with the shared FFN and the expert width fixed, how does MoLE's validation loss move as
 the number of routed experts E grows? Inference cost does not change with E (the LUT row of a
