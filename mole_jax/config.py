@@ -16,6 +16,7 @@ from typing import Any
 import ml_collections
 
 from mole_jax.errors import ConfigError
+from mole_jax.files import write_text_atomic
 
 # Model shapes and per-size training defaults. 160m/410m/1b are the Pythia shapes of the MoLE paper
 # (Table 2; GPT-NeoX vocab padded to 50,304; seq 2048; 1024 sequences per step). `tiny` trains in
@@ -245,10 +246,7 @@ def to_json(cfg: ml_collections.ConfigDict) -> str:
 
 
 def save_config(cfg: ml_collections.ConfigDict, path: str) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(to_json(cfg))
-    os.replace(tmp, path)
+    write_text_atomic(path, to_json(cfg))
 
 
 def load_config(workdir: str) -> ml_collections.ConfigDict:

@@ -15,7 +15,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +22,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from mole_jax import corpora
 from mole_jax.errors import DataError
+from mole_jax.files import write_text_atomic
 
 EOS = "<|endoftext|>"
 TOKENIZER_VERSION = 1  # bump when the BPE recipe changes, to invalidate cached tokenizers
@@ -55,13 +55,6 @@ def _sha(*parts) -> str:
     return hashlib.sha256("|".join(map(str, parts)).encode()).hexdigest()[:16]
 
 
-def _write_text_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f"{path.suffix}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    tmp.replace(path)
-
-
 def load_tokenizer(path: str) -> Tokenizer:
     if not Path(path).is_file():
         raise DataError(f"data.tokenizer='{path}' does not exist; point it at a tokenizer.json")
@@ -92,7 +85,7 @@ def prepare(cfg) -> TokenData:
         tok_path = tok_path / "tokenizer.json"
         if not tok_path.exists():
             tok = train_bpe(get_splits()["train"], d.vocab_size)
-            _write_text_atomic(tok_path, tok.to_str())
+            write_text_atomic(tok_path, tok.to_str())
         tok = Tokenizer.from_file(str(tok_path))
     n_vocab = tok.get_vocab_size()
     if n_vocab > cfg.model.vocab_size:

@@ -23,7 +23,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 import time
 from pathlib import Path
 
@@ -34,6 +33,7 @@ import tensorstore as ts
 
 from mole_jax import quant
 from mole_jax.errors import StoreError
+from mole_jax.files import write_text_atomic
 
 FORMAT_VERSION = 1
 VERIFY_AUTO_BYTES = 256 * 2**20  # `verify='auto'` hashes every array of stores up to this size
@@ -253,9 +253,7 @@ def write_manifest(path: Path, kind: str, fields: dict, arrays: dict) -> dict:
             for name, arr in arrays[layer].items()
         },
     )
-    tmp = path / "manifest.json.tmp"
-    tmp.write_text(json.dumps(manifest, indent=2))
-    os.replace(tmp, path / "manifest.json")
+    write_text_atomic(path / "manifest.json", json.dumps(manifest, indent=2))
     return manifest
 
 

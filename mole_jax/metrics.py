@@ -9,6 +9,8 @@ from typing import Any
 
 import numpy as np
 
+from mole_jax.files import write_text_atomic
+
 
 def aux_stats(per_layer: dict[int, dict[str, Any]]) -> dict[str, Any]:
     """Layer-mean of each scalar stat (aux_loss excluded) and per-layer lists of vector stats."""
@@ -54,10 +56,7 @@ class MetricsWriter:
                     continue
                 if row.get("step", 0) <= step:
                     keep.append(line if line.endswith("\n") else line + "\n")
-        tmp = self.path + ".tmp"
-        with open(tmp, "w") as f:
-            f.writelines(keep)
-        os.replace(tmp, self.path)
+        write_text_atomic(self.path, "".join(keep))
 
     def write(self, step: int, row: dict[str, Any]) -> None:
         row = {"step": int(step), **{k: _plain(v) for k, v in row.items()}}

@@ -40,6 +40,7 @@ import ml_collections
 from mole_jax import quant
 from mole_jax.config import apply_overrides, load_file, load_module, to_json, validate
 from mole_jax.errors import ConfigError, UserError
+from mole_jax.files import write_text_atomic
 from mole_jax.sweep_worker import LOG, RESULT, SPEC
 
 RUN_KEYS = {"name", "config", "set", "evals"}
@@ -186,9 +187,7 @@ def _start(run: Run):
     if os.path.exists(stale):
         os.remove(stale)
     spec_path = os.path.join(run.dir, SPEC)
-    with open(spec_path + ".tmp", "w") as f:
-        json.dump(run.spec, f, indent=2)
-    os.replace(spec_path + ".tmp", spec_path)
+    write_text_atomic(spec_path, json.dumps(run.spec, indent=2))
     log = open(os.path.join(run.dir, LOG), "a")
     cmd = [sys.executable, "-m", "mole_jax.sweep_worker", spec_path]
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)

@@ -6,6 +6,7 @@ import json
 import os
 
 from mole_jax.config import to_json
+from mole_jax.files import write_text_atomic
 from mole_jax.sweep_worker import RESULT
 
 
@@ -89,14 +90,14 @@ def write(module, filename: str, study_cfg, workdir: str, runs, status: dict) ->
         report=text,
     )
     os.makedirs(workdir, exist_ok=True)
-    _write_atomic(os.path.join(workdir, "sweep.json"), json.dumps(out, indent=2))
+    write_text_atomic(os.path.join(workdir, "sweep.json"), json.dumps(out, indent=2))
     doc = (module.__doc__ or "").strip()
     md = f"# {filename}\n\n{doc}\n\n{results_table(rows)}\n"
     if text:
         md += f"\n{text}\n"
     if not complete:
         md += "\n**Incomplete**: some runs failed or are missing; re-run the sweep.\n"
-    _write_atomic(os.path.join(workdir, "results.md"), md)
+    write_text_atomic(os.path.join(workdir, "results.md"), md)
     plot_curves(rows, runs, os.path.join(workdir, "curves.png"))
     print(results_table(rows))
     if text:
@@ -129,9 +130,3 @@ def plot_curves(rows: list[dict], runs, path: str) -> None:
     fig.savefig(path + ".tmp.png", dpi=120)
     plt.close(fig)
     os.replace(path + ".tmp.png", path)
-
-
-def _write_atomic(path: str, text: str) -> None:
-    with open(path + ".tmp", "w") as f:
-        f.write(text)
-    os.replace(path + ".tmp", path)

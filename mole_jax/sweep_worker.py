@@ -12,6 +12,8 @@ import os
 import sys
 import time
 
+from mole_jax.files import write_text_atomic
+
 SPEC, RESULT, LOG = "sweep_spec.json", "sweep_result.json", "sweep.log"
 SUMMARY_KEYS = (
     "params_total",
@@ -83,9 +85,7 @@ def main(argv: list[str]) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     path = os.path.join(run_dir, RESULT)
-    with open(path + ".tmp", "w") as f:
-        json.dump(result, f, indent=2)
-    os.replace(path + ".tmp", path)
+    write_text_atomic(path, json.dumps(result, indent=2))
     return 0
 
 

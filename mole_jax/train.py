@@ -27,6 +27,7 @@ from mole_jax import accounting, data
 from mole_jax.checkpoint import Checkpointer
 from mole_jax.config import load_config, save_config, validate
 from mole_jax.errors import ConfigError, TrainingDiverged
+from mole_jax.files import write_text_atomic
 from mole_jax.losses import cross_entropy, objective
 from mole_jax.metrics import MetricsWriter, aux_stats, read_metrics
 from mole_jax.model import build_model, dedup_ids, host_dedup
@@ -221,12 +222,9 @@ def run(cfg, workdir: str, hooks: tuple[Callable[[int, dict], None], ...] = ()) 
     os.makedirs(workdir, exist_ok=True)
     save_config(cfg, os.path.join(workdir, "config.json"))
     tok_path = os.path.join(workdir, "tokenizer.json")  # eval/generate read the run's tokenizer
-    with open(tok_path + ".tmp", "w") as f:
-        f.write(td.tokenizer.to_str())
-    os.replace(tok_path + ".tmp", tok_path)
+    write_text_atomic(tok_path, td.tokenizer.to_str())
     summary = accounting.summarize(cfg)
-    with open(os.path.join(workdir, "model_summary.json"), "w") as f:
-        json.dump(summary, f, indent=2)
+    write_text_atomic(os.path.join(workdir, "model_summary.json"), json.dumps(summary, indent=2))
 
     tx = make_optimizer(cfg)
     graphdef, state, table_layers = init_state(cfg, tx)
