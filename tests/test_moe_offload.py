@@ -87,3 +87,16 @@ def test_bad_expert_stores_are_refused(moe_run, tmp_path):
     with pytest.raises(UserError, match="float32|float16|bfloat16"):
         export_experts(str(w), dtype="int8")
     assert not (w / "experts").exists()
+
+
+@pytest.mark.parametrize("capacity", [2, 4])
+def test_recorded_trace_replays_to_the_engines_own_lru_hits(moe_run, capacity):
+    from mole_jax.offload.policies import simulate
+
+    eng = MoeOffloadEngine(moe_run, capacity=capacity, record=True)
+    ids = np.random.default_rng(2).integers(0, eng.cfg.model.vocab_size, (1, 6))
+    decode(eng, ids, 10)  # prefill + 9 forward calls (the 10th token needs none), one step each
+    assert all(len(t) == 10 for t in eng.trace.values())
+    assert all(1 <= len(s) <= 2 for t in eng.trace.values() for s in t[1:])  # top-2, one token
+    hits = sum(simulate(t, capacity, "lru")["hits"] for t in eng.trace.values())
+    assert hits == eng.stats.hits and eng.stats.hits > 0

@@ -60,7 +60,9 @@ class MoeOffloadEngine:
 
     mode = "moe_offload"
 
-    def __init__(self, workdir, step=None, store="experts", capacity=4, prefetch=False):
+    def __init__(
+        self, workdir, step=None, store="experts", capacity=4, prefetch=False, record=False
+    ):
         cfg = load_config(workdir)
         m = cfg.model
         if m.ffn.kind != "moe":
@@ -93,6 +95,8 @@ class MoeOffloadEngine:
         self.fns = _compiled(graphdef, m, self.moe_layers)
         self.cache = {i: collections.OrderedDict() for i in self.moe_layers}
         self.stats = ExpertStats()
+        # record=True: each MoE layer's sequence of needed-expert sets (offload/policies.py)
+        self.trace = {i: [] for i in sorted(self.moe_layers)} if record else None
         self.rows = None  # no LUT rows (`inference.Engine` compatibility)
 
     def init_cache(self, batch: int, length: int):
@@ -145,6 +149,8 @@ class MoeOffloadEngine:
         need = sorted({int(e) for e in experts_TxK.ravel()})
         cache, st = self.cache[i], self.stats
         st.lookups += len(need)
+        if self.trace is not None:
+            self.trace[i].append(set(need))
         st.predicted += len(guessed.intersection(need))
         have = {e: cache[e] for e in need if e in cache}
         st.hits += len(have)
