@@ -7,7 +7,7 @@ import os
 
 from mole_jax.config import to_json
 from mole_jax.files import write_text_atomic
-from mole_jax.sweep_worker import RESULT
+from mole_jax.sweep import finished
 
 
 def _m(n) -> str:
@@ -70,12 +70,9 @@ def write(module, filename: str, study_cfg, workdir: str, runs, status: dict) ->
     """Gathers the runs' results into sweep.json, results.md and curves.png; returns sweep.json."""
     rows = []
     for run in runs:
-        path = os.path.join(run.dir, RESULT)
-        ok = not status[run.name].startswith("failed") and os.path.exists(path)
-        if ok:
-            with open(path) as f:
-                row = json.load(f)
-            row.pop("spec", None)
+        row = finished(run)  # None for a failed run (its stale result is removed at start)
+        if row is not None:
+            row.pop("spec")
         else:
             row = dict(name=run.name, config=run.spec["config"], set=run.spec["set"])
         rows.append(dict(row, status=status[run.name]))
