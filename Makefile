@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DEMO_DIR ?= runs/demo-mole
 
-.PHONY: demo test lint format install clean
+.PHONY: demo test test-fast lint format install clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -21,6 +21,11 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest tests
+
+# The tests that neither train a run nor spawn processes (under 2 minutes on 2 cores).
+test-fast: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest tests -m "not slow"
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -64,7 +64,7 @@ def main(argv):
             json.dump(result, f, indent=2)
 
 
-def run():
+def cli():
     try:
         app.run(main)
     except UserError as e:  # raised while flags were parsed (a bad --config argument)
@@ -87,4 +87,4 @@ def run():
 
 
 if __name__ == "__main__":
-    run()
+    cli()

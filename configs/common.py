@@ -59,6 +59,8 @@ def base(size: str) -> ConfigDict:
             ckpt_every=100 if local else 1000,
             keep_ckpts=3,
             async_ckpt=True,
+            profile_at=0,  # trace steps profile_at+1 .. +profile_steps into W/profile (0: off)
+            profile_steps=5,
             progress=True,  # tqdm bar on a TTY
         )
     )

@@ -25,7 +25,6 @@ def get_config(arg=None):
             lb_coef=0.0,  # optional aux losses; the paper found they hurt (Table 4)
             z_coef=0.0,
             nf4_block=64,  # values per absmax scale in nf4 LUT exports (Table 8 used 768)
-            lut_form=False,  # inference form without expert weights (set by eval/generate)
         )
     )
     c.lock()

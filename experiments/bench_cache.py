@@ -31,9 +31,10 @@ import _paths  # noqa: F401
 import numpy as np
 from absl import app, flags, logging
 
-from mole_jax.evaluate import eval_batches
-from mole_jax.offload.moe import MoeOffloadEngine
+from mole_jax.engine import build_engine
+from mole_jax.evaluate import val_batches
 from mole_jax.offload.policies import POLICIES, simulate
+from mole_jax.workdir import Workdir
 
 flags.DEFINE_string("workdir", "runs/bench_offload/moe", "A trained MoE with an expert store.")
 flags.DEFINE_string("store", "experts_float16", "The expert store under the workdir.")
@@ -45,10 +46,10 @@ FLAGS = flags.FLAGS
 RANDOM_SEEDS = 5
 
 
-def record_trace(engine: MoeOffloadEngine, batch: int, steps: int) -> dict[int, list[set[int]]]:
+def record_trace(engine, batch: int, steps: int) -> dict[int, list[set[int]]]:
     """Each MoE layer's needed-expert sets over `steps` teacher-forced decode steps."""
-    engine.trace = {i: [] for i in engine.trace}
-    windows = [b[:batch, :-1] for b in eval_batches(FLAGS.workdir, n_batches=64)]
+    engine.reset_stats()  # also empties the recorded trace
+    windows = [b[:batch, :-1] for b in val_batches(FLAGS.workdir, n_batches=64)]
     done = 0
     for ids in windows:
         if ids.shape[0] < batch:
@@ -72,9 +73,11 @@ def replay(trace: dict[int, list[set[int]]], capacity: int, policy: str) -> dict
 
 def main(_):
     logging.set_verbosity(logging.WARNING)
-    engine = MoeOffloadEngine(FLAGS.workdir, store=FLAGS.store, record=True)
-    n_experts = engine.store.manifest["experts"]
-    engine.capacity = n_experts  # every expert stays cached: the trace is the same, fewer reads
+    # Every expert stays cached (capacity = all): the trace is the same, with fewer reads.
+    n_experts = Workdir(FLAGS.workdir).model_config.ffn.experts
+    engine = build_engine(
+        FLAGS.workdir, "moe_offload", store=FLAGS.store, capacity=n_experts, record=True
+    )
     rows = []
     for b in map(int, FLAGS.batch):
         trace = record_trace(engine, b, FLAGS.tokens)

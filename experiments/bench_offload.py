@@ -44,13 +44,13 @@ from absl import app, flags, logging
 
 from configs import dense, moe, mole
 from mole_jax import train
+from mole_jax.engine import build_engine
 from mole_jax.errors import StoreError
-from mole_jax.evaluate import eval_batches
-from mole_jax.export import export_lut
-from mole_jax.inference import build_engine, decode, decode_steps
-from mole_jax.lut_store import LutStore
-from mole_jax.offload.experts import ExpertStore, export_experts
-from mole_jax.offload.moe import MoeOffloadEngine
+from mole_jax.evaluate import val_batches
+from mole_jax.export import export_experts, export_lut
+from mole_jax.generate import generate, generate_steps
+from mole_jax.offload.expert_store import ExpertStore
+from mole_jax.offload.lut_store import LutStore
 from mole_jax.offload.rows import read_bytes
 
 flags.DEFINE_string("size", "small", "Model size of all three models.")
@@ -120,45 +120,35 @@ def engines(dirs: dict[str, str]):
         (
             f"MoE-10E offloaded fp16, LRU {k}/layer" + (" + prefetch" if FLAGS.prefetch else ""),
             f"{dirs['moe']}/experts_float16",
-            lambda: MoeOffloadEngine(dirs["moe"], None, "experts_float16", k, FLAGS.prefetch),
+            lambda: build_engine(
+                dirs["moe"],
+                "moe_offload",
+                store="experts_float16",
+                capacity=k,
+                prefetch=FLAGS.prefetch,
+            ),
         ),
         (
             "MoLE-4E LUT in memory fp16",
             None,
-            lambda: build_engine(dirs["mole"], "lut_memory", lut="lut_float16"),
+            lambda: build_engine(dirs["mole"], "lut_memory", store="lut_float16"),
         ),
         (
             "MoLE-4E offloaded fp16",
             f"{dirs['mole']}/lut_float16",
-            lambda: build_engine(dirs["mole"], "offload", lut="lut_float16", cache_rows=rows),
+            lambda: build_engine(dirs["mole"], "offload", store="lut_float16", cache_rows=rows),
         ),
         (
             "MoLE-4E offloaded fp16, no row cache",
             f"{dirs['mole']}/lut_float16",
-            lambda: build_engine(dirs["mole"], "offload", lut="lut_float16", cache_rows=0),
+            lambda: build_engine(dirs["mole"], "offload", store="lut_float16", cache_rows=0),
         ),
         (
             "MoLE-4E offloaded nf4",
             f"{dirs['mole']}/lut_nf4",
-            lambda: build_engine(dirs["mole"], "offload", lut="lut_nf4", cache_rows=rows),
+            lambda: build_engine(dirs["mole"], "offload", store="lut_nf4", cache_rows=rows),
         ),
     ]
-
-
-def storage(engine):
-    """The storage-read stats (with bytes_read, hit_rate) of an engine; None when in memory."""
-    if isinstance(engine, MoeOffloadEngine):
-        return engine.stats
-    return engine.rows.stats if engine.rows is not None else None
-
-
-def reset_caches(engine) -> None:
-    if isinstance(engine, MoeOffloadEngine):
-        for c in engine.cache.values():
-            c.clear()
-        engine.stats = type(engine.stats)()
-    elif engine.rows is not None:
-        engine.rows.reset()
 
 
 def drop_page_cache(directory: str) -> None:
@@ -174,25 +164,26 @@ def drop_page_cache(directory: str) -> None:
 def storage_pass(engine, store_dir, prompts, new: int) -> dict:
     """One greedy decode from empty caches, alone, for the storage columns: bytes asked of the
     store and bytes the process really read (rchar), during the prefill and the decode steps."""
-    reset_caches(engine)
-    stats, mark = storage(engine), {}
+    engine.reset_stats()
+    mark = {}
 
     def before(t):
         if t == 1:
-            mark["io"], mark["bytes"] = read_bytes(), stats.bytes_read if stats else 0
+            mark["io"], mark["bytes"] = read_bytes(), engine.stats().get("bytes_read", 0)
         if FLAGS.page_cache == "cold" and store_dir:
             drop_page_cache(store_dir)
 
-    decode(engine, prompts, new, before_step=before)
+    generate(engine, prompts, new, before_step=before)
     io = read_bytes() - mark["io"] if mark["io"] is not None else float("nan")
     generated = prompts.shape[0] * (new - 1)  # tokens fed through the decode steps
+    stats = engine.stats()
     out = dict(
-        bytes_per_token=((stats.bytes_read if stats else 0) - mark["bytes"]) / generated,
+        bytes_per_token=(stats.get("bytes_read", 0) - mark["bytes"]) / generated,
         io_bytes_per_token=io / generated,
         prefill_bytes_per_token=mark["bytes"] / prompts.size,
     )
-    if stats is not None:
-        out["cache_hit_rate"] = stats.hit_rate
+    if "cache_hit_rate" in stats:
+        out["cache_hit_rate"] = stats["cache_hit_rate"]
     return out
 
 
@@ -202,13 +193,13 @@ def timed_round(built, prompts, new: int, start: int = 0) -> dict[str, dict]:
     lands on all of them alike."""
     live, results = {}, {}
     for name, store_dir, engine in built[start:] + built[:start]:
-        reset_caches(engine)
+        engine.reset_stats()
 
         def before(t, store_dir=store_dir):
             if FLAGS.page_cache == "cold" and store_dir:
                 drop_page_cache(store_dir)
 
-        live[name] = decode_steps(engine, prompts, new, before_step=before)
+        live[name] = generate_steps(engine, prompts, new, before_step=before)
     while live:
         for name in list(live):
             try:
@@ -222,7 +213,7 @@ def timed_round(built, prompts, new: int, start: int = 0) -> dict[str, dict]:
 def run_all(dirs) -> list[dict]:
     """Every engine at every batch size: storage columns from one decode each, latency from
     --rounds lockstep rounds, pooled."""
-    val = eval_batches(dirs["dense"], n_batches=64)
+    val = val_batches(dirs["dense"], n_batches=64)
     windows = np.concatenate(val)[:, : FLAGS.prompt]
     if windows.shape[1] < FLAGS.prompt:
         raise SystemExit(f"--prompt={FLAGS.prompt} is longer than the validation windows")
@@ -236,7 +227,7 @@ def run_all(dirs) -> list[dict]:
         prompts = windows[:b]
         rows = {}
         for name, store_dir, engine in built:
-            decode(engine, prompts, FLAGS.new)  # compiles every shape the timed runs meet
+            generate(engine, prompts, FLAGS.new)  # compiles every shape the timed runs meet
             rows[name] = dict(model=name, val_loss=losses[name], batch=b)
             rows[name].update(storage_pass(engine, store_dir, prompts, FLAGS.new))
             rows[name]["resident_bytes"] = engine.resident_bytes()

@@ -31,11 +31,9 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from mole_jax import accounting, data
-from mole_jax.config import apply_overrides, validate
+from mole_jax import accounting, data, trainer
+from mole_jax.config import apply_overrides
 from mole_jax.layers import compute_dtype
-from mole_jax.optim import make_optimizer
-from mole_jax.train import batch_putter, data_mesh, init_state, make_train_step
 
 config_flags.DEFINE_config_file("config", None, "Config to benchmark: path.py:arg.")
 flags.DEFINE_integer("steps", 10, "Timed steps.")
@@ -64,22 +62,14 @@ def _timed(fn) -> float:
 
 def bench(cfg, steps: int = 10, warmup: int = 2, peak: float | None = None) -> dict:
     """Times `steps` train steps of `cfg` after compilation and `warmup` steps."""
-    validate(cfg)
+    tr = trainer.setup(cfg)
     td = data.prepare(cfg)
-    tx = make_optimizer(cfg)
-    graphdef, state, table_layers = init_state(cfg, tx)
     t = cfg.train
     batches = [
         data.train_batch(td.train, cfg.seed, s, t.batch_size, cfg.data.seq_len)
         for s in range(steps + warmup)
     ]
-    from jax.sharding import NamedSharding
-    from jax.sharding import PartitionSpec as P
-
-    mesh = data_mesh()
-    state = jax.device_put(state, NamedSharding(mesh, P()))
-    put = batch_putter(mesh, cfg, bool(table_layers))
-    step = jax.jit(make_train_step(graphdef, tx, cfg, bool(table_layers)), donate_argnums=0)
+    state, step, put = tr.fresh_state, tr.step_fn, tr.put_batch
     t0 = time.perf_counter()
     state, _ = step(state, *put(batches[0]))  # compile (and for MoLE, the first table-size bucket)
     jax.block_until_ready(state)

@@ -13,10 +13,12 @@ from absl import app, flags, logging
 
 from configs import mole
 from mole_jax import data, train
-from mole_jax.evaluate import evaluate, tokenizer_path
+from mole_jax.engine import build_engine
+from mole_jax.evaluate import evaluate
 from mole_jax.export import export_lut
-from mole_jax.inference import build_engine, decode
+from mole_jax.generate import generate
 from mole_jax.metrics import read_metrics
+from mole_jax.workdir import Workdir
 
 flags.DEFINE_string("workdir", "runs/demo-mole", "Where the run writes its files.")
 flags.DEFINE_integer("steps", 300, "Training steps.")
@@ -55,7 +57,7 @@ def main(_):
         f"{m['experts']} experts x {m['d_model']}, {m['bytes_per_token']} bytes per token"
     )
     print("[3/4] evaluating in memory and offloaded")
-    mem, off = evaluate(w), evaluate(w, offload=True)
+    mem, off = evaluate(w), evaluate(w, "offload")
     print(f"\n{'':<28}{'in memory':>14}{'LUT offloaded':>16}")
     print(f"{'validation loss':<28}{mem['loss']:>14.5f}{off['loss']:>16.5f}")
     print(f"{'perplexity':<28}{mem['ppl']:>14.2f}{off['ppl']:>16.2f}")
@@ -69,10 +71,10 @@ def main(_):
     print(f"{'row cache hit rate':<28}{'-':>14}{off['cache_hit_rate']:>16.2f}")
     print(f"|loss difference| = {abs(off['loss'] - mem['loss']):.2e} (float16 table)")
     print(f"\n[4/4] greedy generation with the LUT offloaded, prompt {FLAGS.prompt!r}:")
-    tok = data.load_tokenizer(tokenizer_path(w))
+    tok = Workdir(w).tokenizer()
     engine = build_engine(w, "offload")
-    out = decode(engine, [data.encode(tok, FLAGS.prompt)], 48)
-    print(FLAGS.prompt + data.decode(tok, out["tokens"][0]))
+    out = generate(engine, [data.tokenize(tok, FLAGS.prompt)], 48)
+    print(FLAGS.prompt + data.detokenize(tok, out["tokens"][0]))
     print(f"\nfiles: {w}/metrics.jsonl, {w}/tb, {w}/checkpoints, {w}/lut, {w}/eval")
 
 

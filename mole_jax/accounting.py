@@ -17,19 +17,20 @@ import jax
 from flax import nnx
 
 from mole_jax import ffn as ffn_lib
-from mole_jax.model import Transformer
+from mole_jax.model import abstract_model
+from mole_jax.model_config import model_config
 
 BYTES_PER_VALUE = {"float32": 4, "float16": 2, "bfloat16": 2, "int8": 1, "nf4": 0.5}
 
 
 def count_params(m) -> int:
-    """Exact parameter count of the model config, by abstract evaluation of its constructor."""
-    abstract = nnx.eval_shape(lambda: Transformer(m, rngs=nnx.Rngs(0)))
-    return int(sum(x.size for x in jax.tree.leaves(nnx.state(abstract, nnx.Param))))
+    """Exact parameter count of the typed model config, by abstract evaluation of the model."""
+    return int(sum(x.size for x in jax.tree.leaves(nnx.state(abstract_model(m), nnx.Param))))
 
 
 def summarize(cfg) -> dict:
-    m = cfg.model
+    """The accounting of a run config (its model at context `data.seq_len`)."""
+    m = model_config(cfg)
     d, v, seq = m.d_model, m.vocab_size, cfg.data.seq_len
     attn_params = 4 * d * d
     attn_flops = 2 * attn_params + 4 * seq * d
@@ -37,7 +38,7 @@ def summarize(cfg) -> dict:
     lut_values = lut_per_token = 0
     kinds = []
     for i in range(m.n_layers):
-        kind = ffn_lib.kind_of_layer(m, i)
+        kind = m.kind_of_layer(i)
         kinds.append(kind)
         a = ffn_lib.KINDS[kind].account(m)
         norms = 2 * d + a.get("norm_params", 0)
@@ -50,7 +51,7 @@ def summarize(cfg) -> dict:
         lut_per_token += a.get("lut_values_per_token", 0)
     embed_head = 2 * v * d + d  # untied embedding + head, final norm
     out = {
-        "kind": m.ffn.kind,
+        "kind": m.kind,
         "layer_kinds": kinds,
         "params_total": count_params(m),
         "params_total_formula": tot["params"] + embed_head,
@@ -79,7 +80,7 @@ def lut_bytes(values: int, d: int, dtype: str, m) -> int:
     if dtype == "int8":
         size += values // d * 4
     if dtype == "nf4":
-        block = m.ffn.mole.get("nf4_block", 64) if "mole" in m.ffn else 64
+        block = m.ffn.nf4_block if m.kind == "mole" else 64
         size += -(-values // block) * 2
     return int(size)
 

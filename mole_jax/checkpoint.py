@@ -1,33 +1,49 @@
 """Orbax checkpoints of the train state: async saves, keep-K, resume from the newest good step.
 
 Each step directory holds three items: `params`, `train` (optimiser state, step, non-param model
-state) and `meta` (JSON: step and the SHA-256 of the parameters). A step whose files are missing,
-truncated or whose parameters no longer match their digest is reported in one line and skipped in
-favour of the previous one.
+state) and `meta` (JSON: step, the SHA-256 of the parameters and of each parameter leaf). A step
+whose files are missing, truncated or whose parameters no longer match their digests is reported
+in one line and skipped in favour of the previous one.
+
+`restore_model` loads what inference needs — the parameters of a model form (all of them, or
+only the resident ones of an offloaded form) and the non-parameter state — checking every leaf
+it reads against its digest.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import os
+from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+from flax import nnx
 
-from mole_jax.errors import CheckpointError
+from mole_jax.errors import CheckpointError, UserError
 
 log = logging.getLogger(__name__)
 
 
+def params_digests(params) -> tuple[str, dict[str, str]]:
+    """(SHA-256 over all parameter bytes in tree order, {leaf path: SHA-256 of the leaf})."""
+    total, leaves = hashlib.sha256(), {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+        name = jax.tree_util.keystr(path)
+        raw = np.ascontiguousarray(jax.device_get(leaf)).tobytes()
+        total.update(name.encode())
+        total.update(raw)
+        leaves[name] = hashlib.sha256(raw).hexdigest()
+    return total.hexdigest(), leaves
+
+
 def params_digest(params) -> str:
     """SHA-256 over the parameter bytes in tree order; identifies the exact weights."""
-    h = hashlib.sha256()
-    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
-        h.update(jax.tree_util.keystr(path).encode())
-        h.update(np.ascontiguousarray(jax.device_get(leaf)).tobytes())
-    return h.hexdigest()
+    return params_digests(params)[0]
 
 
 def _abstract(tree):
@@ -35,8 +51,10 @@ def _abstract(tree):
 
 
 class Checkpointer:
-    def __init__(self, workdir: str, keep: int = 3, use_async: bool = True):
-        self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
+    """The checkpoints of a workdir (a path or a `workdir.Workdir`)."""
+
+    def __init__(self, workdir, keep: int = 3, use_async: bool = True):
+        self.directory = os.path.abspath(os.path.join(os.fspath(workdir), "checkpoints"))
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep, enable_async_checkpointing=use_async, create=True
         )
@@ -49,7 +67,8 @@ class Checkpointer:
         """Saves {'step', 'params', 'opt_state', 'rest'} at state['step'] (async when enabled)."""
         step = int(state["step"])
         train = {k: v for k, v in state.items() if k != "params"}
-        meta = {"step": step, "params_sha256": params_digest(state["params"])}
+        total, leaves = params_digests(state["params"])
+        meta = {"step": step, "params_sha256": total, "leaf_sha256": leaves}
         self.mgr.save(
             step,
             args=ocp.args.Composite(
@@ -60,32 +79,67 @@ class Checkpointer:
             force=True,
         )
 
-    def _restore_step(self, step: int, like: dict, params_only: bool):
-        items = {"params": ocp.args.StandardRestore(_abstract(like["params"]))}
-        items["meta"] = ocp.args.JsonRestore()
-        if not params_only:
-            train = {k: v for k, v in like.items() if k != "params"}
-            items["train"] = ocp.args.StandardRestore(_abstract(train))
-        got = self.mgr.restore(step, args=ocp.args.Composite(**items))
+    def _restore_state(self, step: int, like: dict):
+        train = {k: v for k, v in like.items() if k != "params"}
+        got = self.mgr.restore(
+            step,
+            args=ocp.args.Composite(
+                params=ocp.args.StandardRestore(_abstract(like["params"])),
+                train=ocp.args.StandardRestore(_abstract(train)),
+                meta=ocp.args.JsonRestore(),
+            ),
+        )
         if params_digest(got["params"]) != got["meta"]["params_sha256"]:
             raise ValueError("parameter bytes do not match the digest saved with them")
-        if params_only:
-            return got["params"], got["meta"]
         return {"params": got["params"], **got["train"]}, got["meta"]
 
-    def restore(self, like: dict, step: int | None = None, params_only: bool = False):
-        """(state or params, meta) of `step`, or of the newest readable step; None if there is none.
+    def restore(self, like: dict, step: int | None = None):
+        """(state, meta) of `step`, or of the newest readable step; None if there is none.
 
-        `like` is a state (or {'params': ...}) with the target structure, shapes and dtypes.
+        `like` is a train state with the target structure, shapes and dtypes.
         """
-        candidates = [step] if step is not None else self.steps()[::-1]
-        if step is not None and step not in self.steps():
-            raise CheckpointError(
-                f"no checkpoint at step {step} in {self.directory} ({self.steps()})"
-            )
+        return self._newest(step, lambda s: self._restore_state(s, like))
+
+    def restore_params(self, like_params, like_rest=None, step: int | None = None):
+        """((params, rest), meta): only the parameters in `like_params` (a sub-tree of the saved
+        ones; the others are never read) and the non-parameter state `like_rest`, of `step` or
+        of the newest readable step. Each leaf read is checked against its saved digest."""
+        return self._newest(step, lambda s: self._restore_subset(s, like_params, like_rest))
+
+    def _restore_subset(self, step: int, like_params, like_rest):
+        meta = self._read_meta(step)
+        params = self._read_item(step, "params", like_params)
+        rest = like_rest
+        if jax.tree.leaves(like_rest):
+            rest = self._read_item(step, "train", {"rest": like_rest})["rest"]
+        _check_leaves(params, meta)
+        return (params, rest), meta
+
+    def _read_item(self, step: int, item: str, like):
+        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        abstract = _abstract(like)
+        restore_args = jax.tree.map(
+            lambda s: ocp.ArrayRestoreArgs(global_shape=s.shape, dtype=s.dtype, sharding=device),
+            abstract,
+        )
+        path = os.path.join(self.directory, str(step), item)
+        return ocp.PyTreeCheckpointer().restore(
+            path,
+            args=ocp.args.PyTreeRestore(
+                item=abstract, restore_args=restore_args, partial_restore=True
+            ),
+        )
+
+    def _newest(self, step: int | None, read):
+        """read(step) for `step`, or for the newest step it succeeds on (each failure reported
+        in one line); None when there are no checkpoints."""
+        steps = self.steps()
+        if step is not None and step not in steps:
+            raise CheckpointError(f"no checkpoint at step {step} in {self.directory} ({steps})")
+        candidates = [step] if step is not None else steps[::-1]
         for s in candidates:
             try:
-                return self._restore_step(s, like, params_only)
+                return read(s)
             except Exception as e:  # noqa: BLE001 - any failure to read means "unusable"
                 msg = f"checkpoint {self.directory}/{s} is unreadable or corrupt ({_short(e)})"
                 if step is not None:
@@ -98,42 +152,62 @@ class Checkpointer:
             )
         return None
 
+    def _read_meta(self, step: int) -> dict:
+        return self.mgr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+
     def meta(self, step: int | None = None) -> dict:
-        """The JSON saved with `step` (newest when None): {'step', 'params_sha256'}."""
+        """The JSON saved with `step` (newest when None): {'step', 'params_sha256', ...}."""
         steps = self.steps()
         if not steps:
             raise CheckpointError(f"no checkpoint in {self.directory}; train first")
         step = steps[-1] if step is None else step
         if step not in steps:
             raise CheckpointError(f"no checkpoint at step {step} in {self.directory} ({steps})")
-        return self.mgr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-
-    def restore_subset(self, like_params, step: int):
-        """Only the parameters in `like_params` (a sub-tree of the saved ones) from `step`; the
-        others are never read. Used to load a model's inference form without its experts."""
-        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-        abstract = _abstract(like_params)
-        restore_args = jax.tree.map(
-            lambda s: ocp.ArrayRestoreArgs(global_shape=s.shape, dtype=s.dtype, sharding=device),
-            abstract,
-        )
-        path = os.path.join(self.directory, str(step), "params")
-        try:
-            return ocp.PyTreeCheckpointer().restore(
-                path,
-                args=ocp.args.PyTreeRestore(
-                    item=abstract, restore_args=restore_args, partial_restore=True
-                ),
-            )
-        except Exception as e:  # noqa: BLE001
-            raise CheckpointError(f"checkpoint {path} is unreadable ({_short(e)})") from None
-
-    def wait(self) -> None:
-        self.mgr.wait_until_finished()
+        return self._read_meta(step)
 
     def close(self) -> None:
         self.mgr.wait_until_finished()
         self.mgr.close()
+
+
+def _check_leaves(params, meta: dict) -> None:
+    """Every restored leaf against its digest (checkpoints written before per-leaf digests
+    existed carry none to check against)."""
+    saved = meta.get("leaf_sha256")
+    if saved is None:
+        return
+    for name, digest in params_digests(params)[1].items():
+        if saved.get(name) != digest:
+            raise ValueError(f"parameter {name} does not match the digest saved with it")
+
+
+@dataclasses.dataclass(frozen=True)
+class Restored:
+    """A checkpoint's model, ready for `nnx.merge(graphdef, params, rest)`."""
+
+    graphdef: Any
+    params: Any  # pure dict of the form's parameters
+    rest: Any  # pure dict of the non-parameter state (BatchNorm statistics)
+    step: int
+    params_sha256: str  # of the whole checkpoint's parameters, as stores record it
+
+
+def restore_model(workdir, mcfg, form: str = "train", step: int | None = None) -> Restored:
+    """The parameters of `form` (model.FORMS) and the model state of a workdir's checkpoint
+    (`step`, or the newest readable one)."""
+    from mole_jax.model import abstract_model
+
+    graphdef, like, rest = nnx.split(abstract_model(mcfg, form), nnx.Param, ...)
+    ckpt = Checkpointer(workdir)
+    try:
+        got = ckpt.restore_params(nnx.to_pure_dict(like), nnx.to_pure_dict(rest), step)
+    finally:
+        ckpt.close()
+    if got is None:
+        raise UserError(f"{os.fspath(workdir)} has no checkpoint; train it first")
+    (params, rest), meta = got
+    rest = jax.tree.map(jnp.asarray, rest)
+    return Restored(graphdef, params, rest, int(meta["step"]), meta["params_sha256"])
 
 
 def _short(e: Exception) -> str:

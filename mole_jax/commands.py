@@ -36,7 +36,7 @@ def summary(f):
 
 def export(f):
     from mole_jax.export import export_lut
-    from mole_jax.lut_store import array_bytes
+    from mole_jax.store import array_bytes
 
     _need(f, "workdir")
     if f.experts:
@@ -52,7 +52,7 @@ def export(f):
 
 
 def _export_experts(f):
-    from mole_jax.offload.experts import export_experts
+    from mole_jax.export import export_experts
 
     m = export_experts(f.workdir, f.step, f.dtype)
     print(
@@ -67,7 +67,8 @@ def eval(f):  # noqa: A001 - the subcommand's name
     from mole_jax.evaluate import evaluate
 
     _need(f, "workdir")
-    out = evaluate(f.workdir, offload=f.offload, corpus=f.data, step=f.step)
+    mode = "offload" if f.offload else "experts"
+    out = evaluate(f.workdir, mode, corpus=f.data, step=f.step)
     line = f"{out['mode']} eval of step {out['step']}: loss {out['loss']:.4f}, ppl {out['ppl']:.2f}"
     if f.offload:
         line += (
@@ -80,15 +81,17 @@ def eval(f):  # noqa: A001 - the subcommand's name
 
 def generate(f):
     from mole_jax import data
-    from mole_jax.evaluate import tokenizer_path
-    from mole_jax.inference import build_engine, decode
+    from mole_jax.engine import build_engine
+    from mole_jax.generate import generate as generate_tokens
+    from mole_jax.workdir import Workdir
 
     _need(f, "workdir")
-    tok = data.load_tokenizer(tokenizer_path(f.workdir))
-    ids = data.encode(tok, f.prompt) or [tok.token_to_id(data.EOS)]
-    engine = build_engine(f.workdir, "offload" if f.offload else "experts", f.step)
-    out = decode(engine, [ids], f.max_new, f.temperature, f.top_k, f.seed)
-    text = data.decode(tok, out["tokens"][0])
+    wd = Workdir(f.workdir)
+    tok = wd.tokenizer()
+    ids = data.tokenize(tok, f.prompt) or [tok.token_to_id(data.EOS)]
+    engine = build_engine(wd, "offload" if f.offload else "experts", f.step)
+    out = generate_tokens(engine, [ids], f.max_new, f.temperature, f.top_k, f.seed)
+    text = data.detokenize(tok, out["tokens"][0])
     print(f.prompt + text)
     steps = out["step_s"]
     stats = {
@@ -98,9 +101,7 @@ def generate(f):
         "decode_ms_median": 1e3 * float(sorted(steps)[len(steps) // 2]) if steps else None,
         "text": text,
     }
-    if engine.rows is not None:
-        s = engine.rows.stats
-        stats.update(bytes_read=s.bytes_read, io_bytes=s.io_bytes, cache_hit_rate=s.hit_rate)
+    stats.update(engine.stats())
     return stats
 
 

@@ -2,12 +2,12 @@
 
 Configs are `ml_collections.ConfigDict`s built by `configs/<kind>.py:get_config(arg)`. Everything
 the run needs is in the resolved config written to `<workdir>/config.json`; `export`, `eval` and
-`generate` read it back with `load_config`.
+`generate` read it back through `workdir.Workdir.config`. Modules never read the config tree: the
+model gets the typed `model_config.ModelConfig` that `validate` returns.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from types import SimpleNamespace
@@ -15,8 +15,7 @@ from typing import Any
 
 import ml_collections
 
-from mole_jax.errors import ConfigError
-from mole_jax.files import write_text_atomic
+from mole_jax.errors import ConfigError, require, require_one_of
 
 # Model shapes and per-size training defaults. 160m/410m/1b are the Pythia shapes of the MoLE paper
 # (Table 2; GPT-NeoX vocab padded to 50,304; seq 2048; 1024 sequences per step). `tiny` trains in
@@ -69,43 +68,6 @@ def coerce(key: str, value: str, default: Any) -> Any:
         raise ConfigError(f"config argument {key}={value!r} is not a {kind.__name__}") from None
 
 
-def layer_indices(spec: str, n_layers: int) -> tuple[int, ...]:
-    """Which blocks get the configured FFN kind: 'all', 'none', 'middle', 'every_N' or '0,3,5'."""
-    spec = str(spec).strip()
-    if spec == "all":
-        return tuple(range(n_layers))
-    if spec == "none":
-        return ()
-    if spec == "middle":
-        return (n_layers // 2,)
-    if spec.startswith("every_"):
-        step = spec.removeprefix("every_")
-        if not step.isdigit() or int(step) < 1:
-            raise ConfigError(f"model.ffn.layers='{spec}': every_N needs a positive integer N")
-        return tuple(range(int(step) - 1, n_layers, int(step)))
-    try:
-        idx = tuple(sorted({int(s) for s in spec.split(",") if s.strip()}))
-    except ValueError:
-        raise ConfigError(
-            f"model.ffn.layers='{spec}' is not all, none, middle, every_N or a list like '0,3'"
-        ) from None
-    bad = [i for i in idx if not 0 <= i < n_layers]
-    if bad:
-        raise ConfigError(
-            f"model.ffn.layers={spec!r} names blocks {bad}; valid are 0..{n_layers - 1}"
-        )
-    return idx
-
-
-def require(cond: bool, msg: str) -> None:
-    if not cond:
-        raise ConfigError(msg)
-
-
-def require_one_of(value, options, field: str) -> None:
-    require(value in options, f"{field}={value!r}: use one of {'|'.join(map(str, options))}")
-
-
 def _positive(cfg: ml_collections.ConfigDict, prefix: str, names: tuple[str, ...]) -> None:
     for name in names:
         value = cfg[name]
@@ -115,9 +77,11 @@ def _positive(cfg: ml_collections.ConfigDict, prefix: str, names: tuple[str, ...
         )
 
 
-def validate(cfg: ml_collections.ConfigDict, n_devices: int | None = None) -> None:
-    """Raises ConfigError naming the first offending field. Runs before anything compiles."""
+def validate(cfg: ml_collections.ConfigDict, n_devices: int | None = None):
+    """Raises ConfigError naming the first offending field; returns the typed model config
+    (`model_config.ModelConfig`). Runs before anything compiles."""
     from mole_jax import ffn  # late import: ffn modules import jax
+    from mole_jax.model_config import model_config
 
     m, d, t = cfg.model, cfg.data, cfg.train
     _positive(m, "model", ("vocab_size", "d_model", "n_layers", "n_heads", "d_ff", "max_seq_len"))
@@ -143,14 +107,9 @@ def validate(cfg: ml_collections.ConfigDict, n_devices: int | None = None) -> No
     )
     require(0.0 < d.val_fraction < 1.0, f"data.val_fraction={d.val_fraction} must be in (0, 1)")
     _validate_train(t, n_devices)
-    layer_indices(m.ffn.layers, m.n_layers)
-    kind = m.ffn.kind
-    require(kind in ffn.KINDS, f"model.ffn.kind={kind!r} is not one of {', '.join(ffn.KINDS)}")
-    require(
-        kind == "dense" or kind in m.ffn,
-        f"model.ffn.kind={kind!r} needs a model.ffn.{kind} section (use configs/{kind}.py)",
-    )
-    ffn.KINDS[kind].validate(m)
+    mcfg = model_config(cfg)
+    ffn.KINDS[mcfg.kind].validate(mcfg)
+    return mcfg
 
 
 def _validate_train(t: ml_collections.ConfigDict, n_devices: int | None) -> None:
@@ -161,6 +120,10 @@ def _validate_train(t: ml_collections.ConfigDict, n_devices: int | None) -> None
     require(t.weight_decay >= 0, f"train.weight_decay={t.weight_decay} must be >= 0")
     require(0 <= t.b1 < 1 and 0 <= t.b2 < 1, f"train.b1={t.b1}, train.b2={t.b2} must be in [0, 1)")
     require(t.eval_every >= 0 and t.ckpt_every >= 0, "train.eval_every/ckpt_every must be >= 0")
+    require(
+        t.profile_at >= 0 and t.profile_steps >= 1,
+        f"train.profile_at={t.profile_at} must be >= 0 and train.profile_steps >= 1",
+    )
     require(t.keep_ckpts >= 1, f"train.keep_ckpts={t.keep_ckpts} must be >= 1")
     require(
         t.batch_size % t.microbatches == 0,
@@ -243,27 +206,6 @@ def warmup_steps(cfg: ml_collections.ConfigDict) -> int:
 
 def to_json(cfg: ml_collections.ConfigDict) -> str:
     return cfg.to_json_best_effort(indent=2, sort_keys=True)
-
-
-def save_config(cfg: ml_collections.ConfigDict, path: str) -> None:
-    write_text_atomic(path, to_json(cfg))
-
-
-def load_config(workdir: str) -> ml_collections.ConfigDict:
-    """The resolved config a `train` run wrote to its workdir."""
-    path = os.path.join(workdir, "config.json")
-    if not os.path.exists(path):
-        raise ConfigError(
-            f"{path} not found: is '{workdir}' a workdir written by `launch.py train`?"
-        )
-    with open(path) as f:
-        try:
-            raw = json.load(f)
-        except json.JSONDecodeError as e:
-            raise ConfigError(
-                f"{path} is not valid JSON ({e}); re-run train to rewrite it"
-            ) from None
-    return from_dict(raw)
 
 
 def from_dict(raw: dict) -> ml_collections.ConfigDict:

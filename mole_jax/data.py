@@ -33,7 +33,6 @@ class TokenData:
     train: np.ndarray  # uint16/uint32 memmap, one stream of ids
     val: np.ndarray
     tokenizer: Tokenizer
-    eos_id: int
     key: str  # identifies corpus + tokenizer; used in cache paths and manifests
 
 
@@ -93,8 +92,7 @@ def prepare(cfg) -> TokenData:
             f"the tokenizer has {n_vocab} tokens but model.vocab_size={cfg.model.vocab_size}; "
             "raise model.vocab_size or use a smaller data.vocab_size"
         )
-    eos_id = tok.token_to_id(EOS)
-    if eos_id is None:
+    if tok.token_to_id(EOS) is None:
         raise DataError(f"the tokenizer has no '{EOS}' token to separate documents")
     key = _sha(fp, d.val_fraction, hashlib.sha256(tok.to_str().encode()).hexdigest())
     tdir = corpora.atomic_dir(root / "tokens" / key, lambda tmp: _encode(get_splits(), tok, tmp))
@@ -107,7 +105,7 @@ def prepare(cfg) -> TokenData:
                 f"the {name} split of '{d.corpus}' has {arr.size} tokens, fewer than "
                 f"data.seq_len+2={d.seq_len + 2}; use more text or a shorter seq_len"
             )
-    return TokenData(streams["train"], streams["val"], tok, eos_id, key)
+    return TokenData(streams["train"], streams["val"], tok, key)
 
 
 def _encode(splits: dict[str, list[str]], tok: Tokenizer, out: Path) -> None:
@@ -134,7 +132,7 @@ def train_batch(tokens: np.ndarray, seed: int, step: int, batch_size: int, seq_l
     return window_batch(tokens, starts, seq_len)
 
 
-def eval_batches(tokens: np.ndarray, batch_size: int, seq_len: int, n_batches: int):
+def val_windows(tokens: np.ndarray, batch_size: int, seq_len: int, n_batches: int):
     """Consecutive non-overlapping windows from the start of the stream, at most `n_batches`.
 
     The same windows every time, so validation losses of different runs are comparable.
@@ -151,9 +149,9 @@ def eval_batches(tokens: np.ndarray, batch_size: int, seq_len: int, n_batches: i
         yield window_batch(tokens, starts, seq_len)
 
 
-def encode(tok: Tokenizer, text: str) -> list[int]:
+def tokenize(tok: Tokenizer, text: str) -> list[int]:
     return tok.encode(text).ids
 
 
-def decode(tok: Tokenizer, ids) -> str:
+def detokenize(tok: Tokenizer, ids) -> str:
     return tok.decode([int(i) for i in ids])

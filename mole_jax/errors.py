@@ -23,3 +23,13 @@ class StoreError(UserError):
 
 class TrainingDiverged(UserError):
     """The loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+def require(cond: bool, msg: str) -> None:
+    """Raises ConfigError(msg) unless `cond`: one line naming the field, for `validate`."""
+    if not cond:
+        raise ConfigError(msg)
+
+
+def require_one_of(value, options, field: str) -> None:
+    require(value in options, f"{field}={value!r}: use one of {'|'.join(map(str, options))}")

@@ -1,17 +1,17 @@
-"""`launch.py export`: a trained MoLE model's routed experts -> lookup tables in tensorstore.
+"""`launch.py export`: a trained model's routed experts -> an offloaded-weight store.
 
-LUT_l[v, e, :] = expert_e(RMSNorm_exp_l(Emb[v])) for every vocabulary row v, computed by the same
-`token_tables` code the model trains with, in chunks of rows so memory is bounded by the chunk.
-The store is written to a temporary directory next to its destination, read back and checked
-against digests of what was written, given its manifest, and only then renamed into place. A
-killed export leaves at most a `.<name>.tmp-*` directory, which the next export removes.
+- MoLE (`export_lut`): LUT_l[v, e, :] = expert_e(RMSNorm_exp_l(Emb[v])) for every vocabulary row
+  v, computed by the same `token_tables` code the model trains with, in chunks of rows so memory
+  is bounded by the chunk; stored in `quant.DTYPES` (`offload/lut_store.py`).
+- MoE (`export_experts`): each layer's expert weights as they are (float dtypes), one chunk per
+  expert (`offload/expert_store.py`), for the expert-offloading baseline.
+
+Both write into a staging directory, read back and check against what was written, and publish
+atomically (`store.py`). A store records the parameter digest of the checkpoint it came from.
 """
 
 from __future__ import annotations
 
-import hashlib
-import os
-import shutil
 from pathlib import Path
 
 import jax
@@ -19,116 +19,107 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from mole_jax import quant
-from mole_jax.checkpoint import Checkpointer
-from mole_jax.config import load_config
-from mole_jax.errors import StoreError, UserError
-from mole_jax.ffn import kind_of_layer
-from mole_jax.lut_store import LutStore, layer_name
-from mole_jax.model import Transformer
+from mole_jax import quant, store
+from mole_jax.checkpoint import restore_model
+from mole_jax.errors import UserError
+from mole_jax.offload.expert_store import ExpertStore
+from mole_jax.offload.lut_store import LutStore
+from mole_jax.workdir import as_workdir
 
 TABLE_BUDGET_BYTES = 256 * 2**20  # float32 table values computed per chunk, all layers together
 
 
-def check_exportable(cfg, workdir: str) -> None:
-    kind = cfg.model.ffn.kind
-    if kind != "mole":
+def check_exportable(m, workdir) -> None:
+    """MoLE models whose experts read the embedding have a LUT; refuse the others in one line."""
+    if m.kind != "mole":
         raise UserError(
-            f"{workdir} holds a '{kind}' model; only MoLE experts become lookup tables "
+            f"{workdir} holds a '{m.kind}' model; only MoLE experts become lookup tables "
             "(a MoE's experts are exported for offloading with `launch.py export --experts`)"
         )
-    if cfg.model.ffn.mole.expert_input != "embedding":
+    if m.ffn.expert_input != "embedding":
         raise UserError(
             f"{workdir}: its experts read the hidden state (model.ffn.mole.expert_input="
-            f"'{cfg.model.ffn.mole.expert_input}'), which depends on context, so they cannot "
+            f"'{m.ffn.expert_input}'), which depends on context, so they cannot "
             "become a lookup table indexed by token id"
         )
 
 
-def restore_model(workdir: str, step: int | None = None, cfg=None):
-    """(cfg, graphdef, params, rest, meta) of a workdir's checkpoint (newest when step is None)."""
-    cfg = cfg or load_config(workdir)
-    abstract = nnx.eval_shape(lambda: Transformer(cfg.model, rngs=nnx.Rngs(0)))
-    graphdef, params, rest = nnx.split(abstract, nnx.Param, ...)
-    like = {"params": nnx.to_pure_dict(params)}
-    ckpt = Checkpointer(workdir)
-    try:
-        got = ckpt.restore(like, step=step, params_only=True)
-    finally:
-        ckpt.close()
-    if got is None:
-        raise UserError(f"{workdir} has no checkpoint; train it first")
-    rest = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), nnx.to_pure_dict(rest))
-    return cfg, graphdef, got[0], rest, got[1]
-
-
-def chunk_rows(cfg, n_layers: int) -> int:
-    m = cfg.model
-    per_row = 4 * n_layers * m.ffn.mole.experts * m.d_model
+def chunk_rows(m, n_layers: int) -> int:
+    per_row = 4 * n_layers * m.ffn.experts * m.d_model
     rows = max(256, TABLE_BUDGET_BYTES // per_row // 256 * 256)
     return min(m.vocab_size, rows)
 
 
 def export_lut(
-    workdir: str,
-    step: int | None = None,
-    dtype: str = "float16",
-    out: str = "lut",
+    workdir, step: int | None = None, dtype: str = "float16", out: str = "lut",
     rows_per_chunk: int = 1,
-) -> dict:
+) -> dict:  # fmt: skip
     """Writes `<workdir>/<out>/` and returns its manifest."""
+    wd = as_workdir(workdir)
     if dtype not in quant.DTYPES:
         raise UserError(f"--dtype={dtype} is not one of {', '.join(quant.DTYPES)}")
-    cfg = load_config(workdir)
-    check_exportable(cfg, workdir)
-    m = cfg.model
-    if dtype == "nf4" and (m.d_model % m.ffn.mole.nf4_block or m.ffn.mole.nf4_block % 2):
-        block = m.ffn.mole.nf4_block
+    m = wd.model_config
+    check_exportable(m, wd)
+    block = m.ffn.nf4_block
+    if dtype == "nf4" and (m.d_model % block or block % 2):
         raise UserError(f"model.ffn.mole.nf4_block={block} must be even and divide {m.d_model}")
-    cfg.model.ffn.mole.impl = "unique"  # the table path; parameters are the same either way
-    cfg, graphdef, params, rest, meta = restore_model(workdir, step, cfg)
-    layers = [i for i in range(m.n_layers) if kind_of_layer(m, i) == "mole"]
-    final = Path(workdir) / out
-    tmp = staging_dir(final)
-    rows = chunk_rows(cfg, len(layers))
-    shape = (m.vocab_size, m.ffn.mole.experts, m.d_model)
-    store = LutStore.create(tmp, layers, shape, dtype, m.ffn.mole.nf4_block, rows_per_chunk, rows)
-    tables_fn = jax.jit(lambda p, ids: nnx.merge(graphdef, p, rest).token_tables(ids))
-    written = {f"{layer_name(i)}/{n}": hashlib.sha256() for i in layers for n in store.arrays[i]}
+    model = restore_model(wd, m, "train", step)
+    layers = [i for i in range(m.n_layers) if m.kind_of_layer(i) == "mole"]
+    final = wd.store(out)
+    tmp = store.staging_dir(final)
+    rows = chunk_rows(m, len(layers))
+    shape = (m.vocab_size, m.ffn.experts, m.d_model)
+    lut = LutStore.create(tmp, layers, shape, dtype, block, rows_per_chunk, rows)
+
+    @jax.jit
+    def tables_fn(p, ids):
+        return nnx.merge(model.graphdef, p, model.rest).token_tables(ids, layers)
+
     for start in range(0, m.vocab_size, rows):
         ids = jnp.arange(start, min(m.vocab_size, start + rows), dtype=jnp.int32)
-        tables = {i: np.asarray(t, np.float32) for i, t in tables_fn(params, ids).items()}
-        for i, table in tables.items():
-            for name, arr in quant.quantize(table, dtype, m.ffn.mole.nf4_block).items():
-                written[f"{layer_name(i)}/{name}"].update(np.ascontiguousarray(arr).tobytes())
-        store.write_rows(start, tables)
-    manifest = store.finalize(
+        tables = {i: np.asarray(t, np.float32) for i, t in tables_fn(model.params, ids).items()}
+        lut.write_rows(start, tables)
+    manifest = lut.finalize(
         dict(
-            checkpoint_step=int(meta["step"]),
-            params_sha256=meta["params_sha256"],
+            checkpoint_step=model.step,
+            params_sha256=model.params_sha256,
             d_model=m.d_model,
             n_layers=m.n_layers,
         )
     )
-    for name, h in written.items():  # what was read back is what was written
-        if manifest["arrays"][name]["sha256"] != h.hexdigest():
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise StoreError(f"export verification failed for {name}: read-back differs")
-    swap_into_place(tmp, final)
+    store.publish(tmp, final)
     return manifest
 
 
-def staging_dir(final: Path) -> Path:
-    """Where an export to `final` is written first; stale ones from killed exports are removed."""
-    for stale in final.parent.glob(f".{final.name}.tmp-*"):
-        shutil.rmtree(stale, ignore_errors=True)
-    return final.parent / f".{final.name}.tmp-{os.getpid()}"
-
-
-def swap_into_place(tmp: Path, final: Path) -> None:
-    """Renames a verified store into place, replacing an older one only after it is complete."""
-    old = final.parent / f".{final.name}.old-{os.getpid()}"
-    if final.exists():
-        os.replace(final, old)
-    os.replace(tmp, final)
-    shutil.rmtree(old, ignore_errors=True)
+def export_experts(
+    workdir, step: int | None = None, dtype: str = "float32", out: str = "experts"
+) -> dict:
+    """Writes `<workdir>/<out>/` from a MoE checkpoint; returns its manifest."""
+    wd = as_workdir(workdir)
+    if dtype not in quant.FLOAT_DTYPES:
+        raise UserError(f"expert stores hold float32|float16|bfloat16, not --dtype={dtype}")
+    m = wd.model_config
+    if m.kind != "moe":
+        raise UserError(f"{wd} holds a '{m.kind}' model; only MoE experts are offloaded")
+    model = restore_model(wd, m, "train", step)
+    layers = [i for i in range(m.n_layers) if m.kind_of_layer(i) == "moe"]
+    experts = {i: {n: model.params["blocks"][i]["ffn"][n] for n in ("up", "down")} for i in layers}
+    fields = dict(
+        checkpoint_step=model.step,
+        params_sha256=model.params_sha256,
+        dtype=dtype,
+        layers=layers,
+        experts=m.ffn.experts,
+        d_model=m.d_model,
+        d_expert=m.ffn.d_expert,
+        bytes_per_expert=2
+        * m.d_model
+        * m.ffn.d_expert
+        * np.dtype(quant.FLOAT_DTYPES[dtype]).itemsize,
+    )
+    final = wd.store(out)
+    tmp = store.staging_dir(final)
+    tmp.mkdir(parents=True)
+    manifest = ExpertStore.write(Path(tmp), experts, dtype, fields)
+    store.publish(tmp, final)
+    return manifest

@@ -41,7 +41,7 @@ from mole_jax import quant
 from mole_jax.config import apply_overrides, load_file, load_module, to_json, validate
 from mole_jax.errors import ConfigError, UserError
 from mole_jax.files import write_text_atomic
-from mole_jax.sweep_worker import LOG, RESULT, SPEC
+from mole_jax.sweep_worker import LOG, RESULT, SPEC, finished_result
 
 RUN_KEYS = {"name", "config", "set", "evals"}
 EVAL_KEYS = {"name", "export", "mode"}
@@ -132,19 +132,6 @@ def _check_eval(e: dict, cfg) -> dict:
     return dict(e, mode=mode)
 
 
-def finished(run: Run) -> dict | None:
-    """The run's result if it finished with exactly this spec, else None."""
-    path = os.path.join(run.dir, RESULT)
-    if not os.path.exists(path):
-        return None
-    try:
-        with open(path) as f:
-            result = json.load(f)
-    except json.JSONDecodeError:
-        return None
-    return result if result.get("spec") == run.spec else None
-
-
 def prepare_data(runs: list[Run]) -> None:
     """Obtains each distinct corpus/tokenizer once, so parallel runs never race to build them."""
     from mole_jax import data
@@ -159,7 +146,7 @@ def prepare_data(runs: list[Run]) -> None:
 
 def execute(runs: list[Run], parallel: int) -> dict[str, str]:
     """Runs the unfinished runs as subprocesses; returns {name: 'skipped'|'done'|'failed: ...'}."""
-    status = {r.name: "skipped" for r in runs if finished(r) is not None}
+    status = {r.name: "skipped" for r in runs if finished_result(r.dir, r.spec) is not None}
     todo = [r for r in runs if r.name not in status]
     for r in runs:
         if r.name in status:
@@ -198,7 +185,7 @@ def _start(run: Run):
 def _finish(run: Run, proc: subprocess.Popen, t0: float, log) -> str:
     log.close()
     took = time.perf_counter() - t0
-    result = finished(run) if proc.returncode == 0 else None
+    result = finished_result(run.dir, run.spec) if proc.returncode == 0 else None
     if result is None:
         last = _last_line(log.name)
         rc = proc.returncode

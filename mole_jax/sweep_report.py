@@ -7,7 +7,7 @@ import os
 
 from mole_jax.config import to_json
 from mole_jax.files import write_text_atomic
-from mole_jax.sweep import finished
+from mole_jax.sweep_worker import finished_result
 
 
 def _m(n) -> str:
@@ -70,7 +70,8 @@ def write(module, filename: str, study_cfg, workdir: str, runs, status: dict) ->
     """Gathers the runs' results into sweep.json, results.md and curves.png; returns sweep.json."""
     rows = []
     for run in runs:
-        row = finished(run)  # None for a failed run (its stale result is removed at start)
+        # None for a failed run (its stale result is removed when it starts)
+        row = finished_result(run.dir, run.spec)
         if row is not None:
             row.pop("spec")
         else:

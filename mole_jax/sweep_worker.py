@@ -25,6 +25,19 @@ SUMMARY_KEYS = (
 EVAL_KEYS = ("loss", "ppl", "mode", "tokens", "lut_dtype", "bytes_per_token", "cache_hit_rate")
 
 
+def finished_result(run_dir: str, spec: dict) -> dict | None:
+    """The result in `run_dir` if the run finished with exactly `spec`, else None."""
+    path = os.path.join(run_dir, RESULT)
+    if not os.path.exists(path):
+        return None
+    try:
+        with open(path) as f:
+            result = json.load(f)
+    except json.JSONDecodeError:
+        return None
+    return result if result.get("spec") == spec else None
+
+
 def run_spec(spec: dict, run_dir: str) -> dict:
     from mole_jax import train
     from mole_jax.config import from_dict
@@ -65,7 +78,8 @@ def run_eval(run_dir: str, e: dict, exported: set[str]) -> dict:
         if lut not in exported:  # two evals of one dtype share its export
             export_lut(run_dir, dtype=e["export"], out=lut)
             exported.add(lut)
-    r = evaluate(run_dir, mode=e["mode"], lut=lut, write=False)
+    options = {} if e["mode"] == "experts" else {"store": lut}
+    r = evaluate(run_dir, e["mode"], write=False, **options)
     return {k: r[k] for k in EVAL_KEYS if k in r}
 
 

@@ -20,13 +20,13 @@ def test_batches_are_a_pure_function_of_seed_and_step():
     np.testing.assert_array_equal(np.diff(a, axis=1), 1)
 
 
-def test_eval_batches_are_fixed_consecutive_windows():
+def test_val_windows_are_fixed_consecutive_windows():
     tokens = np.arange(1000, dtype=np.uint16)
-    batches = list(data.eval_batches(tokens, batch_size=2, seq_len=10, n_batches=3))
+    batches = list(data.val_windows(tokens, batch_size=2, seq_len=10, n_batches=3))
     assert len(batches) == 3
     np.testing.assert_array_equal(batches[0][1], np.arange(10, 21))
     with pytest.raises(DataError, match="fewer than one batch"):
-        list(data.eval_batches(tokens[:30], batch_size=4, seq_len=10, n_batches=1))
+        list(data.val_windows(tokens[:30], batch_size=4, seq_len=10, n_batches=1))
 
 
 def test_prepare_caches_tokenizer_and_tokens(tiny_cfg, corpus_dir):
@@ -34,7 +34,7 @@ def test_prepare_caches_tokenizer_and_tokens(tiny_cfg, corpus_dir):
     assert td.tokenizer.get_vocab_size() <= tiny_cfg.model.vocab_size
     assert td.train.max() < td.tokenizer.get_vocab_size()
     text = "The noble king loves the fair crown."
-    assert data.decode(td.tokenizer, data.encode(td.tokenizer, text)) == text
+    assert data.detokenize(td.tokenizer, data.tokenize(td.tokenizer, text)) == text
     again = data.prepare(tiny_cfg)
     assert again.key == td.key
     np.testing.assert_array_equal(again.train, td.train)

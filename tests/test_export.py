@@ -12,12 +12,13 @@ from conftest import tiny_overrides, trained_workdir
 from configs import dense, mole
 from mole_jax import export as export_lib
 from mole_jax import train
+from mole_jax.engine import build_engine
 from mole_jax.errors import DataError, StoreError, UserError
 from mole_jax.evaluate import evaluate
-from mole_jax.inference import build_engine, decode
-from mole_jax.lut_store import LutStore
+from mole_jax.export import export_experts
+from mole_jax.generate import generate
 from mole_jax.metrics import read_metrics
-from mole_jax.offload.experts import export_experts
+from mole_jax.offload.lut_store import LutStore
 from mole_jax.offload.rows import read_bytes
 
 pytestmark = pytest.mark.slow
@@ -34,8 +35,8 @@ def mole_run(tmp_path_factory, corpus_dir, cache_dir):
 
 def test_offloaded_eval_equals_in_memory_and_training_form(mole_run):
     mem = evaluate(mole_run)
-    off = evaluate(mole_run, offload=True)
-    lut = evaluate(mole_run, mode="lut_memory")
+    off = evaluate(mole_run, "offload")
+    lut = evaluate(mole_run, "lut_memory")
     assert abs(off["loss"] - mem["loss"]) <= 1e-5 and abs(lut["loss"] - mem["loss"]) <= 1e-5
     val = [r["val_loss"] for r in read_metrics(mole_run) if "val_loss" in r]
     assert abs(mem["loss"] - val[-1]) <= 1e-5  # the run's own validation loss at step 20
@@ -63,16 +64,16 @@ def test_bytes_per_token_is_layers_experts_d_times_value_bytes(mole_run):
     engine = build_engine(mole_run, "offload", cache_rows=0)  # no cache: every id is read
     batch = np.array([[3, 5, 3, 9], [9, 9, 1, 3]], np.int32)
     engine.forward(batch)
-    assert engine.rows.stats.rows_read == 4  # distinct ids 1, 3, 5, 9
-    assert engine.rows.stats.bytes_read == 4 * layers * e * d * 4
+    assert engine.stats()["rows_read"] == 4  # distinct ids 1, 3, 5, 9
+    assert engine.stats()["bytes_read"] == 4 * layers * e * d * 4
     if read_bytes() is not None:  # measured: the rows at least, plus the shard indexes
-        assert engine.rows.stats.io_bytes >= engine.rows.stats.bytes_read
+        assert engine.stats()["io_bytes"] >= engine.stats()["bytes_read"]
     engine.forward(batch)  # without a cache the same rows are read again
-    assert engine.rows.stats.bytes_read == 8 * layers * e * d * 4
+    assert engine.stats()["bytes_read"] == 8 * layers * e * d * 4
     cached = build_engine(mole_run, "offload", cache_rows=100)
     cached.forward(batch)
     cached.forward(batch)
-    assert cached.rows.stats.rows_read == 4 and cached.rows.stats.hit_rate == 0.5
+    assert cached.stats()["rows_read"] == 4 and cached.stats()["cache_hit_rate"] == 0.5
 
 
 @pytest.mark.parametrize(
@@ -86,14 +87,14 @@ def test_quantised_luts_stay_close(mole_run, dtype, tol):
     value = {"float16": 2, "bfloat16": 2, "int8": 1, "nf4": 0.5}[dtype]
     assert m["bytes_per_token"] == len(m["layers"]) * (m["experts"] * m["d_model"] * value + extra)
     ref = evaluate(mole_run, write=False)["loss"]
-    got = evaluate(mole_run, offload=True, write=False, lut=f"lut_{dtype}")["loss"]
+    got = evaluate(mole_run, "offload", write=False, store=f"lut_{dtype}")["loss"]
     assert abs(got - ref) <= tol, (dtype, got, ref)
 
 
 def test_offloaded_greedy_generation_matches_in_memory(mole_run):
     prompt = [[7, 21, 33, 5, 12]]
-    a = decode(build_engine(mole_run, "experts"), prompt, max_new=12)["tokens"]
-    b = decode(build_engine(mole_run, "offload"), prompt, max_new=12)["tokens"]
+    a = generate(build_engine(mole_run, "experts"), prompt, max_new=12)["tokens"]
+    b = generate(build_engine(mole_run, "offload"), prompt, max_new=12)["tokens"]
     np.testing.assert_array_equal(a, b)
 
 
@@ -133,7 +134,7 @@ def test_missing_array_and_flipped_byte_fail_clearly(mole_run):
     broken = _copy_store(mole_run, "lut_missing")
     shutil.rmtree(broken / "layer_01" / "values")
     with pytest.raises(StoreError, match="layer_01/values is missing or unreadable"):
-        build_engine(mole_run, "offload", lut="lut_missing")
+        build_engine(mole_run, "offload", store="lut_missing")
     flipped = _copy_store(mole_run, "lut_flipped")
     shard = max(
         (
@@ -147,9 +148,9 @@ def test_missing_array_and_flipped_byte_fail_clearly(mole_run):
     raw[len(raw) // 3] ^= 0x01
     shard.write_bytes(bytes(raw))
     with pytest.raises(StoreError, match="layer_00/values is corrupt"):
-        build_engine(mole_run, "offload", lut="lut_flipped")  # small store: verified on open
+        build_engine(mole_run, "offload", store="lut_flipped")  # small store: verified on open
     # Without the up-front check, the read that touches the byte fails on its crc32c.
-    engine = build_engine(mole_run, "offload", lut="lut_flipped", verify="none")
+    engine = build_engine(mole_run, "offload", store="lut_flipped", verify="none")
     with pytest.raises(StoreError, match="the store is corrupt"):
         for start in range(0, 512, 64):
             engine.forward(np.arange(start, start + 64, dtype=np.int32)[None])
@@ -169,7 +170,7 @@ def test_store_from_another_checkpoint_is_refused(mole_run, corpus_dir, cache_di
     train.run(cfg, w)  # a newer checkpoint (step 24); lut/ still holds step 20's tables
     with pytest.raises(StoreError, match="does not match the checkpoint: its params_sha256"):
         build_engine(w, "offload")
-    assert abs(evaluate(w, offload=True, step=20)["loss"] - evaluate(w, step=20)["loss"]) <= 1e-5
+    assert abs(evaluate(w, "offload", step=20)["loss"] - evaluate(w, step=20)["loss"]) <= 1e-5
 
 
 def test_export_refuses_non_mole_and_hidden_input(corpus_dir, cache_dir, tmp_path):

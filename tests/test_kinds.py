@@ -1,11 +1,12 @@
-"""Every FFN kind trains on real text (the default Shakespeare corpus) with a falling loss and
-finite aux values, and its model_summary.json follows the accounting formulas."""
+"""Every FFN kind trains on text (the tests' own corpus) with a falling loss and finite aux
+values, and its model_summary.json follows the accounting formulas."""
 
 import json
 import math
 
 import numpy as np
 import pytest
+from conftest import tiny_overrides
 
 from configs import dense, moe, mole, peer
 from mole_jax import train
@@ -22,10 +23,11 @@ KINDS = {
 
 
 @pytest.mark.parametrize("kind", list(KINDS))
-def test_kind_trains_on_real_text(kind, tmp_path):
+def test_kind_trains_on_text(kind, tmp_path, corpus_dir, cache_dir):
     module, arg, stats = KINDS[kind]
-    cfg = module.get_config(arg)
-    cfg.train.update(dict(steps=30, eval_every=30, ckpt_every=30, eval_batches=2, progress=False))
+    cfg = tiny_overrides(
+        module.get_config(arg), corpus_dir, cache_dir, steps=30, eval_every=30, ckpt_every=30
+    )
     w = str(tmp_path / kind)
     train.run(cfg, w)
     rows = [r for r in read_metrics(w) if "loss" in r]

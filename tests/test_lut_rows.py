@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from mole_jax import quant
-from mole_jax.lut_store import LutStore
+from mole_jax.offload.lut_store import LutStore
 from mole_jax.offload.rows import LutRows, read_bytes
 
 V, E, D, LAYERS = 2048, 2, 64, (0, 1, 3)

@@ -10,10 +10,10 @@ import pytest
 from conftest import trained_workdir
 
 from configs import moe
+from mole_jax.engine import build_engine
 from mole_jax.errors import StoreError, UserError
-from mole_jax.inference import build_engine, decode
-from mole_jax.offload.experts import export_experts
-from mole_jax.offload.moe import MoeOffloadEngine
+from mole_jax.export import export_experts
+from mole_jax.generate import generate
 
 pytestmark = pytest.mark.slow
 
@@ -33,12 +33,12 @@ def moe_run(tmp_path_factory, corpus_dir, cache_dir):
 @pytest.mark.parametrize("capacity,prefetch", [(0, False), (2, True), (6, False)])
 def test_offloaded_moe_equals_in_memory(moe_run, capacity, prefetch):
     ref = build_engine(moe_run, "experts")
-    eng = MoeOffloadEngine(moe_run, capacity=capacity, prefetch=prefetch)
+    eng = build_engine(moe_run, "moe_offload", capacity=capacity, prefetch=prefetch)
     ids = np.random.default_rng(1).integers(0, ref.cfg.model.vocab_size, (3, 10))
     want, _ = ref.forward(ids)
     got, _ = eng.forward(ids)
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5, rtol=1e-5)
-    a, b = decode(ref, ids, 8), decode(eng, ids, 8)
+    a, b = generate(ref, ids, 8), generate(eng, ids, 8)
     np.testing.assert_array_equal(a["tokens"], b["tokens"])
 
 
@@ -47,27 +47,27 @@ def test_cache_and_byte_accounting(moe_run):
     d, f = manifest["d_model"], manifest["d_expert"]
     assert manifest["bytes_per_expert"] == 2 * d * f * 4
     ids = np.array([[5, 17, 5, 99]], np.int32)
-    cold = MoeOffloadEngine(moe_run, capacity=0)
+    cold = build_engine(moe_run, "moe_offload", capacity=0)
     cold.forward(ids)
     cold.forward(ids)
-    s = cold.stats
-    assert s.hits == 0 and s.experts_read == s.lookups  # no cache: every lookup is a read
-    assert s.bytes_read == s.lookups * manifest["bytes_per_expert"]
-    warm = MoeOffloadEngine(moe_run, capacity=manifest["experts"])
+    s = cold.stats()
+    assert s["hits"] == 0 and s["experts_read"] == s["lookups"]  # no cache: all lookups read
+    assert s["bytes_read"] == s["lookups"] * manifest["bytes_per_expert"]
+    warm = build_engine(moe_run, "moe_offload", capacity=manifest["experts"])
     warm.forward(ids)
-    first = warm.stats.experts_read
+    first = warm.stats()["experts_read"]
     warm.forward(ids)  # the same tokens route to the same experts, all now cached
-    assert warm.stats.experts_read == first and warm.stats.hits == first
-    assert warm.stats.hit_rate == 0.5
+    assert warm.stats()["experts_read"] == first and warm.stats()["hits"] == first
+    assert warm.stats()["cache_hit_rate"] == 0.5
     assert all(len(c) <= manifest["experts"] for c in warm.cache.values())
-    one = MoeOffloadEngine(moe_run, capacity=1)
+    one = build_engine(moe_run, "moe_offload", capacity=1)
     one.forward(np.arange(40, dtype=np.int32)[None])
     assert all(len(c) == 1 for c in one.cache.values())  # LRU bounded by its capacity
 
 
 def test_resident_bytes_exclude_the_experts(moe_run):
     ref = build_engine(moe_run, "experts")
-    eng = MoeOffloadEngine(moe_run, capacity=0)
+    eng = build_engine(moe_run, "moe_offload", capacity=0)
     m = json.loads(Path(moe_run, "experts", "manifest.json").read_text())
     all_experts = len(m["layers"]) * m["experts"] * m["bytes_per_expert"]
     assert eng.resident_bytes() == ref.resident_bytes() - all_experts
@@ -80,10 +80,10 @@ def test_bad_expert_stores_are_refused(moe_run, tmp_path):
         manifest = json.loads((w / "experts" / "manifest.json").read_text())
         manifest["params_sha256"] = "0" * 64
         (w / "experts" / "manifest.json").write_text(json.dumps(manifest))
-        MoeOffloadEngine(str(w))
+        build_engine(str(w), "moe_offload")
     shutil.rmtree(w / "experts")
     with pytest.raises(StoreError, match="no expert store"):
-        MoeOffloadEngine(str(w))
+        build_engine(str(w), "moe_offload")
     with pytest.raises(UserError, match="float32|float16|bfloat16"):
         export_experts(str(w), dtype="int8")
     assert not (w / "experts").exists()
@@ -93,10 +93,10 @@ def test_bad_expert_stores_are_refused(moe_run, tmp_path):
 def test_recorded_trace_replays_to_the_engines_own_lru_hits(moe_run, capacity):
     from mole_jax.offload.policies import simulate
 
-    eng = MoeOffloadEngine(moe_run, capacity=capacity, record=True)
+    eng = build_engine(moe_run, "moe_offload", capacity=capacity, record=True)
     ids = np.random.default_rng(2).integers(0, eng.cfg.model.vocab_size, (1, 6))
-    decode(eng, ids, 10)  # prefill + 9 forward calls (the 10th token needs none), one step each
+    generate(eng, ids, 10)  # prefill + 9 forward calls (the 10th token needs none), one step each
     assert all(len(t) == 10 for t in eng.trace.values())
     assert all(1 <= len(s) <= 2 for t in eng.trace.values() for s in t[1:])  # top-2, one token
     hits = sum(simulate(t, capacity, "lru")["hits"] for t in eng.trace.values())
-    assert hits == eng.stats.hits and eng.stats.hits > 0
+    assert hits == eng.stats()["hits"] and eng.stats()["hits"] > 0

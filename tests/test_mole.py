@@ -8,17 +8,12 @@ import pytest
 from flax import nnx
 
 from configs import mole as mole_cfg
+from mole_jax.dedup import check_ids, dedup_bucket, dedup_ids, host_dedup, unique_inverse
 from mole_jax.errors import DataError
-from mole_jax.model import (
-    build_model,
-    check_ids,
-    dedup_bucket,
-    dedup_ids,
-    host_dedup,
-    unique_inverse,
-)
+from mole_jax.model import build_model
+from mole_jax.model_config import model_config
 from mole_jax.optim import make_optimizer
-from mole_jax.train import init_state, make_train_step
+from mole_jax.trainer import init_state, make_train_step
 
 V = 256
 
@@ -35,14 +30,14 @@ IDS = jnp.asarray(np.random.default_rng(0).integers(0, 40, (4, 16)), jnp.int32) 
 
 
 def loss_and_grads(cfg):
-    model = build_model(cfg.model, seed=4)
+    model = build_model(model_config(cfg), seed=4)
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
 
     def loss(p):
         out = nnx.merge(graphdef, p, rest)(IDS, train=True)
         return jnp.mean(out.logits_BxLxV**2), out.logits_BxLxV
 
-    (value, logits), grads = jax.value_and_grad(loss, has_aux=True)(params)
+    (value, logits), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
     return logits, nnx.to_pure_dict(grads), model
 
 
@@ -82,27 +77,34 @@ def test_train_step_with_host_dedup_and_accumulation_equals_per_position(micro):
 
 def test_whole_vocab_table_reproduces_the_forward():
     cfg = config()
-    model = build_model(cfg.model, seed=5)
-    tables = model.token_tables(jnp.arange(V))
+    graphdef, state = nnx.split(build_model(model_config(cfg), seed=5))
+
+    @jax.jit
+    def both(state):
+        model = nnx.merge(graphdef, state)
+        tables = model.token_tables(jnp.arange(V))
+        via_lut = model(IDS, tables=tables, inv_BxL=IDS).logits_BxLxV
+        return tables, via_lut, model(IDS).logits_BxLxV
+
+    tables, via_lut, direct = both(state)
     assert tables[0].shape == (V, 4, 64)
-    via_lut = model(IDS, tables=tables, inv_BxL=IDS).logits_BxLxV
-    np.testing.assert_allclose(via_lut, model(IDS).logits_BxLxV, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(via_lut, direct, rtol=1e-5, atol=1e-6)
 
 
 def test_router_probabilities_sum_to_one_and_aux_losses_optional():
-    model = build_model(config().model, seed=6)
+    model = build_model(model_config(config()), seed=6)
     out = model(IDS)
     for aux in out.aux["per_layer"].values():
         np.testing.assert_allclose(aux["expert_load"].sum(), 1.0, rtol=1e-6)
         assert "lb_loss" not in aux  # the paper trains MoLE with cross-entropy only
     assert float(out.aux["aux_loss"]) == 0.0
-    out = build_model(config(lb_coef=0.1, z_coef=0.01).model, seed=6)(IDS)
+    out = build_model(model_config(config(lb_coef=0.1, z_coef=0.01)), seed=6)(IDS)
     aux = out.aux["per_layer"][0]
     np.testing.assert_allclose(aux["aux_loss"], 0.1 * aux["lb_loss"] + 0.01 * aux["z_loss"])
 
 
 def test_hidden_input_ablation_has_no_token_table():
-    model = build_model(config(expert_input="hidden").model, seed=7)
+    model = build_model(model_config(config(expert_input="hidden")), seed=7)
     assert model.table_layers == () and model.blocks[0].ffn.norm_exp is None
     assert np.isfinite(np.asarray(model(IDS).logits_BxLxV)).all()
 

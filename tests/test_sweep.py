@@ -3,6 +3,7 @@ is skipped when finished, reports a run that fails; bad studies are refused befo
 
 import json
 import os
+from pathlib import Path
 
 import pytest
 from conftest import ROOT
@@ -12,7 +13,13 @@ from mole_jax import sweep
 from mole_jax.errors import ConfigError, UserError
 from mole_jax.sweep_report import plan_table
 
-STUDIES = ["kinds", "num_experts", "expert_input", "lut_quant", "seeds"]
+# Every study in experiments/ (a file defining get_sweep): a new study is tested here without
+# being registered.
+STUDIES = sorted(
+    p.stem
+    for p in (Path(ROOT) / "experiments").glob("*.py")
+    if "\ndef get_sweep(" in p.read_text()
+)
 
 
 @pytest.mark.parametrize("name", STUDIES)

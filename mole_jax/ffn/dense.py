@@ -7,9 +7,11 @@ from flax import nnx
 from mole_jax.ffn.base import FFN, Ctx
 from mole_jax.layers import Mlp
 
+FORMS = ("train",)
+
 
 class Layer(FFN):
-    def __init__(self, m, layer_idx: int, *, rngs: nnx.Rngs):
+    def __init__(self, m, layer_idx: int, *, form: str = "train", rngs: nnx.Rngs):
         self.mlp = Mlp(m.d_model, m.d_ff, m, rngs)
 
     def __call__(self, x_BxLxD, ctx: Ctx):

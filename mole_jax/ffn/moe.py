@@ -15,16 +15,20 @@ Dispatch (`model.ffn.moe.dispatch`):
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from mole_jax.errors import require, require_one_of
 from mole_jax.ffn import routing
 from mole_jax.ffn.base import FFN, Ctx
 from mole_jax.layers import ACTIVATIONS, Mlp, compute_dtype, normal
 
+FORMS = ("train", "offload")
 DISPATCH = ("dropless", "capacity")
 GROUPED = ("auto", "ragged", "blocked")
 
@@ -90,18 +94,46 @@ def capacity_ffn(x_TxD, experts_TxK, weights_TxK, up_ExDxF, down_ExFxD, act, fac
     x_ExCxD = jnp.einsum("tec,td->ecd", dispatch, x_TxD)
     h = act(jnp.einsum("ecd,edf->ecf", x_ExCxD, up_ExDxF))
     y_ExCxD = jnp.einsum("ecf,efd->ecd", h, down_ExFxD)
-    dropped = 1.0 - keep_AxE.sum() / (t * k)
+    dropped = (t * k - keep_AxE.sum()) / (t * k)  # count first: exactly 0 when none drop
     return jnp.einsum("tec,ecd->td", combine, y_ExCxD), dropped
 
 
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    experts: int
+    topk: int
+    d_expert: int  # width F of each routed expert
+    shared_d_ff: int  # width of an always-on shared expert (0: none)
+    router_mode: str  # topk_softmax | softmax_topk (routing.ROUTER_MODES)
+    lb_coef: float
+    z_coef: float
+    dispatch: str  # dropless | capacity
+    grouped: str  # auto | ragged | blocked (dropless grouped matmul)
+    capacity_factor: float
+    tile: int  # rows per tile of the blocked grouped matmul
+
+
+class Routes(NamedTuple):
+    """A MoE layer's routing of T = B*L tokens."""
+
+    weights_TxK: jax.Array  # float32 gate weights
+    experts_TxK: jax.Array  # int32 expert ids
+    probs_TxE: jax.Array  # float32 softmax over all experts
+    logits_TxE: jax.Array  # float32 router logits
+
+
 class Layer(FFN):
-    def __init__(self, m, layer_idx: int, *, rngs: nnx.Rngs):
-        c = m.ffn.moe
+    """route -> apply_experts. In the 'offload' form the layer holds no expert weights: they
+    are handed to `apply_experts` by whoever loads them (`offload/moe.py`)."""
+
+    def __init__(self, m, layer_idx: int, *, form: str = "train", rngs: nnx.Rngs):
+        c = m.ffn
         d, e, f = m.d_model, c.experts, c.d_expert
         init = normal(m.init_std)
         self.router = nnx.Param(init(rngs.params(), (d, e)))
-        self.up = nnx.Param(init(rngs.params(), (e, d, f)))
-        self.down = nnx.Param(init(rngs.params(), (e, f, d)))
+        has_experts = form != "offload"
+        self.up = nnx.Param(init(rngs.params(), (e, d, f))) if has_experts else None
+        self.down = nnx.Param(init(rngs.params(), (e, f, d))) if has_experts else None
         self.shared = Mlp(d, c.shared_d_ff, m, rngs) if c.shared_d_ff else None
         self.k, self.mode, self.dispatch, self.factor = (
             c.topk,
@@ -109,20 +141,27 @@ class Layer(FFN):
             c.dispatch,
             c.capacity_factor,
         )
-        self.lb_coef, self.z_coef, self.tile = c.lb_coef, c.z_coef, c.tile
+        self.n_experts, self.lb_coef, self.z_coef, self.tile = e, c.lb_coef, c.z_coef, c.tile
         self.grouped = c.grouped if c.grouped != "auto" else _auto_grouped()
         self.act_name, self.dtype = m.activation, m.dtype
 
-    def __call__(self, x_BxLxD, ctx: Ctx):
+    def route(self, x_BxLxD) -> Routes:
+        """The router in float32 over the flattened tokens."""
+        logits_TxE = x_BxLxD.reshape(-1, x_BxLxD.shape[-1]).astype(jnp.float32) @ self.router[...]
+        weights, experts, probs = routing.top_k_gates(logits_TxE, self.k, self.mode)
+        return Routes(weights, experts, probs, logits_TxE)
+
+    def apply_experts(self, x_BxLxD, weights_TxK, experts_TxK, up_ExDxF, down_ExFxD, dispatch=None):
+        """(y_BxLxD, stats): the routed experts (ids index `up`/`down`, which may hold a subset
+        of the layer's experts) gate-weighted, plus the shared expert. `dispatch` overrides the
+        configured one (the offload engine always runs dropless)."""
         b, n, d = x_BxLxD.shape
         x_TxD = x_BxLxD.reshape(b * n, d)
-        logits_TxE = x_TxD.astype(jnp.float32) @ self.router[...]
-        weights_TxK, experts_TxK, probs_TxE = routing.top_k_gates(logits_TxE, self.k, self.mode)
         dt, act = compute_dtype(self), ACTIVATIONS[self.act_name]
-        up, down = self.up[...].astype(dt), self.down[...].astype(dt)
-        aux = {}
-        if self.dispatch == "capacity":
-            y_TxD, aux["dropped"] = capacity_ffn(
+        up, down = up_ExDxF.astype(dt), down_ExFxD.astype(dt)
+        stats = {}
+        if (dispatch or self.dispatch) == "capacity":
+            y_TxD, stats["dropped"] = capacity_ffn(
                 x_TxD, experts_TxK, weights_TxK, up, down, act, self.factor
             )
         else:
@@ -134,15 +173,24 @@ class Layer(FFN):
             y_TxD = unpermute(y_AxD, order_A, weights_TxK)
         if self.shared is not None:
             y_TxD = y_TxD + self.shared(x_TxD)
-        lb = routing.load_balance_loss(probs_TxE, experts_TxK)
-        z = routing.z_loss(logits_TxE)
-        aux.update(
+        return y_TxD.reshape(b, n, d), stats
+
+    def aux(self, routes: Routes) -> dict:
+        lb = routing.load_balance_loss(routes.probs_TxE, routes.experts_TxK)
+        z = routing.z_loss(routes.logits_TxE)
+        return dict(
             aux_loss=self.lb_coef * lb + self.z_coef * z,
             lb_loss=lb,
             z_loss=z,
-            expert_load=routing.expert_load(experts_TxK, up.shape[0]),
+            expert_load=routing.expert_load(routes.experts_TxK, self.n_experts),
         )
-        return y_TxD.reshape(b, n, d), aux
+
+    def __call__(self, x_BxLxD, ctx: Ctx):
+        r = self.route(x_BxLxD)
+        y, stats = self.apply_experts(
+            x_BxLxD, r.weights_TxK, r.experts_TxK, self.up[...], self.down[...]
+        )
+        return y, {**stats, **self.aux(r)}
 
 
 def _auto_grouped() -> str:
@@ -150,9 +198,7 @@ def _auto_grouped() -> str:
 
 
 def validate(m) -> None:
-    from mole_jax.config import require, require_one_of
-
-    c, name = m.ffn.moe, "model.ffn.moe"
+    c, name = m.ffn, "model.ffn.moe"
     require(c.experts >= 1, f"{name}.experts={c.experts} must be >= 1")
     require(
         1 <= c.topk <= c.experts,
@@ -170,7 +216,7 @@ def validate(m) -> None:
 
 def account(m) -> dict:
     """Table 1 rows 'MoE' and 'MoE + expert offload' (per layer)."""
-    c, d = m.ffn.moe, m.d_model
+    c, d = m.ffn, m.d_model
     expert = 2 * d * c.d_expert
     fixed = d * c.experts + 2 * d * c.shared_d_ff  # router + shared expert
     active = fixed + c.topk * expert

@@ -12,32 +12,52 @@ id: a table of U x E x D rows. With `impl='unique'` (default) the layer declares
 gathers its rows (`ctx.tables[layer]`, `ctx.inv_BxL`). The same seam feeds the exported LUT, in
 memory or read from storage. `impl='per_position'` computes all E experts at every position (the
 naive reference). `expert_input='hidden'` is the ablation whose experts read u; it cannot be
-re-parameterised into a LUT. `lut_form=True` builds the inference form: no expert weights and no
-expert norm, only the shared FFN and the router; the rows always come from `ctx.tables`.
+re-parameterised into a LUT. The 'lut' form (`build_model(m, form="lut")`) is the inference form:
+no expert weights and no expert norm, only the shared FFN and the router; the rows always come
+from `ctx.tables`.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from mole_jax.errors import require, require_one_of
 from mole_jax.ffn import routing
 from mole_jax.ffn.base import FFN, Ctx
 from mole_jax.layers import ACTIVATIONS, Mlp, RMSNorm, compute_dtype, normal
 
+FORMS = ("train", "lut")
 IMPLS = ("unique", "per_position")
 EXPERT_INPUTS = ("embedding", "hidden")
 
 
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    experts: int
+    d_expert: int  # width of each routed expert (paper: 4D)
+    expert_input: str  # embedding (exportable as a LUT) | hidden (ablation)
+    impl: str  # unique (experts once per distinct id) | per_position (naive reference)
+    lb_coef: float
+    z_coef: float
+    nf4_block: int  # values per absmax scale in nf4 LUT exports
+
+
 class Layer(FFN):
-    def __init__(self, m, layer_idx: int, *, rngs: nnx.Rngs):
-        c = m.ffn.mole
+    def __init__(self, m, layer_idx: int, *, form: str = "train", rngs: nnx.Rngs):
+        c = m.ffn
         d, e, f = m.d_model, c.experts, c.d_expert
         init = normal(m.init_std)
         self.router = nnx.Param(init(rngs.params(), (d, e)))
         self.shared = Mlp(d, m.d_ff, m, rngs)
-        lut_form = c.get("lut_form", False)  # inference form: no experts, rows from a LUT
+        lut_form = form == "lut"  # inference form: no experts, rows from a LUT
+        require(
+            not lut_form or c.expert_input == "embedding",
+            "model.ffn.mole.expert_input='hidden': experts that read the hidden state have no LUT",
+        )
         has_norm = c.expert_input == "embedding" and not lut_form
         self.norm_exp = RMSNorm(d, m.norm_eps) if has_norm else None
         self.up = None if lut_form else nnx.Param(init(rngs.params(), (e, d, f)))
@@ -85,24 +105,18 @@ class Layer(FFN):
 
 
 def validate(m) -> None:
-    from mole_jax.config import require, require_one_of
-
-    c, name = m.ffn.mole, "model.ffn.mole"
+    c, name = m.ffn, "model.ffn.mole"
     require(c.experts >= 1, f"{name}.experts={c.experts} must be >= 1")
     require(c.d_expert >= 1, f"{name}.d_expert={c.d_expert} must be >= 1")
     require_one_of(c.impl, IMPLS, f"{name}.impl")
     require_one_of(c.expert_input, EXPERT_INPUTS, f"{name}.expert_input")
     require(c.lb_coef >= 0 and c.z_coef >= 0, f"{name}.lb_coef and z_coef must be >= 0")
     require(c.nf4_block >= 1, f"{name}.nf4_block={c.nf4_block} must be >= 1")
-    require(
-        not (c.get("lut_form", False) and c.expert_input != "embedding"),
-        f"{name}.lut_form needs expert_input='embedding': hidden-input experts have no LUT",
-    )
 
 
 def account(m) -> dict:
     """Table 1 row 'MoLE + LUT offload' (per layer); training counts the routed experts."""
-    c, d, v = m.ffn.mole, m.d_model, m.vocab_size
+    c, d, v = m.ffn, m.d_model, m.vocab_size
     shared_router = 2 * d * m.d_ff + d * c.experts
     experts = c.experts * 2 * d * c.d_expert
     out = dict(

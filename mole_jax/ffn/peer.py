@@ -12,10 +12,13 @@ a softmax over each head's k scores and summed over heads. Only the chosen u, v 
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from mole_jax.errors import require, require_one_of
 from mole_jax.ffn.base import FFN, Ctx
 from mole_jax.layers import ACTIVATIONS, compute_dtype, linear, normal
 
@@ -50,9 +53,24 @@ def usage_stats(experts_TxHxK, weights_TxHxK, n_experts: int):
     return jnp.mean(mass_N > 0), kl
 
 
+FORMS = ("train",)
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    sub_keys: int  # n sub-keys per half of the product key; N = n^2 experts
+    heads: int
+    topk: int  # experts per head
+    d_key: int  # query/key width (two halves)
+    query_bn: bool  # BatchNorm on the query: batch statistics in training, running in eval
+    bn_momentum: float
+    shared_keys: bool  # one set of product keys for all heads
+    activation: str  # sigma of e(x) = sigma(u.x) v
+
+
 class Layer(FFN):
-    def __init__(self, m, layer_idx: int, *, rngs: nnx.Rngs):
-        c = m.ffn.peer
+    def __init__(self, m, layer_idx: int, *, form: str = "train", rngs: nnx.Rngs):
+        c = m.ffn
         n, d, dk = c.sub_keys, m.d_model, c.d_key
         init = normal(m.init_std)
         self.query = linear(d, c.heads * dk, m, rngs)
@@ -87,9 +105,7 @@ class Layer(FFN):
 
 
 def validate(m) -> None:
-    from mole_jax.config import require, require_one_of
-
-    c, name = m.ffn.peer, "model.ffn.peer"
+    c, name = m.ffn, "model.ffn.peer"
     require(c.sub_keys >= 1, f"{name}.sub_keys={c.sub_keys} (N = sub_keys^2) must be >= 1")
     require(c.heads >= 1, f"{name}.heads={c.heads} must be >= 1")
     require(
@@ -103,7 +119,7 @@ def validate(m) -> None:
 
 def account(m) -> dict:
     """Per-layer numbers of a PEER layer (FLOPs: query, sub-key scores, candidates, experts)."""
-    c, d = m.ffn.peer, m.d_model
+    c, d = m.ffn, m.d_model
     query = d * c.heads * c.d_key + (2 * c.heads * c.d_key if c.query_bn else 0)
     keys = (1 if c.shared_keys else c.heads) * c.sub_keys * c.d_key
     experts = 2 * c.sub_keys * c.sub_keys * d

@@ -10,7 +10,7 @@ import dataclasses
 
 import numpy as np
 
-from mole_jax.lut_store import LutStore
+from mole_jax.offload.lut_store import LutStore
 
 
 @dataclasses.dataclass

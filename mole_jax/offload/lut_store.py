@@ -1,15 +1,10 @@
-"""A MoLE lookup-table store: one tensorstore zarr3 array per layer (and per scale array), a
-manifest, and batched row reads. Shared by `export` (writer) and offloaded `eval`/`generate`.
+"""A MoLE lookup-table store (the `store.py` format, kind 'mole_lut'): one array per layer (and
+per scale array) and batched row reads. Shared by `export` (writer) and the LUT engines.
 
-Layout under the store directory:
-    manifest.json                 written last; a directory without it is not a store
     layer_XX/values               zarr3 [V, E, D] (nf4: [V, E, D/2] uint8)
     layer_XX/scales               int8: [V, E] float32; nf4: [V, E, D/block] float16
-Arrays use the `sharding_indexed` codec: shards of `shard_rows` token rows, inner chunks of
-`rows_per_chunk` rows (default 1: one token's E x D values are one small read), no compression,
-a crc32c checksum on every inner chunk and on every shard index, so a corrupt byte is reported
-by the read that touches it. The manifest also holds a SHA-256 of each array's content;
-`open(verify=...)` recomputes them.
+Shards of `shard_rows` token rows, inner chunks of `rows_per_chunk` rows (default 1: one token's
+E x D values are one small read).
 
 Reading, a store keeps every shard index in a tensorstore cache pool sized for the indexes
 (16 bytes per row and array), so a row read costs one index read per shard over the life of the
@@ -22,8 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
-import time
 from pathlib import Path
 
 import jax
@@ -31,41 +24,9 @@ import jax.numpy as jnp
 import numpy as np
 import tensorstore as ts
 
-from mole_jax import quant
+from mole_jax import quant, store
 from mole_jax.errors import StoreError
-from mole_jax.files import write_text_atomic
-
-FORMAT_VERSION = 1
-VERIFY_AUTO_BYTES = 256 * 2**20  # `verify='auto'` hashes every array of stores up to this size
-
-
-def array_spec(path: Path, shape, dtype: str, rows_per_chunk: int, shard_rows: int) -> dict:
-    chunk = [rows_per_chunk, *shape[1:]]
-    shard = [max(rows_per_chunk, shard_rows - shard_rows % rows_per_chunk), *shape[1:]]
-    raw_crc = [{"name": "bytes", "configuration": {"endian": "little"}}, {"name": "crc32c"}]
-    return {
-        "driver": "zarr3",
-        "kvstore": {"driver": "file", "path": str(path)},
-        "metadata": {
-            "shape": list(shape),
-            "data_type": dtype,
-            "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": shard}},
-            "codecs": [
-                {
-                    "name": "sharding_indexed",
-                    "configuration": {
-                        "chunk_shape": chunk,
-                        "codecs": raw_crc,
-                        "index_codecs": raw_crc,
-                    },
-                }
-            ],
-        },
-    }
-
-
-def layer_name(layer: int) -> str:
-    return f"layer_{layer:02d}"
+from mole_jax.store import layer_name
 
 
 @dataclasses.dataclass(frozen=True)
@@ -135,6 +96,7 @@ class LutStore:
         self.dtype, self.block = manifest["dtype"], manifest["nf4_block"]
         self.row_bytes = manifest["bytes_per_token"]  # all layers, scales included
         self.layout = RowLayout(arrays)
+        self.written: dict[str, hashlib._Hash] = {}
         if self.layout.row_bytes != self.row_bytes:
             raise StoreError(
                 f"{path}: arrays hold {self.layout.row_bytes} bytes per token, the manifest says "
@@ -159,9 +121,9 @@ class LutStore:
         for layer in layers:
             arrays[layer] = {}
             for name, (trail, dt) in quant.stored_arrays(dtype, d, block).items():
-                where = path / layer_name(layer) / name
-                spec = array_spec(where, (vocab, experts, *trail), dt, rows_per_chunk, shard_rows)
-                arrays[layer][name] = ts.open(spec, create=True, delete_existing=True).result()
+                arrays[layer][name] = store.create_array(
+                    path, layer, name, (vocab, experts, *trail), dt, rows_per_chunk, shard_rows
+                )
         manifest = dict(
             dtype=dtype,
             nf4_block=block,
@@ -171,16 +133,22 @@ class LutStore:
         return cls(path, manifest, arrays)
 
     def write_rows(self, start: int, tables: dict[int, np.ndarray]) -> None:
-        """Quantises float tables {layer: [n, E, D]} and writes them at rows start..start+n."""
+        """Quantises float tables {layer: [n, E, D]} and writes them at rows start..start+n
+        (rows in order: the digests of what was written are kept for `finalize`)."""
         futures = []
         for layer, table in tables.items():
             for name, arr in quant.quantize(table, self.dtype, self.block).items():
+                key = f"{layer_name(layer)}/{name}"
+                self.written.setdefault(key, hashlib.sha256()).update(
+                    np.ascontiguousarray(arr).tobytes()
+                )
                 futures.append(self.arrays[layer][name][start : start + len(table)].write(arr))
         for f in futures:
             f.result()
 
     def finalize(self, meta: dict) -> dict:
-        """Hashes every array, writes manifest.json (last), returns the manifest."""
+        """Reads every array back against what was written, writes manifest.json (last),
+        returns the manifest."""
         first = self.arrays[self.layers[0]]["values"]
         manifest = dict(
             **meta,
@@ -189,7 +157,8 @@ class LutStore:
             vocab_size=int(first.shape[0]),
             experts=int(first.shape[1]),
         )
-        self.manifest = write_manifest(self.path, "mole_lut", manifest, self.arrays)
+        written = {k: h.hexdigest() for k, h in self.written.items()}
+        self.manifest = store.write_manifest(self.path, "mole_lut", manifest, self.arrays, written)
         return self.manifest
 
     # -- reading ---------------------------------------------------------------------------
@@ -199,12 +168,9 @@ class LutStore:
         params_sha256 of the checkpoint in use). verify: 'full' | 'auto' | 'none' (per-chunk
         crc32c checks still apply to every read)."""
         path = Path(path)
-        manifest = read_manifest(path, "mole_lut", expect)
-        arrays = open_arrays(path, manifest, verify, index_cache(manifest))
+        manifest = store.read_manifest(path, "mole_lut", expect)
+        arrays = store.open_arrays(path, manifest, verify, index_cache(manifest))
         return cls(path, manifest, arrays)
-
-    def verify(self) -> None:
-        verify_arrays(self.path, self.manifest, self.arrays)
 
     def read_rows(self, ids: np.ndarray) -> dict[int, dict[str, np.ndarray]]:
         """{layer: {name: rows for ids}}: one batched read per array, all in flight at once."""
@@ -221,7 +187,7 @@ class LutStore:
             except ValueError as e:
                 where = f"{self.path}/{layer_name(layer)}/{name}"
                 raise StoreError(
-                    f"reading {where} failed ({_short(e)}); the store is corrupt, re-export it"
+                    f"reading {where} failed ({store.short(e)}); the store is corrupt, re-export it"
                 ) from None
         return out
 
@@ -236,105 +202,3 @@ class LutStore:
             for layer, group in self.arrays.items()
         }
         return self.layout.pack(stored)
-
-
-def write_manifest(path: Path, kind: str, fields: dict, arrays: dict) -> dict:
-    """Hashes `arrays` ({layer: {name: TensorStore}}) and writes manifest.json last (atomically)."""
-    manifest = dict(
-        format_version=FORMAT_VERSION,
-        kind=kind,
-        **fields,
-        created=time.strftime("%Y-%m-%dT%H:%M:%S"),
-        arrays={
-            f"{layer_name(layer)}/{name}": dict(
-                shape=list(arr.shape), dtype=str(arr.dtype.name), sha256=_digest(arr)
-            )
-            for layer in sorted(arrays)
-            for name, arr in arrays[layer].items()
-        },
-    )
-    write_text_atomic(path / "manifest.json", json.dumps(manifest, indent=2))
-    return manifest
-
-
-def read_manifest(path: Path, kind: str, expect: dict | None) -> dict:
-    """The manifest of a store of `kind`, checked for format and for the `expect`ed fields."""
-    mpath = path / "manifest.json"
-    what = {"mole_lut": "LUT store", "moe_experts": "expert store"}[kind]
-    if not mpath.is_file():
-        raise StoreError(f"no {what} at {path} (manifest.json missing): run `launch.py export`")
-    try:
-        manifest = json.loads(mpath.read_text())
-    except json.JSONDecodeError as e:
-        raise StoreError(f"{mpath} is corrupt ({e}); re-run `launch.py export`") from None
-    version = manifest.get("format_version")
-    if version != FORMAT_VERSION or manifest.get("kind") != kind:
-        raise StoreError(
-            f"{path}: format {manifest.get('kind')} v{version} is not {kind} v{FORMAT_VERSION}"
-            "; re-run `launch.py export`"
-        )
-    for key, want in (expect or {}).items():
-        if manifest.get(key) != want:
-            raise StoreError(
-                f"{what} {path} does not match the checkpoint: its {key} is "
-                f"{manifest.get(key)!r}, expected {want!r}; re-run `launch.py export`"
-            )
-    return manifest
-
-
-def open_arrays(
-    path: Path, manifest: dict, verify: str, context: ts.Context | None = None
-) -> dict[int, dict[str, ts.TensorStore]]:
-    """Opens every array the manifest lists (in `context`), checks shapes and dtypes, and with
-    verify='full' (or 'auto' and at most VERIFY_AUTO_BYTES in all) their SHA-256 digests."""
-    arrays: dict[int, dict[str, ts.TensorStore]] = {}
-    for name, info in manifest["arrays"].items():
-        layer_dir, array = name.split("/")
-        spec = {"driver": "zarr3", "kvstore": {"driver": "file", "path": str(path / name)}}
-        try:
-            arr = ts.open(spec, open=True, context=context or ts.Context()).result()
-        except ValueError as e:
-            raise StoreError(
-                f"array {path}/{name} is missing or unreadable ({_short(e)}); re-run export"
-            ) from None
-        if list(arr.shape) != info["shape"] or arr.dtype.name != info["dtype"]:
-            raise StoreError(
-                f"array {path}/{name} is {list(arr.shape)} {arr.dtype.name}; the manifest "
-                f"says {info['shape']} {info['dtype']}"
-            )
-        arrays.setdefault(int(layer_dir.removeprefix("layer_")), {})[array] = arr
-    total = sum(array_bytes(a) for a in manifest["arrays"].values())
-    if verify == "full" or (verify == "auto" and total <= VERIFY_AUTO_BYTES):
-        verify_arrays(path, manifest, arrays)
-    return arrays
-
-
-def verify_arrays(path: Path, manifest: dict, arrays: dict) -> None:
-    for name, info in manifest["arrays"].items():
-        layer_dir, array = name.split("/")
-        arr = arrays[int(layer_dir.removeprefix("layer_"))][array]
-        try:
-            digest = _digest(arr)
-        except ValueError as e:  # a crc32c mismatch surfaces as DATA_LOSS
-            raise StoreError(f"array {path}/{name} is corrupt ({_short(e)}); re-export") from None
-        if digest != info["sha256"]:
-            raise StoreError(f"array {path}/{name} fails its checksum; re-export")
-
-
-def array_bytes(info: dict) -> int:
-    """Stored bytes of a manifest array entry {'shape', 'dtype'}."""
-    itemsize = np.dtype(quant.FLOAT_DTYPES.get(info["dtype"], info["dtype"])).itemsize
-    return int(np.prod(info["shape"])) * itemsize
-
-
-def _digest(arr: ts.TensorStore, rows: int = 8192) -> str:
-    h = hashlib.sha256()
-    n = arr.shape[0]
-    for start in range(0, n, rows):
-        h.update(np.ascontiguousarray(arr[start : min(n, start + rows)].read().result()).tobytes())
-    return h.hexdigest()
-
-
-def _short(e: Exception) -> str:
-    text = str(e).replace("\n", " ")
-    return text[:240] + ("..." if len(text) > 240 else "")

@@ -1,0 +1,85 @@
+"""The typed model config: a frozen dataclass made once from the ml_collections config.
+
+`build_model` and every module take a `ModelConfig`; none reads the config tree. The FFN kind's
+own fields arrive as the kind's frozen `Settings` (`m.ffn`), so `ffn/moe.py` reads
+`m.ffn.experts`, never `cfg.model.ffn.moe.experts`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax.numpy as jnp
+
+from mole_jax.errors import require
+from mole_jax.ffn import KINDS, layer_indices
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    vocab_size: int
+    d_model: int
+    n_layers: int
+    n_heads: int
+    d_ff: int
+    max_seq_len: int
+    rope_theta: float
+    init_std: float
+    norm_eps: float
+    activation: str
+    dtype: str  # compute dtype; parameters are float32
+    kind: str = "dense"  # the configured FFN kind, placed in `ffn_layers`; dense elsewhere
+    ffn_layers: tuple[int, ...] = ()
+    ffn: Any = None  # the kind's frozen Settings (None for dense)
+
+    @property
+    def compute_dtype(self) -> jnp.dtype:
+        return jnp.dtype(self.dtype)
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    def kind_of_layer(self, layer_idx: int) -> str:
+        """The FFN kind of block `layer_idx`: the configured kind where placed, dense elsewhere."""
+        return self.kind if layer_idx in self.ffn_layers else "dense"
+
+
+# The backbone's fields: those read straight from `cfg.model` (the ones without a default).
+BACKBONE = tuple(
+    f.name for f in dataclasses.fields(ModelConfig) if f.default is dataclasses.MISSING
+)
+
+
+def model_config(cfg) -> ModelConfig:
+    """The typed config of `cfg.model` (pass the whole run config or its `model` section).
+
+    Raises ConfigError for an unknown kind, a missing `model.ffn.<kind>` section or field, or a
+    bad `model.ffn.layers`. Fields the kind does not know (from older configs) are ignored.
+    """
+    m = cfg.model if "model" in cfg else cfg
+    kind = m.ffn.kind
+    require(kind in KINDS, f"model.ffn.kind={kind!r} is not one of {', '.join(KINDS)}")
+    settings_cls = getattr(KINDS[kind], "Settings", None)
+    settings = None
+    if settings_cls is not None:
+        require(
+            kind in m.ffn,
+            f"model.ffn.kind={kind!r} needs a model.ffn.{kind} section (use configs/{kind}.py)",
+        )
+        raw = m.ffn[kind]
+        names = [f.name for f in dataclasses.fields(settings_cls)]
+        missing = [n for n in names if n not in raw]
+        require(not missing, f"model.ffn.{kind} lacks field(s) {missing} (use configs/{kind}.py)")
+        settings = settings_cls(**{n: _frozen(raw[n]) for n in names})
+    return ModelConfig(
+        **{name: m[name] for name in BACKBONE},
+        kind=kind,
+        ffn_layers=layer_indices(m.ffn.layers, m.n_layers),
+        ffn=settings,
+    )
+
+
+def _frozen(value):
+    return tuple(value) if isinstance(value, list) else value

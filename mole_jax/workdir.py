@@ -1,0 +1,144 @@
+"""The layout of a run directory, its config loaded once, and its writer lock.
+
+W/config.json          the resolved config (export / eval / generate read it)
+W/tokenizer.json       the run's tokenizer
+W/model_summary.json   accounting (accounting.summarize)
+W/metrics.jsonl, W/tb/ training curves
+W/checkpoints/<step>/  orbax checkpoints (checkpoint.py)
+W/<store>/             LUT stores (`lut`, `lut_nf4`, ...) and expert stores (`experts`, ...)
+W/eval/<name>.json     evaluation results
+W/.lock                held (fcntl) by the one process allowed to write the workdir
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import functools
+import json
+import os
+from pathlib import Path
+
+import ml_collections
+
+from mole_jax.config import from_dict, to_json
+from mole_jax.errors import ConfigError, UserError
+from mole_jax.files import write_text_atomic
+
+
+class Workdir:
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+
+    def __fspath__(self) -> str:
+        return str(self.path)
+
+    def __str__(self) -> str:
+        return str(self.path)
+
+    @property
+    def config_path(self) -> Path:
+        return self.path / "config.json"
+
+    @property
+    def tokenizer_path(self) -> Path:
+        return self.path / "tokenizer.json"
+
+    @property
+    def summary_path(self) -> Path:
+        return self.path / "model_summary.json"
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.path / "metrics.jsonl"
+
+    @property
+    def tb_dir(self) -> Path:
+        return self.path / "tb"
+
+    @property
+    def checkpoints_dir(self) -> Path:
+        return self.path / "checkpoints"
+
+    @property
+    def lock_path(self) -> Path:
+        return self.path / ".lock"
+
+    def store(self, name: str) -> Path:
+        """A LUT or expert store by its directory name ('lut', 'lut_nf4', 'experts', ...)."""
+        return self.path / name
+
+    def eval_path(self, name: str) -> Path:
+        return self.path / "eval" / f"{name}.json"
+
+    def has_checkpoints(self) -> bool:
+        d = self.checkpoints_dir
+        return d.is_dir() and any(p.name.isdigit() for p in d.iterdir())
+
+    @functools.cached_property
+    def config(self) -> ml_collections.FrozenConfigDict:
+        """The resolved config `train` wrote (read once; frozen: use `editable_config` to vary
+        it)."""
+        path = self.config_path
+        if not path.exists():
+            raise ConfigError(
+                f"{path} not found: is '{self.path}' a workdir written by `launch.py train`?"
+            )
+        try:
+            raw = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ConfigError(
+                f"{path} is not valid JSON ({e}); re-run train to rewrite it"
+            ) from None
+        return ml_collections.FrozenConfigDict(from_dict(raw))
+
+    def editable_config(self) -> ml_collections.ConfigDict:
+        """A mutable copy of `config`."""
+        return from_dict(json.loads(to_json(self.config)))
+
+    @functools.cached_property
+    def model_config(self):
+        """The typed model config of `config` (model_config.ModelConfig)."""
+        from mole_jax.model_config import model_config
+
+        return model_config(self.config)
+
+    def tokenizer(self):
+        from mole_jax import data
+
+        if not self.tokenizer_path.exists():
+            raise UserError(
+                f"{self.tokenizer_path} is missing: is '{self.path}' a workdir written by "
+                "`launch.py train`?"
+            )
+        return data.load_tokenizer(str(self.tokenizer_path))
+
+    def save_config(self, cfg: ml_collections.ConfigDict) -> None:
+        write_text_atomic(self.config_path, to_json(cfg))
+        self.__dict__.pop("config", None)
+        self.__dict__.pop("model_config", None)
+
+    @contextlib.contextmanager
+    def writer_lock(self, command: str):
+        """Holds the workdir's lock while `command` writes it. A second writer is refused in one
+        line naming the holder's pid; the kernel releases the lock when its process dies."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "unknown"
+                raise UserError(
+                    f"{self.path} is in use by another writer ({holder}); wait for it to finish "
+                    "or use another --workdir"
+                ) from None
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"pid {os.getpid()}, {command}".encode(), 0)
+            yield self
+        finally:
+            os.close(fd)  # closing the descriptor releases the lock
+
+
+def as_workdir(workdir: str | os.PathLike | Workdir) -> Workdir:
+    return workdir if isinstance(workdir, Workdir) else Workdir(workdir)
