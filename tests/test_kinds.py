@@ -10,6 +10,7 @@ from conftest import tiny_overrides
 
 from configs import dense, moe, mole, peer
 from mole_jax import train
+from mole_jax.evaluate import evaluate
 from mole_jax.metrics import read_metrics
 
 pytestmark = pytest.mark.slow
@@ -41,3 +42,7 @@ def test_kind_trains_on_text(kind, tmp_path, corpus_dir, cache_dir):
     s = json.load(open(f"{w}/model_summary.json"))
     assert s["kind"] == kind and s["params_total"] == s["params_total_formula"]
     assert s["params_active_per_token"] <= s["params_total"]
+    # `launch.py eval` of the checkpoint reproduces the run's own validation loss (for PEER this
+    # needs the BatchNorm running statistics restored with the parameters).
+    val = [r["val_loss"] for r in read_metrics(w) if "val_loss" in r][-1]
+    assert abs(evaluate(w, write=False)["loss"] - val) <= 1e-5
