@@ -1,6 +1,7 @@
 """mole_jax command line: train | summary | export | eval | generate | sweep.
 
     python launch.py train    --config=configs/mole.py:size=tiny,experts=4 --workdir=runs/m
+                              [--coordinator=HOST:PORT --num_processes=N --process_id=I]
     python launch.py summary  --config=configs/mole.py:size=160m,experts=16 [--json=FILE]
     python launch.py export   --workdir=runs/m [--dtype=float16|bfloat16|float32|int8|nf4]
     python launch.py export   --workdir=runs/moe --experts [--dtype=float32|float16|bfloat16]
@@ -39,6 +40,9 @@ flags.DEFINE_integer("top_k", 0, "generate: sample among the k most likely (0: a
 flags.DEFINE_integer("seed", 0, "generate: sampling seed.")
 flags.DEFINE_integer("parallel", 1, "sweep: runs at a time.")
 flags.DEFINE_bool("dry_run", False, "sweep: print the runs without starting them.")
+flags.DEFINE_string("coordinator", None, "train on several hosts: HOST:PORT of process 0.")
+flags.DEFINE_integer("num_processes", None, "train on several hosts: how many processes.")
+flags.DEFINE_integer("process_id", None, "train on several hosts: this process's index.")
 FLAGS = flags.FLAGS
 
 COMMANDS = ("train", "summary", "export", "eval", "generate", "sweep")

@@ -25,7 +25,9 @@ def base(size: str) -> ConfigDict:
             init_std=0.01,  # paper: normal(0, 0.01) for every weight
             norm_eps=1e-6,
             activation="gelu",  # exact (erf) GELU, non-gated FFNs, as in the MoLE paper
-            dtype="float32",  # compute: float32 | bfloat16 (params, softmax and loss stay fp32)
+            # compute: float32 | bfloat16 (params, softmax and loss stay fp32)
+            dtype="float32" if size in CPU_SIZES else "bfloat16",
+            remat="none" if size in CPU_SIZES else "full",  # none | full | dots
         )
     )
     c.model.ffn = ConfigDict(dict(kind="dense", layers="all"))
@@ -39,12 +41,16 @@ def base(size: str) -> ConfigDict:
             cache_dir=config_dict.placeholder(str),  # default: $MOLE_JAX_CACHE or ~/.cache/mole_jax
         )
     )
+    # Device mesh (sharding.py): sizes of its axes; one may be -1 (the remaining devices).
+    c.mesh = ConfigDict(dict(data=-1, fsdp=1, expert=1, tensor=1))
     local = size in CPU_SIZES
     c.train = ConfigDict(
         dict(
             steps=s["steps"],
             batch_size=s["batch_size"],  # sequences per optimiser step (global)
             microbatches=1,  # gradient accumulation: the step is split into this many parts
+            # positions whose logits exist at once in the loss (0: the whole sequence)
+            loss_chunk=0 if size in CPU_SIZES else 512,
             lr=s["lr"],
             warmup_frac=0.05 if local else 0.01,
             min_lr_ratio=0.1,  # cosine floor as a fraction of lr

@@ -69,7 +69,7 @@ def bench(cfg, steps: int = 10, warmup: int = 2, peak: float | None = None) -> d
         data.train_batch(td.train, cfg.seed, s, t.batch_size, cfg.data.seq_len)
         for s in range(steps + warmup)
     ]
-    state, step, put = tr.fresh_state, tr.step_fn, tr.put_batch
+    state, step, put = tr.init_state(), tr.step_fn, tr.put_batch
     t0 = time.perf_counter()
     state, _ = step(state, *put(batches[0]))  # compile (and for MoLE, the first table-size bucket)
     jax.block_until_ready(state)

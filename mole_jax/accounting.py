@@ -17,6 +17,7 @@ import jax
 from flax import nnx
 
 from mole_jax import ffn as ffn_lib
+from mole_jax import memory
 from mole_jax.model import abstract_model
 from mole_jax.model_config import model_config
 
@@ -28,8 +29,10 @@ def count_params(m) -> int:
     return int(sum(x.size for x in jax.tree.leaves(nnx.state(abstract_model(m), nnx.Param))))
 
 
-def summarize(cfg) -> dict:
-    """The accounting of a run config (its model at context `data.seq_len`)."""
+def summarize(cfg, n_devices: int | None = None) -> dict:
+    """The accounting of a run config (its model at context `data.seq_len`), with the bytes
+    per device of its training step on `cfg.mesh` over `n_devices` (default: the mesh's fixed
+    axes, its -1 axis as 1)."""
     m = model_config(cfg)
     d, v, seq = m.d_model, m.vocab_size, cfg.data.seq_len
     attn_params = 4 * d * d
@@ -62,6 +65,10 @@ def summarize(cfg) -> dict:
         "seq_len": seq,
         "vocab_size": v,
     }
+    if "mesh" in cfg:
+        sizes = memory.mesh_sizes(cfg.mesh, n_devices)
+        out["mesh"] = sizes
+        out["bytes_per_device"] = memory.plan(cfg, sizes)
     if lut_values:
         out["lut_values"] = lut_values
         out["lut_values_per_token"] = lut_per_token
@@ -86,13 +93,23 @@ def lut_bytes(values: int, d: int, dtype: str, m) -> int:
 
 
 def format_summary(s: dict) -> str:
-    rows = [(k, s[k]) for k in s if k not in ("layer_kinds",) and not isinstance(s[k], dict)]
-    rows += [(f"{k}[{dt}]", b) for k in s if isinstance(s[k], dict) for dt, b in s[k].items()]
+    skip = ("layer_kinds", "mesh")
+    rows = [(k, s[k]) for k in s if k not in skip and not isinstance(s[k], dict)]
+    rows += [
+        (f"{k}[{dt}]", b)
+        for k in s
+        if isinstance(s[k], dict) and k not in skip
+        for dt, b in s[k].items()
+    ]
+    if "mesh" in s:
+        rows.append(("mesh", " ".join(f"{a}={n}" for a, n in s["mesh"].items())))
     width = max(len(k) for k, _ in rows)
-    return "\n".join(f"{k:<{width}}  {_fmt(v)}" for k, v in rows)
+    return "\n".join(f"{k:<{width}}  {_fmt(k, v)}" for k, v in rows)
 
 
-def _fmt(v) -> str:
+def _fmt(key: str, v) -> str:
+    if key.startswith(("bytes_per_device", "lut_bytes")) and isinstance(v, int):
+        return f"{v:,}  ({v / 2**30:.3f} GiB)"
     if isinstance(v, int) and v >= 10_000:
         return f"{v:,}  ({v / 1e9:.3f} B)" if v >= 1e8 else f"{v:,}"
     return str(v)

@@ -28,21 +28,22 @@ def rope(x_BxQxHxK, pos_Q, theta: float):
     return out.astype(x_BxQxHxK.dtype)
 
 
-def causal_attention(q_BxQxHxK, k_BxSxHxK, v_BxSxHxK, pos_Q, pos_S):
-    """softmax(q.k / sqrt(K)) v with key position <= query position; softmax in float32."""
-    scale = q_BxQxHxK.shape[-1] ** -0.5
-    s_BxHxQxS = jnp.einsum("bqhk,bshk->bhqs", q_BxQxHxK, k_BxSxHxK).astype(jnp.float32) * scale
-    mask_QxS = pos_S[None, :] <= pos_Q[:, None]
-    s_BxHxQxS = jnp.where(mask_QxS, s_BxHxQxS, jnp.finfo(jnp.float32).min)
-    p_BxHxQxS = jax.nn.softmax(s_BxHxQxS, axis=-1).astype(v_BxSxHxK.dtype)
-    return jnp.einsum("bhqs,bshk->bqhk", p_BxHxQxS, v_BxSxHxK)
+def causal_attention(q_BxQxHxK, k_BxSxHxK, v_BxSxHxK, pos_Q=None, pos_S=None):
+    """softmax(q.k / sqrt(K)) v with key position <= query position, scores and softmax in
+    float32, through `jax.nn.dot_product_attention` (cuDNN's fused kernel on GPU where it
+    applies, XLA elsewhere). Without positions, query i attends to keys 0..i (training)."""
+    if pos_Q is None:
+        return jax.nn.dot_product_attention(q_BxQxHxK, k_BxSxHxK, v_BxSxHxK, is_causal=True)
+    mask_1x1xQxS = (pos_S[None, :] <= pos_Q[:, None])[None, None]
+    return jax.nn.dot_product_attention(q_BxQxHxK, k_BxSxHxK, v_BxSxHxK, mask=mask_1x1xQxS)
 
 
 class Attention(nnx.Module):
     def __init__(self, m, rngs: nnx.Rngs):
         d = m.d_model
         self.n_heads, self.head_dim, self.theta = m.n_heads, d // m.n_heads, m.rope_theta
-        self.q, self.k, self.v, self.o = (linear(d, d, m, rngs) for _ in range(4))
+        self.q, self.k, self.v = (linear(d, d, m, rngs, ("embed", "heads")) for _ in range(3))
+        self.o = linear(d, d, m, rngs, ("heads", "embed"))
 
     def __call__(self, x_BxQxD, pos_Q, kv=None, index=None):
         """Returns (y_BxQxD, new_kv). With `kv`, keys/values are written at `index` first."""
@@ -52,13 +53,13 @@ class Attention(nnx.Module):
         k = rope(split(self.k(x_BxQxD)), pos_Q, self.theta)
         v = split(self.v(x_BxQxD))
         if kv is None:
-            pos_S = pos_Q
+            y = causal_attention(q, k, v)
         else:
             k = jax.lax.dynamic_update_slice(kv["k"], k.astype(kv["k"].dtype), (0, index, 0, 0))
             v = jax.lax.dynamic_update_slice(kv["v"], v.astype(kv["v"].dtype), (0, index, 0, 0))
             kv = {"k": k, "v": v}
             pos_S = jnp.arange(k.shape[1])
-        y = causal_attention(q, k.astype(q.dtype), v.astype(q.dtype), pos_Q, pos_S)
+            y = causal_attention(q, k.astype(q.dtype), v.astype(q.dtype), pos_Q, pos_S)
         return self.o(y.reshape(b, q_len, -1)), kv
 
 

@@ -29,12 +29,23 @@ from mole_jax.errors import CheckpointError, UserError
 log = logging.getLogger(__name__)
 
 
+def host_value(leaf) -> np.ndarray:
+    """A leaf's whole value on this host, also when its shards live on other processes."""
+    if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
+        from jax.experimental import multihost_utils
+
+        return np.asarray(multihost_utils.process_allgather(leaf, tiled=True))
+    return np.asarray(jax.device_get(leaf))
+
+
 def params_digests(params) -> tuple[str, dict[str, str]]:
-    """(SHA-256 over all parameter bytes in tree order, {leaf path: SHA-256 of the leaf})."""
+    """(SHA-256 over all the bytes of a tree's leaves in tree order, {leaf path: SHA-256 of the
+    leaf}). Independent of how the leaves are sharded, so a checkpoint written on one mesh is
+    verified on another (one leaf at a time is gathered to each host)."""
     total, leaves = hashlib.sha256(), {}
     for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
         name = jax.tree_util.keystr(path)
-        raw = np.ascontiguousarray(jax.device_get(leaf)).tobytes()
+        raw = np.ascontiguousarray(host_value(leaf)).tobytes()
         total.update(name.encode())
         total.update(raw)
         leaves[name] = hashlib.sha256(raw).hexdigest()
@@ -68,7 +79,12 @@ class Checkpointer:
         step = int(state["step"])
         train = {k: v for k, v in state.items() if k != "params"}
         total, leaves = params_digests(state["params"])
-        meta = {"step": step, "params_sha256": total, "leaf_sha256": leaves}
+        meta = {
+            "step": step,
+            "params_sha256": total,
+            "leaf_sha256": leaves,
+            "train_sha256": params_digests(train)[0],  # optimiser state, step, model state
+        }
         self.mgr.save(
             step,
             args=ocp.args.Composite(
@@ -89,9 +105,12 @@ class Checkpointer:
                 meta=ocp.args.JsonRestore(),
             ),
         )
-        if params_digest(got["params"]) != got["meta"]["params_sha256"]:
+        meta = got["meta"]
+        if params_digest(got["params"]) != meta["params_sha256"]:
             raise ValueError("parameter bytes do not match the digest saved with them")
-        return {"params": got["params"], **got["train"]}, got["meta"]
+        if "train_sha256" in meta and params_digest(got["train"]) != meta["train_sha256"]:
+            raise ValueError("optimiser or model state does not match the digest saved with it")
+        return {"params": got["params"], **got["train"]}, meta
 
     def restore(self, like: dict, step: int | None = None):
         """(state, meta) of `step`, or of the newest readable step; None if there is none.

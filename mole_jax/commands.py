@@ -12,10 +12,14 @@ def _need(flag_values, *names: str) -> None:
 
 
 def train(f):
+    from mole_jax import distributed
     from mole_jax import train as train_lib
 
     _need(f, "config", "workdir")
+    distributed.initialize(f.coordinator, f.num_processes, f.process_id)
     out = train_lib.run(f.config, f.workdir)
+    if not distributed.is_primary():
+        return out
     print(
         f"trained to step {out['step']}: loss {out['loss']:.4f}, val_loss {out['val_loss']:.4f}, "
         f"{out['tokens_per_s']:.0f} tokens/s; logs in {f.workdir}/metrics.jsonl and {f.workdir}/tb"
@@ -25,10 +29,10 @@ def train(f):
 
 def summary(f):
     from mole_jax import accounting
-    from mole_jax.config import validate
+    from mole_jax.config import planned_devices, validate
 
     _need(f, "config")
-    validate(f.config, n_devices=1)
+    validate(f.config, n_devices=planned_devices(f.config.mesh))
     s = accounting.summarize(f.config)
     print(accounting.format_summary(s))
     return s

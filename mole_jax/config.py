@@ -96,6 +96,11 @@ def validate(cfg: ml_collections.ConfigDict, n_devices: int | None = None):
         f"head dim model.d_model/model.n_heads={m.d_model // m.n_heads} must be even for RoPE",
     )
     require_one_of(m.dtype, ("float32", "bfloat16"), "model.dtype")
+    require_one_of(m.remat, ("none", "full", "dots"), "model.remat")
+    require(
+        t.loss_chunk >= 0 and (t.loss_chunk == 0 or d.seq_len % t.loss_chunk == 0),
+        f"train.loss_chunk={t.loss_chunk} must be 0 or divide data.seq_len={d.seq_len}",
+    )
     require(m.init_std > 0, f"model.init_std={m.init_std} must be > 0")
     require(
         d.seq_len <= m.max_seq_len,
@@ -106,13 +111,14 @@ def validate(cfg: ml_collections.ConfigDict, n_devices: int | None = None):
         f"data.vocab_size={d.vocab_size} (tokenizer) exceeds model.vocab_size={m.vocab_size}",
     )
     require(0.0 < d.val_fraction < 1.0, f"data.val_fraction={d.val_fraction} must be in (0, 1)")
-    _validate_train(t, n_devices)
+    _validate_train(t)
+    _validate_mesh(cfg, n_devices)
     mcfg = model_config(cfg)
     ffn.KINDS[mcfg.kind].validate(mcfg)
     return mcfg
 
 
-def _validate_train(t: ml_collections.ConfigDict, n_devices: int | None) -> None:
+def _validate_train(t: ml_collections.ConfigDict) -> None:
     require(t.lr > 0, f"train.lr={t.lr} must be > 0")
     require(0.0 <= t.min_lr_ratio <= 1.0, f"train.min_lr_ratio={t.min_lr_ratio} must be in [0, 1]")
     require(0.0 <= t.warmup_frac < 1.0, f"train.warmup_frac={t.warmup_frac} must be in [0, 1)")
@@ -129,14 +135,28 @@ def _validate_train(t: ml_collections.ConfigDict, n_devices: int | None) -> None
         t.batch_size % t.microbatches == 0,
         f"train.batch_size={t.batch_size} must be divisible by train.microbatches={t.microbatches}",
     )
+
+
+def planned_devices(mesh_cfg) -> int:
+    """The devices `cfg.mesh` asks for when its -1 axis (if any) is 1: what `summary` plans for."""
+    return math.prod(max(1, mesh_cfg[a]) for a in ("data", "fsdp", "expert", "tensor"))
+
+
+def _validate_mesh(cfg: ml_collections.ConfigDict, n_devices: int | None) -> None:
+    """The mesh must cover the devices (n_devices, default all of them) and split the batch."""
+    from mole_jax.sharding import batch_ways, mesh_shape
+
     if n_devices is None:
         import jax
 
         n_devices = jax.device_count()
+    sizes = mesh_shape(cfg.mesh, n_devices)
+    t, ways = cfg.train, batch_ways(sizes)
     micro = t.batch_size // t.microbatches
     require(
-        micro % n_devices == 0,
-        f"train.batch_size/train.microbatches={micro} must be divisible by the {n_devices} devices",
+        micro % ways == 0,
+        f"train.batch_size/train.microbatches={micro} must be divisible by the {ways} devices "
+        "that split the batch (mesh.data * mesh.fsdp * mesh.expert)",
     )
 
 

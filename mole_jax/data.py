@@ -13,19 +13,24 @@ would have seen.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from mole_jax import corpora
+from mole_jax import corpora, megatron
 from mole_jax.errors import DataError
 from mole_jax.files import write_text_atomic
 
 EOS = "<|endoftext|>"
 TOKENIZER_VERSION = 1  # bump when the BPE recipe changes, to invalidate cached tokenizers
+TOKENIZER_SAMPLE_BYTES = 64 * 2**20  # characters of training text a BPE is learnt from
+PIECE_CHARS = 2**20  # longer documents are tokenized in pieces of at most this many characters
+ENCODE_BATCH_CHARS = 8 * 2**20  # characters tokenized per batch
 
 
 @dataclasses.dataclass
@@ -36,7 +41,7 @@ class TokenData:
     key: str  # identifies corpus + tokenizer; used in cache paths and manifests
 
 
-def train_bpe(texts: list[str], vocab_size: int) -> Tokenizer:
+def train_bpe(texts: Iterable[str], vocab_size: int) -> Tokenizer:
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -66,24 +71,21 @@ def load_tokenizer(path: str) -> Tokenizer:
 def prepare(cfg) -> TokenData:
     """Obtains the corpus, the tokenizer and the cached token streams for `cfg.data`."""
     d = cfg.data
+    if d.corpus.startswith("megatron:"):
+        return _megatron(cfg)
     root = corpora.cache_root(d.cache_dir)
     files = corpora.corpus_files(d.corpus, d.cache_dir)
     fp = corpora.fingerprint(d.corpus, files)
-    splits = None
-
-    def get_splits():
-        nonlocal splits
-        if splits is None:
-            splits = corpora.load_splits(d.corpus, files, d.val_fraction, d.cache_dir)
-        return splits
-
+    splits = functools.cache(
+        lambda: corpora.split_documents(d.corpus, files, d.val_fraction, d.cache_dir)
+    )
     if d.tokenizer:
         tok = load_tokenizer(d.tokenizer)
     else:
         tok_path = root / "tokenizers" / _sha(fp, d.val_fraction, d.vocab_size, TOKENIZER_VERSION)
         tok_path = tok_path / "tokenizer.json"
         if not tok_path.exists():
-            tok = train_bpe(get_splits()["train"], d.vocab_size)
+            tok = train_bpe(_capped(splits()["train"](), TOKENIZER_SAMPLE_BYTES), d.vocab_size)
             write_text_atomic(tok_path, tok.to_str())
         tok = Tokenizer.from_file(str(tok_path))
     n_vocab = tok.get_vocab_size()
@@ -95,7 +97,7 @@ def prepare(cfg) -> TokenData:
     if tok.token_to_id(EOS) is None:
         raise DataError(f"the tokenizer has no '{EOS}' token to separate documents")
     key = _sha(fp, d.val_fraction, hashlib.sha256(tok.to_str().encode()).hexdigest())
-    tdir = corpora.atomic_dir(root / "tokens" / key, lambda tmp: _encode(get_splits(), tok, tmp))
+    tdir = corpora.atomic_dir(root / "tokens" / key, lambda tmp: _encode(splits(), tok, tmp))
     meta = json.loads((tdir / "meta.json").read_text())
     dtype = np.dtype(meta["dtype"])
     streams = {s: np.memmap(tdir / f"{s}.bin", dtype=dtype, mode="r") for s in ("train", "val")}
@@ -108,15 +110,73 @@ def prepare(cfg) -> TokenData:
     return TokenData(streams["train"], streams["val"], tok, key)
 
 
-def _encode(splits: dict[str, list[str]], tok: Tokenizer, out: Path) -> None:
+def _megatron(cfg) -> TokenData:
+    """A pre-tokenised Megatron dataset, used as it is; its tokenizer comes from data.tokenizer
+    (eval and generate need it to turn text into the same ids)."""
+    d = cfg.data
+    prefix = d.corpus.removeprefix("megatron:")
+    if not d.tokenizer:
+        raise DataError(
+            f"data.corpus='{d.corpus}' is pre-tokenised: set data.tokenizer to the tokenizer.json "
+            "it was tokenised with"
+        )
+    tok = load_tokenizer(d.tokenizer)
+    streams = megatron.token_streams(prefix, d.val_fraction)  # ids checked batch by batch
+    key = _sha(d.corpus, d.val_fraction, hashlib.sha256(tok.to_str().encode()).hexdigest())
+    return TokenData(streams["train"], streams["val"], tok, key)
+
+
+def _capped(docs: Iterator[str], limit: int) -> Iterator[str]:
+    """The documents until `limit` characters have gone by (a BPE learns its merges from a
+    sample; the word counts of the whole Pile would not fit in memory)."""
+    seen = 0
+    for doc in docs:
+        yield doc
+        seen += len(doc)
+        if seen >= limit:
+            return
+
+
+def _pieces(docs: Iterator[str]) -> Iterator[tuple[str, bool]]:
+    """(piece, last piece of its document): documents cut at whitespace into pieces of at most
+    PIECE_CHARS characters, so one huge document never costs more than a few pieces' memory."""
+    for doc in docs:
+        while len(doc) > PIECE_CHARS:
+            cut = max(doc.rfind("\n", 0, PIECE_CHARS), doc.rfind(" ", 0, PIECE_CHARS))
+            cut = cut + 1 if cut > 0 else PIECE_CHARS
+            yield doc[:cut], False
+            doc = doc[cut:]
+        yield doc, True
+
+
+def _encode(splits: dict, tok: Tokenizer, out: Path) -> None:
+    """Streams each split's documents through the tokenizer into `<split>.bin`, a batch of at
+    most ENCODE_BATCH_CHARS characters at a time: memory is bounded by the batch, not the
+    corpus. Each document ends with the end-of-text id."""
     eos = tok.token_to_id(EOS)
     dtype = np.uint16 if tok.get_vocab_size() <= 2**16 else np.uint32
-    for name, docs in (("train", splits["train"]), ("val", splits["validation"])):
-        encs = tok.encode_batch(docs)
-        parts = [np.asarray(e.ids + [eos], dtype) for e in encs]
-        np.concatenate(parts).tofile(out / f"{name}.bin")
-    meta = dict(dtype=np.dtype(dtype).name, vocab=tok.get_vocab_size(), docs=len(splits["train"]))
+    docs = 0
+    for name, split in (("train", "train"), ("val", "validation")):
+        with open(out / f"{name}.bin", "wb") as f:
+            batch, size = [], 0
+            for piece, last in _pieces(splits[split]()):
+                batch.append((piece, last))
+                size += len(piece)
+                docs += last and name == "train"
+                if size >= ENCODE_BATCH_CHARS:
+                    _write_ids(f, tok, batch, eos, dtype)
+                    batch, size = [], 0
+            _write_ids(f, tok, batch, eos, dtype)
+    meta = dict(dtype=np.dtype(dtype).name, vocab=tok.get_vocab_size(), docs=docs)
     (out / "meta.json").write_text(json.dumps(meta))
+
+
+def _write_ids(f, tok: Tokenizer, batch: list[tuple[str, bool]], eos: int, dtype) -> None:
+    if not batch:
+        return
+    encs = tok.encode_batch([piece for piece, _ in batch])
+    for enc, (_, last) in zip(encs, batch, strict=True):
+        np.asarray(enc.ids + [eos] if last else enc.ids, dtype).tofile(f)
 
 
 def window_batch(tokens: np.ndarray, starts: np.ndarray, seq_len: int) -> np.ndarray:
@@ -125,15 +185,20 @@ def window_batch(tokens: np.ndarray, starts: np.ndarray, seq_len: int) -> np.nda
     return np.asarray(tokens[idx], dtype=np.int32)
 
 
-def train_batch(tokens: np.ndarray, seed: int, step: int, batch_size: int, seq_len: int):
-    """The training batch of `step`: a pure function of (seed, step). int32[B, seq_len + 1]."""
+def train_batch(tokens: np.ndarray, seed: int, step: int, batch_size: int, seq_len: int, rows=None):
+    """The training batch of `step`: a pure function of (seed, step). int32[B, seq_len + 1].
+
+    rows: the indices of the global batch's rows to read (a process reads only its own); the
+    window starts of all B rows are drawn either way, so every process agrees on them.
+    """
     rng = np.random.default_rng([seed, step])
     starts = rng.integers(0, tokens.size - seq_len - 1, size=batch_size, endpoint=False)
-    return window_batch(tokens, starts, seq_len)
+    return window_batch(tokens, starts if rows is None else starts[rows], seq_len)
 
 
-def val_windows(tokens: np.ndarray, batch_size: int, seq_len: int, n_batches: int):
-    """Consecutive non-overlapping windows from the start of the stream, at most `n_batches`.
+def val_windows(tokens: np.ndarray, batch_size: int, seq_len: int, n_batches: int, rows=None):
+    """Consecutive non-overlapping windows from the start of the stream, at most `n_batches`
+    batches of `batch_size` (`rows`: the rows of each batch to read).
 
     The same windows every time, so validation losses of different runs are comparable.
     """
@@ -146,7 +211,7 @@ def val_windows(tokens: np.ndarray, batch_size: int, seq_len: int, n_batches: in
         )
     for b in range(n):
         starts = (b * batch_size + np.arange(batch_size)) * seq_len
-        yield window_batch(tokens, starts, seq_len)
+        yield window_batch(tokens, starts if rows is None else starts[rows], seq_len)
 
 
 def tokenize(tok: Tokenizer, text: str) -> list[int]:

@@ -52,6 +52,28 @@ def host_dedup(ids: np.ndarray, vocab_size: int) -> tuple[np.ndarray, np.ndarray
     return uniq_U, inv.reshape(ids.shape).astype(np.int32)
 
 
+def host_dedup_groups(ids_MxBxL: np.ndarray, vocab_size: int, groups: int):
+    """`host_dedup` per group of the batch's rows: the B rows split evenly into `groups`, each
+    group's ids over all M micro-batches deduplicated into its own table. Returns
+    (uniq [groups, U], inv [M, B, L]) with uniq[g][inv] == ids for the rows of group g; U is the
+    largest group's `dedup_bucket` (the others padded with id 0, never referenced)."""
+    check_ids(ids_MxBxL, vocab_size)
+    m, b, n = ids_MxBxL.shape
+    per = ids_MxBxL.reshape(m, groups, b // groups, n).swapaxes(0, 1)
+    found = [unique_inverse(g) for g in per]
+    size = max(dedup_bucket(len(u), vocab_size) for u, _ in found)
+    if size == vocab_size:
+        return np.tile(np.arange(vocab_size, dtype=np.int32), (groups, 1)), ids_MxBxL.astype(
+            np.int32
+        )
+    uniq = np.zeros((groups, size), np.int32)
+    inv = np.empty((groups, m, b // groups, n), np.int32)
+    for g, (u, i) in enumerate(found):
+        uniq[g, : len(u)] = u
+        inv[g] = i.reshape(m, b // groups, n)
+    return uniq, inv.swapaxes(0, 1).reshape(m, b, n)
+
+
 def unique_inverse(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """`np.unique(ids, return_inverse=True)` over the flattened ids. A decode step holds a
     handful of ids, for which numpy's sort machinery costs more than the work (about 50 us of

@@ -26,8 +26,14 @@ def normal(std: float):
     return nnx.initializers.normal(stddev=std)
 
 
-def linear(d_in: int, d_out: int, m, rngs: nnx.Rngs) -> nnx.Linear:
-    """Bias-free projection with fp32 params, compute in the config dtype, init normal(init_std)."""
+def param(rngs: nnx.Rngs, init, shape: tuple[int, ...], axes: tuple[str | None, ...]):
+    """A float32 parameter of `shape` from `init`, its axes named for sharding (sharding.RULES)."""
+    return nnx.Param(init(rngs.params(), shape), logical_axes=axes)
+
+
+def linear(d_in: int, d_out: int, m, rngs: nnx.Rngs, axes=("embed", "mlp")) -> nnx.Linear:
+    """Bias-free projection with fp32 params, compute in the config dtype, init normal(init_std);
+    `axes`: the logical names of the kernel's (input, output) axes."""
     return nnx.Linear(
         d_in,
         d_out,
@@ -35,6 +41,7 @@ def linear(d_in: int, d_out: int, m, rngs: nnx.Rngs) -> nnx.Linear:
         dtype=compute_dtype(m),
         param_dtype=jnp.float32,
         kernel_init=normal(m.init_std),
+        kernel_metadata={"logical_axes": axes},
         rngs=rngs,
     )
 
@@ -43,7 +50,7 @@ class RMSNorm(nnx.Module):
     """y = x / rms(x) * scale, computed in float32 and cast back to the input dtype."""
 
     def __init__(self, dim: int, eps: float):
-        self.scale = nnx.Param(jnp.ones((dim,), jnp.float32))
+        self.scale = nnx.Param(jnp.ones((dim,), jnp.float32), logical_axes=("norm",))
         self.eps = eps
 
     def __call__(self, x):
@@ -57,8 +64,8 @@ class Mlp(nnx.Module):
     """down(act(up(x))): the non-gated, bias-free FFN of the MoLE paper. [..., D] -> [..., D]."""
 
     def __init__(self, d_model: int, d_ff: int, m, rngs: nnx.Rngs):
-        self.up = linear(d_model, d_ff, m, rngs)
-        self.down = linear(d_ff, d_model, m, rngs)
+        self.up = linear(d_model, d_ff, m, rngs, ("embed", "mlp"))
+        self.down = linear(d_ff, d_model, m, rngs, ("mlp", "embed"))
         self.act = ACTIVATIONS[m.activation]
 
     def __call__(self, x_xD):

@@ -28,15 +28,17 @@ from mole_jax.attention import Attention, init_kv
 from mole_jax.dedup import dedup_ids
 from mole_jax.errors import UserError, require
 from mole_jax.ffn.base import Ctx
-from mole_jax.layers import RMSNorm, compute_dtype, normal
+from mole_jax.layers import RMSNorm, compute_dtype, normal, param
+from mole_jax.sharding import constrain
 
 FORMS = ("train", "lut", "offload")
 
 
 class Output(NamedTuple):
-    logits_BxLxV: jax.Array  # float32
+    logits_BxLxV: jax.Array | None  # float32; None when run with head=False
     aux: dict[str, Any]  # {'aux_loss': scalar, 'per_layer': {i: {...}}}
     cache: dict | None
+    hidden_BxLxD: jax.Array | None = None  # the final hidden state, before the final norm
 
 
 class Block(nnx.Module):
@@ -62,59 +64,94 @@ class Block(nnx.Module):
 class Transformer(nnx.Module):
     def __init__(self, m, *, form: str = "train", rngs: nnx.Rngs):
         self.vocab_size, self.d_model, self.dtype = m.vocab_size, m.d_model, m.dtype
-        self.embed = nnx.Param(normal(m.init_std)(rngs.params(), (m.vocab_size, m.d_model)))
+        self.remat = m.remat
+        init = normal(m.init_std)
+        self.embed = param(rngs, init, (m.vocab_size, m.d_model), ("vocab", "embed"))
         self.blocks = nnx.List([Block(m, i, form=form, rngs=rngs) for i in range(m.n_layers)])
         self.norm = RMSNorm(m.d_model, m.norm_eps)
-        self.head = nnx.Param(normal(m.init_std)(rngs.params(), (m.d_model, m.vocab_size)))
+        self.head = param(rngs, init, (m.d_model, m.vocab_size), ("embed", "vocab"))
         self.table_layers = tuple(i for i, b in enumerate(self.blocks) if b.ffn.uses_token_table)
 
     def embed_ids(self, ids_BxL):
-        """The raw token embeddings in the compute dtype."""
-        return jnp.take(self.embed[...], ids_BxL, axis=0).astype(compute_dtype(self))
+        """The raw token embeddings in the compute dtype. (With a mesh, the table's `embed` axis
+        is gathered first, as FSDP gathers any weight before use: a lookup into a table split
+        along D would give rows split along D, which the batch split cannot take.)"""
+        table_VxD = constrain(self.embed[...], "vocab", None)
+        return jnp.take(table_VxD, ids_BxL, axis=0).astype(compute_dtype(self))
 
-    def token_tables(self, uniq_U, layers=None) -> dict[int, jax.Array]:
-        """{layer: per-token FFN outputs for ids uniq_U} for `layers` (default: every layer whose
-        forward reads a token table)."""
-        emb_UxD = self.embed_ids(uniq_U)
-        layers = self.table_layers if layers is None else layers
-        return {i: self.blocks[i].ffn.token_table(emb_UxD) for i in layers}
+    def token_tables(self, uniq, layers=None) -> dict[int, jax.Array]:
+        """{layer: per-token FFN outputs for the ids `uniq`} for `layers` (default: every layer
+        whose forward reads a token table). uniq: [G, U] (the groups of `forward`'s tables:
+        split like the batch) or [U]."""
+        emb = self.embed_ids(uniq)
+        tables = {}
+        for i in self.table_layers if layers is None else layers:
+            table = self.blocks[i].ffn.token_table(emb)
+            tables[i] = constrain(table, "batch", *(None,) * (table.ndim - 1))  # groups: batch
+        return tables
 
     def logits(self, h_BxLxD):
         """float32 [B, L, V]: the final norm and the LM head."""
         out = jnp.einsum("bld,dv->blv", self.norm(h_BxLxD), self.head[...].astype(h_BxLxD.dtype))
-        return out.astype(jnp.float32)
+        return constrain(out.astype(jnp.float32), "batch", "length", "vocab")
 
-    def __call__(self, ids_BxL, *, tables=None, inv_BxL=None, cache=None, train=False) -> Output:
-        return forward(self, ids_BxL, tables=tables, inv_BxL=inv_BxL, cache=cache, train=train)
+    def __call__(
+        self, ids_BxL, *, tables=None, inv_BxL=None, cache=None, train=False, head=True
+    ) -> Output:
+        return forward(
+            self, ids_BxL, tables=tables, inv_BxL=inv_BxL, cache=cache, train=train, head=head
+        )
 
 
-def forward(model, ids_BxL, *, tables=None, inv_BxL=None, cache=None, train=False) -> Output:
+def forward(
+    model, ids_BxL, *, tables=None, inv_BxL=None, cache=None, train=False, head=True
+) -> Output:
     """embed -> every block -> logits. ids_BxL: int32 token ids (< vocab_size; checked by the
     callers that read user data).
 
     `model`: a Transformer, or staged pieces with the same names (embed_ids, token_tables,
     table_layers, vocab_size, blocks, logits). tables/inv_BxL: per-token tables for
-    `table_layers` and each position's row in them; when omitted they are computed from the
-    batch's distinct ids. cache: from `new_cache`; decoding appends at cache['index'] and returns
-    the advanced cache in `Output.cache`.
+    `table_layers` ({layer: [G, U, ...]}, G groups of the batch's rows, each with its own U
+    rows) and each position's row in its group's table; when omitted they are computed from the
+    batch's distinct ids (one group). cache: from `new_cache`; decoding appends at
+    cache['index'] and returns the advanced cache in `Output.cache`. head=False skips the LM
+    head: `Output.hidden_BxLxD`
+    holds the final hidden state for a loss that computes the logits in chunks.
     """
-    emb_BxLxD = model.embed_ids(ids_BxL)
+    emb_BxLxD = constrain(model.embed_ids(ids_BxL), "batch", "length", "embed")
     if model.table_layers and tables is None:
         uniq_U, inv_BxL = dedup_ids(ids_BxL, model.vocab_size)
-        tables = model.token_tables(uniq_U)
+        tables = model.token_tables(uniq_U[None])
     ctx = Ctx(ids_BxL, emb_BxLxD, inv_BxL, tables, train)
     index = jnp.zeros((), jnp.int32) if cache is None else cache["index"]
     pos_L = index + jnp.arange(ids_BxL.shape[1], dtype=jnp.int32)
     h, auxes, kvs = emb_BxLxD, {}, []
+    run = remat_block(getattr(model, "remat", "none"))
     for i, block in enumerate(model.blocks):
         kv = None if cache is None else cache["layers"][i]
-        h, auxes[i], kv = block(h, ctx, pos_L, kv, index)
+        h, auxes[i], kv = run(block, h, ctx, pos_L, kv, index)
+        h = constrain(h, "batch", "length", "embed")
         kvs.append(kv)
-    logits = model.logits(h)
+    logits = model.logits(h) if head else None
     new_cache = None if cache is None else {"index": index + ids_BxL.shape[1], "layers": kvs}
     aux_loss = sum((a["aux_loss"] for a in auxes.values() if "aux_loss" in a), jnp.float32(0))
     aux = {"aux_loss": aux_loss, "per_layer": {i: a for i, a in auxes.items() if a}}
-    return Output(logits, aux, new_cache)
+    return Output(logits, aux, new_cache, None if head else h)
+
+
+REMAT = ("none", "full", "dots")
+
+
+def remat_block(policy: str):
+    """How a block runs: as is ('none'); recomputed whole in the backward pass, saving only its
+    input ('full'); or saving only its matmul outputs ('dots': jax's
+    dots_with_no_batch_dims_saveable)."""
+    if policy == "none":
+        return lambda block, *args: block(*args)
+    saveable = (
+        None if policy == "full" else jax.checkpoint_policies.dots_with_no_batch_dims_saveable
+    )
+    return nnx.remat(lambda block, *args: block(*args), policy=saveable)
 
 
 def new_cache(m, batch: int, length: int) -> dict:

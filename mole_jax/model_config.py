@@ -29,6 +29,7 @@ class ModelConfig:
     norm_eps: float
     activation: str
     dtype: str  # compute dtype; parameters are float32
+    remat: str = "none"  # none | full | dots: what a block saves for the backward (model.REMAT)
     kind: str = "dense"  # the configured FFN kind, placed in `ffn_layers`; dense elsewhere
     ffn_layers: tuple[int, ...] = ()
     ffn: Any = None  # the kind's frozen Settings (None for dense)
@@ -46,10 +47,12 @@ class ModelConfig:
         return self.kind if layer_idx in self.ffn_layers else "dense"
 
 
-# The backbone's fields: those read straight from `cfg.model` (the ones without a default).
+# The backbone's fields, read straight from `cfg.model` (OPTIONAL ones may be absent from
+# configs written before they existed).
 BACKBONE = tuple(
     f.name for f in dataclasses.fields(ModelConfig) if f.default is dataclasses.MISSING
 )
+OPTIONAL = ("remat",)
 
 
 def model_config(cfg) -> ModelConfig:
@@ -75,6 +78,7 @@ def model_config(cfg) -> ModelConfig:
         settings = settings_cls(**{n: _frozen(raw[n]) for n in names})
     return ModelConfig(
         **{name: m[name] for name in BACKBONE},
+        **{name: m[name] for name in OPTIONAL if name in m},
         kind=kind,
         ffn_layers=layer_indices(m.ffn.layers, m.n_layers),
         ffn=settings,

@@ -18,7 +18,7 @@ from collections.abc import Callable, Sequence
 import jax
 import numpy as np
 
-from mole_jax import accounting, data
+from mole_jax import accounting, data, distributed
 from mole_jax.checkpoint import Checkpointer
 from mole_jax.config import validate
 from mole_jax.errors import ConfigError, TrainingDiverged
@@ -47,8 +47,9 @@ def evaluate_tokens(trainer: Trainer, params, rest, tokens) -> dict:
     """Validation loss and perplexity over `train.eval_batches` fixed windows of `tokens`."""
     cfg, t = trainer.cfg, trainer.cfg.train
     batch = t.batch_size // t.microbatches
-    windows = data.val_windows(tokens, batch, cfg.data.seq_len, t.eval_batches)
-    losses = [float(trainer.eval_fn(params, rest, trainer.put_eval(b))) for b in windows]
+    rows = trainer.process_rows(batch, micro=False)
+    windows = data.val_windows(tokens, batch, cfg.data.seq_len, t.eval_batches, rows)
+    losses = [float(trainer.eval_fn(params, rest, trainer.put_eval(b, batch))) for b in windows]
     loss = float(np.mean(losses))
     return {
         "val_loss": loss,
@@ -79,8 +80,9 @@ class StepLog:
         from tqdm import tqdm
 
         self.cfg, self.ckpt, self.on_row = cfg, ckpt, on_row
-        self.writer = MetricsWriter(str(wd), start)
-        on = cfg.train.progress and sys.stderr.isatty()
+        primary = distributed.is_primary()  # the one process that writes metrics
+        self.writer = MetricsWriter(str(wd), start) if primary else None
+        on = cfg.train.progress and sys.stderr.isatty() and primary
         self.bar = tqdm(total=cfg.train.steps, initial=start, disable=not on, unit="step")
         self.tokens_per_step = cfg.train.batch_size * cfg.data.seq_len
         self.last: dict = {"step": start}
@@ -111,7 +113,7 @@ class StepLog:
                 "is kept; lower train.lr or raise train.warmup_frac"
             )
         t = self.cfg.train
-        if step % t.log_every == 0 or step == t.steps:
+        if self.writer and (step % t.log_every == 0 or step == t.steps):
             self.writer.write(step, row)
         self.last.update(row, step=step)
         self.bar.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{row['tokens_per_s']:.0f}")
@@ -120,11 +122,13 @@ class StepLog:
             fn(step, row)
 
     def record(self, step: int, row: dict) -> None:
-        self.writer.write(step, row)
+        if self.writer:
+            self.writer.write(step, row)
         self.last.update(row)
 
     def close(self) -> None:
-        self.writer.close()
+        if self.writer:
+            self.writer.close()
         self.bar.close()
 
 
@@ -162,18 +166,12 @@ def run(cfg, workdir, on_row: Sequence[Callable[[int, dict], None]] = ()) -> dic
     wd = as_workdir(workdir)
     validate(cfg)
     _check_resume_compatible(cfg, wd)
-    td = data.prepare(cfg)  # before writing anything: a missing corpus leaves the workdir as it was
+    td, summary = _prepare(cfg, wd)
     trainer = setup(cfg)
-    wd.path.mkdir(parents=True, exist_ok=True)
-    wd.save_config(cfg)
-    write_text_atomic(wd.tokenizer_path, td.tokenizer.to_str())  # eval/generate read it
-    summary = accounting.summarize(cfg)
-    write_text_atomic(wd.summary_path, json.dumps(summary, indent=2))
-
     ckpt = Checkpointer(wd, cfg.train.keep_ckpts, cfg.train.async_ckpt)
     try:
-        restored = ckpt.restore(trainer.fresh_state)
-        state = trainer.fresh_state if restored is None else trainer.place_state(restored[0])
+        restored = ckpt.restore(trainer.abstract_state)
+        state = trainer.init_state() if restored is None else restored[0]
         start = int(state["step"])
         log = StepLog(cfg, wd, start, ckpt, on_row)
         try:
@@ -194,11 +192,30 @@ def run(cfg, workdir, on_row: Sequence[Callable[[int, dict], None]] = ()) -> dic
     return _recorded(result, wd) if start == cfg.train.steps else result
 
 
+def _prepare(cfg, wd: Workdir):
+    """The corpus and tokenizer (process 0 first: the others find them cached), then the files
+    of the workdir, written by process 0 only after the data is known to be there, so that a
+    missing corpus leaves the workdir as it was."""
+    if not distributed.is_primary():
+        distributed.barrier("data prepared")
+    td = data.prepare(cfg)
+    summary = accounting.summarize(cfg, jax.device_count())
+    if distributed.is_primary():
+        distributed.barrier("data prepared")
+        wd.path.mkdir(parents=True, exist_ok=True)
+        wd.save_config(cfg)
+        write_text_atomic(wd.tokenizer_path, td.tokenizer.to_str())  # eval/generate read it
+        write_text_atomic(wd.summary_path, json.dumps(summary, indent=2))
+    distributed.barrier("workdir written")
+    return td, summary
+
+
 def _loop(trainer: Trainer, td, state, start: int, hooks: list[Hook], log: StepLog) -> None:
     cfg = trainer.cfg
     t = cfg.train
+    rows = trainer.process_rows(t.batch_size)
     for s in range(start, t.steps):
-        batch = data.train_batch(td.train, cfg.seed, s, t.batch_size, cfg.data.seq_len)
+        batch = data.train_batch(td.train, cfg.seed, s, t.batch_size, cfg.data.seq_len, rows)
         state, mets = trainer.step_fn(state, *trainer.put_batch(batch))
         log.flush()  # the previous step's metrics, while this step runs
         log.pend(s + 1, mets)

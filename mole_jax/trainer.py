@@ -17,15 +17,22 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding
-from jax.sharding import PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from mole_jax.config import validate
-from mole_jax.dedup import dedup_ids, host_dedup
-from mole_jax.losses import cross_entropy, objective
-from mole_jax.model import build_model
+from mole_jax.dedup import check_ids, dedup_ids, host_dedup_groups
+from mole_jax.losses import chunked_cross_entropy, objective
+from mole_jax.model import abstract_model, build_model
 from mole_jax.model_config import model_config
 from mole_jax.optim import make_optimizer, schedule
+from mole_jax.sharding import (
+    batch_ways,
+    follow_params,
+    logical_spec,
+    make_mesh,
+    shardings,
+    variable_specs,
+)
 
 
 def init_state(cfg, tx):
@@ -67,16 +74,18 @@ def make_train_step(graphdef, tx, cfg, has_tables: bool) -> Callable:
     Token tables (MoLE's per-token expert outputs) are computed once for the whole step's distinct
     ids; each micro-batch returns the gradient w.r.t. the tables, the sum is pulled back through
     the experts once with the table function's VJP. Exactly the gradient of the per-position form.
-    `dedup` = (uniq_U, inv_MxBxL) from `dedup.host_dedup` of the step's inputs; without it the
-    ids are deduplicated inside the step with the static bound min(V, M*B*L).
+    `dedup` = (uniq [G, U] or [U], inv_MxBxL) from `dedup.host_dedup_groups`: one table per group
+    of the batch's rows (per device on a mesh, so no device holds another's rows); without it the
+    ids are deduplicated inside the step with the static bound min(V, M*B*L). With model.remat,
+    the experts' hidden states are recomputed in the pull-back instead of kept.
     """
     n_micro, vocab = cfg.train.microbatches, cfg.model.vocab_size
     lr_at = schedule(cfg)
 
     def forward_loss(params, rest, tables, inv, inputs, targets):
         model = nnx.merge(graphdef, params, rest)
-        out = model(inputs, tables=tables, inv_BxL=inv, train=True)
-        loss, mets = objective(out, targets)
+        out = model(inputs, tables=tables, inv_BxL=inv, train=True, head=False)
+        loss, mets = objective(model, out, targets, cfg.train.loss_chunk)
         new_rest = nnx.to_pure_dict(nnx.state(model, nnx.Not(nnx.Param)))
         return loss, (dict(mets, loss=loss), out.aux["per_layer"], new_rest)
 
@@ -87,11 +96,14 @@ def make_train_step(graphdef, tx, cfg, has_tables: bool) -> Callable:
         inputs, targets = batch[..., :-1], batch[..., 1:]
         tables = inv = pull_tables = None
         if has_tables:
-            uniq_U, inv = dedup_ids(inputs, vocab) if dedup is None else dedup
+            uniq, inv = dedup_ids(inputs, vocab) if dedup is None else dedup
+            uniq_GxU = uniq.reshape(-1, uniq.shape[-1])
 
             def tables_fn(p):
-                return nnx.merge(graphdef, p, state["rest"]).token_tables(uniq_U)
+                return nnx.merge(graphdef, p, state["rest"]).token_tables(uniq_GxU)
 
+            if cfg.model.remat != "none":
+                tables_fn = jax.checkpoint(tables_fn)
             tables, pull_tables = jax.vjp(tables_fn, params)
 
         xs = (inputs, targets, inv)
@@ -120,64 +132,176 @@ def make_train_step(graphdef, tx, cfg, has_tables: bool) -> Callable:
     return train_step
 
 
-def make_eval_step(graphdef) -> Callable:
+def make_eval_step(graphdef, chunk: int = 0) -> Callable:
     """eval_step(params, rest, batch_BxL1) -> mean cross-entropy of the batch (float32)."""
 
     def eval_step(params, rest, batch):
         model = nnx.merge(graphdef, params, rest)
-        out = model(batch[:, :-1], train=False)
-        return cross_entropy(out.logits_BxLxV, batch[:, 1:])
+        out = model(batch[:, :-1], train=False, head=False)
+        return chunked_cross_entropy(model.logits, out.hidden_BxLxD, batch[:, 1:], chunk)
 
     return eval_step
 
 
 @dataclasses.dataclass
 class Trainer:
-    """A config's model, optimiser and jitted steps on a device mesh."""
+    """A config's model, optimiser and jitted steps on a device mesh. The train state is created
+    sharded (`init_state`: `jax.jit` of the initialiser with the state's shardings as
+    out_shardings), never whole on one device; `abstract_state` carries the same shardings for
+    restoring a checkpoint into place."""
 
     cfg: Any
+    model_config: Any
     graphdef: Any
     tx: optax.GradientTransformation
     mesh: Mesh
     table_layers: tuple[int, ...]
-    fresh_state: dict  # the initial train state, placed on the mesh
+    abstract_state: dict  # ShapeDtypeStructs with their NamedShardings
+    init_state: Callable  # () -> the initial train state, sharded
     step_fn: Callable  # jitted, state donated: (state, batch, dedup) -> (state, metrics)
     eval_fn: Callable  # jitted: (params, rest, batch) -> mean cross-entropy
 
-    def place_state(self, state: dict) -> dict:
-        return jax.device_put(state, NamedSharding(self.mesh, P()))
+    @property
+    def batch_sharding(self) -> NamedSharding:
+        """[M, B, L+1] batches: B split over the batch axes of the mesh."""
+        return NamedSharding(self.mesh, logical_spec((None, "batch", None), self.mesh))
 
-    def put_batch(self, batch: np.ndarray):
-        """batch int32[B, L+1] -> the train step's device arguments (batch, dedup), split on
-        'data'. For models with token tables the distinct ids are found here on the host, so
-        the tables are only as large as the step's vocabulary (`dedup.host_dedup`)."""
+    def process_rows(self, batch_size: int, micro: bool = True) -> np.ndarray:
+        """The rows of a global batch of `batch_size` this process reads (all of them in a
+        single-process run)."""
         t = self.cfg.train
-        shape = (t.microbatches, t.batch_size // t.microbatches, self.cfg.data.seq_len + 1)
-        split = NamedSharding(self.mesh, P(None, "data"))
-        batch = batch.reshape(shape)
+        m = t.microbatches if micro else 1
+        shape = (m, batch_size // m, self.cfg.data.seq_len + 1)
+        spans = {
+            idx[1].indices(shape[1])[:2]
+            for idx in self.batch_sharding.addressable_devices_indices_map(shape).values()
+        }
+        local = np.unique(np.concatenate([np.arange(a, b) for a, b in spans]))
+        return (np.arange(m)[:, None] * shape[1] + local[None, :]).ravel()
+
+    def put_batch(self, local: np.ndarray):
+        """This process's rows of the step's batch (`process_rows`), int32[B_local, L+1] -> the
+        train step's device arguments (batch, dedup). For models with token tables the distinct
+        ids of the whole step are found on the host (`dedup.host_dedup`; across processes,
+        their union), so the tables are only as large as the step's vocabulary."""
+        t = self.cfg.train
+        m = t.microbatches
+        check_ids(local, self.cfg.model.vocab_size)  # jnp.take would clamp a bad id silently
+        local = local.reshape(m, -1, local.shape[-1])
+        global_shape = (m, t.batch_size // m, local.shape[-1])
+        batch = jax.make_array_from_process_local_data(self.batch_sharding, local, global_shape)
         dedup = None
         if self.table_layers:
-            uniq_U, inv = host_dedup(batch[..., :-1], self.cfg.model.vocab_size)
-            replicated = NamedSharding(self.mesh, P())
-            dedup = (jax.device_put(uniq_U, replicated), jax.device_put(inv, split))
-        return jax.device_put(batch, split), dedup
+            groups = self.local_groups
+            uniq_GxU, inv = host_dedup_groups(local[..., :-1], self.cfg.model.vocab_size, groups)
+            uniq_GxU = _agree_on_table_size(uniq_GxU, self.cfg.model.vocab_size)
+            total = groups * jax.process_count()
+            uniq = jax.make_array_from_process_local_data(
+                self.group_sharding, uniq_GxU, (total, uniq_GxU.shape[1])
+            )
+            inv = jax.make_array_from_process_local_data(
+                self.batch_sharding, inv, global_shape[:2] + (global_shape[2] - 1,)
+            )
+            dedup = (uniq, inv)
+        return batch, dedup
 
-    def put_eval(self, batch: np.ndarray):
-        return jax.device_put(batch, NamedSharding(self.mesh, P("data")))
+    @property
+    def group_sharding(self) -> NamedSharding:
+        """[G, U] token-table ids: one group per way the batch is split."""
+        return NamedSharding(self.mesh, logical_spec(("batch", None), self.mesh))
+
+    @property
+    def local_groups(self) -> int:
+        """Token-table groups whose rows this process holds (the batch split's ways, over the
+        processes)."""
+        return batch_ways(dict(self.mesh.shape)) // jax.process_count()
+
+    def put_eval(self, local: np.ndarray, batch_size: int):
+        """This process's rows of an eval batch -> a [B, L+1] array split over the batch axes."""
+        sharding = NamedSharding(self.mesh, logical_spec(("batch", None), self.mesh))
+        return jax.make_array_from_process_local_data(
+            sharding, local, (batch_size, local.shape[-1])
+        )
 
 
-def data_mesh() -> Mesh:
-    return Mesh(np.array(jax.devices()), ("data",))
+def _agree_on_table_size(uniq_GxU: np.ndarray, vocab_size: int) -> np.ndarray:
+    """Pads this process's tables to the largest table size of any process (the arrays of a
+    multi-process step have one shape); unchanged in a single process."""
+    if jax.process_count() == 1:
+        return uniq_GxU
+    from jax.experimental import multihost_utils
+
+    size = int(np.max(multihost_utils.process_allgather(np.int32(uniq_GxU.shape[1]))))
+    out = np.zeros((uniq_GxU.shape[0], size), np.int32)
+    out[:, : uniq_GxU.shape[1]] = uniq_GxU
+    return out
 
 
-def setup(cfg) -> Trainer:
-    """Validates `cfg` and builds its model, optimiser, initial state and jitted steps."""
-    validate(cfg)
+def state_specs(abstract_state: dict, mesh: Mesh, param_specs: dict, rest_specs: dict) -> dict:
+    return {
+        "step": PartitionSpec(),
+        "params": param_specs,
+        "opt_state": follow_params(abstract_state["opt_state"], param_specs),
+        "rest": rest_specs,
+    }
+
+
+def setup(cfg, mesh: Mesh | None = None) -> Trainer:
+    """Validates `cfg` and builds its mesh, model, optimiser, state layout and jitted steps."""
+    mcfg = validate(cfg)
+    mesh = make_mesh(cfg.mesh) if mesh is None else mesh
     tx = make_optimizer(cfg)
-    graphdef, state, table_layers = init_state(cfg, tx)
-    mesh = data_mesh()
-    step_fn = jax.jit(make_train_step(graphdef, tx, cfg, bool(table_layers)), donate_argnums=0)
-    eval_fn = jax.jit(make_eval_step(graphdef))
-    trainer = Trainer(cfg, graphdef, tx, mesh, table_layers, state, step_fn, eval_fn)
-    trainer.fresh_state = trainer.place_state(state)
-    return trainer
+    abstract_net = abstract_model(mcfg)
+    graphdef, a_params, a_rest = nnx.split(abstract_net, nnx.Param, ...)
+    table_layers = abstract_net.table_layers
+
+    def init():
+        _, params, rest = nnx.split(build_model(mcfg, seed=cfg.seed), nnx.Param, ...)
+        params, rest = nnx.to_pure_dict(params), nnx.to_pure_dict(rest)
+        opt_state = tx.init(params)
+        return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": opt_state,
+                "rest": rest}  # fmt: skip
+
+    abstract = jax.eval_shape(init)
+    specs = state_specs(
+        abstract, mesh, variable_specs(a_params, mesh), variable_specs(a_rest, mesh)
+    )
+    state_sh = shardings(specs, mesh)
+    abstract = jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, state_sh
+    )
+    replicated = NamedSharding(mesh, PartitionSpec())
+    step = jax.jit(
+        make_train_step(graphdef, tx, cfg, bool(table_layers)),
+        out_shardings=(state_sh, replicated),
+        donate_argnums=0,
+    )
+    eval_step = jax.jit(make_eval_step(graphdef, cfg.train.loss_chunk), out_shardings=replicated)
+    return Trainer(
+        cfg=cfg,
+        model_config=mcfg,
+        graphdef=graphdef,
+        tx=tx,
+        mesh=mesh,
+        table_layers=table_layers,
+        abstract_state=abstract,
+        init_state=_on_mesh(mesh, jax.jit(init, out_shardings=state_sh)),
+        step_fn=_on_mesh(mesh, step),
+        eval_fn=_on_mesh(mesh, eval_step),
+    )
+
+
+def _on_mesh(mesh: Mesh, fn: Callable) -> Callable:
+    """`fn` traced and run with `mesh` set, so that the model's logical constraints apply."""
+
+    def run(*args):
+        with jax.set_mesh(mesh):
+            return fn(*args)
+
+    run.lower = lambda *args: _lower(mesh, fn, *args)
+    return run
+
+
+def _lower(mesh, fn, *args):
+    with jax.set_mesh(mesh):
+        return fn.lower(*args)

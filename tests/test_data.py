@@ -41,9 +41,13 @@ def test_prepare_caches_tokenizer_and_tokens(tiny_cfg, corpus_dir):
     assert td.train.filename == again.train.filename  # a memmap of the cached file
 
 
+def _lists(splits: dict) -> dict[str, list[str]]:
+    return {name: list(docs()) for name, docs in splits.items()}
+
+
 def test_validation_split_is_held_out_by_document(corpus_dir, cache_dir):
     files = corpora.corpus_files(f"files:{corpus_dir}/*.txt")
-    splits = corpora.load_splits("test", files, 0.2, cache_dir)
+    splits = _lists(corpora.split_documents("test", files, 0.2, cache_dir))
     assert splits["train"] and splits["validation"]
     assert len(splits["train"]) + len(splits["validation"]) == len(files)
     assert not set(splits["train"]) & set(splits["validation"])
@@ -56,7 +60,7 @@ def test_jsonl_single_file_is_split_by_row(tmp_path, cache_dir):
 
     path = tmp_path / "docs.jsonl"
     path.write_text("\n".join(json.dumps({"text": f"document number {i}"}) for i in range(20)))
-    splits = corpora.load_splits("j", [path], 0.25, cache_dir)
+    splits = _lists(corpora.split_documents("j", [path], 0.25, cache_dir))
     assert len(splits["validation"]) == 5 and len(splits["train"]) == 15
 
 
@@ -83,3 +87,119 @@ def test_user_tokenizer_file_is_loaded_and_checked(tiny_cfg, tmp_path):
     tiny_cfg.data.tokenizer = str(tmp_path / "missing.json")
     with pytest.raises(DataError, match="does not exist"):
         data.prepare(tiny_cfg)
+
+
+def write_megatron(prefix, docs, dtype=np.uint16):
+    """A reference writer of Megatron-LM's indexed dataset (core/datasets/indexed_dataset.py:
+    _IndexWriter), one sequence per document."""
+    import struct
+
+    codes = {np.uint8: 1, np.int8: 2, np.int16: 3, np.int32: 4, np.int64: 5, np.uint16: 8}
+    sizes = np.array([len(d) for d in docs], np.int32)
+    pointers = (
+        np.concatenate([[0], np.cumsum(sizes[:-1].astype(np.int64))]) * np.dtype(dtype).itemsize
+    )
+    doc_idx = np.arange(len(docs) + 1, dtype=np.int64)
+    with open(f"{prefix}.bin", "wb") as f:
+        for d in docs:
+            f.write(np.asarray(d, dtype).tobytes(order="C"))
+    with open(f"{prefix}.idx", "wb") as f:
+        f.write(b"MMIDIDX\x00\x00")
+        f.write(struct.pack("<Q", 1))
+        f.write(struct.pack("<B", codes[dtype]))
+        f.write(struct.pack("<Q", len(sizes)))
+        f.write(struct.pack("<Q", len(doc_idx)))
+        f.write(sizes.tobytes(order="C"))
+        f.write(pointers.astype(np.int64).tobytes(order="C"))
+        f.write(doc_idx.tobytes(order="C"))
+
+
+@pytest.mark.parametrize("dtype", [np.uint16, np.int32])
+def test_megatron_reader_returns_the_reference_writers_tokens(tmp_path, dtype):
+    from mole_jax import megatron
+
+    rng = np.random.default_rng(0)
+    docs = [rng.integers(0, 500, rng.integers(1, 300)) for _ in range(40)]
+    prefix = str(tmp_path / "pile_text_document")
+    write_megatron(prefix, docs, dtype)
+    streams = megatron.token_streams(prefix, val_fraction=0.1)
+    np.testing.assert_array_equal(streams["train"], np.concatenate(docs[:36]))
+    np.testing.assert_array_equal(streams["val"], np.concatenate(docs[36:]))
+    assert streams["train"].dtype == dtype
+
+
+def test_megatron_corpus_trains_batches_from_the_memory_map(tiny_cfg, tmp_path):
+    tok = data.prepare(tiny_cfg).tokenizer
+    (tmp_path / "tok.json").write_text(tok.to_str())
+    docs = [np.arange(i, i + 200) % 500 for i in range(20)]
+    write_megatron(str(tmp_path / "m"), docs)
+    tiny_cfg.data.corpus = f"megatron:{tmp_path}/m"
+    with pytest.raises(DataError, match="set data.tokenizer"):
+        data.prepare(tiny_cfg)
+    tiny_cfg.data.tokenizer = str(tmp_path / "tok.json")
+    td = data.prepare(tiny_cfg)
+    assert isinstance(td.train, np.memmap) and td.train.size == 16 * 200
+    batch = data.train_batch(td.train, 0, 0, 4, 32)
+    assert np.all((np.diff(batch, axis=1) == 1) | (np.diff(batch, axis=1) == -499))
+
+
+def test_long_documents_are_tokenized_in_pieces(monkeypatch):
+    monkeypatch.setattr(data, "PIECE_CHARS", 10)
+    pieces = list(data._pieces(iter(["one two three four five", "short"])))
+    assert "".join(p for p, _ in pieces[:-1]) == "one two three four five"
+    assert all(len(p) <= 10 for p, _ in pieces) and [last for _, last in pieces].count(True) == 2
+
+
+def _write_corpus(directory, megabytes: int) -> int:
+    """`megabytes` files of about 1 MB of English-like sentences (fast: vectorised numpy)."""
+    rng = np.random.default_rng(0)
+    words = np.array(
+        "the a noble gentle king queen lord lady knight crown sword castle river night day "
+        "heart moon star loves fears seeks keeps leaves finds holds calls sees hears bold fair "
+        "dark bright sweet grave proud young old wise".split()
+    )
+    total = 0
+    for i in range(megabytes):
+        idx = rng.integers(0, len(words), (20_000, 9))
+        lines = [" ".join(row) + f" {n}." for row, n in zip(words[idx], idx[:, 0], strict=True)]
+        text = "\n".join(lines)
+        (directory / f"part{i:03d}.txt").write_text(text)
+        total += len(text)
+    return total
+
+
+@pytest.mark.slow
+def test_a_50mb_corpus_trains_in_bounded_memory(tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    size = _write_corpus(corpus, 52)
+    assert size >= 50 * 2**20
+    flags = [
+        "train",
+        "--config=configs/dense.py:size=tiny",
+        f"--config.data.corpus=files:{corpus}/*.txt",
+        f"--config.data.cache_dir={tmp_path / 'cache'}",
+        "--config.train.steps=2",
+        f"--workdir={tmp_path / 'w'}",
+    ]
+    wrapper = (
+        "import resource, runpy, sys\n"
+        f"sys.argv = ['launch.py'] + {flags!r}\n"
+        "try:\n"
+        "    runpy.run_path('launch.py', run_name='__main__')\n"
+        "finally:\n"
+        "    kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+        "    print('PEAK_RSS_KB', kb, file=sys.stderr)\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", wrapper], cwd=ROOT, capture_output=True, text=True, timeout=900
+    )
+    assert "trained to step 2" in proc.stdout, proc.stderr[-3000:]
+    peak_mb = int(proc.stderr.split("PEAK_RSS_KB")[-1].split()[0]) / 1024
+    print(f"peak RSS {peak_mb:.0f} MB for a {size / 2**20:.0f} MB corpus")
+    assert peak_mb < 1536, peak_mb

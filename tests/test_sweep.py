@@ -16,9 +16,7 @@ from mole_jax.sweep_report import plan_table
 # Every study in experiments/ (a file defining get_sweep): a new study is tested here without
 # being registered.
 STUDIES = sorted(
-    p.stem
-    for p in (Path(ROOT) / "experiments").glob("*.py")
-    if "\ndef get_sweep(" in p.read_text()
+    p.stem for p in (Path(ROOT) / "experiments").glob("*.py") if "\ndef get_sweep(" in p.read_text()
 )
 
 

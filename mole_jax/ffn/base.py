@@ -9,14 +9,13 @@ MoLE's unique-token training, its re-parameterised LUT and its offloaded LUT row
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 import jax
-from flax import nnx
+from flax import nnx, struct
 
 
-@dataclasses.dataclass(frozen=True)
+@struct.dataclass
 class Ctx:
     """Per-forward context. ids_BxL: int32; emb_BxLxD: raw token embeddings in compute dtype;
     inv_BxL: row of each position in the token tables; tables: {layer_idx: <dtype>[U, ...]}."""
@@ -25,7 +24,7 @@ class Ctx:
     emb_BxLxD: jax.Array
     inv_BxL: jax.Array | None = None
     tables: dict[int, jax.Array] | None = None
-    train: bool = False
+    train: bool = struct.field(pytree_node=False, default=False)
 
 
 class FFN(nnx.Module):

@@ -16,6 +16,7 @@ Dispatch (`model.ffn.moe.dispatch`):
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import NamedTuple
 
@@ -26,7 +27,8 @@ from flax import nnx
 from mole_jax.errors import require, require_one_of
 from mole_jax.ffn import routing
 from mole_jax.ffn.base import FFN, Ctx
-from mole_jax.layers import ACTIVATIONS, Mlp, compute_dtype, normal
+from mole_jax.ffn.expert_parallel import dropless_sharded, sharded_dispatch_axes
+from mole_jax.layers import ACTIVATIONS, Mlp, compute_dtype, normal, param
 
 FORMS = ("train", "offload")
 DISPATCH = ("dropless", "capacity")
@@ -48,6 +50,16 @@ def unpermute(y_AxD, order_A, weights_TxK):
     y_TKxD = jnp.zeros_like(y_AxD).at[order_A].set(y_AxD)
     y_TxKxD = y_TKxD.reshape(t, k, -1)
     return jnp.einsum("tk,tkd->td", weights_TxK.astype(y_AxD.dtype), y_TxKxD)
+
+
+def dropless_ffn(x_TxD, experts_TxK, weights_TxK, up_ExDxF, down_ExFxD, act, grouped, tile):
+    """Every assignment computed: permute -> grouped matmul -> unpermute. [T, D] -> [T, D]."""
+    x_AxD, order_A, sizes_E = permute(x_TxD, experts_TxK, up_ExDxF.shape[0])
+    if grouped == "ragged":
+        y_AxD = grouped_ffn_ragged(x_AxD, sizes_E, up_ExDxF, down_ExFxD, act)
+    else:
+        y_AxD = grouped_ffn_blocked(x_AxD, sizes_E, up_ExDxF, down_ExFxD, act, tile)
+    return unpermute(y_AxD, order_A, weights_TxK)
 
 
 def grouped_ffn_ragged(x_AxD, sizes_E, up_ExDxF, down_ExFxD, act):
@@ -130,10 +142,12 @@ class Layer(FFN):
         c = m.ffn
         d, e, f = m.d_model, c.experts, c.d_expert
         init = normal(m.init_std)
-        self.router = nnx.Param(init(rngs.params(), (d, e)))
+        self.router = param(rngs, init, (d, e), ("embed", None))
         has_experts = form != "offload"
-        self.up = nnx.Param(init(rngs.params(), (e, d, f))) if has_experts else None
-        self.down = nnx.Param(init(rngs.params(), (e, f, d))) if has_experts else None
+        self.up = param(rngs, init, (e, d, f), ("experts", "embed", "mlp")) if has_experts else None
+        self.down = (
+            param(rngs, init, (e, f, d), ("experts", "mlp", "embed")) if has_experts else None
+        )
         self.shared = Mlp(d, c.shared_d_ff, m, rngs) if c.shared_d_ff else None
         self.k, self.mode, self.dispatch, self.factor = (
             c.topk,
@@ -165,12 +179,12 @@ class Layer(FFN):
                 x_TxD, experts_TxK, weights_TxK, up, down, act, self.factor
             )
         else:
-            x_AxD, order_A, sizes_E = permute(x_TxD, experts_TxK, up.shape[0])
-            if self.grouped == "ragged":
-                y_AxD = grouped_ffn_ragged(x_AxD, sizes_E, up, down, act)
+            local = functools.partial(dropless_ffn, act=act, grouped=self.grouped, tile=self.tile)
+            axes = sharded_dispatch_axes()
+            if axes is None:  # one device (or an engine without a mesh)
+                y_TxD = local(x_TxD, experts_TxK, weights_TxK, up, down)
             else:
-                y_AxD = grouped_ffn_blocked(x_AxD, sizes_E, up, down, act, self.tile)
-            y_TxD = unpermute(y_AxD, order_A, weights_TxK)
+                y_TxD = dropless_sharded(local, x_TxD, experts_TxK, weights_TxK, up, down, axes)
         if self.shared is not None:
             y_TxD = y_TxD + self.shared(x_TxD)
         return y_TxD.reshape(b, n, d), stats

@@ -6,15 +6,15 @@ Axis legend: B batch, L length, D model, F routed expert width, E experts, U dis
     g = softmax_fp32(u W_r)                       over ALL experts, no top-k
     out = FFN_shared(u) + sum_j g_j FFN_j(RMSNorm_exp(e))    e: the raw token embedding
 
-The routed experts see only the token embedding, so their outputs are a function of the token
-id: a table of U x E x D rows. With `impl='unique'` (default) the layer declares
-`uses_token_table`; the model computes the table once for the step's distinct ids and the layer
-gathers its rows (`ctx.tables[layer]`, `ctx.inv_BxL`). The same seam feeds the exported LUT, in
-memory or read from storage. `impl='per_position'` computes all E experts at every position (the
-naive reference). `expert_input='hidden'` is the ablation whose experts read u; it cannot be
-re-parameterised into a LUT. The 'lut' form (`build_model(m, form="lut")`) is the inference form:
-no expert weights and no expert norm, only the shared FFN and the router; the rows always come
-from `ctx.tables`.
+The routed experts see only the token embedding, so their outputs are a function of the token id: a
+table of U x E x D rows. With `impl='unique'` (default) the layer declares `uses_token_table`; the
+model computes the table once for the step's distinct ids and the layer gathers its rows
+(`ctx.tables[layer]`, `ctx.inv_BxL`; see `routed_rows` for their groups). The same seam feeds the
+exported LUT, in memory or read from storage. `impl='per_position'` computes all E experts at every
+position (the naive reference). `expert_input='hidden'` is the ablation whose experts read u; it
+cannot be re-parameterised into a LUT. The 'lut' form (`build_model(m, form="lut")`) is the
+inference form: no expert weights and no expert norm, only the shared FFN and the router; the rows
+always come from `ctx.tables`.
 """
 
 from __future__ import annotations
@@ -28,7 +28,8 @@ from flax import nnx
 from mole_jax.errors import require, require_one_of
 from mole_jax.ffn import routing
 from mole_jax.ffn.base import FFN, Ctx
-from mole_jax.layers import ACTIVATIONS, Mlp, RMSNorm, compute_dtype, normal
+from mole_jax.layers import ACTIVATIONS, Mlp, RMSNorm, compute_dtype, normal, param
+from mole_jax.sharding import constrain
 
 FORMS = ("train", "lut")
 IMPLS = ("unique", "per_position")
@@ -51,7 +52,7 @@ class Layer(FFN):
         c = m.ffn
         d, e, f = m.d_model, c.experts, c.d_expert
         init = normal(m.init_std)
-        self.router = nnx.Param(init(rngs.params(), (d, e)))
+        self.router = param(rngs, init, (d, e), ("embed", None))
         self.shared = Mlp(d, m.d_ff, m, rngs)
         lut_form = form == "lut"  # inference form: no experts, rows from a LUT
         require(
@@ -60,19 +61,21 @@ class Layer(FFN):
         )
         has_norm = c.expert_input == "embedding" and not lut_form
         self.norm_exp = RMSNorm(d, m.norm_eps) if has_norm else None
-        self.up = None if lut_form else nnx.Param(init(rngs.params(), (e, d, f)))
-        self.down = None if lut_form else nnx.Param(init(rngs.params(), (e, f, d)))
+        self.up = None if lut_form else param(rngs, init, (e, d, f), ("experts", "embed", "mlp"))
+        self.down = None if lut_form else param(rngs, init, (e, f, d), ("experts", "mlp", "embed"))
         self.uses_token_table = lut_form or (c.impl == "unique" and c.expert_input == "embedding")
         self.layer_idx, self.act_name, self.dtype = layer_idx, m.activation, m.dtype
         self.lb_coef, self.z_coef = c.lb_coef, c.z_coef
 
     def experts(self, x_xD):
-        """All E routed experts on inputs [..., D] -> [..., E, D]."""
+        """All E routed experts on inputs [..., D] -> [..., E, D]. On a mesh every device runs
+        all E for its own rows: the weights are gathered whole but for the `mlp` split, as
+        FSDP gathers any weight it uses."""
         dt = compute_dtype(self)
-        h = jnp.einsum("...d,edf->...ef", x_xD, self.up[...].astype(dt))
-        return jnp.einsum(
-            "...ef,efd->...ed", ACTIVATIONS[self.act_name](h), self.down[...].astype(dt)
-        )
+        up = constrain(self.up[...], None, None, "mlp").astype(dt)
+        down = constrain(self.down[...], None, "mlp", None).astype(dt)
+        h = jnp.einsum("...d,edf->...ef", x_xD, up)
+        return jnp.einsum("...ef,efd->...ed", ACTIVATIONS[self.act_name](h), down)
 
     def token_table(self, emb_UxD):
         """<dtype>[U, E, D]: expert_j(RMSNorm_exp(Emb[id])) for each distinct id (the LUT rows)."""
@@ -81,9 +84,18 @@ class Layer(FFN):
         return self.experts(self.norm_exp(emb_UxD))
 
     def routed_rows(self, x_BxLxD, ctx: Ctx):
-        """<dtype>[B, L, E, D]: every routed expert's output at every position."""
+        """<dtype>[B, L, E, D]: every routed expert's output at every position. Token tables come
+        in G groups ([G, U, E, D]); the B rows of the batch are split evenly among them, each
+        group's rows indexing their own table (G is the number of devices the batch is split
+        over in training, 1 elsewhere)."""
         if self.uses_token_table:
-            return jnp.take(ctx.tables[self.layer_idx], ctx.inv_BxL, axis=0)
+            table_GxUxExD = ctx.tables[self.layer_idx]
+            if table_GxUxExD.ndim == 3:  # [U, E, D]: one group
+                table_GxUxExD = table_GxUxExD[None]
+            b, n = ctx.inv_BxL.shape
+            inv_GxBxL = ctx.inv_BxL.reshape(table_GxUxExD.shape[0], -1, n)
+            rows = jax.vmap(lambda t, i: jnp.take(t, i, axis=0))(table_GxUxExD, inv_GxBxL)
+            return rows.reshape(b, n, *rows.shape[3:])
         if self.norm_exp is not None:
             return self.experts(self.norm_exp(ctx.emb_BxLxD))
         return self.experts(x_BxLxD)

@@ -20,7 +20,7 @@ from flax import nnx
 
 from mole_jax.errors import require, require_one_of
 from mole_jax.ffn.base import FFN, Ctx
-from mole_jax.layers import ACTIVATIONS, compute_dtype, linear, normal
+from mole_jax.layers import ACTIVATIONS, compute_dtype, linear, normal, param
 
 
 def product_key_topk(q_TxHxDk, keys1_HxNxC, keys2_HxNxC, k: int):
@@ -73,15 +73,15 @@ class Layer(FFN):
         c = m.ffn
         n, d, dk = c.sub_keys, m.d_model, c.d_key
         init = normal(m.init_std)
-        self.query = linear(d, c.heads * dk, m, rngs)
+        self.query = linear(d, c.heads * dk, m, rngs, ("embed", None))
         self.bn = (
             nnx.BatchNorm(c.heads * dk, momentum=c.bn_momentum, rngs=rngs) if c.query_bn else None
         )
         key_heads = 1 if c.shared_keys else c.heads
-        self.keys1 = nnx.Param(init(rngs.params(), (key_heads, n, dk // 2)))
-        self.keys2 = nnx.Param(init(rngs.params(), (key_heads, n, dk // 2)))
-        self.u = nnx.Param(init(rngs.params(), (n * n, d)))  # expert input weights
-        self.v = nnx.Param(init(rngs.params(), (n * n, d)))  # expert output weights
+        self.keys1 = param(rngs, init, (key_heads, n, dk // 2), (None, "keys", None))
+        self.keys2 = param(rngs, init, (key_heads, n, dk // 2), (None, "keys", None))
+        self.u = param(rngs, init, (n * n, d), ("rows", "embed"))  # expert input weights
+        self.v = param(rngs, init, (n * n, d), ("rows", "embed"))  # expert output weights
         self.heads, self.d_key, self.k = c.heads, dk, c.topk
         self.act_name, self.dtype = c.activation, m.dtype
 

@@ -93,7 +93,7 @@ def _run(graphdef, store: LutStore):
             packed = packed[gather]
         dt, kind, block = compute_dtype(model), store.dtype, store.block
         stored = store.layout.unpack(packed)
-        tables = {i: quant.dequantize(s, kind, block, dt) for i, s in stored.items()}
+        tables = {i: quant.dequantize(s, kind, block, dt)[None] for i, s in stored.items()}
         out = model(ids, tables=tables, inv_BxL=inv, cache=cache)
         return out.logits_BxLxV, out.cache
 
