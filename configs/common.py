@@ -51,6 +51,8 @@ def base(size: str) -> ConfigDict:
             microbatches=1,  # gradient accumulation: the step is split into this many parts
             # positions whose logits exist at once in the loss (0: the whole sequence)
             loss_chunk=0 if size in CPU_SIZES else 512,
+            # MoLE's token tables: once per step (shared by its micro-batches) or per micro-batch
+            token_tables="step" if size in CPU_SIZES else "microbatch",
             lr=s["lr"],
             warmup_frac=0.05 if local else 0.01,
             min_lr_ratio=0.1,  # cosine floor as a fraction of lr

@@ -68,7 +68,7 @@ def summarize(cfg, n_devices: int | None = None) -> dict:
     if "mesh" in cfg:
         sizes = memory.mesh_sizes(cfg.mesh, n_devices)
         out["mesh"] = sizes
-        out["bytes_per_device"] = memory.plan(cfg, sizes)
+        out["bytes_per_device"] = memory.plan(cfg, sizes, jax.default_backend())
     if lut_values:
         out["lut_values"] = lut_values
         out["lut_values_per_token"] = lut_per_token

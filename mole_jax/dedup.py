@@ -52,11 +52,19 @@ def host_dedup(ids: np.ndarray, vocab_size: int) -> tuple[np.ndarray, np.ndarray
     return uniq_U, inv.reshape(ids.shape).astype(np.int32)
 
 
-def host_dedup_groups(ids_MxBxL: np.ndarray, vocab_size: int, groups: int):
+def host_dedup_groups(ids_MxBxL: np.ndarray, vocab_size: int, groups: int, per_micro=False):
     """`host_dedup` per group of the batch's rows: the B rows split evenly into `groups`, each
     group's ids over all M micro-batches deduplicated into its own table. Returns
     (uniq [groups, U], inv [M, B, L]) with uniq[g][inv] == ids for the rows of group g; U is the
-    largest group's `dedup_bucket` (the others padded with id 0, never referenced)."""
+    largest group's `dedup_bucket` (the others padded with id 0, never referenced). per_micro:
+    one set of tables per micro-batch, uniq [M, groups, U]."""
+    if per_micro:
+        found = [host_dedup_groups(ids[None], vocab_size, groups) for ids in ids_MxBxL]
+        size = max(u.shape[1] for u, _ in found)
+        uniq = np.zeros((len(found), groups, size), np.int32)
+        for m, (u, _) in enumerate(found):
+            uniq[m, :, : u.shape[1]] = u
+        return uniq, np.concatenate([inv for _, inv in found])
     check_ids(ids_MxBxL, vocab_size)
     m, b, n = ids_MxBxL.shape
     per = ids_MxBxL.reshape(m, groups, b // groups, n).swapaxes(0, 1)

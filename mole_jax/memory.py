@@ -20,7 +20,7 @@ from flax import nnx
 
 from mole_jax.model import abstract_model
 from mole_jax.model_config import model_config
-from mole_jax.sharding import BATCH_AXES, MESH_AXES, RULES, logical_spec
+from mole_jax.sharding import BATCH_AXES, MESH_AXES, logical_spec
 
 
 def _split(spec_entry, sizes: dict[str, int]) -> int:
@@ -43,71 +43,106 @@ def param_bytes(m, sizes: dict[str, int]) -> int:
     return total
 
 
-def activation_bytes(cfg, sizes: dict[str, int]) -> int:
-    """What the backward pass holds for one micro-batch on one device (an estimate).
+def activation_bytes(cfg, sizes: dict[str, int], backend: str = "cpu") -> int:
+    """What the backward pass holds for one micro-batch on one device (an estimate in closed
+    form; tests/test_memory.py checks it against XLA's memory analysis).
 
-    Per layer, with T tokens on the device and c bytes per compute value: the residual stream
-    and attention's projections and output (9 T D c), its float32 scores and probabilities
-    (2 B H L^2 4), and the FFN's hidden activations (2 T F c; MoE: K of width F_e plus the
-    permuted copies; MoLE: the shared FFN, E rows per position and the gates; PEER: the gathered
-    rows). remat='full' keeps only each layer's input (T D c) and adds one layer's worth for
-    the recomputation. Then the loss's float32 logits (3 B chunk V 4: logits, softmax, their
-    gradient) and, for MoLE, the step's token tables and their expert hidden states.
+    T tokens on the device, c bytes per compute value, per layer: 13 T D c (the residual
+    stream, both norms' inputs and outputs, q k v, the rotated q k, attention's output and
+    projection) and 3 B (H/tp) L^2 4 (float32 scores, probabilities and their cast), plus the
+    FFN's own (`_ffn_activations`), plus the layer's weight gradient at full size (it is
+    reduce-scattered after the backward pass). remat='full' keeps only each layer's input
+    (T D c) and one layer's worth for the recomputation. Then the loss's float32 logits and
+    their gradient (2 B chunk V 4), the full-size gradients of the embedding and the head
+    (2 V D 4) and, for MoLE, the step's token tables.
     """
     m = model_config(cfg)
     t = cfg.train
     b = t.batch_size // t.microbatches // math.prod(sizes[a] for a in BATCH_AXES)
-    seq, d, h, v = cfg.data.seq_len, m.d_model, m.n_heads, m.vocab_size
+    seq, d, v, tp = cfg.data.seq_len, m.d_model, m.vocab_size, sizes["tensor"]
     tokens, c = b * seq, (2 if m.dtype == "bfloat16" else 4)
-    tp = sizes["tensor"]
-    attn = 9 * tokens * d * c + 2 * b * (h / tp) * seq * seq * 4
-    per_layer = [attn + _ffn_activations(m, i, tokens, c, sizes) for i in range(m.n_layers)]
+    attn = 13 * tokens * d * c + 3 * b * (m.n_heads / tp) * seq * seq * 4
+    per_layer = [
+        attn + _ffn_activations(m, i, tokens, c, sizes, backend) for i in range(m.n_layers)
+    ]
+    grads = sum(_layer_param_bytes(m, i) for i in range(m.n_layers))
     if m.remat == "none":
         layers = sum(per_layer)
     else:
         layers = m.n_layers * tokens * d * c + max(per_layer)
     chunk = t.loss_chunk or seq
-    logits = 3 * b * chunk * math.ceil(v / tp) * 4
-    return int(layers + logits + _table_bytes(m, cfg, sizes))
+    logits = 2 * b * chunk * math.ceil(v / tp) * 4 + 2 * v * d * 4
+    return int(layers + grads + logits + _table_bytes(m, cfg, sizes))
 
 
-def _ffn_activations(m, layer: int, tokens: int, c: int, sizes: dict[str, int]) -> float:
-    kind, tp = m.kind_of_layer(layer), sizes["tensor"]
-    dense = 2 * tokens * (m.d_ff / tp) * c
+def _layer_param_bytes(m, layer: int) -> int:
+    from mole_jax import ffn
+
+    kind = m.kind_of_layer(layer)
+    return 4 * (4 * m.d_model**2 + 2 * m.d_model + ffn.KINDS[kind].account(m)["params"])
+
+
+def _ffn_activations(m, layer: int, tokens: int, c: int, sizes: dict[str, int], backend: str):
+    """The FFN's activations in one layer: dense 3 T F c (hidden before and after the activation
+    and its gradient); MoE the routed assignments of its expert group (padded to tiles by the
+    blocked grouped matmul, with the tiles' gathered weights and their gradients), MoLE the
+    shared FFN plus E rows per position and their gradient, PEER the gathered rows."""
+    kind, tp, d = m.kind_of_layer(layer), sizes["tensor"], m.d_model
+    dense = 3 * tokens * (m.d_ff / tp) * c
     if kind == "moe":
-        s = m.ffn
-        assigned = tokens * s.topk * sizes["expert"]  # each device sees its expert group's tokens
-        routed = assigned * (2 * s.d_expert / tp + 2 * m.d_model) * c
-        shared = 2 * tokens * s.shared_d_ff / tp * c
-        return routed + shared + tokens * s.experts * 4 * 3
+        return _moe_activations(m, tokens, c, sizes, backend)
     if kind == "mole":
         s = m.ffn
-        return dense + tokens * s.experts * (m.d_model * c + 4 * 3)
+        return dense + tokens * s.experts * (2 * d * c + 3 * 4)
     if kind == "peer":
         s = m.ffn
-        return tokens * s.heads * s.topk * (2 * m.d_model + 2) * c + tokens * s.heads * s.d_key * 4
+        return tokens * s.heads * s.topk * (2 * d + 2) * c + tokens * s.heads * s.d_key * 4
     return dense
 
 
+def _moe_activations(m, tokens: int, c: int, sizes: dict[str, int], backend: str) -> float:
+    s, d, tp, ep = m.ffn, m.d_model, sizes["tensor"], sizes["expert"]
+    f = s.d_expert / tp
+    assigned = tokens * ep * s.topk  # the expert group's tokens are gathered (expert_parallel.py)
+    groups = s.experts // ep + (ep > 1)  # the local experts, and the dummy group
+    rows, tile_weights = assigned, 0.0
+    grouped = s.grouped if s.grouped != "auto" else ("blocked" if backend == "cpu" else "ragged")
+    if grouped == "blocked":
+        tile = min(s.tile, 1 << (assigned // groups).bit_length())
+        tiles = -(-(assigned + groups * (tile - 1)) // tile)
+        rows, tile_weights = tiles * tile, 2 * tiles * 2 * d * f * c
+    routed = rows * (2 * d + 2 * f) * c + assigned * 2 * d * c + tile_weights
+    shared = 3 * tokens * s.shared_d_ff / tp * c
+    return routed + shared + tokens * s.experts * 4 * 3
+
+
 def _table_bytes(m, cfg, sizes: dict[str, int]) -> float:
-    """MoLE's step-level token tables: one row per distinct id of the step (at most the
-    vocabulary or the step's tokens), E x D per layer, split over the `table` and `experts`
-    axes, with the experts' hidden states kept for the pull-back."""
+    """MoLE's token tables: each device holds the table of its own rows' distinct ids (at most
+    the vocabulary, or the tokens it sees in a step, or in a micro-batch with
+    train.token_tables='microbatch'), E x D per layer, with its gradient (and, per step, the
+    gradient's accumulator over micro-batches), and the experts' hidden states (3 F_r: before and
+    after the activation and the gradient) for the pull-back, of every layer, or of one at a time
+    with remat."""
     if m.kind != "mole" or m.ffn.impl != "unique" or m.ffn.expert_input != "embedding":
         return 0.0
-    rows = min(m.vocab_size, cfg.train.batch_size * cfg.data.seq_len)
-    rows = math.ceil(rows / _split(tuple(RULES["table"]), sizes))
-    e = math.ceil(m.ffn.experts / sizes["expert"])
+    t = cfg.train
+    per_step = t.token_tables == "step"
+    ways = math.prod(sizes[a] for a in BATCH_AXES)
+    tokens = t.batch_size // ways * cfg.data.seq_len // (1 if per_step else t.microbatches)
+    rows = min(m.vocab_size, tokens)
     c = 2 if m.dtype == "bfloat16" else 4
-    per_layer = rows * e * (m.d_model + 2 * m.ffn.d_expert) * c
-    return per_layer * len(m.ffn_layers)
+    e, layers = m.ffn.experts, len(m.ffn_layers)
+    tables = (3 if per_step else 2) * rows * e * m.d_model * c
+    hidden = 3 * rows * e * m.ffn.d_expert / sizes["tensor"] * c
+    return layers * tables + (layers if m.remat == "none" else 1) * hidden
 
 
-def plan(cfg, sizes: dict[str, int]) -> dict:
-    """{'params', 'grads', 'opt_state', 'activations', 'total'}: bytes per device."""
+def plan(cfg, sizes: dict[str, int], backend: str = "cpu") -> dict:
+    """{'params', 'grads', 'opt_state', 'activations', 'total'}: bytes per device on `backend`
+    ('cpu', or 'gpu' / 'tpu', where a MoE's grouped matmul is ragged_dot: no padded tiles)."""
     params = param_bytes(model_config(cfg), sizes)
     out = dict(params=params, grads=params, opt_state=2 * params)
-    out["activations"] = activation_bytes(cfg, sizes)
+    out["activations"] = activation_bytes(cfg, sizes, backend)
     out["total"] = sum(out.values())
     return out
 
@@ -118,3 +153,23 @@ def mesh_sizes(mesh_cfg, n_devices: int | None = None) -> dict[str, int]:
 
     fixed = math.prod(max(1, mesh_cfg[a]) for a in MESH_AXES)
     return mesh_shape(mesh_cfg, n_devices or fixed)
+
+
+def fit(cfg, sizes: dict[str, int], budget: int, backend: str = "gpu") -> tuple[dict, int]:
+    """(plan, micro-batches): the fewest gradient-accumulation steps (dividing the batch into
+    parts each device can split) whose plan fits `budget` bytes per device; (the plan at the
+    most micro-batches, 0) when none does."""
+    import copy
+
+    t = cfg.train
+    ways = math.prod(sizes[a] for a in BATCH_AXES)
+    options = [m for m in range(1, t.batch_size + 1) if (t.batch_size % m == 0
+               and (t.batch_size // m) % ways == 0)]  # fmt: skip
+    trial = copy.deepcopy(cfg)
+    best = None
+    for m in options:
+        trial.train.microbatches = m
+        best = plan(trial, sizes, backend)
+        if best["total"] <= budget:
+            return best, m
+    return best, 0

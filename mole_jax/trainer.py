@@ -55,13 +55,14 @@ def _tree_add(a, b):
 
 def _accumulate(grad_fn, params, rest, tables, xs):
     """Sums `grad_fn`'s gradients (w.r.t. params and tables) over the micro-batches
-    xs = (inputs_MxBxL, targets_MxBxL, inv_MxBxL) with lax.scan, threading the non-param state.
-    Returns ((g_params, g_tables, rest), (metrics, per_layer)) with per-micro-batch metrics."""
+    xs = (inputs_MxBxL, targets_MxBxL, inv_MxBxL, uniq_MxGxU) with lax.scan, threading the
+    non-param state. Returns ((g_params, g_tables, rest), (metrics, per_layer)) with
+    per-micro-batch metrics."""
 
     def micro(carry, x):
         g_params, g_tables, rest = carry
-        inp, tgt, inv_m = x
-        (gp, gt), (mets, per_layer, rest) = grad_fn(params, rest, tables, inv_m, inp, tgt)
+        inp, tgt, inv_m, uniq_m = x
+        (gp, gt), (mets, per_layer, rest) = grad_fn(params, rest, tables, inv_m, uniq_m, inp, tgt)
         return (_tree_add(g_params, gp), _tree_add(g_tables, gt), rest), (mets, per_layer)
 
     zeros = lambda t: jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), t)
@@ -71,18 +72,28 @@ def _accumulate(grad_fn, params, rest, tables, xs):
 def make_train_step(graphdef, tx, cfg, has_tables: bool) -> Callable:
     """train_step(state, batch_MxBxL1, dedup=None) -> (state, metrics), M = train.microbatches.
 
-    Token tables (MoLE's per-token expert outputs) are computed once for the whole step's distinct
-    ids; each micro-batch returns the gradient w.r.t. the tables, the sum is pulled back through
-    the experts once with the table function's VJP. Exactly the gradient of the per-position form.
-    `dedup` = (uniq [G, U] or [U], inv_MxBxL) from `dedup.host_dedup_groups`: one table per group
-    of the batch's rows (per device on a mesh, so no device holds another's rows); without it the
-    ids are deduplicated inside the step with the static bound min(V, M*B*L). With model.remat,
-    the experts' hidden states are recomputed in the pull-back instead of kept.
+    Token tables (MoLE's per-token expert outputs), with train.token_tables='step', are computed
+    once for the whole step's distinct ids; each micro-batch returns the gradient w.r.t. the
+    tables, the sum is pulled back through the experts once with the table function's VJP. With
+    'microbatch', each micro-batch computes (and differentiates) the tables of its own ids, so a
+    step's tables never outgrow one micro-batch. Either way exactly the gradient of the
+    per-position form. `dedup` = (uniq, inv_MxBxL) from `dedup.host_dedup_groups`: one table per
+    group of the batch's rows (per device on a mesh, so no device holds another's rows); uniq is
+    [G, U] (or [U]) per step, [M, G, U] per micro-batch. Without it the ids are deduplicated
+    inside the step with the static bound min(V, tokens). With model.remat, the experts' hidden
+    states are recomputed in the pull-back instead of kept.
     """
     n_micro, vocab = cfg.train.microbatches, cfg.model.vocab_size
+    per_step = has_tables and cfg.train.token_tables == "step"
     lr_at = schedule(cfg)
 
-    def forward_loss(params, rest, tables, inv, inputs, targets):
+    def table_fn(rest, uniq):
+        fn = lambda p: nnx.merge(graphdef, p, rest).token_tables(uniq.reshape(-1, uniq.shape[-1]))
+        return jax.checkpoint(fn) if cfg.model.remat != "none" else fn
+
+    def forward_loss(params, rest, tables, inv, uniq, inputs, targets):
+        if uniq is not None:  # this micro-batch's own tables
+            tables = table_fn(rest, uniq)(params)
         model = nnx.merge(graphdef, params, rest)
         out = model(inputs, tables=tables, inv_BxL=inv, train=True, head=False)
         loss, mets = objective(model, out, targets, cfg.train.loss_chunk)
@@ -94,24 +105,18 @@ def make_train_step(graphdef, tx, cfg, has_tables: bool) -> Callable:
     def train_step(state, batch, dedup=None):
         params = state["params"]
         inputs, targets = batch[..., :-1], batch[..., 1:]
-        tables = inv = pull_tables = None
-        if has_tables:
+        tables = inv = uniq_m = pull_tables = None
+        if per_step:
             uniq, inv = dedup_ids(inputs, vocab) if dedup is None else dedup
-            uniq_GxU = uniq.reshape(-1, uniq.shape[-1])
-
-            def tables_fn(p):
-                return nnx.merge(graphdef, p, state["rest"]).token_tables(uniq_GxU)
-
-            if cfg.model.remat != "none":
-                tables_fn = jax.checkpoint(tables_fn)
-            tables, pull_tables = jax.vjp(tables_fn, params)
-
-        xs = (inputs, targets, inv)
+            tables, pull_tables = jax.vjp(table_fn(state["rest"], uniq), params)
+        elif has_tables and dedup is not None:
+            uniq_m, inv = dedup  # [M, G, U]: scanned with the micro-batches
+        xs = (inputs, targets, inv, uniq_m)
         (g_params, g_tables, rest), (mets, per_layer) = _accumulate(
             grad_fn, params, state["rest"], tables, xs
         )
         grads = jax.tree.map(lambda g: g / n_micro, g_params)
-        if has_tables:
+        if per_step:
             g_tables = jax.tree.map(lambda g, t: (g / n_micro).astype(t.dtype), g_tables, tables)
             grads = _tree_add(grads, pull_tables(g_tables)[0])
         updates, opt_state = tx.update(grads, state["opt_state"], params)
@@ -192,13 +197,14 @@ class Trainer:
         batch = jax.make_array_from_process_local_data(self.batch_sharding, local, global_shape)
         dedup = None
         if self.table_layers:
-            groups = self.local_groups
-            uniq_GxU, inv = host_dedup_groups(local[..., :-1], self.cfg.model.vocab_size, groups)
-            uniq_GxU = _agree_on_table_size(uniq_GxU, self.cfg.model.vocab_size)
-            total = groups * jax.process_count()
-            uniq = jax.make_array_from_process_local_data(
-                self.group_sharding, uniq_GxU, (total, uniq_GxU.shape[1])
-            )
+            groups, per_micro = self.local_groups, t.token_tables == "microbatch"
+            vocab = self.cfg.model.vocab_size
+            uniq, inv = host_dedup_groups(local[..., :-1], vocab, groups, per_micro)
+            uniq = _agree_on_table_size(uniq)
+            shape = uniq.shape[:-2] + (groups * jax.process_count(), uniq.shape[-1])
+            names = ((None,) if per_micro else ()) + ("batch", None)
+            sharding = NamedSharding(self.mesh, logical_spec(names, self.mesh))
+            uniq = jax.make_array_from_process_local_data(sharding, uniq, shape)
             inv = jax.make_array_from_process_local_data(
                 self.batch_sharding, inv, global_shape[:2] + (global_shape[2] - 1,)
             )
@@ -224,16 +230,16 @@ class Trainer:
         )
 
 
-def _agree_on_table_size(uniq_GxU: np.ndarray, vocab_size: int) -> np.ndarray:
-    """Pads this process's tables to the largest table size of any process (the arrays of a
-    multi-process step have one shape); unchanged in a single process."""
+def _agree_on_table_size(uniq: np.ndarray) -> np.ndarray:
+    """Pads this process's tables ([..., U]) to the largest table size of any process (the
+    arrays of a multi-process step have one shape); unchanged in a single process."""
     if jax.process_count() == 1:
-        return uniq_GxU
+        return uniq
     from jax.experimental import multihost_utils
 
-    size = int(np.max(multihost_utils.process_allgather(np.int32(uniq_GxU.shape[1]))))
-    out = np.zeros((uniq_GxU.shape[0], size), np.int32)
-    out[:, : uniq_GxU.shape[1]] = uniq_GxU
+    size = int(np.max(multihost_utils.process_allgather(np.int32(uniq.shape[-1]))))
+    out = np.zeros(uniq.shape[:-1] + (size,), np.int32)
+    out[..., : uniq.shape[-1]] = uniq
     return out
 
 

@@ -8,7 +8,14 @@ import pytest
 from flax import nnx
 
 from configs import mole as mole_cfg
-from mole_jax.dedup import check_ids, dedup_bucket, dedup_ids, host_dedup, unique_inverse
+from mole_jax.dedup import (
+    check_ids,
+    dedup_bucket,
+    dedup_ids,
+    host_dedup,
+    host_dedup_groups,
+    unique_inverse,
+)
 from mole_jax.errors import DataError
 from mole_jax.model import build_model
 from mole_jax.model_config import model_config
@@ -55,17 +62,23 @@ def test_unique_path_equals_per_position_in_output_and_gradient():
     assert float(jnp.abs(g_u["blocks"][0]["ffn"]["up"]).max()) > 0
 
 
-@pytest.mark.parametrize("micro", [1, 2])
-def test_train_step_with_host_dedup_and_accumulation_equals_per_position(micro):
+@pytest.mark.parametrize(
+    "micro,scope,groups", [(1, "step", 1), (2, "step", 1), (2, "microbatch", 1), (2, "step", 2)]
+)
+def test_train_step_with_host_dedup_and_accumulation_equals_per_position(micro, scope, groups):
+    """Tables once per step or per micro-batch, one for the whole batch or one per group of its
+    rows (per device on a mesh): the step of the per-position form either way."""
     batch = np.random.default_rng(1).integers(0, 60, (8, 17)).astype(np.int32)
     results = {}
     for impl in ("unique", "per_position"):
         cfg = config(impl)
         cfg.train.update(dict(batch_size=8, microbatches=micro if impl == "unique" else 1))
+        cfg.train.token_tables = scope
         tx = make_optimizer(cfg)
         graphdef, state, tables = init_state(cfg, tx)
         b = batch.reshape(cfg.train.microbatches, -1, 17)
-        dedup = host_dedup(b[..., :-1], V) if tables else None
+        per_micro = scope == "microbatch"
+        dedup = host_dedup_groups(b[..., :-1], V, groups, per_micro) if tables else None
         step = jax.jit(make_train_step(graphdef, tx, cfg, bool(tables)))
         state, m = step(state, b, dedup)
         results[impl] = (state["params"], float(m["loss"]), float(m["grad_norm"]))
