@@ -39,10 +39,10 @@ def compiled_bytes(cfg) -> int:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("size", ["tiny", "small"])
 @pytest.mark.parametrize("kind", list(CONFIGS))
-@pytest.mark.parametrize("mesh", list(MESHES))
+@pytest.mark.parametrize("size,mesh", [("tiny", "fsdp2-tensor2-expert2"), ("small", "fsdp8")])
 def test_planned_bytes_per_device_match_the_compiled_step(size, kind, mesh):
+    """(All twelve pairs of size and mesh were measured for the README; CI checks six.)"""
     module, extra = CONFIGS[kind]
     cfg = module.get_config(f"size={size}{extra}")
     cfg.mesh.update({**dict(data=1, fsdp=1, expert=1, tensor=1), **MESHES[mesh]})
