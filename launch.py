@@ -16,7 +16,9 @@ with one line on stderr and exit status 2.
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import sys
 
 from absl import app, flags, logging
@@ -24,6 +26,9 @@ from ml_collections import config_flags
 
 from mole_jax import commands
 from mole_jax.errors import UserError
+from mole_jax.preempt import Preempted
+
+DISK_FULL = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
 
 config_flags.DEFINE_config_file("config", None, "Config file and argument: path.py:arg.")
 flags.DEFINE_string("workdir", None, "Run directory (config.json, metrics, checkpoints, lut/).")
@@ -33,6 +38,9 @@ flags.DEFINE_string("dtype", "float16", "export: LUT dtype float32|float16|bfloa
 flags.DEFINE_bool("experts", False, "export: a MoE model's experts (offload baseline), not a LUT.")
 flags.DEFINE_bool("offload", False, "eval/generate: read LUT rows from the tensorstore store.")
 flags.DEFINE_string("data", None, "eval: corpus name or files:<glob> (default: the run's corpus).")
+flags.DEFINE_integer(
+    "max_tokens", None, "eval: at most this many tokens (default: the whole split)."
+)
 flags.DEFINE_string("prompt", "", "generate: the prompt text.")
 flags.DEFINE_integer("max_new", 64, "generate: tokens to sample.")
 flags.DEFINE_float("temperature", 0.0, "generate: 0 is greedy.")
@@ -48,46 +56,76 @@ FLAGS = flags.FLAGS
 COMMANDS = ("train", "summary", "export", "eval", "generate", "sweep")
 
 
-_started = False
+def fail(message: str, code: int = 2):
+    """One line on stderr and the exit status: how every user mistake ends."""
+    print(message, file=sys.stderr, flush=True)
+    sys.exit(code)
 
 
 def main(argv):
-    global _started
-    _started = True
     if not FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
     if len(argv) != 2 or argv[1] not in COMMANDS:
-        raise app.UsageError(f"usage: launch.py {{{'|'.join(COMMANDS)}}} [flags]; got {argv[1:]}")
+        fail(f"error: usage: launch.py {{{'|'.join(COMMANDS)}}} [flags]; got {argv[1:]}")
     try:
         result = getattr(commands, argv[1])(FLAGS)
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        fail(f"error: {e}")
+    except Preempted as e:
+        fail(f"{e}: checkpoint saved; run the same command again to resume", e.exit_code)
+    except KeyboardInterrupt:
+        fail("interrupted", 130)
+    except Exception as e:  # noqa: BLE001 - a full disk surfaces through many libraries
+        if not disk_full(e):
+            raise
+        fail(f"error: the disk is full ({disk_full(e)}); free some space and run the command "
+             "again: what was completely written is kept, the rest is not trusted")  # fmt: skip
     if result is not None and FLAGS.json:
         with open(FLAGS.json, "w") as f:
             json.dump(result, f, indent=2)
 
 
-def cli():
+def disk_full(e: BaseException) -> str | None:
+    """What a full disk (or a file size limit) said, if that is what `e`, or an exception it
+    was raised from, reports: orbax, tensorstore and numpy wrap the OSError differently."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in DISK_FULL:
+            return f"{e.strerror}: {e.filename}" if e.filename else e.strerror
+        text = str(e)
+        for code in DISK_FULL:
+            if os.strerror(code) in text:
+                return os.strerror(code)
+        e = e.__cause__ or e.__context__
+    return None
+
+
+def parse_flags(argv):
+    """absl's parse, with every mistake in a flag (a wrong type, an unknown field or a bad
+    `--config` argument) reported in one line and exit status 2 instead of a FATAL (status 1)."""
     try:
-        app.run(main)
-    except UserError as e:  # raised while flags were parsed (a bad --config argument)
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        return FLAGS(argv)
+    except UserError as e:  # a bad `--config=file.py:arg`
+        fail(f"error: {e}")
+    except flags.Error as e:
+        fail(f"error: {e}")
+    except SyntaxError as e:  # a config or study file that does not parse
+        fail(f"error: {e.filename}:{e.lineno}: {e.msg}")
     except (AttributeError, KeyError, TypeError, ValueError) as e:
-        if _started:
-            raise
         # ml_collections rejects an override of a field the config does not have (locked config)
         # or of the wrong type while absl parses `--config.a.b=v`.
         name = str(e).strip("'\"")
-        bad = [a for a in sys.argv if a.startswith("--config.") and name in a.split("=")[0]]
+        bad = [a for a in argv if a.startswith("--config.") and name in a.split("=")[0]]
         what = bad[0].split("=")[0] if bad else f"--config override ({type(e).__name__}: {e})"
-        print(
+        fail(
             f"error: {what}: no such config field, or a value of the wrong type; "
-            "see the config file for the fields",
-            file=sys.stderr,
+            "see the config file for the fields"
         )
-        sys.exit(2)
+
+
+def cli():
+    app.run(main, flags_parser=parse_flags)
 
 
 if __name__ == "__main__":

@@ -33,7 +33,9 @@ def base(size: str) -> ConfigDict:
     c.model.ffn = ConfigDict(dict(kind="dense", layers="all"))
     c.data = ConfigDict(
         dict(
-            corpus="shakespeare",  # shakespeare | linux-doc | pydoc | files:<glob> | hf:<name>
+            # shakespeare | linux-doc | pydoc | files:<glob> | hf:<name> | megatron:<prefix>
+            corpus="shakespeare",
+            format="auto",  # files: auto (by suffix) | text (a document per file) | jsonl | parquet
             tokenizer=config_dict.placeholder(str),  # a tokenizer.json; default: train a BPE
             vocab_size=8192,  # BPE vocabulary when training one
             seq_len=s["seq_len"],

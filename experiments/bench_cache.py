@@ -49,7 +49,7 @@ RANDOM_SEEDS = 5
 def record_trace(engine, batch: int, steps: int) -> dict[int, list[set[int]]]:
     """Each MoE layer's needed-expert sets over `steps` teacher-forced decode steps."""
     engine.reset_stats()  # also empties the recorded trace
-    windows = [b[:batch, :-1] for b in val_batches(FLAGS.workdir, n_batches=64)]
+    windows = [b[:batch, :-1] for b in list(val_batches(FLAGS.workdir, n_batches=64))]
     done = 0
     for ids in windows:
         if ids.shape[0] < batch:

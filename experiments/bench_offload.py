@@ -213,7 +213,7 @@ def timed_round(built, prompts, new: int, start: int = 0) -> dict[str, dict]:
 def run_all(dirs) -> list[dict]:
     """Every engine at every batch size: storage columns from one decode each, latency from
     --rounds lockstep rounds, pooled."""
-    val = val_batches(dirs["dense"], n_batches=64)
+    val = list(val_batches(dirs["dense"], n_batches=64))
     windows = np.concatenate(val)[:, : FLAGS.prompt]
     if windows.shape[1] < FLAGS.prompt:
         raise SystemExit(f"--prompt={FLAGS.prompt} is longer than the validation windows")

@@ -12,7 +12,9 @@ it reads against its digest.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import gc
 import hashlib
 import logging
 import os
@@ -25,8 +27,6 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from mole_jax.errors import CheckpointError, UserError
-
-log = logging.getLogger(__name__)
 
 
 def host_value(leaf) -> np.ndarray:
@@ -150,21 +150,23 @@ class Checkpointer:
         )
 
     def _newest(self, step: int | None, read):
-        """read(step) for `step`, or for the newest step it succeeds on (each failure reported
-        in one line); None when there are no checkpoints."""
+        """read(step) for `step`, or for the newest step it succeeds on; None when there are no
+        checkpoints. A step that fails to read or verify is moved aside to `<step>.corrupt`
+        (reported in one line), so that no later run trips over it or trains back into it."""
         steps = self.steps()
         if step is not None and step not in steps:
             raise CheckpointError(f"no checkpoint at step {step} in {self.directory} ({steps})")
         candidates = [step] if step is not None else steps[::-1]
         for s in candidates:
             try:
-                return read(s)
+                with _quiet_asyncio():
+                    return read(s)
             except Exception as e:  # noqa: BLE001 - any failure to read means "unusable"
                 msg = f"checkpoint {self.directory}/{s} is unreadable or corrupt ({_short(e)})"
                 if step is not None:
                     raise CheckpointError(msg) from None
-                log.warning("%s; falling back to the previous one", msg)
-                print(f"warning: {msg}; falling back to the previous one", flush=True)
+                where = self._quarantine(s)
+                print(f"warning: {msg}; moved to {where}, falling back to the previous one")
         if candidates:
             raise CheckpointError(
                 f"no readable checkpoint in {self.directory}; start a new workdir"
@@ -184,9 +186,26 @@ class Checkpointer:
             raise CheckpointError(f"no checkpoint at step {step} in {self.directory} ({steps})")
         return self._read_meta(step)
 
+    def _quarantine(self, step: int) -> str:
+        """Moves a bad step's directory aside (`<step>.corrupt`, `.corrupt-2`, ...)."""
+        src = os.path.join(self.directory, str(step))
+        dst, n = f"{src}.corrupt", 1
+        while os.path.exists(dst):
+            n += 1
+            dst = f"{src}.corrupt-{n}"
+        try:
+            os.replace(src, dst)
+        except OSError as e:
+            raise CheckpointError(f"cannot move the bad checkpoint {src} aside ({e})") from None
+        self.mgr.reload()
+        return dst
+
     def close(self) -> None:
+        if self.mgr is None:
+            return
         self.mgr.wait_until_finished()
         self.mgr.close()
+        self.mgr = None
 
 
 def _check_leaves(params, meta: dict) -> None:
@@ -227,6 +246,20 @@ def restore_model(workdir, mcfg, form: str = "train", step: int | None = None) -
     (params, rest), meta = got
     rest = jax.tree.map(jnp.asarray, rest)
     return Restored(graphdef, params, rest, int(meta["step"]), meta["params_sha256"])
+
+
+@contextlib.contextmanager
+def _quiet_asyncio():
+    """Orbax reads with asyncio tasks; a failed read leaves tasks whose exceptions asyncio logs
+    (hundreds of lines) when they are collected. The failure is reported once, by the caller."""
+    logger = logging.getLogger("asyncio")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        gc.collect()  # collect the failed tasks while asyncio's logger is quiet
+        logger.setLevel(level)
 
 
 def _short(e: Exception) -> str:

@@ -72,7 +72,9 @@ def eval(f):  # noqa: A001 - the subcommand's name
 
     _need(f, "workdir")
     mode = "offload" if f.offload else "experts"
-    out = evaluate(f.workdir, mode, corpus=f.data, step=f.step)
+    if f.max_tokens is not None and f.max_tokens < 1:
+        raise UserError(f"--max_tokens={f.max_tokens} must be positive")
+    out = evaluate(f.workdir, mode, corpus=f.data, step=f.step, max_tokens=f.max_tokens)
     line = f"{out['mode']} eval of step {out['step']}: loss {out['loss']:.4f}, ppl {out['ppl']:.2f}"
     if f.offload:
         line += (
@@ -91,6 +93,13 @@ def generate(f):
 
     _need(f, "workdir")
     wd = Workdir(f.workdir)
+    vocab = wd.model_config.vocab_size
+    if f.max_new < 1:
+        raise UserError(f"--max_new={f.max_new}: generate at least 1 token")
+    if not 0 <= f.top_k <= vocab:
+        raise UserError(f"--top_k={f.top_k} must be in [0, {vocab}] (0: sample from all tokens)")
+    if not f.temperature >= 0:
+        raise UserError(f"--temperature={f.temperature} must be >= 0 (0 is greedy)")
     tok = wd.tokenizer()
     ids = data.tokenize(tok, f.prompt) or [tok.token_to_id(data.EOS)]
     engine = build_engine(wd, "offload" if f.offload else "experts", f.step)

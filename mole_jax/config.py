@@ -112,6 +112,7 @@ def validate(cfg: ml_collections.ConfigDict, n_devices: int | None = None):
         f"data.vocab_size={d.vocab_size} (tokenizer) exceeds model.vocab_size={m.vocab_size}",
     )
     require(0.0 < d.val_fraction < 1.0, f"data.val_fraction={d.val_fraction} must be in (0, 1)")
+    require_one_of(d.get("format", "auto"), ("auto", "text", "jsonl", "parquet"), "data.format")
     _validate_train(t)
     _validate_mesh(cfg, n_devices)
     mcfg = model_config(cfg)
@@ -169,10 +170,29 @@ def load_file(spec: str) -> ml_collections.ConfigDict:
     path, _, arg = spec.partition(":")
     if not os.path.isfile(path):
         raise ConfigError(f"config file '{path}' (in '{spec}') does not exist")
-    module = load_module(path)
+    module = user_code(f"config file '{path}'", load_module, path)
     if not hasattr(module, "get_config"):
         raise ConfigError(f"config file '{path}' has no get_config(arg) function")
-    return module.get_config(arg or None)
+    return user_code(f"{path}: get_config({arg!r})", module.get_config, arg or None)
+
+
+def user_code(what: str, fn, *args):
+    """fn(*args) where fn is the user's own code (a config or study file): whatever it raises
+    becomes one ConfigError line naming `what` and the file and line it failed at."""
+    try:
+        return fn(*args)
+    except ConfigError:
+        raise
+    except Exception as e:  # noqa: BLE001 - the user's code may raise anything
+        import traceback
+
+        frames = traceback.extract_tb(e.__traceback__)
+        at = next((f for f in reversed(frames) if "mole_jax" not in f.filename), None)
+        where = f" at {at.filename}:{at.lineno}" if at else ""
+        if isinstance(e, SyntaxError):
+            where = f" at {e.filename}:{e.lineno}"
+        msg = str(e).replace("\n", " ")[:200]
+        raise ConfigError(f"{what} failed ({type(e).__name__}: {msg}){where}") from None
 
 
 def load_module(path: str):

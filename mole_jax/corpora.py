@@ -15,6 +15,7 @@ never leaves a corpus that looks whole. Documents are streamed through `datasets
 
 from __future__ import annotations
 
+import functools
 import glob
 import gzip
 import hashlib
@@ -172,19 +173,30 @@ def fingerprint(corpus: str, files: list[Path]) -> str:
     return h.hexdigest()[:16]
 
 
-def _builder(files: list[Path]) -> tuple[str, dict]:
+FORMATS = ("auto", "text", "jsonl", "parquet")
+_BUILDERS = {"text": ("text", {"sample_by": "document"}), "jsonl": ("json", {}),
+             "parquet": ("parquet", {})}  # fmt: skip
+
+
+def _builder(files: list[Path], fmt: str = "auto") -> tuple[str, dict]:
+    """The `datasets` builder of a corpus's files: `fmt` (data.format), or by their suffixes."""
+    if fmt != "auto":
+        return _BUILDERS[fmt]
     suffixes = {f.suffix for f in files}
     if suffixes <= set(TEXT_SUFFIXES):
-        return "text", {"sample_by": "document"}
+        return _BUILDERS["text"]
     if suffixes <= {".jsonl", ".json"}:
-        return "json", {}
+        return _BUILDERS["jsonl"]
     if suffixes <= {".parquet"}:
-        return "parquet", {}
-    raise DataError(f"cannot mix or read file types {sorted(suffixes)}: use text, jsonl or parquet")
+        return _BUILDERS["parquet"]
+    raise DataError(
+        f"cannot tell the format of files with suffixes {sorted(suffixes)}: set "
+        "data.format=text|jsonl|parquet (text: one document per file)"
+    )
 
 
 def split_documents(
-    corpus: str, files: list[Path], val_fraction: float, cache_dir: str | None
+    corpus: str, files: list[Path], val_fraction: float, cache_dir: str | None, fmt: str = "auto"
 ) -> dict[str, Callable[[], Iterator[str]]]:
     """{'train': f, 'validation': f}: f() streams that split's documents, held out by document,
     in a fixed order, through `datasets`' streaming readers (no split is ever held in memory).
@@ -195,24 +207,13 @@ def split_documents(
     """
     import datasets
 
-    datasets.disable_progress_bars()
-    datasets.logging.set_verbosity_error()
+    _quiet_datasets()
     if corpus.startswith("hf:"):
         name = corpus.removeprefix("hf:")
         return _split_rows(corpus, lambda: _texts(datasets.load_dataset(name, split="train",
                                                                         streaming=True), name),
                            val_fraction)  # fmt: skip
-    builder, kwargs = _builder(files)
-
-    def stream(paths: list[Path]) -> Callable[[], Iterator[str]]:
-        def docs() -> Iterator[str]:
-            ds = datasets.load_dataset(
-                builder, data_files=[str(p) for p in paths], split="train", streaming=True,
-                **kwargs,
-            )  # fmt: skip
-            return _texts(ds, paths[0])
-
-        return docs
+    stream = functools.partial(all_documents, fmt=fmt)
 
     if len(files) >= 2:
         is_val = [_unit_hash(f.name) < val_fraction for f in files]
@@ -224,9 +225,44 @@ def split_documents(
     return _split_rows(corpus, stream(files), val_fraction)
 
 
+def all_documents(paths: list[Path], fmt: str = "auto") -> Callable[[], Iterator[str]]:
+    """f() streams every document of `paths` through `datasets` (no split)."""
+    import datasets
+
+    _quiet_datasets()
+    builder, kwargs = _builder(paths, fmt)
+
+    def docs() -> Iterator[str]:
+        ds = datasets.load_dataset(
+            builder, data_files=[str(p) for p in paths], split="train", streaming=True, **kwargs
+        )
+        return _texts(ds, paths[0])
+
+    return docs
+
+
+def _quiet_datasets() -> None:
+    """`datasets` logs a bad file itself before raising; the raise is reported once, by us."""
+    import datasets
+
+    datasets.disable_progress_bars()
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)
+
+
 def _texts(ds, where) -> Iterator[str]:
-    """The non-blank `text` values of a streamed dataset."""
-    for row in ds:
+    """The non-blank `text` values of a streamed dataset; a file that cannot be read as its
+    format (not UTF-8, malformed JSON lines, a broken parquet file) is one DataError."""
+    rows = iter(ds)
+    while True:
+        try:
+            row = next(rows)
+        except StopIteration:
+            return
+        except DataError:
+            raise
+        except Exception as e:  # noqa: BLE001 - datasets/arrow raise many types for bad files
+            msg = str(e).replace("\n", " ")[:200]
+            raise DataError(f"{where}: cannot be read ({type(e).__name__}: {msg})") from None
         if "text" not in row:
             raise DataError(f"{where}: rows need a 'text' field (found {sorted(row)})")
         text = row["text"]

@@ -75,9 +75,10 @@ def prepare(cfg) -> TokenData:
         return _megatron(cfg)
     root = corpora.cache_root(d.cache_dir)
     files = corpora.corpus_files(d.corpus, d.cache_dir)
-    fp = corpora.fingerprint(d.corpus, files)
+    fmt = d.get("format", "auto")
+    fp = corpora.fingerprint(d.corpus, files) + ("" if fmt == "auto" else f"-{fmt}")
     splits = functools.cache(
-        lambda: corpora.split_documents(d.corpus, files, d.val_fraction, d.cache_dir)
+        lambda: corpora.split_documents(d.corpus, files, d.val_fraction, d.cache_dir, fmt)
     )
     if d.tokenizer:
         tok = load_tokenizer(d.tokenizer)
@@ -100,6 +101,9 @@ def prepare(cfg) -> TokenData:
     tdir = corpora.atomic_dir(root / "tokens" / key, lambda tmp: _encode(splits(), tok, tmp))
     meta = json.loads((tdir / "meta.json").read_text())
     dtype = np.dtype(meta["dtype"])
+    for s in ("train", "val"):
+        if (tdir / f"{s}.bin").stat().st_size == 0:
+            raise DataError(f"the {s} split of '{d.corpus}' has no documents: is the text empty?")
     streams = {s: np.memmap(tdir / f"{s}.bin", dtype=dtype, mode="r") for s in ("train", "val")}
     for name, arr in streams.items():
         if arr.size < d.seq_len + 2:
@@ -141,34 +145,62 @@ def _pieces(docs: Iterator[str]) -> Iterator[tuple[str, bool]]:
     """(piece, last piece of its document): documents cut at whitespace into pieces of at most
     PIECE_CHARS characters, so one huge document never costs more than a few pieces' memory."""
     for doc in docs:
-        while len(doc) > PIECE_CHARS:
-            cut = max(doc.rfind("\n", 0, PIECE_CHARS), doc.rfind(" ", 0, PIECE_CHARS))
-            cut = cut + 1 if cut > 0 else PIECE_CHARS
-            yield doc[:cut], False
-            doc = doc[cut:]
-        yield doc, True
+        start = 0
+        while len(doc) - start > PIECE_CHARS:
+            end = start + PIECE_CHARS
+            cut = max(doc.rfind("\n", start, end), doc.rfind(" ", start, end))
+            cut = cut + 1 if cut > start else end
+            yield doc[start:cut], False
+            start = cut
+        yield doc[start:], True
 
 
 def _encode(splits: dict, tok: Tokenizer, out: Path) -> None:
-    """Streams each split's documents through the tokenizer into `<split>.bin`, a batch of at
-    most ENCODE_BATCH_CHARS characters at a time: memory is bounded by the batch, not the
-    corpus. Each document ends with the end-of-text id."""
-    eos = tok.token_to_id(EOS)
-    dtype = np.uint16 if tok.get_vocab_size() <= 2**16 else np.uint32
-    docs = 0
-    for name, split in (("train", "train"), ("val", "validation")):
-        with open(out / f"{name}.bin", "wb") as f:
-            batch, size = [], 0
-            for piece, last in _pieces(splits[split]()):
-                batch.append((piece, last))
-                size += len(piece)
-                docs += last and name == "train"
-                if size >= ENCODE_BATCH_CHARS:
-                    _write_ids(f, tok, batch, eos, dtype)
-                    batch, size = [], 0
-            _write_ids(f, tok, batch, eos, dtype)
-    meta = dict(dtype=np.dtype(dtype).name, vocab=tok.get_vocab_size(), docs=docs)
+    """Streams each split's documents through the tokenizer into `<split>.bin`."""
+    docs = {name: _encode_split(splits[split](), tok, out / f"{name}.bin")
+            for name, split in (("train", "train"), ("val", "validation"))}  # fmt: skip
+    meta = dict(dtype=_token_dtype(tok).name, vocab=tok.get_vocab_size(), docs=docs["train"])
     (out / "meta.json").write_text(json.dumps(meta))
+
+
+def _token_dtype(tok: Tokenizer) -> np.dtype:
+    return np.dtype(np.uint16 if tok.get_vocab_size() <= 2**16 else np.uint32)
+
+
+def _encode_split(docs: Iterator[str], tok: Tokenizer, path: Path) -> int:
+    """Streams documents through the tokenizer into `path`, a batch of at most
+    ENCODE_BATCH_CHARS characters at a time: memory is bounded by the batch, not the corpus.
+    Each document ends with the end-of-text id. Returns the number of documents."""
+    eos, dtype, n = tok.token_to_id(EOS), _token_dtype(tok), 0
+    with open(path, "wb") as f:
+        batch, size = [], 0
+        for piece, last in _pieces(docs):
+            batch.append((piece, last))
+            size += len(piece)
+            n += last
+            if size >= ENCODE_BATCH_CHARS:
+                _write_ids(f, tok, batch, eos, dtype)
+                batch, size = [], 0
+        _write_ids(f, tok, batch, eos, dtype)
+    return n
+
+
+def eval_tokens(cfg, tok: Tokenizer) -> np.ndarray:
+    """Every document of the user's own files (`data.corpus='files:...'`, held out or not: the
+    user named them to be evaluated on), tokenised with `tok` into the cache: a memmap."""
+    d = cfg.data
+    files = corpora.corpus_files(d.corpus, d.cache_dir)
+    fmt = d.get("format", "auto")
+    tok_sha = hashlib.sha256(tok.to_str().encode()).hexdigest()
+    key = _sha(corpora.fingerprint(d.corpus, files), fmt, tok_sha)
+    docs = corpora.all_documents(files, fmt)
+
+    def fill(tmp: Path) -> None:
+        if _encode_split(docs(), tok, tmp / "all.bin") == 0:
+            raise DataError(f"data '{d.corpus}' holds no text")
+
+    tdir = corpora.atomic_dir(corpora.cache_root(d.cache_dir) / "tokens" / f"eval-{key}", fill)
+    return np.memmap(tdir / "all.bin", dtype=_token_dtype(tok), mode="r")
 
 
 def _write_ids(f, tok: Tokenizer, batch: list[tuple[str, bool]], eos: int, dtype) -> None:

@@ -54,8 +54,13 @@ def export_lut(
     workdir, step: int | None = None, dtype: str = "float16", out: str = "lut",
     rows_per_chunk: int = 1,
 ) -> dict:  # fmt: skip
-    """Writes `<workdir>/<out>/` and returns its manifest."""
+    """Writes `<workdir>/<out>/` and returns its manifest (holding the workdir's writer lock)."""
     wd = as_workdir(workdir)
+    with wd.writer_lock("export"):
+        return _export_lut(wd, step, dtype, out, rows_per_chunk)
+
+
+def _export_lut(wd, step, dtype, out, rows_per_chunk) -> dict:
     if dtype not in quant.DTYPES:
         raise UserError(f"--dtype={dtype} is not one of {', '.join(quant.DTYPES)}")
     m = wd.model_config
@@ -94,8 +99,14 @@ def export_lut(
 def export_experts(
     workdir, step: int | None = None, dtype: str = "float32", out: str = "experts"
 ) -> dict:
-    """Writes `<workdir>/<out>/` from a MoE checkpoint; returns its manifest."""
+    """Writes `<workdir>/<out>/` from a MoE checkpoint; returns its manifest (holding the
+    workdir's writer lock)."""
     wd = as_workdir(workdir)
+    with wd.writer_lock("export --experts"):
+        return _export_experts(wd, step, dtype, out)
+
+
+def _export_experts(wd, step, dtype, out) -> dict:
     if dtype not in quant.FLOAT_DTYPES:
         raise UserError(f"expert stores hold float32|float16|bfloat16, not --dtype={dtype}")
     m = wd.model_config

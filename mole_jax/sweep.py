@@ -38,10 +38,11 @@ from dataclasses import dataclass
 import ml_collections
 
 from mole_jax import quant
-from mole_jax.config import apply_overrides, load_file, load_module, to_json, validate
+from mole_jax.config import apply_overrides, load_file, load_module, to_json, user_code, validate
 from mole_jax.errors import ConfigError, UserError
 from mole_jax.files import write_text_atomic
 from mole_jax.sweep_worker import LOG, RESULT, SPEC, finished_result
+from mole_jax.workdir import Workdir
 
 RUN_KEYS = {"name", "config", "set", "evals"}
 EVAL_KEYS = {"name", "export", "mode"}
@@ -60,7 +61,7 @@ def load_study(filename: str):
     path = filename.partition(":")[0]
     if not os.path.isfile(path):
         raise UserError(f"study file '{path}' does not exist")
-    module = load_module(path)
+    module = user_code(f"study '{path}'", load_module, path)
     if not callable(getattr(module, "get_sweep", None)):
         raise UserError(f"study '{path}' has no get_sweep(config) function (see mole_jax/sweep.py)")
     return module
@@ -68,7 +69,7 @@ def load_study(filename: str):
 
 def plan(module, study_cfg, workdir: str) -> list[Run]:
     """The study's runs, configs built and validated; a bad one raises ConfigError naming it."""
-    specs = module.get_sweep(study_cfg)
+    specs = user_code("the study's get_sweep(config)", module.get_sweep, study_cfg)
     if not specs:
         raise ConfigError("the study's get_sweep returned no runs")
     runs, seen = [], set()
@@ -212,9 +213,10 @@ def run_sweep(filename: str, study_cfg, workdir: str, parallel: int = 1, dry_run
     if dry_run:
         print(sweep_report.plan_table(runs))
         return {"runs": [r.spec for r in runs], "dry_run": True}
-    prepare_data(runs)
-    status = execute(runs, parallel)
-    out = sweep_report.write(module, filename, study_cfg, workdir, runs, status)
+    with Workdir(workdir).writer_lock("sweep"):
+        prepare_data(runs)
+        status = execute(runs, parallel)
+        out = sweep_report.write(module, filename, study_cfg, workdir, runs, status)
     failed = [n for n, s in status.items() if s.startswith("failed")]
     if failed:
         raise UserError(

@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 import os
 
-from mole_jax.config import to_json
+from mole_jax.config import to_json, user_code
+from mole_jax.errors import ConfigError
 from mole_jax.files import write_text_atomic
 from mole_jax.sweep_worker import finished_result
 
@@ -79,7 +80,12 @@ def write(module, filename: str, study_cfg, workdir: str, runs, status: dict) ->
         rows.append(dict(row, status=status[run.name]))
     complete = all("val_loss" in r for r in rows)
     report = getattr(module, "report", None)
-    text = report(rows) if report and complete else ""
+    text, failed = "", None
+    if report and complete:
+        try:
+            text = user_code("the study's report(rows)", report, rows)
+        except ConfigError as e:
+            failed = e  # the results are written first; then the error
     out = dict(
         study=filename,
         study_config=json.loads(to_json(study_cfg)),
@@ -101,6 +107,8 @@ def write(module, filename: str, study_cfg, workdir: str, runs, status: dict) ->
     if text:
         print(text)
     print(f"wrote {workdir}/sweep.json, results.md and curves.png")
+    if failed:
+        raise failed
     return out
 
 

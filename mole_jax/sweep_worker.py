@@ -71,6 +71,7 @@ def run_spec(spec: dict, run_dir: str) -> dict:
 def run_eval(run_dir: str, e: dict, exported: set[str]) -> dict:
     from mole_jax.evaluate import evaluate
     from mole_jax.export import export_lut
+    from mole_jax.workdir import Workdir
 
     lut = "lut"
     if "export" in e:
@@ -79,7 +80,8 @@ def run_eval(run_dir: str, e: dict, exported: set[str]) -> dict:
             export_lut(run_dir, dtype=e["export"], out=lut)
             exported.add(lut)
     options = {} if e["mode"] == "experts" else {"store": lut}
-    r = evaluate(run_dir, e["mode"], write=False, **options)
+    n = Workdir(run_dir).config.train.eval_batches  # the windows the run's own val_loss used
+    r = evaluate(run_dir, e["mode"], write=False, n_batches=n, **options)
     return {k: r[k] for k in EVAL_KEYS if k in r}
 
 

@@ -9,6 +9,7 @@ row to the `on_row` callbacks (tests use one to stop a run as a crash would).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import sys
@@ -24,6 +25,7 @@ from mole_jax.config import validate
 from mole_jax.errors import ConfigError, TrainingDiverged
 from mole_jax.files import write_text_atomic
 from mole_jax.metrics import MetricsWriter, aux_stats, read_metrics
+from mole_jax.preempt import Preempted, PreemptionGuard
 from mole_jax.trainer import Trainer, setup
 from mole_jax.workdir import Workdir, as_workdir
 
@@ -166,20 +168,27 @@ def run(cfg, workdir, on_row: Sequence[Callable[[int, dict], None]] = ()) -> dic
     wd = as_workdir(workdir)
     validate(cfg)
     _check_resume_compatible(cfg, wd)
-    td, summary = _prepare(cfg, wd)
-    trainer = setup(cfg)
-    ckpt = Checkpointer(wd, cfg.train.keep_ckpts, cfg.train.async_ckpt)
-    try:
-        restored = ckpt.restore(trainer.abstract_state)
-        state = trainer.init_state() if restored is None else restored[0]
-        start = int(state["step"])
-        log = StepLog(cfg, wd, start, ckpt, on_row)
+    if not distributed.is_primary():
+        distributed.barrier("data prepared")  # process 0 prepares it first; the others reuse it
+    td = data.prepare(cfg)  # before writing anything: a missing corpus leaves the workdir as it was
+    lock = wd.writer_lock("train") if distributed.is_primary() else contextlib.nullcontext()
+    with lock, PreemptionGuard() as guard:
+        summary = _write_workdir(cfg, wd, td)
+        trainer = setup(cfg)
+        ckpt = Checkpointer(wd, cfg.train.keep_ckpts, cfg.train.async_ckpt)
         try:
-            _loop(trainer, td, state, start, _hooks(cfg, wd, trainer, td, log, ckpt), log)
+            restored = ckpt.restore(trainer.abstract_state)
+            state = trainer.init_state() if restored is None else restored[0]
+            start = int(state["step"])
+            _say_where(start, cfg.train.steps)
+            log = StepLog(cfg, wd, start, ckpt, on_row)
+            try:
+                hooks = _hooks(cfg, wd, trainer, td, log, ckpt)
+                _loop(trainer, td, state, start, hooks, log, _preemption(guard, log, ckpt))
+            finally:
+                log.close()
         finally:
-            log.close()
-    finally:
-        ckpt.close()
+            ckpt.close()
     last = log.last
     result = {
         "workdir": str(wd),
@@ -192,13 +201,30 @@ def run(cfg, workdir, on_row: Sequence[Callable[[int, dict], None]] = ()) -> dic
     return _recorded(result, wd) if start == cfg.train.steps else result
 
 
-def _prepare(cfg, wd: Workdir):
-    """The corpus and tokenizer (process 0 first: the others find them cached), then the files
-    of the workdir, written by process 0 only after the data is known to be there, so that a
-    missing corpus leaves the workdir as it was."""
-    if not distributed.is_primary():
-        distributed.barrier("data prepared")
-    td = data.prepare(cfg)
+def _say_where(start: int, steps: int) -> None:
+    if distributed.is_primary():
+        where = f"resuming from step {start} (of {steps})" if start else "starting fresh"
+        print(where + (": nothing left to train" if start >= steps else ""), flush=True)
+
+
+def _preemption(guard: PreemptionGuard, log: StepLog, ckpt: Checkpointer) -> Hook:
+    """After every step: on a signal, checkpoint this step (unless a hook just did) and stop."""
+
+    def check(step, state):
+        if guard.signum is None:
+            return
+        log.flush()
+        if step not in ckpt.steps():
+            ckpt.save(state)
+        ckpt.close()  # waits for the write to finish
+        raise Preempted(guard.signum, step)
+
+    return Hook(check, every=1, at_end=False)
+
+
+def _write_workdir(cfg, wd: Workdir, td) -> dict:
+    """The workdir's files, written by process 0 once the data is known to be there (after
+    the others have prepared theirs); returns the accounting summary."""
     summary = accounting.summarize(cfg, jax.device_count())
     if distributed.is_primary():
         distributed.barrier("data prepared")
@@ -207,10 +233,10 @@ def _prepare(cfg, wd: Workdir):
         write_text_atomic(wd.tokenizer_path, td.tokenizer.to_str())  # eval/generate read it
         write_text_atomic(wd.summary_path, json.dumps(summary, indent=2))
     distributed.barrier("workdir written")
-    return td, summary
+    return summary
 
 
-def _loop(trainer: Trainer, td, state, start: int, hooks: list[Hook], log: StepLog) -> None:
+def _loop(trainer: Trainer, td, state, start: int, hooks: list[Hook], log: StepLog, stop: Hook):
     cfg = trainer.cfg
     t = cfg.train
     rows = trainer.process_rows(t.batch_size)
@@ -224,6 +250,7 @@ def _loop(trainer: Trainer, td, state, start: int, hooks: list[Hook], log: StepL
                 log.flush()  # never evaluate or checkpoint a state not seen to be finite
                 hook.fn(s + 1, state)
                 log.restart_clock()
+        stop.fn(s + 1, state)
     log.flush()
 
 

@@ -203,3 +203,50 @@ def test_a_50mb_corpus_trains_in_bounded_memory(tmp_path):
     peak_mb = int(proc.stderr.split("PEAK_RSS_KB")[-1].split()[0]) / 1024
     print(f"peak RSS {peak_mb:.0f} MB for a {size / 2**20:.0f} MB corpus")
     assert peak_mb < 1536, peak_mb
+
+
+PREPARE = """
+import resource, sys
+sys.path.insert(0, {root!r})
+from configs import dense
+from mole_jax import data
+cfg = dense.get_config("size=tiny")
+cfg.data.corpus = "files:{corpus}/*.txt"
+cfg.data.cache_dir = {cache!r}
+cfg.data.vocab_size = 512
+cfg.model.vocab_size = 512
+cfg.data.seq_len = 32
+data.prepare(cfg)
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)
+"""
+
+
+@pytest.mark.slow
+def test_a_50mb_line_costs_a_few_times_its_size(tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import ROOT, synthetic_text
+
+    def peak_mb(corpus) -> int:
+        code = PREPARE.format(
+            root=ROOT, corpus=corpus, cache=str(tmp_path / f"cache-{corpus.name}")
+        )
+        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        return int(proc.stdout.split()[-1])
+
+    small, big = tmp_path / "small", tmp_path / "big"
+    for d in (small, big):
+        d.mkdir()
+        (d / "a.txt").write_text(synthetic_text(0, 200))
+        (d / "b.txt").write_text(synthetic_text(1, 200))
+    words = synthetic_text(2, 2000).split()
+    idx = np.random.default_rng(0).integers(0, len(words), 10_500_000)
+    line = " ".join(np.array(words)[idx])  # one line of ~55 MB, no newline in it
+    (big / "c.txt").write_text(line)
+    size_mb = len(line) / 2**20
+    assert size_mb >= 50
+    extra = peak_mb(big) - peak_mb(small)
+    print(f"a {size_mb:.0f} MB line costs {extra} MB of peak RSS")
+    assert extra <= 4 * size_mb, extra

@@ -1,0 +1,250 @@
+"""Nothing lost, one line per mistake: the writer lock, preemption, the one rule for which
+checkpoint, integrity of the whole train state, and `error:` lines for bad input."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import ROOT, tiny_overrides
+from test_launch import cli_flags, launch
+
+from configs import dense, mole
+from mole_jax import train
+from mole_jax.checkpoint import Checkpointer
+from mole_jax.export import export_lut
+from mole_jax.metrics import read_metrics
+from mole_jax.workdir import Workdir
+
+pytestmark = pytest.mark.slow
+
+
+def one_error_line(proc, code=2) -> str:
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == code, proc.stderr[-3000:]
+    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def mole_run(tmp_path_factory, corpus_dir, cache_dir):
+    """A tiny MoLE trained to step 20 (checkpoints 10 and 20), its LUT exported from step 20."""
+    w = str(tmp_path_factory.mktemp("mole") / "w")
+    cfg = tiny_overrides(mole.get_config("size=tiny,experts=2"), corpus_dir, cache_dir, steps=20)
+    train.run(cfg, w)
+    export_lut(w, dtype="float32")
+    return w
+
+
+def _copy(run, tmp_path) -> str:
+    w = str(tmp_path / "w")
+    shutil.copytree(run, w)
+    return w
+
+
+def _largest(directory: Path) -> Path:
+    return max((p for p in directory.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+
+
+def _flip(path: Path, places: int = 1) -> None:
+    """Flips a byte in the middle of `path`, or `places` bytes spread over it."""
+    raw = bytearray(path.read_bytes())
+    for i in range(places):
+        raw[(2 * i + 1) * len(raw) // (2 * places)] ^= 0xFF
+    path.write_bytes(bytes(raw))
+
+
+def test_a_second_writer_is_refused_naming_the_holder(mole_run, tmp_path, corpus_dir, cache_dir):
+    fresh = str(tmp_path / "fresh")
+    with Workdir(fresh).writer_lock("a test"):
+        proc = launch("train", *cli_flags(corpus_dir, cache_dir), f"--workdir={fresh}", check=False)
+        line = one_error_line(proc)
+        assert f"pid {os.getpid()}" in line and "in use" in line
+        assert not Path(fresh, "config.json").exists()
+    w = _copy(mole_run, tmp_path)
+    with Workdir(w).writer_lock("a test"):
+        proc = launch("export", f"--workdir={w}", "--dtype=float16", check=False)
+        assert f"pid {os.getpid()}" in one_error_line(proc)
+        proc = launch("eval", f"--workdir={w}", "--max_tokens=1024", check=False)  # a reader
+        assert proc.returncode == 0, proc.stderr[-2000:]
+    assert not (Path(w) / "lut_float16").exists()
+
+
+def test_sigterm_checkpoints_the_current_step_and_resumes_on_the_curve(
+    corpus_dir, cache_dir, tmp_path
+):
+    flags = cli_flags(corpus_dir, cache_dir) + [
+        "--config.train.steps=60",
+        "--config.train.ckpt_every=50",
+    ]
+    w = str(tmp_path / "w")
+    cmd = [sys.executable, os.path.join(ROOT, "launch.py"), "train", *flags, f"--workdir={w}"]
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    metrics = os.path.join(w, "metrics.jsonl")
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if os.path.exists(metrics) and sum(1 for _ in open(metrics)) >= 25:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err[-3000:]
+    assert "starting fresh" in out
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "stopped by SIGTERM at step" in lines[0], err[-3000:]
+    stopped = int(lines[0].split("at step ")[1].split(":")[0])
+    assert 25 <= stopped < 50 and Checkpointer(w).steps() == [stopped]  # no periodic one yet
+    again = launch("train", *flags, f"--workdir={w}")
+    assert f"resuming from step {stopped} (of 60)" in again.stdout
+    ref = str(tmp_path / "ref")
+    cfg = tiny_overrides(dense.get_config("size=tiny"), corpus_dir, cache_dir, steps=60,
+                         ckpt_every=50, eval_every=20)  # fmt: skip
+    train.run(cfg, ref)
+    curve = lambda d: {r["step"]: r["loss"] for r in read_metrics(d) if "loss" in r}
+    assert curve(w) == curve(ref)
+
+
+def test_a_second_signal_ends_the_process_at_once(tmp_path):
+    code = (
+        "import os, signal, time\n"
+        "from mole_jax.preempt import PreemptionGuard\n"
+        "with PreemptionGuard() as g:\n"
+        "    os.kill(os.getpid(), signal.SIGINT)\n"
+        "    assert g.signum == signal.SIGINT\n"
+        "    os.kill(os.getpid(), signal.SIGINT)\n"
+        "    time.sleep(5)\n"
+        "print('not reached')\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == -signal.SIGINT and "not reached" not in proc.stdout, proc.stderr
+
+
+@pytest.mark.parametrize("part", ["params", "train"])
+def test_a_corrupt_newest_checkpoint_is_moved_aside_once_and_for_all(
+    mole_run, tmp_path, corpus_dir, cache_dir, part
+):
+    """Parameters or optimiser state: each is verified by what reads it (eval reads only the
+    parameters and model state, training everything); the bad step goes to <step>.corrupt in one
+    line, without a traceback, and training retrains into its step without tripping over it."""
+    w = _copy(mole_run, tmp_path)
+    cfg = tiny_overrides(mole.get_config("size=tiny,experts=2"), corpus_dir, cache_dir, steps=30)
+    train.run(cfg, w)  # checkpoints 10, 20, 30
+    _flip(_largest(Path(w) / "checkpoints" / "30" / part))
+    proc = launch("eval", f"--workdir={w}", "--max_tokens=1024", check=False)
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    if part == "params":
+        assert "eval of step 20" in proc.stdout and "moved to" in proc.stdout
+    else:
+        assert "eval of step 30" in proc.stdout  # its parameters are intact
+        proc = launch("train", *_mole_flags(cfg), f"--workdir={w}", check=False)
+        assert "moved to" in proc.stdout and "resuming from step 20" in proc.stdout
+    assert (Path(w) / "checkpoints" / "30.corrupt").is_dir()
+    train.run(cfg, w)  # retrains into step 30 (it used to fail with StepAlreadyExistsError)
+    assert Checkpointer(w).steps()[-1] == 30
+    assert "eval of step 30" in launch("eval", f"--workdir={w}", "--max_tokens=1024").stdout
+
+
+def _mole_flags(cfg):
+    """`launch.py` flags reproducing a tiny_overrides config of configs/mole.py."""
+    d, t = cfg.data, cfg.train
+    return [
+        "--config=configs/mole.py:size=tiny,experts=2",
+        f"--config.data.corpus={d.corpus}", f"--config.data.cache_dir={d.cache_dir}",
+        f"--config.data.vocab_size={d.vocab_size}", f"--config.model.vocab_size={d.vocab_size}",
+        f"--config.data.seq_len={d.seq_len}", f"--config.data.val_fraction={d.val_fraction}",
+        f"--config.train.steps={t.steps}", f"--config.train.eval_every={t.eval_every}",
+        f"--config.train.ckpt_every={t.ckpt_every}",
+        f"--config.train.eval_batches={t.eval_batches}",
+        "--config.train.async_ckpt=False",
+    ]  # fmt: skip
+
+
+def test_offloaded_eval_refuses_a_store_of_another_step(mole_run, tmp_path):
+    w = _copy(mole_run, tmp_path)
+    # bytes all over step 20's parameters (the resident ones among them); its LUT is step 20's
+    _flip(_largest(Path(w) / "checkpoints" / "20" / "params"), places=64)
+    proc = launch("eval", f"--workdir={w}", "--offload", check=False)
+    assert "does not match the checkpoint" in one_error_line(proc)
+
+
+def test_bad_generate_arguments_are_one_line(mole_run):
+    for args, match in [
+        (["--max_new=0"], "--max_new=0"),
+        (["--max_new=-3"], "--max_new=-3"),
+        (["--top_k=100000"], "--top_k=100000"),
+        (["--top_k=-5"], "--top_k=-5"),
+        (["--temperature=-1"], "--temperature=-1.0"),
+        (["--max_new=abc"], "--max_new=abc"),
+    ]:
+        proc = launch("generate", f"--workdir={mole_run}", "--prompt=a", *args, check=False)
+        assert match in one_error_line(proc), args
+
+
+def test_bad_corpora_are_one_line(tmp_path, cache_dir):
+    cases = {
+        "empty.txt": (b"", "no documents|fewer than"),
+        "latin1.txt": ("caf\xe9 na\xefve " * 50).encode("latin-1"),
+        "bad.jsonl": (b'{"text": "fine"}\n{"text": broken\n', "cannot be read"),
+    }
+    cases["latin1.txt"] = (cases["latin1.txt"], "cannot be read")
+    for name, (raw, match) in cases.items():
+        d = tmp_path / name.replace(".", "_")
+        d.mkdir()
+        (d / name).write_bytes(raw)
+        (d / ("other" + Path(name).suffix)).write_bytes(raw)
+        proc = launch(
+            "train", "--config=configs/dense.py:size=tiny", f"--config.data.corpus=files:{d}/*",
+            f"--config.data.cache_dir={cache_dir}", f"--workdir={tmp_path / 'w'}", check=False,
+        )  # fmt: skip
+        line = one_error_line(proc)
+        assert any(m in line for m in match.split("|")), (name, line)
+        assert not (tmp_path / "w" / "config.json").exists()
+
+
+def test_any_suffix_with_an_explicit_format_and_a_single_file(tmp_path, corpus_dir, cache_dir):
+    data = tmp_path / "notes.log"
+    data.write_text("\n".join(json.dumps({"text": p.read_text()}) for p in corpus_dir.glob("*")))
+    flags = cli_flags(corpus_dir, cache_dir) + [f"--config.data.corpus=files:{data}"]
+    proc = launch("train", *flags, f"--workdir={tmp_path / 'w'}", check=False)
+    assert "data.format=text|jsonl|parquet" in one_error_line(proc)
+    launch("train", *flags, "--config.data.format=jsonl", "--config.train.steps=2",
+           f"--workdir={tmp_path / 'w'}")  # fmt: skip
+
+
+def test_eval_covers_the_whole_split_or_max_tokens(mole_run, corpus_dir):
+    whole = launch("eval", f"--workdir={mole_run}").stdout
+    capped = launch("eval", f"--workdir={mole_run}", "--max_tokens=1024").stdout
+    tokens = lambda out: int(out.split(" over ")[1].split()[0])
+    assert tokens(capped) == 1024 and tokens(whole) > 8192
+    one_file = sorted(corpus_dir.glob("*.txt"))[0]
+    proc = launch("eval", f"--workdir={mole_run}", f"--data=files:{one_file}", check=False)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+STUDY = '''"""A study that fails."""
+from ml_collections import ConfigDict
+def get_config(arg=None):
+    return ConfigDict(dict(steps=1))
+def get_sweep(c):
+    {body}
+'''
+
+
+@pytest.mark.parametrize(
+    "body,match", [("return [", "SyntaxError|never closed"), ("raise RuntimeError('no')", "no")]
+)
+def test_a_broken_study_is_one_line(tmp_path, body, match):
+    path = tmp_path / "study.py"
+    path.write_text(STUDY.format(body=body))
+    proc = launch("sweep", f"--config={path}", f"--workdir={tmp_path / 'w'}", check=False)
+    line = one_error_line(proc)
+    assert any(m in line for m in match.split("|")), line
+    assert not (tmp_path / "w").exists()
