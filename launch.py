@@ -19,6 +19,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import signal
 import sys
 
 from absl import app, flags, logging
@@ -36,7 +37,9 @@ flags.DEFINE_string("json", None, "summary/bench: also write the result to this 
 flags.DEFINE_integer("step", None, "export/eval/generate: checkpoint step (default: newest).")
 flags.DEFINE_string("dtype", "float16", "export: LUT dtype float32|float16|bfloat16|int8|nf4.")
 flags.DEFINE_bool("experts", False, "export: a MoE model's experts (offload baseline), not a LUT.")
-flags.DEFINE_bool("offload", False, "eval/generate: read LUT rows from the tensorstore store.")
+flags.DEFINE_bool(
+    "offload", False, "eval/generate: read LUT rows (MoLE) or experts (MoE) from their store."
+)
 flags.DEFINE_string("data", None, "eval: corpus name or files:<glob> (default: the run's corpus).")
 flags.DEFINE_integer(
     "max_tokens", None, "eval: at most this many tokens (default: the whole split)."
@@ -62,7 +65,12 @@ def fail(message: str, code: int = 2):
     sys.exit(code)
 
 
+def _terminated(signum, frame):
+    raise KeyboardInterrupt("terminated")  # SIGTERM unwinds like Ctrl-C: finally clauses run
+
+
 def main(argv):
+    signal.signal(signal.SIGTERM, _terminated)  # (training installs its own: preempt.py)
     if not FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
     if len(argv) != 2 or argv[1] not in COMMANDS:
@@ -73,8 +81,8 @@ def main(argv):
         fail(f"error: {e}")
     except Preempted as e:
         fail(f"{e}: checkpoint saved; run the same command again to resume", e.exit_code)
-    except KeyboardInterrupt:
-        fail("interrupted", 130)
+    except KeyboardInterrupt as e:
+        fail("interrupted", 143 if str(e) == "terminated" else 130)
     except Exception as e:  # noqa: BLE001 - a full disk surfaces through many libraries
         if not disk_full(e):
             raise

@@ -71,18 +71,26 @@ def eval(f):  # noqa: A001 - the subcommand's name
     from mole_jax.evaluate import evaluate
 
     _need(f, "workdir")
-    mode = "offload" if f.offload else "experts"
     if f.max_tokens is not None and f.max_tokens < 1:
         raise UserError(f"--max_tokens={f.max_tokens} must be positive")
+    mode = _mode(f)
     out = evaluate(f.workdir, mode, corpus=f.data, step=f.step, max_tokens=f.max_tokens)
     line = f"{out['mode']} eval of step {out['step']}: loss {out['loss']:.4f}, ppl {out['ppl']:.2f}"
-    if f.offload:
-        line += (
-            f", {out['bytes_per_token']} bytes/token ({out['lut_dtype']}), "
-            f"{out['bytes_read']} bytes read, cache hit rate {out['cache_hit_rate']:.2f}"
-        )
+    if "lut_dtype" in out:
+        line += f", {out['bytes_per_token']} bytes/token ({out['lut_dtype']})"
+    if "bytes_read" in out:
+        line += f", {out['bytes_read']} bytes read, cache hit rate {out['cache_hit_rate']:.2f}"
     print(line + f" over {out['tokens']} tokens")
     return out
+
+
+def _mode(f) -> str:
+    """The engine of `--offload`: a MoE's experts from its expert store, else the LUT rows."""
+    from mole_jax.workdir import Workdir
+
+    if not f.offload:
+        return "experts"
+    return "moe_offload" if Workdir(f.workdir).model_config.kind == "moe" else "offload"
 
 
 def generate(f):
@@ -102,7 +110,7 @@ def generate(f):
         raise UserError(f"--temperature={f.temperature} must be >= 0 (0 is greedy)")
     tok = wd.tokenizer()
     ids = data.tokenize(tok, f.prompt) or [tok.token_to_id(data.EOS)]
-    engine = build_engine(wd, "offload" if f.offload else "experts", f.step)
+    engine = build_engine(wd, _mode(f), f.step)
     out = generate_tokens(engine, [ids], f.max_new, f.temperature, f.top_k, f.seed)
     text = data.detokenize(tok, out["tokens"][0])
     print(f.prompt + text)

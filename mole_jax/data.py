@@ -16,6 +16,7 @@ import dataclasses
 import functools
 import hashlib
 import json
+import os
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -84,11 +85,10 @@ def prepare(cfg) -> TokenData:
         tok = load_tokenizer(d.tokenizer)
     else:
         tok_path = root / "tokenizers" / _sha(fp, d.val_fraction, d.vocab_size, TOKENIZER_VERSION)
-        tok_path = tok_path / "tokenizer.json"
-        if not tok_path.exists():
+        tok = _cached_tokenizer(tok_path / "tokenizer.json")
+        if tok is None:
             tok = train_bpe(_capped(splits()["train"](), TOKENIZER_SAMPLE_BYTES), d.vocab_size)
-            write_text_atomic(tok_path, tok.to_str())
-        tok = Tokenizer.from_file(str(tok_path))
+            write_text_atomic(tok_path / "tokenizer.json", tok.to_str())
     n_vocab = tok.get_vocab_size()
     if n_vocab > cfg.model.vocab_size:
         raise DataError(
@@ -98,7 +98,9 @@ def prepare(cfg) -> TokenData:
     if tok.token_to_id(EOS) is None:
         raise DataError(f"the tokenizer has no '{EOS}' token to separate documents")
     key = _sha(fp, d.val_fraction, hashlib.sha256(tok.to_str().encode()).hexdigest())
-    tdir = corpora.atomic_dir(root / "tokens" / key, lambda tmp: _encode(splits(), tok, tmp))
+    tdir = root / "tokens" / key
+    _check_token_cache(tdir)
+    tdir = corpora.atomic_dir(tdir, lambda tmp: _encode(splits(), tok, tmp))
     meta = json.loads((tdir / "meta.json").read_text())
     dtype = np.dtype(meta["dtype"])
     for s in ("train", "val"):
@@ -128,6 +130,44 @@ def _megatron(cfg) -> TokenData:
     streams = megatron.token_streams(prefix, d.val_fraction)  # ids checked batch by batch
     key = _sha(d.corpus, d.val_fraction, hashlib.sha256(tok.to_str().encode()).hexdigest())
     return TokenData(streams["train"], streams["val"], tok, key)
+
+
+def _cached_tokenizer(path: Path) -> Tokenizer | None:
+    """The cached BPE, or None when there is none or it does not load (then it is retrained)."""
+    if not path.exists():
+        return None
+    try:
+        return Tokenizer.from_file(str(path))
+    except Exception:  # noqa: BLE001 - the library raises a bare Exception
+        print(f"warning: the cached tokenizer {path} is corrupt; training it again", flush=True)
+        path.unlink()
+        return None
+
+
+def _check_token_cache(tdir: Path) -> None:
+    """A cached token store whose files do not match the SHA-256 recorded in its meta.json is
+    moved aside (and then tokenised again): corrupt tokens would train silently."""
+    if not tdir.exists():
+        return
+    try:
+        meta = json.loads((tdir / "meta.json").read_text())
+        sums = meta.get("sha256")
+        ok = sums and all(_file_sha(tdir / f"{s}.bin") == sums[s] for s in ("train", "val"))
+    except (OSError, ValueError, KeyError, TypeError):
+        sums, ok = True, False
+    if not ok:
+        why = "is corrupt" if sums else "has no checksums (an older version wrote it)"
+        aside = tdir.with_name(f"{tdir.name}.corrupt-{os.getpid()}")
+        os.replace(tdir, aside)
+        print(f"warning: the token cache {tdir} {why}; moved to {aside}, tokenising again")
+
+
+def _file_sha(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(2**24), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def _capped(docs: Iterator[str], limit: int) -> Iterator[str]:
@@ -160,6 +200,7 @@ def _encode(splits: dict, tok: Tokenizer, out: Path) -> None:
     docs = {name: _encode_split(splits[split](), tok, out / f"{name}.bin")
             for name, split in (("train", "train"), ("val", "validation"))}  # fmt: skip
     meta = dict(dtype=_token_dtype(tok).name, vocab=tok.get_vocab_size(), docs=docs["train"])
+    meta["sha256"] = {name: _file_sha(out / f"{name}.bin") for name in ("train", "val")}
     (out / "meta.json").write_text(json.dumps(meta))
 
 

@@ -230,7 +230,7 @@ def _write_workdir(cfg, wd: Workdir, td) -> dict:
         distributed.barrier("data prepared")
         wd.path.mkdir(parents=True, exist_ok=True)
         wd.save_config(cfg)
-        write_text_atomic(wd.tokenizer_path, td.tokenizer.to_str())  # eval/generate read it
+        wd.write_checked(wd.tokenizer_path, td.tokenizer.to_str())  # eval/generate read it
         write_text_atomic(wd.summary_path, json.dumps(summary, indent=2))
     distributed.barrier("workdir written")
     return summary

@@ -2,6 +2,7 @@
 
 W/config.json          the resolved config (export / eval / generate read it)
 W/tokenizer.json       the run's tokenizer
+W/checksums.json       SHA-256 of config.json and tokenizer.json, checked when they are read
 W/model_summary.json   accounting (accounting.summarize)
 W/metrics.jsonl, W/tb/ training curves
 W/checkpoints/<step>/  orbax checkpoints (checkpoint.py)
@@ -15,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import functools
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -84,6 +86,7 @@ class Workdir:
             raise ConfigError(
                 f"{path} not found: is '{self.path}' a workdir written by `launch.py train`?"
             )
+        self._check(path)
         try:
             raw = json.loads(path.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -111,12 +114,36 @@ class Workdir:
                 f"{self.tokenizer_path} is missing: is '{self.path}' a workdir written by "
                 "`launch.py train`?"
             )
+        self._check(self.tokenizer_path)
         return data.load_tokenizer(str(self.tokenizer_path))
 
     def save_config(self, cfg: ml_collections.ConfigDict) -> None:
-        write_text_atomic(self.config_path, to_json(cfg))
+        self.write_checked(self.config_path, to_json(cfg))
         self.__dict__.pop("config", None)
         self.__dict__.pop("model_config", None)
+
+    def write_checked(self, path: Path, text: str) -> None:
+        """Writes one of the workdir's text files atomically and records its SHA-256."""
+        write_text_atomic(path, text)
+        sums = self._checksums()
+        sums[path.name] = hashlib.sha256(text.encode()).hexdigest()
+        write_text_atomic(self.path / "checksums.json", json.dumps(sums, indent=2))
+
+    def _checksums(self) -> dict:
+        try:
+            return json.loads((self.path / "checksums.json").read_text())
+        except (OSError, ValueError):
+            return {}
+
+    def _check(self, path: Path) -> None:
+        """A file whose bytes differ from the SHA-256 recorded when it was written is refused
+        (workdirs written before checksums existed carry none)."""
+        want = self._checksums().get(path.name)
+        if want and hashlib.sha256(path.read_bytes()).hexdigest() != want:
+            raise ConfigError(
+                f"{path} fails its checksum (changed or corrupt); re-run `launch.py train` with "
+                "the run's config to rewrite it"
+            )
 
     @contextlib.contextmanager
     def writer_lock(self, command: str):

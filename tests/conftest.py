@@ -3,11 +3,18 @@ corpus the tests write themselves. One integration test uses the real default co
 
 import os
 import sys
+import tempfile
 
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 ).strip()
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+# One XLA compilation cache for the test session and the launch.py processes it starts: the
+# tests compile the same tiny programs many times over (CI starts from an empty cache).
+os.environ.setdefault(
+    "JAX_COMPILATION_CACHE_DIR", os.path.join(tempfile.gettempdir(), f"mole_jax_xla_{os.getuid()}")
+)
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
