@@ -81,7 +81,7 @@ class Base:
         self.common = [
             f"--config.data.corpus=files:{corpus}/*.txt",
             f"--config.data.cache_dir={root / 'cache'}",
-            "--config.data.vocab_size=256", "--config.model.vocab_size=256",
+            "--config.data.vocab_size=512", "--config.model.vocab_size=512",
             "--config.data.seq_len=32", "--config.data.val_fraction=0.2",
             "--config.train.batch_size=8", "--config.train.eval_batches=2",
             "--config.train.eval_every=10", "--config.train.ckpt_every=5",
@@ -126,11 +126,14 @@ def curve(w: Path) -> dict[int, float]:
 def verified_checkpoints(w: Path) -> set[int]:
     """The checkpoint steps that restore whole, with their digests (read only: nothing moved)."""
     from mole_jax.checkpoint import Checkpointer
-    from mole_jax.errors import CheckpointError
+    from mole_jax.errors import CheckpointError, ConfigError
     from mole_jax.trainer import setup
     from mole_jax.workdir import Workdir
 
-    tr = setup(Workdir(w).editable_config())
+    try:
+        tr = setup(Workdir(w).editable_config())
+    except ConfigError:  # its config.json is unreadable: nothing can be verified
+        return set()
     ckpt, good = Checkpointer(w), set()
     try:
         for step in ckpt.steps():
@@ -210,7 +213,8 @@ def _outcome(runs, recovered: bool, lost: int, w: Path, newest: int) -> dict:
     if w.exists() and (w / "checkpoints").exists():
         lost += max(verified_checkpoints(w) or {0}) < newest  # progress went backwards
     return dict(recovered=bool(recovered), lost=int(lost),
-                tracebacks=sum(r["traceback"] for r in runs))  # fmt: skip
+                tracebacks=sum(r["traceback"] for r in runs),
+                runs=[dict(rc=r["rc"], err=r["err"][-400:]) for r in runs])  # fmt: skip
 
 
 def _damage(path: Path, rng) -> str:
@@ -330,7 +334,7 @@ def invalid_inputs(b: Base) -> list[list[str]]:
             ("model.n_layers", -1),
             ("train.steps", 0),
             ("model.ffn.kind", "sparse"),
-            ("train.batch_size", 3),
+            ("train.batch_size", -4),
             ("train.microbatches", 3),
             ("data.seq_len", 4096),
             ("model.dtype", "float16"),
@@ -379,9 +383,10 @@ def check_invalid(b: Base, args: list[str]) -> dict:
     before = sorted(str(p) for p in b.moe.rglob("*"))
     r = launch(*args)
     ok = r["rc"] == 2 and _one_error(r) and not (b.root / "invalid_w" / "config.json").exists()
+    shutil.rmtree(b.root / "invalid_w", ignore_errors=True)  # the next case starts clean
     ok = ok and sorted(str(p) for p in b.moe.rglob("*")) == before
     return dict(recovered=ok, lost=0, tracebacks=int(r["traceback"]),
-                note=" ".join(args[:1] + args[2:]))  # fmt: skip
+                note=" ".join(args[:1] + args[2:]), rc=r["rc"], err=r["err"][-300:])  # fmt: skip
 
 
 KINDS = {

@@ -64,7 +64,10 @@ def _abstract(tree):
 class Checkpointer:
     """The checkpoints of a workdir (a path or a `workdir.Workdir`)."""
 
-    def __init__(self, workdir, keep: int = 3, use_async: bool = True):
+    def __init__(self, workdir, keep: int = 3, use_async: bool = True, run_sha256: str = ""):
+        """run_sha256: recorded with every save: the digest of what a resumed run must keep
+        (train.run_digest: the model and the data), checked when config.json cannot be."""
+        self.run_sha256 = run_sha256
         self.directory = os.path.abspath(os.path.join(os.fspath(workdir), "checkpoints"))
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep, enable_async_checkpointing=use_async, create=True
@@ -84,6 +87,7 @@ class Checkpointer:
             "params_sha256": total,
             "leaf_sha256": leaves,
             "train_sha256": params_digests(train)[0],  # optimiser state, step, model state
+            "run_sha256": self.run_sha256,
         }
         self.mgr.save(
             step,

@@ -60,12 +60,41 @@ def evaluate_tokens(trainer: Trainer, params, rest, tokens) -> dict:
     }
 
 
+RESUME_FIELDS = (("model", None), ("data", ("corpus", "vocab_size", "seq_len")))
+
+
+def run_digest(cfg) -> str:
+    """SHA-256 of what a resumed run must keep: the model section and the data's identity."""
+    import hashlib
+
+    parts = []
+    for section, fields in RESUME_FIELDS:
+        d = json.loads(cfg[section].to_json())
+        parts.append({k: d.get(k) for k in (fields or sorted(d))})
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+
+
 def _check_resume_compatible(cfg, wd: Workdir) -> None:
-    """A workdir with checkpoints resumes only with the same model and data."""
+    """A workdir with checkpoints resumes only with the same model and data. If its config.json
+    is corrupt, the newest checkpoint's record of them decides (and train rewrites the file)."""
     if not wd.config_path.exists() or not wd.has_checkpoints():
         return
-    old = wd.config
-    for section, fields in (("model", None), ("data", ("corpus", "vocab_size", "seq_len"))):
+    try:
+        old = wd.config
+    except ConfigError as e:
+        ckpt = Checkpointer(wd)
+        try:
+            recorded = ckpt.meta().get("run_sha256")
+        finally:
+            ckpt.close()
+        if recorded != run_digest(cfg):
+            raise ConfigError(
+                f"{e}; this config's model and data differ from the checkpoints'"
+            ) from None
+        print(f"warning: {wd.config_path} is corrupt; the checkpoints match this config, so it "
+              "is written again")  # fmt: skip
+        return
+    for section, fields in RESUME_FIELDS:
         a, b = json.loads(old[section].to_json()), json.loads(cfg[section].to_json())
         for k in fields or sorted(set(a) | set(b)):
             if a.get(k) != b.get(k):
@@ -175,7 +204,7 @@ def run(cfg, workdir, on_row: Sequence[Callable[[int, dict], None]] = ()) -> dic
     with lock, PreemptionGuard() as guard:
         summary = _write_workdir(cfg, wd, td)
         trainer = setup(cfg)
-        ckpt = Checkpointer(wd, cfg.train.keep_ckpts, cfg.train.async_ckpt)
+        ckpt = Checkpointer(wd, cfg.train.keep_ckpts, cfg.train.async_ckpt, run_digest(cfg))
         try:
             restored = ckpt.restore(trainer.abstract_state)
             state = trainer.init_state() if restored is None else restored[0]
