@@ -72,7 +72,7 @@ def _terminated(signum, frame):
 def main(argv):
     signal.signal(signal.SIGTERM, _terminated)  # (training installs its own: preempt.py)
     if not FLAGS["verbosity"].present:
-        logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
+        logging.set_verbosity(logging.ERROR)  # orbax logs every save, and its own recoveries
     if len(argv) != 2 or argv[1] not in COMMANDS:
         fail(f"error: usage: launch.py {{{'|'.join(COMMANDS)}}} [flags]; got {argv[1:]}")
     try:
@@ -113,7 +113,12 @@ def parse_flags(argv):
     """absl's parse, with every mistake in a flag (a wrong type, an unknown field or a bad
     `--config` argument) reported in one line and exit status 2 instead of a FATAL (status 1)."""
     try:
-        return FLAGS(argv)
+        rest = FLAGS(argv)
+        if FLAGS["config"].present:
+            FLAGS.config.get  # noqa: B018 - config_flags raises a failed load only when it is read
+        return rest
+    except OSError as e:  # a `--config=` file that does not exist or cannot be read
+        fail(f"error: {str(e).splitlines()[0]} ({str(e).splitlines()[-1].strip()})")
     except UserError as e:  # a bad `--config=file.py:arg`
         fail(f"error: {e}")
     except flags.Error as e:

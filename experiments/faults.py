@@ -22,7 +22,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import resource
 import shutil
 import signal
 import subprocess
@@ -46,18 +45,18 @@ WORDS = "the a noble gentle king queen lord lady knight crown sword castle river
 
 
 def launch(*args, kill_after=None, sig=signal.SIGKILL, fsize=None, timeout=600) -> dict:
-    """A `launch.py` process: its status, output and whether stderr holds a traceback.
-    kill_after: seconds after which `sig` goes to its process group (None: run to the end)."""
-
-    def limits():
-        os.setsid()
-        if fsize is not None:
-            signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-            resource.setrlimit(resource.RLIMIT_FSIZE, (fsize, fsize))
-
+    """A `launch.py` process (its own session): its status, output and whether stderr holds a
+    traceback. kill_after: seconds after which `sig` goes to its process group (None: run to the
+    end). fsize: a file size limit (SIGXFSZ ignored: writes fail with EFBIG, as on a full disk),
+    set by a small exec wrapper (no fork of this multithreaded process running Python)."""
     cmd = [sys.executable, str(ROOT / "launch.py"), *args]
+    if fsize is not None:
+        setup = ("import os, resource, signal, sys; signal.signal(signal.SIGXFSZ, signal.SIG_IGN);"
+                 f" resource.setrlimit(resource.RLIMIT_FSIZE, ({fsize}, {fsize}));"
+                 " os.execv(sys.executable, sys.argv[1:])")  # fmt: skip
+        cmd = [sys.executable, "-c", setup, *cmd]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, preexec_fn=limits)  # fmt: skip
+                            text=True, start_new_session=True)  # fmt: skip
     try:
         out, err = proc.communicate(timeout=kill_after or timeout)
     except subprocess.TimeoutExpired:
@@ -234,12 +233,14 @@ def _files(d: Path) -> list[Path]:
 
 
 def damage_checkpoint(b: Base, rng, i) -> dict:
+    """The newest checkpoint (step 20) damaged: eval falls back to a verified step in one line;
+    training (to the same 20 steps) retrains into step 20 on the original curve."""
     w = b.copy(b.mole, f"ckpt_{i}")
     _damage(rng.choice(_files(w / "checkpoints" / "20")), rng)
     runs = [launch("eval", f"--workdir={w}", "--max_tokens=1024")]
     lost = len({10, 15} - verified_checkpoints(w))  # the older steps must be untouched
-    runs.append(launch("train", *b.flags("mole", 40), f"--workdir={w}"))
-    recovered = runs[0]["rc"] == 0 and runs[-1]["rc"] == 0 and curve(w) == b.curve
+    runs.append(launch("train", *b.flags("mole", 20), f"--workdir={w}"))
+    recovered = runs[0]["rc"] == 0 and runs[-1]["rc"] == 0 and curve(w) == curve(b.mole)
     return _outcome(runs, recovered, lost, w, 15)
 
 

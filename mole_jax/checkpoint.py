@@ -27,6 +27,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from mole_jax.errors import CheckpointError, UserError
+from mole_jax.files import check_space
 
 
 def host_value(leaf) -> np.ndarray:
@@ -80,6 +81,8 @@ class Checkpointer:
     def save(self, state: dict) -> None:
         """Saves {'step', 'params', 'opt_state', 'rest'} at state['step'] (async when enabled)."""
         step = int(state["step"])
+        size = sum(x.nbytes for x in jax.tree.leaves(state))
+        check_space(self.directory, size + 2**20, size, f"the checkpoint of step {step}")
         train = {k: v for k, v in state.items() if k != "params"}
         total, leaves = params_digests(state["params"])
         meta = {

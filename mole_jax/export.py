@@ -22,6 +22,7 @@ from flax import nnx
 from mole_jax import quant, store
 from mole_jax.checkpoint import restore_model
 from mole_jax.errors import UserError
+from mole_jax.files import check_space
 from mole_jax.offload.expert_store import ExpertStore
 from mole_jax.offload.lut_store import LutStore
 from mole_jax.workdir import as_workdir
@@ -71,8 +72,10 @@ def _export_lut(wd, step, dtype, out, rows_per_chunk) -> dict:
     model = restore_model(wd, m, "train", step)
     layers = [i for i in range(m.n_layers) if m.kind_of_layer(i) == "mole"]
     final = wd.store(out)
+    rows = chunk_rows(m, len(layers))  # rows per chunk computed and per shard written
+    row = quant.row_bytes(dtype, m.d_model, block) * m.ffn.experts
+    check_space(wd.path, 2 * len(layers) * m.vocab_size * row, rows * row + 2**16, "the LUT")
     tmp = store.staging_dir(final)
-    rows = chunk_rows(m, len(layers))
     shape = (m.vocab_size, m.ffn.experts, m.d_model)
     lut = LutStore.create(tmp, layers, shape, dtype, block, rows_per_chunk, rows)
 
@@ -129,6 +132,8 @@ def _export_experts(wd, step, dtype, out) -> dict:
         * np.dtype(quant.FLOAT_DTYPES[dtype]).itemsize,
     )
     final = wd.store(out)
+    per_layer = m.ffn.experts * fields["bytes_per_expert"]
+    check_space(wd.path, 2 * len(layers) * per_layer, per_layer + 2**16, "the expert store")
     tmp = store.staging_dir(final)
     tmp.mkdir(parents=True)
     manifest = ExpertStore.write(Path(tmp), experts, dtype, fields)
