@@ -19,6 +19,7 @@ size limit (RLIMIT_FSIZE, with SIGXFSZ ignored, so writes fail with EFBIG as on 
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import random
@@ -88,11 +89,19 @@ class Base:
         ]  # fmt: skip
         self.mole = self.train("mole", "configs/mole.py:size=tiny,experts=2", 20)
         self.must(launch("export", f"--workdir={self.mole}", "--dtype=float16"))
-        self.moe = self.train("moe", "configs/moe.py:size=tiny,experts=4,topk=2", 20)
-        self.must(launch("export", f"--workdir={self.moe}", "--experts", "--dtype=float32"))
+
+    @functools.cached_property
+    def moe(self) -> Path:
+        w = self.train("moe", "configs/moe.py:size=tiny,experts=4,topk=2", 20)
+        self.must(launch("export", f"--workdir={w}", "--experts", "--dtype=float32"))
+        return w
+
+    @functools.cached_property
+    def curve(self) -> dict[int, float]:
+        """The uninterrupted curve to step 40 (the MoLE run continued from step 20)."""
         ref = self.copy(self.mole, "reference")
         self.must(launch("train", *self.flags("mole", 40), f"--workdir={ref}"))
-        self.curve = curve(ref)  # the uninterrupted curve to step 40
+        return curve(ref)
 
     def flags(self, kind: str, steps: int) -> list[str]:
         config = {"mole": "configs/mole.py:size=tiny,experts=2",

@@ -87,6 +87,7 @@ def run_eval(run_dir: str, e: dict, exported: set[str]) -> dict:
 
 def main(argv: list[str]) -> int:
     from mole_jax.errors import UserError
+    from mole_jax.preempt import Preempted
 
     if len(argv) != 1:
         print("usage: python -m mole_jax.sweep_worker <run>/sweep_spec.json", file=sys.stderr)
@@ -100,6 +101,9 @@ def main(argv: list[str]) -> int:
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except Preempted as e:  # the sweep was stopped: this run resumes when it is run again
+        print(f"{e}: checkpoint saved", file=sys.stderr)
+        return e.exit_code
     path = os.path.join(run_dir, RESULT)
     write_text_atomic(path, json.dumps(result, indent=2))
     return 0

@@ -1,6 +1,7 @@
 """`launch.py sweep`: every shipped study plans; a two-run study trains, exports, evaluates,
 is skipped when finished, reports a run that fails; bad studies are refused before anything runs."""
 
+import ast
 import json
 import os
 from pathlib import Path
@@ -13,11 +14,15 @@ from mole_jax import sweep
 from mole_jax.errors import ConfigError, UserError
 from mole_jax.sweep_report import plan_table
 
-# Every study in experiments/ (a file defining get_sweep): a new study is tested here without
-# being registered.
-STUDIES = sorted(
-    p.stem for p in (Path(ROOT) / "experiments").glob("*.py") if "\ndef get_sweep(" in p.read_text()
-)
+
+def _defines_get_sweep(path: Path) -> bool:
+    """A top-level `def get_sweep` (not one inside a string, as faults.py writes a study)."""
+    body = ast.parse(path.read_text()).body
+    return any(isinstance(n, ast.FunctionDef) and n.name == "get_sweep" for n in body)
+
+
+# Every study in experiments/: a new study is tested here without being registered.
+STUDIES = sorted(p.stem for p in (Path(ROOT) / "experiments").glob("*.py") if _defines_get_sweep(p))
 
 
 @pytest.mark.parametrize("name", STUDIES)
