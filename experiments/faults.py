@@ -33,7 +33,7 @@ from pathlib import Path
 
 import _paths  # noqa: F401
 import numpy as np
-from absl import app, flags
+from absl import app, flags, logging
 
 ROOT = Path(__file__).resolve().parent.parent
 flags.DEFINE_integer("n", 5, "Faults injected per kind.")
@@ -444,6 +444,7 @@ def table(out: dict[str, list[dict]]) -> str:
 
 
 def main(_):
+    logging.set_verbosity(logging.ERROR)  # orbax logs every checkpoint this process verifies
     kinds = FLAGS.kinds or [*KINDS, "invalid_input"]
     t0 = time.time()
     with tempfile.TemporaryDirectory() as tmp:

@@ -16,8 +16,11 @@ import contextlib
 import dataclasses
 import gc
 import hashlib
+import inspect
 import logging
 import os
+import sys
+import traceback
 from typing import Any
 
 import jax
@@ -255,10 +258,40 @@ def restore_model(workdir, mcfg, form: str = "train", step: int | None = None) -
     return Restored(graphdef, params, rest, int(meta["step"]), meta["params_sha256"])
 
 
+def _read_noise(args) -> bool:
+    """Whether an unraisable exception (sys.unraisablehook's `args`) is the aftermath of a failed
+    orbax read, whose failure the caller reports once: asyncio's 'Event loop is closed' raised in
+    `call_soon_threadsafe` (reads still in flight finish in tensorstore's threads and try to wake
+    the closed loop), or the exception of an orbax read coroutine collected unawaited."""
+    if inspect.iscoroutine(args.object):
+        return "/orbax/" in args.object.cr_code.co_filename
+    if args.exc_type is not RuntimeError or str(args.exc_value) != "Event loop is closed":
+        return False
+    frames = traceback.extract_tb(args.exc_traceback)
+    return bool(frames) and frames[-1].name == "_check_closed" and "asyncio" in frames[-1].filename
+
+
+def _install_unraisablehook() -> None:
+    """sys.unraisablehook ignoring `_read_noise` (installed once); anything else goes to the
+    hook that was there before."""
+    previous = sys.unraisablehook
+    if getattr(previous, "mole_jax_quiet", False):
+        return
+
+    def hook(args):
+        if not _read_noise(args):
+            previous(args)
+
+    hook.mole_jax_quiet = True
+    sys.unraisablehook = hook
+
+
 @contextlib.contextmanager
 def _quiet_asyncio():
     """Orbax reads with asyncio tasks; a failed read leaves tasks whose exceptions asyncio logs
-    (hundreds of lines) when they are collected. The failure is reported once, by the caller."""
+    (hundreds of lines) when they are collected, and more through sys.unraisablehook
+    (`_read_noise`). The failure is reported once, by the caller."""
+    _install_unraisablehook()
     logger = logging.getLogger("asyncio")
     level = logger.level
     logger.setLevel(logging.CRITICAL)
