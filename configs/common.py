@@ -28,6 +28,7 @@ def base(size: str) -> ConfigDict:
             # compute: float32 | bfloat16 (params, softmax and loss stay fp32)
             dtype="float32" if size in CPU_SIZES else "bfloat16",
             remat="none" if size in CPU_SIZES else "full",  # none | full | dots
+            scan_layers=False,  # identical blocks as one lax.scan: one block compiled
         )
     )
     c.model.ffn = ConfigDict(dict(kind="dense", layers="all"))

@@ -4,7 +4,7 @@ Axis legend: B batch, L length, D model, V vocab, U distinct token ids in a step
 Blocks are pre-norm: a = h + Attn(norm(h)); h' = a + FFN(norm(a), ctx). The FFN of each block is
 chosen by `ffn.build_ffn`; this file never branches on the kind. FFNs that declare
 `uses_token_table` get a table of per-token outputs computed once for the distinct ids of the batch
-(or handed in by the caller, as the LUT paths do) through `ctx.tables` / `ctx.inv_BxL`.
+(or handed in by the caller, as the LUT paths do) through `ctx.table` / `ctx.inv_BxL`.
 
 `forward` is the one forward pass. A `Transformer` runs it inside jit; an engine whose layers need
 the host between pieces (a MoE with offloaded experts loads the experts its router picked) runs
@@ -24,6 +24,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from mole_jax import ffn as ffn_lib
+from mole_jax import scan as scan_lib
 from mole_jax.attention import Attention, init_kv
 from mole_jax.dedup import dedup_ids
 from mole_jax.errors import UserError, require
@@ -64,7 +65,7 @@ class Block(nnx.Module):
 class Transformer(nnx.Module):
     def __init__(self, m, *, form: str = "train", rngs: nnx.Rngs):
         self.vocab_size, self.d_model, self.dtype = m.vocab_size, m.d_model, m.dtype
-        self.remat = m.remat
+        self.remat, self.scan_layers = m.remat, m.scan_layers
         init = normal(m.init_std)
         self.embed = param(rngs, init, (m.vocab_size, m.d_model), ("vocab", "embed"))
         self.blocks = nnx.List([Block(m, i, form=form, rngs=rngs) for i in range(m.n_layers)])
@@ -84,27 +85,20 @@ class Transformer(nnx.Module):
         whose forward reads a token table). uniq: [G, U] (the groups of `forward`'s tables:
         split like the batch) or [U]."""
         emb = self.embed_ids(uniq)
-        tables = {}
-        for i in self.table_layers if layers is None else layers:
-            table = self.blocks[i].ffn.token_table(emb)
-            tables[i] = constrain(table, "batch", *(None,) * (table.ndim - 1))  # groups: batch
-        return tables
+        layers = self.table_layers if layers is None else layers
+        return {i: layer_table(self.blocks[i].ffn, emb) for i in layers}
 
     def logits(self, h_BxLxD):
         """float32 [B, L, V]: the final norm and the LM head."""
         out = jnp.einsum("bld,dv->blv", self.norm(h_BxLxD), self.head[...].astype(h_BxLxD.dtype))
         return constrain(out.astype(jnp.float32), "batch", "length", "vocab")
 
-    def __call__(
-        self, ids_BxL, *, tables=None, inv_BxL=None, cache=None, train=False, head=True
-    ) -> Output:
-        return forward(
-            self, ids_BxL, tables=tables, inv_BxL=inv_BxL, cache=cache, train=train, head=head
-        )
+    def __call__(self, ids_BxL, **kwargs) -> Output:
+        return forward(self, ids_BxL, **kwargs)
 
 
 def forward(
-    model, ids_BxL, *, tables=None, inv_BxL=None, cache=None, train=False, head=True
+    model, ids_BxL, *, tables=None, inv_BxL=None, uniq=None, cache=None, train=False, head=True
 ) -> Output:
     """embed -> every block -> logits. ids_BxL: int32 token ids (< vocab_size; checked by the
     callers that read user data).
@@ -112,31 +106,57 @@ def forward(
     `model`: a Transformer, or staged pieces with the same names (embed_ids, token_tables,
     table_layers, vocab_size, blocks, logits). tables/inv_BxL: per-token tables for
     `table_layers` ({layer: [G, U, ...]}, G groups of the batch's rows, each with its own U
-    rows) and each position's row in its group's table; when omitted they are computed from the
+    rows) and each position's row in its group's table; or, instead of tables, `uniq` ([G, U]:
+    the ids the tables are computed for). When both are omitted the tables are computed from the
     batch's distinct ids (one group). cache: from `new_cache`; decoding appends at
     cache['index'] and returns the advanced cache in `Output.cache`. head=False skips the LM
-    head: `Output.hidden_BxLxD`
-    holds the final hidden state for a loss that computes the logits in chunks.
+    head: `Output.hidden_BxLxD` holds the final hidden state for a loss that computes the
+    logits in chunks. With `model.scan_layers` (and no cache) runs of identical blocks are one
+    `lax.scan` (`scan.py`), each layer's table computed inside its step.
     """
     emb_BxLxD = constrain(model.embed_ids(ids_BxL), "batch", "length", "embed")
-    if model.table_layers and tables is None:
+    if model.table_layers and tables is None and uniq is None:
         uniq_U, inv_BxL = dedup_ids(ids_BxL, model.vocab_size)
-        tables = model.token_tables(uniq_U[None])
-    ctx = Ctx(ids_BxL, emb_BxLxD, inv_BxL, tables, train)
+        uniq = uniq_U[None]
+    scan = getattr(model, "scan_layers", False) and cache is None
+    if uniq is not None and not scan:
+        tables, uniq = model.token_tables(uniq), None
+    ctx = Ctx(ids_BxL, emb_BxLxD, inv_BxL, None, train)
     index = jnp.zeros((), jnp.int32) if cache is None else cache["index"]
     pos_L = index + jnp.arange(ids_BxL.shape[1], dtype=jnp.int32)
-    h, auxes, kvs = emb_BxLxD, {}, []
     run = remat_block(getattr(model, "remat", "none"))
-    for i, block in enumerate(model.blocks):
-        kv = None if cache is None else cache["layers"][i]
-        h, auxes[i], kv = run(block, h, ctx, pos_L, kv, index)
-        h = constrain(h, "batch", "length", "embed")
-        kvs.append(kv)
+    emb_uniq = None if uniq is None else model.embed_ids(uniq)
+    if scan:
+        h, auxes = scan_lib.scan_blocks(model.blocks, run, emb_BxLxD, ctx, pos_L, tables, emb_uniq)
+        kvs = None
+    else:
+        h, auxes, kvs = emb_BxLxD, {}, []
+        for i, block in enumerate(model.blocks):
+            kv = None if cache is None else cache["layers"][i]
+            table = None if tables is None else tables.get(i)
+            h, auxes[i], kv = run(block, h, ctx.replace(table=table), pos_L, kv, index, None)
+            h = constrain(h, "batch", "length", "embed")
+            kvs.append(kv)
     logits = model.logits(h) if head else None
     new_cache = None if cache is None else {"index": index + ids_BxL.shape[1], "layers": kvs}
     aux_loss = sum((a["aux_loss"] for a in auxes.values() if "aux_loss" in a), jnp.float32(0))
     aux = {"aux_loss": aux_loss, "per_layer": {i: a for i, a in auxes.items() if a}}
     return Output(logits, aux, new_cache, None if head else h)
+
+
+def layer_table(ffn, emb_UxD):
+    """An FFN's token table for raw embeddings [G, U, D] (or [U, D]), its groups split like the
+    batch."""
+    table = ffn.token_table(emb_UxD)
+    return constrain(table, "batch", *(None,) * (table.ndim - 1))
+
+
+def run_layer(block, h, ctx, pos_L, kv=None, index=None, emb_uniq=None):
+    """One block; with `emb_uniq` (raw embeddings of the table ids) a block whose FFN reads a
+    token table computes its own first (inside the block's remat and scan step)."""
+    if emb_uniq is not None and block.ffn.uses_token_table:
+        ctx = ctx.replace(table=layer_table(block.ffn, emb_uniq))
+    return block(h, ctx, pos_L, kv, index)
 
 
 REMAT = ("none", "full", "dots")
@@ -147,11 +167,11 @@ def remat_block(policy: str):
     input ('full'); or saving only its matmul outputs ('dots': jax's
     dots_with_no_batch_dims_saveable)."""
     if policy == "none":
-        return lambda block, *args: block(*args)
+        return run_layer
     saveable = (
         None if policy == "full" else jax.checkpoint_policies.dots_with_no_batch_dims_saveable
     )
-    return nnx.remat(lambda block, *args: block(*args), policy=saveable)
+    return nnx.remat(run_layer, policy=saveable)
 
 
 def new_cache(m, batch: int, length: int) -> dict:

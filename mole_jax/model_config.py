@@ -30,6 +30,7 @@ class ModelConfig:
     activation: str
     dtype: str  # compute dtype; parameters are float32
     remat: str = "none"  # none | full | dots: what a block saves for the backward (model.REMAT)
+    scan_layers: bool = False  # runs of identical blocks as one lax.scan (scan.py)
     kind: str = "dense"  # the configured FFN kind, placed in `ffn_layers`; dense elsewhere
     ffn_layers: tuple[int, ...] = ()
     ffn: Any = None  # the kind's frozen Settings (None for dense)
@@ -52,7 +53,7 @@ class ModelConfig:
 BACKBONE = tuple(
     f.name for f in dataclasses.fields(ModelConfig) if f.default is dataclasses.MISSING
 )
-OPTIONAL = ("remat",)
+OPTIONAL = ("remat", "scan_layers")
 
 
 def model_config(cfg) -> ModelConfig:

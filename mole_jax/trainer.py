@@ -85,17 +85,20 @@ def make_train_step(graphdef, tx, cfg, has_tables: bool) -> Callable:
     """
     n_micro, vocab = cfg.train.microbatches, cfg.model.vocab_size
     per_step = has_tables and cfg.train.token_tables == "step"
+    scan = cfg.model.get("scan_layers", False)
     lr_at = schedule(cfg)
 
     def table_fn(rest, uniq):
-        fn = lambda p: nnx.merge(graphdef, p, rest).token_tables(uniq.reshape(-1, uniq.shape[-1]))
+        fn = lambda p: nnx.merge(graphdef, p, rest).token_tables(uniq)
         return jax.checkpoint(fn) if cfg.model.remat != "none" else fn
 
     def forward_loss(params, rest, tables, inv, uniq, inputs, targets):
         if uniq is not None:  # this micro-batch's own tables
-            tables = table_fn(rest, uniq)(params)
+            uniq = uniq.reshape(-1, uniq.shape[-1])
+            if not scan:  # (scanned layers each build their own in their step)
+                tables, uniq = table_fn(rest, uniq)(params), None
         model = nnx.merge(graphdef, params, rest)
-        out = model(inputs, tables=tables, inv_BxL=inv, train=True, head=False)
+        out = model(inputs, tables=tables, inv_BxL=inv, uniq=uniq, train=True, head=False)
         loss, mets = objective(model, out, targets, cfg.train.loss_chunk)
         new_rest = nnx.to_pure_dict(nnx.state(model, nnx.Not(nnx.Param)))
         return loss, (dict(mets, loss=loss), out.aux["per_layer"], new_rest)
@@ -108,7 +111,9 @@ def make_train_step(graphdef, tx, cfg, has_tables: bool) -> Callable:
         tables = inv = uniq_m = pull_tables = None
         if per_step:
             uniq, inv = dedup_ids(inputs, vocab) if dedup is None else dedup
-            tables, pull_tables = jax.vjp(table_fn(state["rest"], uniq), params)
+            tables, pull_tables = jax.vjp(
+                table_fn(state["rest"], uniq.reshape(-1, uniq.shape[-1])), params
+            )
         elif has_tables and dedup is not None:
             uniq_m, inv = dedup  # [M, G, U]: scanned with the micro-batches
         xs = (inputs, targets, inv, uniq_m)

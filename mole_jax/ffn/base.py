@@ -4,7 +4,7 @@
 for layers whose output for a token depends only on the token id (`uses_token_table`), a table of
 per-token outputs computed once per step for the step's distinct ids. The table seam is generic:
 MoLE's unique-token training, its re-parameterised LUT and its offloaded LUT rows all arrive through
-`ctx.tables`, and the backbone never asks which kind it is running.
+`ctx.table` (the layer's own table), and the backbone never asks which kind it is running.
 """
 
 from __future__ import annotations
@@ -18,12 +18,13 @@ from flax import nnx, struct
 @struct.dataclass
 class Ctx:
     """Per-forward context. ids_BxL: int32; emb_BxLxD: raw token embeddings in compute dtype;
-    inv_BxL: row of each position in the token tables; tables: {layer_idx: <dtype>[U, ...]}."""
+    inv_BxL: row of each position in the token tables; table: this layer's table
+    (<dtype>[G, U, ...] or [U, ...]), set by `model.forward` for the layer it runs."""
 
     ids_BxL: jax.Array
     emb_BxLxD: jax.Array
     inv_BxL: jax.Array | None = None
-    tables: dict[int, jax.Array] | None = None
+    table: jax.Array | None = None
     train: bool = struct.field(pytree_node=False, default=False)
 
 

@@ -9,12 +9,12 @@ Axis legend: B batch, L length, D model, F routed expert width, E experts, U dis
 The routed experts see only the token embedding, so their outputs are a function of the token id: a
 table of U x E x D rows. With `impl='unique'` (default) the layer declares `uses_token_table`; the
 model computes the table once for the step's distinct ids and the layer gathers its rows
-(`ctx.tables[layer]`, `ctx.inv_BxL`; see `routed_rows` for their groups). The same seam feeds the
+(`ctx.table`, `ctx.inv_BxL`; see `routed_rows` for their groups). The same seam feeds the
 exported LUT, in memory or read from storage. `impl='per_position'` computes all E experts at every
 position (the naive reference). `expert_input='hidden'` is the ablation whose experts read u; it
 cannot be re-parameterised into a LUT. The 'lut' form (`build_model(m, form="lut")`) is the
 inference form: no expert weights and no expert norm, only the shared FFN and the router; the rows
-always come from `ctx.tables`.
+always come from `ctx.table`.
 """
 
 from __future__ import annotations
@@ -64,7 +64,7 @@ class Layer(FFN):
         self.up = None if lut_form else param(rngs, init, (e, d, f), ("experts", "embed", "mlp"))
         self.down = None if lut_form else param(rngs, init, (e, f, d), ("experts", "mlp", "embed"))
         self.uses_token_table = lut_form or (c.impl == "unique" and c.expert_input == "embedding")
-        self.layer_idx, self.act_name, self.dtype = layer_idx, m.activation, m.dtype
+        self.act_name, self.dtype = m.activation, m.dtype
         self.lb_coef, self.z_coef = c.lb_coef, c.z_coef
 
     def experts(self, x_xD):
@@ -89,7 +89,7 @@ class Layer(FFN):
         group's rows indexing their own table (G is the number of devices the batch is split
         over in training, 1 elsewhere)."""
         if self.uses_token_table:
-            table_GxUxExD = ctx.tables[self.layer_idx]
+            table_GxUxExD = ctx.table
             if table_GxUxExD.ndim == 3:  # [U, E, D]: one group
                 table_GxUxExD = table_GxUxExD[None]
             b, n = ctx.inv_BxL.shape

@@ -1,0 +1,69 @@
+"""The package's shape: no import circles among mole_jax's modules (counting imports inside
+functions: the previous main had config -> ffn -> config), and no engine or benchmark code that
+branches on an engine's type."""
+
+import ast
+import re
+from pathlib import Path
+
+from conftest import ROOT
+
+PKG = Path(ROOT) / "mole_jax"
+
+
+def _module(path: Path) -> str:
+    parts = path.relative_to(ROOT).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _imports(path: Path, modules: set[str]) -> set[str]:
+    """The mole_jax modules `path` imports (at module level or inside a function)."""
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            out |= {a.name for a in node.names if a.name in modules}
+        elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("mole_jax"):
+            for a in node.names:  # `from mole_jax import ffn`: the module, else its package
+                sub = f"{node.module}.{a.name}"
+                out.add(sub if sub in modules else node.module)
+    return out
+
+
+def import_graph() -> dict[str, set[str]]:
+    files = {_module(p): p for p in PKG.rglob("*.py")}
+    return {m: _imports(p, set(files)) - {m} for m, p in files.items()}
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    state: dict[str, int] = {}  # 1: on the path, 2: done
+
+    def visit(m, path):
+        state[m] = 1
+        for n in sorted(graph.get(m, ())):
+            if state.get(n) == 1:
+                return path[path.index(n) :] + [n]
+            if n not in state and (found := visit(n, [*path, n])):
+                return found
+        state[m] = 2
+        return None
+
+    for m in sorted(graph):
+        if m not in state and (found := visit(m, [m])):
+            return found
+    return None
+
+
+def test_no_import_circles():
+    graph = import_graph()
+    assert len(graph) > 30 and graph["mole_jax.model"] >= {"mole_jax.ffn", "mole_jax.scan"}
+    assert find_cycle(graph) is None, " -> ".join(find_cycle(graph))
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+
+
+def test_no_code_branches_on_an_engine_type():
+    pattern = re.compile(r"isinstance\([^)]*,\s*\(?[\w., ]*Engine\b")
+    files = [*PKG.rglob("*.py"), *(Path(ROOT) / "experiments").glob("*.py")]
+    hits = [f"{p}:{i}" for p in files for i, line in enumerate(p.read_text().splitlines(), 1)
+            if pattern.search(line)]  # fmt: skip
+    assert not hits
+    assert pattern.search("if isinstance(engine, MoeOffloadEngine):")
