@@ -85,23 +85,8 @@ def make_train_step(graphdef, tx, cfg, has_tables: bool) -> Callable:
     """
     n_micro, vocab = cfg.train.microbatches, cfg.model.vocab_size
     per_step = has_tables and cfg.train.token_tables == "step"
-    scan = cfg.model.get("scan_layers", False)
     lr_at = schedule(cfg)
-
-    def table_fn(rest, uniq):
-        fn = lambda p: nnx.merge(graphdef, p, rest).token_tables(uniq)
-        return jax.checkpoint(fn) if cfg.model.remat != "none" else fn
-
-    def forward_loss(params, rest, tables, inv, uniq, inputs, targets):
-        if uniq is not None:  # this micro-batch's own tables
-            uniq = uniq.reshape(-1, uniq.shape[-1])
-            if not scan:  # (scanned layers each build their own in their step)
-                tables, uniq = table_fn(rest, uniq)(params), None
-        model = nnx.merge(graphdef, params, rest)
-        out = model(inputs, tables=tables, inv_BxL=inv, uniq=uniq, train=True, head=False)
-        loss, mets = objective(model, out, targets, cfg.train.loss_chunk)
-        new_rest = nnx.to_pure_dict(nnx.state(model, nnx.Not(nnx.Param)))
-        return loss, (dict(mets, loss=loss), out.aux["per_layer"], new_rest)
+    table_fn, forward_loss = _loss_fns(graphdef, cfg)
 
     grad_fn = jax.grad(forward_loss, argnums=(0, 2), has_aux=True)
 
@@ -140,6 +125,32 @@ def make_train_step(graphdef, tx, cfg, has_tables: bool) -> Callable:
         return new_state, metrics
 
     return train_step
+
+
+def _loss_fns(graphdef, cfg):
+    """(table_fn, forward_loss) of `make_train_step`: table_fn(rest, uniq)(params) -> the token
+    tables of the ids uniq [G, U]; forward_loss(params, rest, tables, inv, uniq, inputs, targets)
+    -> (loss, (metrics, per-layer aux, new non-parameter state)), with the tables handed in, or
+    built from this micro-batch's `uniq` (inside each layer's step when the layers are scanned).
+    """
+    scan = cfg.model.get("scan_layers", False)
+
+    def table_fn(rest, uniq):
+        fn = lambda p: nnx.merge(graphdef, p, rest).token_tables(uniq)
+        return jax.checkpoint(fn) if cfg.model.remat != "none" else fn
+
+    def forward_loss(params, rest, tables, inv, uniq, inputs, targets):
+        if uniq is not None:  # this micro-batch's own tables
+            uniq = uniq.reshape(-1, uniq.shape[-1])
+            if not scan:  # (scanned layers each build their own in their step)
+                tables, uniq = table_fn(rest, uniq)(params), None
+        model = nnx.merge(graphdef, params, rest)
+        out = model(inputs, tables=tables, inv_BxL=inv, uniq=uniq, train=True, head=False)
+        loss, mets = objective(model, out, targets, cfg.train.loss_chunk)
+        new_rest = nnx.to_pure_dict(nnx.state(model, nnx.Not(nnx.Param)))
+        return loss, (dict(mets, loss=loss), out.aux["per_layer"], new_rest)
+
+    return table_fn, forward_loss
 
 
 def make_eval_step(graphdef, chunk: int = 0) -> Callable:

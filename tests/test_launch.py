@@ -25,6 +25,20 @@ def launch(*args, check=True, **kw):
     return proc
 
 
+def train_until(flags, workdir: str, lines: int, **popen) -> subprocess.Popen:
+    """A `launch.py train` process, returned once its metrics.jsonl holds `lines` lines (or it
+    ended, or 240 s passed)."""
+    cmd = [sys.executable, os.path.join(ROOT, "launch.py"), "train", *flags, f"--workdir={workdir}"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, **popen)
+    metrics = os.path.join(workdir, "metrics.jsonl")
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if os.path.exists(metrics) and sum(1 for _ in open(metrics)) >= lines:
+            break
+        time.sleep(0.05)
+    return proc
+
+
 def cli_flags(corpus_dir, cache_dir):
     return [
         "--config=configs/dense.py:size=tiny",
@@ -66,14 +80,7 @@ def test_sigkill_mid_training_resumes_on_the_same_curve(corpus_dir, cache_dir, t
         "--config.train.ckpt_every=10",
     ]
     killed = str(tmp_path / "killed")
-    cmd = [sys.executable, os.path.join(ROOT, "launch.py"), "train", *flags, f"--workdir={killed}"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    metrics = os.path.join(killed, "metrics.jsonl")
-    deadline = time.time() + 240
-    while time.time() < deadline and proc.poll() is None:
-        if os.path.exists(metrics) and sum(1 for _ in open(metrics)) >= 35:
-            break
-        time.sleep(0.05)
+    proc = train_until(flags, killed, 35, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"

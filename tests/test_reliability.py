@@ -7,12 +7,11 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 from conftest import ROOT, tiny_overrides
-from test_launch import cli_flags, launch
+from test_launch import cli_flags, launch, train_until
 
 from configs import dense, mole
 from mole_jax import train
@@ -84,16 +83,7 @@ def test_sigterm_checkpoints_the_current_step_and_resumes_on_the_curve(
         "--config.train.ckpt_every=50",
     ]
     w = str(tmp_path / "w")
-    cmd = [sys.executable, os.path.join(ROOT, "launch.py"), "train", *flags, f"--workdir={w}"]
-    proc = subprocess.Popen(
-        cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-    )
-    metrics = os.path.join(w, "metrics.jsonl")
-    deadline = time.time() + 240
-    while time.time() < deadline and proc.poll() is None:
-        if os.path.exists(metrics) and sum(1 for _ in open(metrics)) >= 25:
-            break
-        time.sleep(0.05)
+    proc = train_until(flags, w, 25, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 143, err[-3000:]
