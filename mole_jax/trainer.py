@@ -133,11 +133,12 @@ def _loss_fns(graphdef, cfg):
     -> (loss, (metrics, per-layer aux, new non-parameter state)), with the tables handed in, or
     built from this micro-batch's `uniq` (inside each layer's step when the layers are scanned).
     """
-    scan = cfg.model.get("scan_layers", False)
+    m = model_config(cfg)  # (its defaults for fields older configs lack)
+    scan = m.scan_layers
 
     def table_fn(rest, uniq):
         fn = lambda p: nnx.merge(graphdef, p, rest).token_tables(uniq)
-        return jax.checkpoint(fn) if cfg.model.remat != "none" else fn
+        return jax.checkpoint(fn) if m.remat != "none" else fn
 
     def forward_loss(params, rest, tables, inv, uniq, inputs, targets):
         if uniq is not None:  # this micro-batch's own tables
