@@ -99,13 +99,13 @@ def ensure_models(root: Path, size: str, steps: int) -> dict[str, str]:
 
 def _fresh(store_cls, workdir: str, name: str, export) -> None:
     """Re-exports unless the store opens and names the newest checkpoint's parameters."""
-    from mole_jax.checkpoint import Checkpointer
+    from mole_jax.checkpoint import Checkpointer, params_id
 
     ckpt = Checkpointer(workdir)
-    digest = ckpt.meta()["params_sha256"]
+    digest = params_id(ckpt.meta())
     ckpt.close()
     try:
-        store_cls.open(os.path.join(workdir, name), expect={"params_sha256": digest})
+        store_cls.open(os.path.join(workdir, name), expect={"params_digest": digest})
     except StoreError:
         print(f"exporting {workdir}/{name}", flush=True)
         export()

@@ -24,9 +24,9 @@ import time
 import _paths  # noqa: F401
 import jax
 import numpy as np
+from _kinds import KINDS
 from absl import app, flags, logging
 
-from configs import dense, moe, mole
 from mole_jax import data, trainer
 
 flags.DEFINE_list("sizes", ["small", "160m"], "Model sizes.")
@@ -36,12 +36,6 @@ flags.DEFINE_integer("batch", 2, "Sequences per step.")
 flags.DEFINE_integer("seq_len", 256, "Tokens per sequence.")
 flags.DEFINE_string("json", "experiments/results/bench_scan.json", "Write the rows here.")
 FLAGS = flags.FLAGS
-
-KINDS = {
-    "dense": lambda s: dense.get_config(f"size={s}"),
-    "moe-10e": lambda s: moe.get_config(f"size={s},experts=10,topk=2"),
-    "mole-4e": lambda s: mole.get_config(f"size={s},experts=4"),
-}
 
 
 def config(kind: str, size: str, scan: bool):

@@ -1,9 +1,11 @@
 """Orbax checkpoints of the train state: async saves, keep-K, resume from the newest good step.
 
 Each step directory holds three items: `params`, `train` (optimiser state, step, non-param model
-state) and `meta` (JSON: step, the SHA-256 of the parameters and of each parameter leaf). A step
-whose files are missing, truncated or whose parameters no longer match their digests is reported
-in one line and skipped in favour of the previous one.
+state) and `meta` (JSON: step, the digests of the parameters, of each parameter leaf and of the
+train state; `digest.py`, computed where the shards live). A step whose files are missing,
+truncated or whose contents no longer match their digests is reported in one line and skipped in
+favour of the previous one. Checkpoints written before `digest.py` carry SHA-256 digests
+(`params_sha256`, ...) and are verified with those.
 
 `restore_model` loads what inference needs — the parameters of a model form (all of them, or
 only the resident ones of an offloaded form) and the non-parameter state — checking every leaf
@@ -29,11 +31,12 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
+from mole_jax import digest
 from mole_jax.errors import CheckpointError, UserError
 from mole_jax.files import check_space
 
 
-def host_value(leaf) -> np.ndarray:
+def _host_value(leaf) -> np.ndarray:
     """A leaf's whole value on this host, also when its shards live on other processes."""
     if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
         from jax.experimental import multihost_utils
@@ -42,23 +45,47 @@ def host_value(leaf) -> np.ndarray:
     return np.asarray(jax.device_get(leaf))
 
 
-def params_digests(params) -> tuple[str, dict[str, str]]:
-    """(SHA-256 over all the bytes of a tree's leaves in tree order, {leaf path: SHA-256 of the
-    leaf}). Independent of how the leaves are sharded, so a checkpoint written on one mesh is
-    verified on another (one leaf at a time is gathered to each host)."""
+def _sha256_digests(tree) -> tuple[str, dict[str, str]]:
+    """The digests of checkpoints written before `digest.py`: (SHA-256 over the leaves' names and
+    bytes in tree order, {leaf path: SHA-256 of its bytes}); each leaf is gathered to the host."""
     total, leaves = hashlib.sha256(), {}
-    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
         name = jax.tree_util.keystr(path)
-        raw = np.ascontiguousarray(host_value(leaf)).tobytes()
+        raw = np.ascontiguousarray(_host_value(leaf)).tobytes()
         total.update(name.encode())
         total.update(raw)
         leaves[name] = hashlib.sha256(raw).hexdigest()
     return total.hexdigest(), leaves
 
 
-def params_digest(params) -> str:
-    """SHA-256 over the parameter bytes in tree order; identifies the exact weights."""
-    return params_digests(params)[0]
+_SCHEMES = {  # meta keys (whole params, per leaf, train state) and the function that computes them
+    digest.ALGORITHM: (("params_digest", "leaf_digest", "train_digest"), digest.digests),
+    "sha256": (("params_sha256", "leaf_sha256", "train_sha256"), _sha256_digests),
+}
+
+
+def _scheme(meta: dict):
+    return _SCHEMES[meta.get("digest", "sha256")]
+
+
+def params_id(meta: dict) -> str:
+    """The digest that identifies a checkpoint's exact weights (stores record it)."""
+    (key, _, _), _ = _scheme(meta)
+    return meta[key]
+
+
+def _verify(meta: dict, params=None, train=None) -> None:
+    """Restored parameters (whole tree, or a sub-tree checked leaf by leaf) and train state
+    against the digests saved with them."""
+    (whole, per_leaf, train_key), compute = _scheme(meta)
+    if params is not None and per_leaf in meta:
+        for name, value in compute(params)[1].items():
+            if meta[per_leaf].get(name) != value:
+                raise ValueError(f"parameter {name} does not match the digest saved with it")
+    elif params is not None and compute(params)[0] != meta[whole]:
+        raise ValueError("parameter bytes do not match the digest saved with them")
+    if train is not None and train_key in meta and compute(train)[0] != meta[train_key]:
+        raise ValueError("optimiser or model state does not match the digest saved with it")
 
 
 def _abstract(tree):
@@ -87,12 +114,13 @@ class Checkpointer:
         size = sum(x.nbytes for x in jax.tree.leaves(state))
         check_space(self.directory, size + 2**20, size, f"the checkpoint of step {step}")
         train = {k: v for k, v in state.items() if k != "params"}
-        total, leaves = params_digests(state["params"])
+        total, leaves = digest.digests(state["params"])
         meta = {
             "step": step,
-            "params_sha256": total,
-            "leaf_sha256": leaves,
-            "train_sha256": params_digests(train)[0],  # optimiser state, step, model state
+            "digest": digest.ALGORITHM,
+            "params_digest": total,
+            "leaf_digest": leaves,
+            "train_digest": digest.digests(train)[0],  # optimiser state, step, model state
             "run_sha256": self.run_sha256,
         }
         self.mgr.save(
@@ -116,10 +144,7 @@ class Checkpointer:
             ),
         )
         meta = got["meta"]
-        if params_digest(got["params"]) != meta["params_sha256"]:
-            raise ValueError("parameter bytes do not match the digest saved with them")
-        if "train_sha256" in meta and params_digest(got["train"]) != meta["train_sha256"]:
-            raise ValueError("optimiser or model state does not match the digest saved with it")
+        _verify(meta, got["params"], got["train"])
         return {"params": got["params"], **got["train"]}, meta
 
     def restore(self, like: dict, step: int | None = None):
@@ -141,7 +166,7 @@ class Checkpointer:
         rest = like_rest
         if jax.tree.leaves(like_rest):
             rest = self._read_item(step, "train", {"rest": like_rest})["rest"]
-        _check_leaves(params, meta)
+        _verify(meta, params)
         return (params, rest), meta
 
     def _read_item(self, step: int, item: str, like):
@@ -187,7 +212,7 @@ class Checkpointer:
         return self.mgr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
 
     def meta(self, step: int | None = None) -> dict:
-        """The JSON saved with `step` (newest when None): {'step', 'params_sha256', ...}."""
+        """The JSON saved with `step` (newest when None): {'step', 'params_digest', ...}."""
         steps = self.steps()
         if not steps:
             raise CheckpointError(f"no checkpoint in {self.directory}; train first")
@@ -218,17 +243,6 @@ class Checkpointer:
         self.mgr = None
 
 
-def _check_leaves(params, meta: dict) -> None:
-    """Every restored leaf against its digest (checkpoints written before per-leaf digests
-    existed carry none to check against)."""
-    saved = meta.get("leaf_sha256")
-    if saved is None:
-        return
-    for name, digest in params_digests(params)[1].items():
-        if saved.get(name) != digest:
-            raise ValueError(f"parameter {name} does not match the digest saved with it")
-
-
 @dataclasses.dataclass(frozen=True)
 class Restored:
     """A checkpoint's model, ready for `nnx.merge(graphdef, params, rest)`."""
@@ -237,7 +251,7 @@ class Restored:
     params: Any  # pure dict of the form's parameters
     rest: Any  # pure dict of the non-parameter state (BatchNorm statistics)
     step: int
-    params_sha256: str  # of the whole checkpoint's parameters, as stores record it
+    params_digest: str  # of the whole checkpoint's parameters, as stores record it
 
 
 def restore_model(workdir, mcfg, form: str = "train", step: int | None = None) -> Restored:
@@ -255,7 +269,7 @@ def restore_model(workdir, mcfg, form: str = "train", step: int | None = None) -
         raise UserError(f"{os.fspath(workdir)} has no checkpoint; train it first")
     (params, rest), meta = got
     rest = jax.tree.map(jnp.asarray, rest)
-    return Restored(graphdef, params, rest, int(meta["step"]), meta["params_sha256"])
+    return Restored(graphdef, params, rest, int(meta["step"]), params_id(meta))
 
 
 def _read_noise(args) -> bool:

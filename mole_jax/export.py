@@ -90,7 +90,7 @@ def _export_lut(wd, step, dtype, out, rows_per_chunk) -> dict:
     manifest = lut.finalize(
         dict(
             checkpoint_step=model.step,
-            params_sha256=model.params_sha256,
+            params_digest=model.params_digest,
             d_model=m.d_model,
             n_layers=m.n_layers,
         )
@@ -120,7 +120,7 @@ def _export_experts(wd, step, dtype, out) -> dict:
     experts = {i: {n: model.params["blocks"][i]["ffn"][n] for n in ("up", "down")} for i in layers}
     fields = dict(
         checkpoint_step=model.step,
-        params_sha256=model.params_sha256,
+        params_digest=model.params_digest,
         dtype=dtype,
         layers=layers,
         experts=m.ffn.experts,

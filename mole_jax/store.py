@@ -141,6 +141,8 @@ def read_manifest(path: Path, kind: str, expect: dict | None) -> dict:
             f"{path}: format {manifest.get('kind')} v{version} is not {kind} v{FORMAT_VERSION}"
             "; re-run `launch.py export`"
         )
+    if "params_sha256" in manifest:  # written before checkpoint digests were `digest.py`'s
+        manifest.setdefault("params_digest", manifest["params_sha256"])
     for key, want in (expect or {}).items():
         if manifest.get(key) != want:
             raise StoreError(

@@ -168,7 +168,7 @@ def test_store_from_another_checkpoint_is_refused(mole_run, corpus_dir, cache_di
         ckpt_every=20,
     )
     train.run(cfg, w)  # a newer checkpoint (step 24); lut/ still holds step 20's tables
-    with pytest.raises(StoreError, match="does not match the checkpoint: its params_sha256"):
+    with pytest.raises(StoreError, match="does not match the checkpoint: its params_digest"):
         build_engine(w, "offload")
     assert abs(evaluate(w, "offload", step=20)["loss"] - evaluate(w, step=20)["loss"]) <= 1e-5
 

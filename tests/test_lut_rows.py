@@ -19,7 +19,7 @@ def _store(path, dtype, seed=0):
     store = LutStore.create(path, LAYERS, (V, E, D), dtype, block=32)
     for start in range(0, V, 512):
         store.write_rows(start, {i: t[start : start + 512] for i, t in tables.items()})
-    store.finalize({"params_sha256": "test"})
+    store.finalize({"params_digest": "test"})
     return LutStore.open(path, verify="full"), tables
 
 

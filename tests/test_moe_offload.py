@@ -78,7 +78,7 @@ def test_bad_expert_stores_are_refused(moe_run, tmp_path):
     shutil.copytree(moe_run, w)
     with pytest.raises(StoreError, match="expert store .* does not match the checkpoint"):
         manifest = json.loads((w / "experts" / "manifest.json").read_text())
-        manifest["params_sha256"] = "0" * 64
+        manifest["params_digest"] = "0" * 64
         (w / "experts" / "manifest.json").write_text(json.dumps(manifest))
         build_engine(str(w), "moe_offload")
     shutil.rmtree(w / "experts")

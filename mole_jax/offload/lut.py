@@ -39,7 +39,7 @@ class LutEngine(BaseEngine):
         check_exportable(m, wd)
         model = restore_model(wd, m, "lut", step)
         self.store = LutStore.open(
-            wd.store(store), verify=verify, expect={"params_sha256": model.params_sha256}
+            wd.store(store), verify=verify, expect={"params_digest": model.params_digest}
         )
         self.params, self.rest, self.step = model.params, model.rest, model.step
         self._run = jax.jit(_run(model.graphdef, self.store))

@@ -165,7 +165,7 @@ class LutStore:
     @classmethod
     def open(cls, path, expect: dict | None = None, verify: str = "auto") -> LutStore:
         """Opens and checks a store. `expect`: manifest fields that must match (for example the
-        params_sha256 of the checkpoint in use). verify: 'full' | 'auto' | 'none' (per-chunk
+        params_digest of the checkpoint in use). verify: 'full' | 'auto' | 'none' (per-chunk
         crc32c checks still apply to every read)."""
         path = Path(path)
         manifest = store.read_manifest(path, "mole_lut", expect)

@@ -65,7 +65,7 @@ class MoeOffloadEngine(BaseEngine):
             raise UserError(f"expert cache capacity {capacity} must be >= 0")
         model = restore_model(wd, m, "offload", step)
         self.store = ExpertStore.open(
-            wd.store(store), expect={"params_sha256": model.params_sha256}
+            wd.store(store), expect={"params_digest": model.params_digest}
         )
         self.step, self.capacity, self.prefetch = model.step, capacity, prefetch
         self.moe_layers = {i for i in range(m.n_layers) if m.kind_of_layer(i) == "moe"}

@@ -1,0 +1,121 @@
+"""Checkpoint digests: the same on every sharding, computed without gathering a leaf, sensitive to
+one changed element; checkpoints written with the SHA-256 digests that came before still verify."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from mole_jax import checkpoint, digest
+
+
+def _tree():
+    k1, k2 = jax.random.split(jax.random.PRNGKey(0))
+    return {
+        "w": jax.random.normal(k1, (64, 48)),
+        "e": jax.random.normal(k2, (8, 16, 4)).astype(jnp.bfloat16),
+        "n": jnp.arange(10, dtype=jnp.int32),
+        "b": jnp.array(True),
+    }
+
+
+def _shardings(mesh, spec_w, spec_e):
+    rep = NamedSharding(mesh, P())
+    return {"w": NamedSharding(mesh, spec_w), "e": NamedSharding(mesh, spec_e), "n": rep, "b": rep}
+
+
+def test_the_digest_is_the_same_on_every_sharding():
+    tree = _tree()
+    one = digest.digests(jax.device_get(tree))
+    devices = np.array(jax.devices())
+    for shape, spec_w, spec_e in [
+        ((8,), P("a"), P(None, "a")),
+        ((2, 4), P("a", "b"), P("b", None, "a")),
+        ((4, 2), P(None, ("a", "b")), P("a")),
+    ]:
+        mesh = Mesh(devices.reshape(shape), ("a", "b")[: len(shape)])
+        assert digest.digests(jax.device_put(tree, _shardings(mesh, spec_w, spec_e))) == one
+
+
+def test_one_changed_element_changes_its_leaf_and_the_whole():
+    tree = _tree()
+    total, leaves = digest.digests(tree)
+    for name, index in [("w", (63, 47)), ("e", (0, 0, 0)), ("n", (3,))]:
+        changed = dict(tree)
+        x = tree[name]
+        changed[name] = x.at[index].set(x[index] + jnp.asarray(1, x.dtype))
+        t2, l2 = digest.digests(changed)
+        assert t2 != total and l2[f"['{name}']"] != leaves[f"['{name}']"]
+        assert all(l2[k] == v for k, v in leaves.items() if k != f"['{name}']")
+    # two swapped elements: same bytes in another order
+    swapped = dict(tree, w=tree["w"].at[0, :2].set(tree["w"][0, 1::-1]))
+    assert digest.digests(swapped)[0] != total
+    # same bytes, another shape
+    assert digest.digests(dict(tree, w=tree["w"].reshape(48, 64)))[0] != total
+
+
+def test_a_sharded_leaf_is_digested_where_it_lives():
+    """The compiled digest of an 8-way sharded leaf reduces per shard and all-reduces the lanes;
+    it never gathers the leaf."""
+    mesh = Mesh(np.array(jax.devices()), ("a",))
+    x = jax.device_put(jnp.ones((64, 32)), NamedSharding(mesh, P("a")))
+    hlo = digest._tree_lanes.lower([x]).compile().as_text()
+    assert "all-reduce" in hlo and "all-gather" not in hlo
+
+
+def test_a_sha256_checkpoint_of_the_earlier_format_still_verifies(tmp_path):
+    state = {"step": jnp.asarray(7), "params": _tree(), "opt": jnp.zeros(3)}
+    train = {k: v for k, v in state.items() if k != "params"}
+    total, leaves = checkpoint._sha256_digests(state["params"])
+    old_meta = {  # what Checkpointer.save wrote before digest.py
+        "step": 7,
+        "params_sha256": total,
+        "leaf_sha256": leaves,
+        "train_sha256": checkpoint._sha256_digests(train)[0],
+        "run_sha256": "",
+    }
+    ckpt = checkpoint.Checkpointer(tmp_path, use_async=False)
+    ckpt.mgr.save(
+        7,
+        args=ocp.args.Composite(
+            params=ocp.args.StandardSave(state["params"]),
+            train=ocp.args.StandardSave(train),
+            meta=ocp.args.JsonSave(old_meta),
+        ),
+    )
+    got, meta = ckpt.restore(state)
+    assert checkpoint.params_id(meta) == total
+    np.testing.assert_array_equal(got["params"]["w"], state["params"]["w"])
+    (params, _), _ = ckpt.restore_params({"w": state["params"]["w"]})
+    np.testing.assert_array_equal(params["w"], state["params"]["w"])
+    ckpt.close()
+
+
+@pytest.mark.parametrize("what", ["params", "train"])
+def test_a_new_checkpoint_whose_meta_disagrees_is_refused(tmp_path, what):
+    state = {"step": jnp.asarray(3), "params": _tree(), "opt": jnp.zeros(3)}
+    ckpt = checkpoint.Checkpointer(tmp_path, use_async=False)
+    ckpt.save(state)
+    assert ckpt.meta()["digest"] == digest.ALGORITHM
+    wrong = dict(state)
+    if what == "params":
+        wrong["params"] = dict(state["params"], w=state["params"]["w"] * 2)
+    else:
+        wrong["opt"] = jnp.ones(3)
+    # the digests of `state` with the bytes of `wrong`: write wrong, then put state's meta back
+    good_meta = ckpt.meta()
+    ckpt.close()
+    other = checkpoint.Checkpointer(tmp_path / "other", use_async=False)
+    other.save(wrong)
+    other.close()
+    meta_file = tmp_path / "other" / "checkpoints" / "3" / "meta" / "metadata"
+    meta_file.write_text(json.dumps(good_meta))
+    other = checkpoint.Checkpointer(tmp_path / "other", use_async=False)
+    with pytest.raises(Exception, match="does not match the digest"):
+        other._restore_state(3, state)
+    other.close()
