@@ -16,17 +16,23 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q -e '.[dev]'
 	touch $(STAMP)
 
+# The [eval] extra (lm-eval, for `launch.py eval --tasks`), installed by the targets that use it.
+EVAL_STAMP := $(VENV)/.installed-eval
+$(EVAL_STAMP): $(STAMP)
+	$(BIN)/python -m pip install -q -e '.[dev,eval]'
+	touch $(EVAL_STAMP)
+
 install: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/python experiments/demo.py --workdir=$(DEMO_DIR)
 
-test: $(STAMP)
+test: $(EVAL_STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest tests -n 2 --dist worksteal
 
 # The tests that neither train a run nor spawn processes (under 2 minutes on 2 cores).
-test-fast: $(STAMP)
+test-fast: $(EVAL_STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest tests -m "not slow" -n 2 --dist worksteal
 

@@ -6,6 +6,8 @@
     python launch.py export   --workdir=runs/m [--dtype=float16|bfloat16|float32|int8|nf4]
     python launch.py export   --workdir=runs/moe --experts [--dtype=float32|float16|bfloat16]
     python launch.py eval     --workdir=runs/m [--offload] [--data=<corpus or files:glob>]
+    python launch.py eval     --workdir=runs/m --tasks=mole_offline [--offload] [--limit=N]
+                              [--num_fewshot=K] [--include_path=DIR] [--allow_hub]
     python launch.py generate --workdir=runs/m --prompt="..." [--offload]
     python launch.py sweep    --config=experiments/<study>.py[:arg] --workdir=runs/<study>
                               [--parallel=N] [--dry_run]
@@ -54,6 +56,13 @@ flags.DEFINE_bool("dry_run", False, "sweep: print the runs without starting them
 flags.DEFINE_string("coordinator", None, "train on several hosts: HOST:PORT of process 0.")
 flags.DEFINE_integer("num_processes", None, "train on several hosts: how many processes.")
 flags.DEFINE_integer("process_id", None, "train on several hosts: this process's index.")
+flags.DEFINE_list(
+    "tasks", None, "eval: lm-eval tasks to score (e.g. mole_offline) instead of loss."
+)
+flags.DEFINE_integer("limit", None, "eval --tasks: at most this many documents per task.")
+flags.DEFINE_integer("num_fewshot", None, "eval --tasks: examples in each prompt (default 0).")
+flags.DEFINE_string("include_path", None, "eval --tasks: a folder of your own lm-eval task YAMLs.")
+flags.DEFINE_bool("allow_hub", False, "eval --tasks: allow tasks whose data is on the HF hub.")
 FLAGS = flags.FLAGS
 
 COMMANDS = ("train", "summary", "export", "eval", "generate", "sweep")

@@ -71,6 +71,8 @@ def eval(f):  # noqa: A001 - the subcommand's name
     from mole_jax.evaluate import evaluate
 
     _need(f, "workdir")
+    if f.tasks is not None:
+        return _eval_tasks(f)
     if f.max_tokens is not None and f.max_tokens < 1:
         raise UserError(f"--max_tokens={f.max_tokens} must be positive")
     mode = _mode(f)
@@ -81,6 +83,20 @@ def eval(f):  # noqa: A001 - the subcommand's name
     if "bytes_read" in out:
         line += f", {out['bytes_read']} bytes read, cache hit rate {out['cache_hit_rate']:.2f}"
     print(line + f" over {out['tokens']} tokens")
+    return out
+
+
+def _eval_tasks(f):
+    from mole_jax.zero_shot import run_tasks, summary_line
+
+    out = run_tasks(
+        f.workdir, f.tasks, _mode(f), f.step, limit=f.limit, num_fewshot=f.num_fewshot,
+        include_path=f.include_path, allow_hub=f.allow_hub,
+    )  # fmt: skip
+    line = f"{out['mode']} tasks of step {out['step']}: {summary_line(out)}"
+    if "bytes_read_per_token" in out:
+        line += f"; {out['bytes_read_per_token']:.0f} bytes read per token"
+    print(line + f" ({out['requests']} requests, {out['seconds']:.1f} s) -> {out['path']}")
     return out
 
 

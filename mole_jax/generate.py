@@ -41,8 +41,9 @@ def generate(
 def generate_steps(
     engine, prompt_BxP, max_new: int, temperature=0.0, top_k=0, seed=0, before_step=None
 ):
-    """`generate` as a generator that yields after the prefill and after every decode step (so
-    that a benchmark can interleave several engines step by step); returns generate's dict."""
+    """`generate` as a generator that yields the tokens sampled so far ([B] arrays) after the
+    prefill and after every decode step (so that a benchmark can interleave several engines step
+    by step, or a caller stop at a string); returns generate's dict."""
     hook = before_step or (lambda t: None)
     prompt = np.asarray(prompt_BxP, np.int32)
     b, p = prompt.shape
@@ -53,8 +54,8 @@ def generate_steps(
     logits, cache = engine.forward(prompt, cache)
     last = np.asarray(logits[:, -1])
     prefill_s = time.perf_counter() - t0
-    yield
     tokens, step_s = [], []
+    yield tokens
     for t in range(max_new):
         nxt = sample(last, temperature, top_k, rng)
         tokens.append(nxt)
@@ -65,5 +66,5 @@ def generate_steps(
         logits, cache = engine.forward(nxt[:, None], cache)
         last = np.asarray(logits[:, -1])
         step_s.append(time.perf_counter() - t0)
-        yield
+        yield tokens
     return {"tokens": np.stack(tokens, axis=1), "prefill_s": prefill_s, "step_s": step_s}

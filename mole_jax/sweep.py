@@ -9,6 +9,8 @@ result, with
         name    its directory under --workdir (unique; letters, digits and - _ .)
         config  'configs/<kind>.py:<arg>'
         set     {'train.steps': 300, ...}: dotted overrides of that config (optional)
+        tasks   (optional) lm-eval task names (e.g. ['mole_offline']): scored on the trained
+                model and on each eval's engine; `task_limit` caps the documents per task
         evals   (optional) validation losses to measure after training, each a dict with
                 name    its column in the table
                 export  a LUT dtype: the experts are exported to <run>/lut_<dtype>
@@ -44,7 +46,7 @@ from mole_jax.files import write_text_atomic
 from mole_jax.sweep_worker import LOG, RESULT, SPEC, finished_result
 from mole_jax.workdir import Workdir
 
-RUN_KEYS = {"name", "config", "set", "evals"}
+RUN_KEYS = {"name", "config", "set", "evals", "tasks", "task_limit"}
 EVAL_KEYS = {"name", "export", "mode"}
 EVAL_MODES = ("experts", "offload", "lut_memory")
 
@@ -107,7 +109,22 @@ def _plan_one(raw: dict, workdir: str) -> Run:
         evals=evals,
         resolved=json.loads(to_json(cfg)),
     )
+    if raw.get("tasks"):
+        spec.update(tasks=_check_tasks(raw["tasks"]), task_limit=raw.get("task_limit"))
     return Run(name, os.path.join(workdir, name), spec, cfg)
+
+
+def _check_tasks(tasks) -> list[str]:
+    """Task names lm-eval can run here (offline: the pack and nothing from the hub)."""
+    from mole_jax.zero_shot import task_manager
+
+    if isinstance(tasks, str) or not all(isinstance(t, str) for t in tasks):
+        raise ConfigError(f"tasks={tasks!r} must be a list of lm-eval task names")
+    try:
+        task_manager(list(tasks), None, allow_hub=False)
+    except UserError as e:
+        raise ConfigError(str(e)) from None
+    return list(tasks)
 
 
 def _check_eval(e: dict, cfg) -> dict:

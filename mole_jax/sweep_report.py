@@ -32,6 +32,8 @@ def plan_table(runs) -> str:
         t = r.cfg.train
         tokens = t.steps * t.batch_size * r.cfg.data.seq_len
         evals = ", ".join(e["name"] for e in r.spec["evals"]) or "-"
+        if r.spec.get("tasks"):
+            evals += f"; tasks {', '.join(r.spec['tasks'])}"
         lines.append(
             f"| {r.name} | {r.spec['config']} | {_overrides(r.spec['set'])} "
             f"| {_m(s['params_total'])} | {_m(s['params_active_per_token'])} | {tokens:,} "
@@ -49,10 +51,45 @@ def _eval_cell(e: dict | None) -> str:
     return cell
 
 
+def primary_metric(metrics: dict) -> str:
+    """The metric a task is read by: accuracy, else word perplexity, else its first."""
+    for m in ("acc", "word_perplexity", "perplexity"):
+        if m in metrics:
+            return m
+    return next(k for k in metrics if not k.endswith("_stderr"))
+
+
+def task_columns(rows: list[dict]) -> list[tuple[str, str, str]]:
+    """(engine name, task, metric) of every task score the rows hold, in first-seen order."""
+    cols = {}
+    for r in rows:
+        for engine, rec in r.get("tasks", {}).items():
+            for task, metrics in rec["tasks"].items():
+                metric = primary_metric(metrics)
+                if engine == "model" or metric == "acc":  # evals: accuracy only
+                    cols[(engine, task, metric)] = None
+    return list(cols)
+
+
+def task_cell(row: dict, engine: str, task: str, metric: str) -> str:
+    metrics = row.get("tasks", {}).get(engine, {}).get("tasks", {}).get(task)
+    if not metrics or metric not in metrics:
+        return "-"
+    err = metrics.get(f"{metric}_stderr")
+    big = metric != "acc"
+    value = f"{metrics[metric]:.2f}" if big else f"{metrics[metric]:.3f}"
+    return value if not isinstance(err, (int, float)) else value + f" ± {err:.{2 if big else 3}f}"
+
+
+def _task_head(engine: str, task: str, metric: str) -> str:
+    return f"{task.removeprefix('mole_')} {metric}" + ("" if engine == "model" else f" ({engine})")
+
+
 def results_table(rows: list[dict]) -> str:
     names = list(dict.fromkeys(n for r in rows for n in r.get("evals", {})))
+    tasks = task_columns(rows)
     head = ["run", "config", "overrides", "params in training", "active / token", "steps"]
-    head += ["train loss", "val loss", *names]
+    head += ["train loss", "val loss", *names, *(_task_head(*c) for c in tasks)]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         if "val_loss" not in r:
@@ -63,6 +100,7 @@ def results_table(rows: list[dict]) -> str:
             cells += [_m(r.get("params_total")), _m(r.get("params_active_per_token"))]
             cells += [str(r["steps"]), f"{r['loss']:.4f}", f"{r['val_loss']:.4f}"]
             cells += [_eval_cell(r["evals"].get(n)) for n in names]
+            cells += [task_cell(r, *c) for c in tasks]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -113,7 +151,8 @@ def write(module, filename: str, study_cfg, workdir: str, runs, status: dict) ->
 
 
 def plot_curves(rows: list[dict], runs, path: str) -> None:
-    """Validation loss against training tokens, one line per finished run."""
+    """Validation loss against training tokens, one line per finished run; beside it, when the
+    runs were scored on tasks, each task's accuracy per run (with its stderr)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -121,7 +160,9 @@ def plot_curves(rows: list[dict], runs, path: str) -> None:
 
     from mole_jax.metrics import read_metrics
 
-    fig, ax = plt.subplots(figsize=(6, 4))
+    accs = [c for c in task_columns(rows) if c[2] == "acc"]
+    fig, axes = plt.subplots(1, 2 if accs else 1, figsize=(12 if accs else 6, 4), squeeze=False)
+    ax = axes[0][0]
     for row, run in zip(rows, runs, strict=True):
         if "val_loss" not in row:
             continue
@@ -132,7 +173,23 @@ def plot_curves(rows: list[dict], runs, path: str) -> None:
     ax.set_ylabel("validation loss")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
+    if accs:
+        _plot_accuracy(axes[0][1], [r for r in rows if "tasks" in r], accs)
     fig.tight_layout()
     fig.savefig(path + ".tmp.png", dpi=120)
     plt.close(fig)
     os.replace(path + ".tmp.png", path)
+
+
+def _plot_accuracy(ax, rows: list[dict], columns) -> None:
+    width = 0.8 / max(1, len(columns))
+    for j, (engine, task, _) in enumerate(columns):
+        got = [r.get("tasks", {}).get(engine, {}).get("tasks", {}).get(task, {}) for r in rows]
+        xs = [i + j * width for i in range(len(rows))]
+        ax.bar(xs, [g.get("acc", 0) for g in got], width, yerr=[g.get("acc_stderr", 0) or 0
+               for g in got], label=_task_head(engine, task, "acc"), capsize=2)  # fmt: skip
+    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(rows))])
+    ax.set_xticklabels([r["name"] for r in rows], rotation=30, ha="right", fontsize=8)
+    ax.set_ylabel("accuracy")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3, axis="y")

@@ -50,6 +50,9 @@ def run_spec(spec: dict, run_dir: str) -> dict:
         summary = json.load(f)
     exported: set[str] = set()
     evals = {e["name"]: run_eval(run_dir, e, exported) for e in spec["evals"]}
+    tasks = {}
+    if spec.get("tasks"):
+        tasks = {e["name"]: run_tasks(run_dir, spec, e) for e in [MODEL_EVAL, *spec["evals"]]}
     t = cfg.train
     return dict(
         name=spec["name"],
@@ -64,6 +67,7 @@ def run_spec(spec: dict, run_dir: str) -> dict:
         wall_s=train_s,
         **{k: summary[k] for k in SUMMARY_KEYS if k in summary},
         evals=evals,
+        tasks=tasks,
         spec=spec,
     )
 
@@ -83,6 +87,21 @@ def run_eval(run_dir: str, e: dict, exported: set[str]) -> dict:
     n = Workdir(run_dir).config.train.eval_batches  # the windows the run's own val_loss used
     r = evaluate(run_dir, e["mode"], write=False, n_batches=n, **options)
     return {k: r[k] for k in EVAL_KEYS if k in r}
+
+
+MODEL_EVAL = {"name": "model", "mode": "experts"}  # the trained model in memory
+TASK_KEYS = ("tasks", "groups", "requests", "seconds", "bytes_read_per_token", "lut_dtype")
+
+
+def run_tasks(run_dir: str, spec: dict, e: dict) -> dict:
+    """The spec's lm-eval tasks on eval `e`'s engine (its store, if it reads one)."""
+    from mole_jax import zero_shot
+
+    lut = f"lut_{e['export']}" if "export" in e else None
+    r = zero_shot.run_tasks(
+        run_dir, spec["tasks"], e["mode"], lut=lut, limit=spec.get("task_limit")
+    )
+    return {k: r[k] for k in TASK_KEYS if k in r}
 
 
 def main(argv: list[str]) -> int:

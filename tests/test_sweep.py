@@ -82,7 +82,7 @@ TWO_RUNS = """[
     dict(name="dense", config="configs/dense.py:size=tiny",
          set=dict(s, **{"model.d_model": c.d_model})),
     dict(name="mole", config="configs/mole.py:size=tiny,experts=2", set=s,
-         evals=[dict(name="fp16", export="float16")]),
+         evals=[dict(name="fp16", export="float16")], tasks=["mole_next_line"], task_limit=4),
 ]"""
 
 
@@ -103,8 +103,13 @@ def test_sweep_trains_evaluates_skips_and_reports_failures(corpus_dir, cache_dir
     assert fp16["mode"] == "offload" and fp16["lut_dtype"] == "float16"
     assert abs(fp16["loss"] - mole["val_loss"]) < 1e-4  # the offloaded LUT equals the model
     assert (w / "mole/lut_float16/manifest.json").exists()
+    # the run's tasks, scored on the trained model and on the fp16 LUT read from storage
+    model, lut = (mole["tasks"][e]["tasks"]["mole_next_line"] for e in ("model", "fp16"))
+    assert 0 <= model["acc"] <= 1 and model["acc"] == lut["acc"] and "acc_stderr" in model
+    assert mole["tasks"]["model"]["requests"] == 4 * 4 and not dense.get("tasks")
     md = (w / "results.md").read_text()
     assert "| dense |" in md and "report: dense,mole" in md and "Incomplete" not in md
+    assert "next_line acc |" in md and "next_line acc (fp16) |" in md
     assert (w / "curves.png").stat().st_size > 0
 
     logs = {n: (w / n / "sweep.log").stat().st_size for n in ("dense", "mole")}
@@ -138,6 +143,10 @@ BAD_RUNS = [
      'evals=[dict(name="e", export="fp8")])]', "fp8"),
     ('[dict(name="a", config="configs/mole.py:size=tiny", set=s, '
      'evals=[dict(name="e", mode="offload")])]', "export=<dtype>"),
+    ('[dict(name="a", config="configs/dense.py:size=tiny", set=s, tasks=["arc_easy"])]',
+     "need the Hugging Face hub"),
+    ('[dict(name="a", config="configs/dense.py:size=tiny", set=s, tasks="mole_offline")]',
+     "list of lm-eval task names"),
     ("[]", "no runs"),
 ]  # fmt: skip
 
