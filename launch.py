@@ -10,7 +10,7 @@
                               [--num_fewshot=K] [--include_path=DIR] [--allow_hub]
     python launch.py generate --workdir=runs/m --prompt="..." [--offload]
     python launch.py sweep    --config=experiments/<study>.py[:arg] --workdir=runs/<study>
-                              [--parallel=N] [--dry_run]
+                              [--parallel=N] [--dry_run] [--executor=slurm --slurm=partition=p,...]
 
 Everything is a function in `mole_jax`; this file parses flags and dispatches. User mistakes end
 with one line on stderr and exit status 2.
@@ -53,6 +53,11 @@ flags.DEFINE_integer("top_k", 0, "generate: sample among the k most likely (0: a
 flags.DEFINE_integer("seed", 0, "generate: sampling seed.")
 flags.DEFINE_integer("parallel", 1, "sweep: runs at a time.")
 flags.DEFINE_bool("dry_run", False, "sweep: print the runs without starting them.")
+flags.DEFINE_enum(
+    "executor", "local", ["local", "slurm", "submitit_local"],
+    "sweep: run here (local), as a SLURM job array, or through submitit's local executor.",
+)  # fmt: skip
+flags.DEFINE_list("slurm", [], "sweep --executor=slurm: key=value submitit/SLURM parameters.")
 flags.DEFINE_string("coordinator", None, "train on several hosts: HOST:PORT of process 0.")
 flags.DEFINE_integer("num_processes", None, "train on several hosts: how many processes.")
 flags.DEFINE_integer("process_id", None, "train on several hosts: this process's index.")

@@ -146,4 +146,12 @@ def sweep(f):
     from mole_jax.sweep import run_sweep
 
     _need(f, "config", "workdir")
-    return run_sweep(f["config"].config_filename, f.config, f.workdir, f.parallel, f.dry_run)
+    params = {}
+    for item in f.slurm:
+        key, eq, value = item.partition("=")
+        if not eq or not key:
+            raise UserError(f"--slurm={item}: give key=value (e.g. partition=gpu,timeout_min=600)")
+        params[key] = value
+    return run_sweep(
+        f["config"].config_filename, f.config, f.workdir, f.parallel, f.dry_run, f.executor, params
+    )

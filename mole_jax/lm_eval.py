@@ -100,7 +100,7 @@ class MoleJaxLM(TemplateLM):
         pairs = []
         for _, ctx, cont in requests:
             whole = (list(ctx) + list(cont))[-(self.max_length + 1) :]
-            pairs.append((whole[:-1], whole[1:], len(cont)))
+            pairs.append((whole[:-1], whole[1:], min(len(cont), len(whole) - 1)))
         order = sorted(range(len(pairs)), key=lambda i: -len(pairs[i][0]))
         out = [None] * len(pairs)
         for start in range(0, len(order), self.batch_size):

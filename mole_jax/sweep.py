@@ -49,6 +49,7 @@ from mole_jax.workdir import Workdir
 RUN_KEYS = {"name", "config", "set", "evals", "tasks", "task_limit"}
 EVAL_KEYS = {"name", "export", "mode"}
 EVAL_MODES = ("experts", "offload", "lut_memory")
+EXECUTORS = ("local", "slurm", "submitit_local")
 
 
 @dataclass
@@ -162,13 +163,23 @@ def prepare_data(runs: list[Run]) -> None:
             done.add(key)
 
 
-def execute(runs: list[Run], parallel: int) -> dict[str, str]:
-    """Runs the unfinished runs as subprocesses; returns {name: 'skipped'|'done'|'failed: ...'}."""
+def execute(runs: list[Run], parallel: int, executor: str = "local", params=None):
+    """Runs the unfinished runs (`executor`: 'local' subprocesses, or through submitit: 'slurm'
+    job arrays, 'submitit_local'); returns {name: 'skipped'|'done'|'failed: ...'}."""
     status = {r.name: "skipped" for r in runs if finished_result(r.dir, r.spec) is not None}
     todo = [r for r in runs if r.name not in status]
     for r in runs:
         if r.name in status:
             print(f"  {r.name}: finished earlier with this spec, skipped", flush=True)
+    if executor != "local":
+        from mole_jax.sweep_submitit import execute_jobs
+
+        return dict(status, **execute_jobs(todo, parallel, executor, params or {}))
+    return dict(status, **_execute_local(todo, parallel))
+
+
+def _execute_local(todo: list[Run], parallel: int) -> dict[str, str]:
+    status = {}
     active: list[tuple[Run, subprocess.Popen, float, object]] = []
     try:
         while todo or active:
@@ -186,13 +197,19 @@ def execute(runs: list[Run], parallel: int) -> dict[str, str]:
     return status
 
 
-def _start(run: Run):
+def write_spec(run: Run) -> str:
+    """The run's spec in its directory (and no result of another spec): what a worker runs."""
     os.makedirs(run.dir, exist_ok=True)
     stale = os.path.join(run.dir, RESULT)  # of another spec: it must not outlive this attempt
     if os.path.exists(stale):
         os.remove(stale)
     spec_path = os.path.join(run.dir, SPEC)
     write_text_atomic(spec_path, json.dumps(run.spec, indent=2))
+    return spec_path
+
+
+def _start(run: Run):
+    spec_path = write_spec(run)
     log = open(os.path.join(run.dir, LOG), "a")
     cmd = [sys.executable, "-m", "mole_jax.sweep_worker", spec_path]
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
@@ -202,11 +219,14 @@ def _start(run: Run):
 
 def _finish(run: Run, proc: subprocess.Popen, t0: float, log) -> str:
     log.close()
-    took = time.perf_counter() - t0
-    result = finished_result(run.dir, run.spec) if proc.returncode == 0 else None
+    return report_finished(run, proc.returncode, time.perf_counter() - t0)
+
+
+def report_finished(run: Run, rc: int | None, took: float) -> str:
+    """One line for a run that ended with exit status `rc`; its status for the sweep."""
+    result = finished_result(run.dir, run.spec) if rc == 0 else None
     if result is None:
-        last = _last_line(log.name)
-        rc = proc.returncode
+        last = _last_line(os.path.join(run.dir, LOG))
         print(f"  {run.name}: FAILED (exit {rc}) after {took:.0f}s: {last}", flush=True)
         return f"failed: {last}"
     print(f"  {run.name}: done in {took:.0f}s, val_loss {result['val_loss']:.4f}", flush=True)
@@ -220,8 +240,20 @@ def _last_line(path: str) -> str:
     return (errors or lines or ["(no output)"])[-1]
 
 
-def run_sweep(filename: str, study_cfg, workdir: str, parallel: int = 1, dry_run: bool = False):
-    """The `sweep` command. Returns the sweep's summary (also written to <workdir>/sweep.json)."""
+def run_sweep(
+    filename: str,
+    study_cfg,
+    workdir: str,
+    parallel: int = 1,
+    dry_run: bool = False,
+    executor: str = "local",
+    params: dict | None = None,
+):
+    """The `sweep` command. Returns the sweep's summary (also written to <workdir>/sweep.json).
+    executor: 'local' (subprocesses here), 'slurm' (a submitit job array; `params` are its
+    parameters) or 'submitit_local' (submitit's local executor)."""
+    if executor not in EXECUTORS:
+        raise UserError(f"--executor={executor} is not one of {', '.join(EXECUTORS)}")
     from mole_jax import sweep_report
 
     module = load_study(filename)
@@ -232,7 +264,7 @@ def run_sweep(filename: str, study_cfg, workdir: str, parallel: int = 1, dry_run
         return {"runs": [r.spec for r in runs], "dry_run": True}
     with Workdir(workdir).writer_lock("sweep"):
         prepare_data(runs)
-        status = execute(runs, parallel)
+        status = execute(runs, parallel, executor, params)
         out = sweep_report.write(module, filename, study_cfg, workdir, runs, status)
     failed = [n for n, s in status.items() if s.startswith("failed")]
     if failed:

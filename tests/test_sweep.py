@@ -87,10 +87,18 @@ TWO_RUNS = """[
 
 
 @pytest.mark.slow
-def test_sweep_trains_evaluates_skips_and_reports_failures(corpus_dir, cache_dir, tmp_path):
+@pytest.mark.parametrize("executor", ["local", "submitit_local"])
+def test_sweep_trains_evaluates_skips_and_reports_failures(
+    executor, corpus_dir, cache_dir, tmp_path
+):
+    """The same behaviour whether runs are subprocesses here or a submitit job array (its local
+    executor: the code path of --executor=slurm, on this machine)."""
     study = write_study(tmp_path / "study.py", _settings(corpus_dir, cache_dir), TWO_RUNS)
     w = tmp_path / "sweep"
-    launch("sweep", f"--config={study}", f"--workdir={w}", "--parallel=2")
+    ex = f"--executor={executor}"
+    launch("sweep", f"--config={study}", f"--workdir={w}", "--parallel=2", ex)
+    if executor != "local":
+        assert len(os.listdir(w / "submitit")) >= 1  # submitit's own logs
     out = json.loads((w / "sweep.json").read_text())
     assert out["complete"] and [r["name"] for r in out["rows"]] == ["dense", "mole"]
     dense, mole = out["rows"]
@@ -113,12 +121,14 @@ def test_sweep_trains_evaluates_skips_and_reports_failures(corpus_dir, cache_dir
     assert (w / "curves.png").stat().st_size > 0
 
     logs = {n: (w / n / "sweep.log").stat().st_size for n in ("dense", "mole")}
-    again = launch("sweep", f"--config={study}", f"--workdir={w}")
+    again = launch("sweep", f"--config={study}", f"--workdir={w}", ex)
     assert again.stdout.count("skipped") == 2
     assert logs == {n: (w / n / "sweep.log").stat().st_size for n in ("dense", "mole")}
 
     # A new d_model for the dense run: its workdir holds another model, so that run fails.
-    bad = launch("sweep", f"--config={study}", f"--workdir={w}", "--config.d_model=32", check=False)
+    bad = launch(
+        "sweep", f"--config={study}", f"--workdir={w}", "--config.d_model=32", ex, check=False
+    )
     assert bad.returncode == 2
     assert bad.stderr.strip().splitlines()[-1].startswith("error: 1 of 2 run(s) failed (dense)")
     assert "dense: FAILED" in bad.stdout and "model.d_model=64" in bad.stdout
@@ -169,3 +179,39 @@ def test_study_file_errors(tmp_path):
     (tmp_path / "s.py").write_text("def get_config(arg=None):\n    return None\n")
     with pytest.raises(UserError, match="get_sweep"):
         sweep.load_study(str(tmp_path / "s.py"))
+
+
+@pytest.mark.slow
+def test_a_preempted_slurm_task_checkpoints_and_its_requeue_resumes(
+    corpus_dir, cache_dir, tmp_path
+):
+    """submitit's preemption hook (`SweepJob.checkpoint`): the worker checkpoints its step on
+    SIGTERM, and the requeued submission resumes the run from there to its result."""
+    import threading
+
+    from mole_jax.checkpoint import Checkpointer
+    from mole_jax.sweep_submitit import SweepJob
+
+    settings = dict(_settings(corpus_dir, cache_dir), **{"train.ckpt_every": 1000})
+    one_run = (
+        '[dict(name="d", config="configs/dense.py:size=tiny", set=dict(s, **{"train.steps": 400}))]'
+    )
+    module = sweep.load_study(write_study(tmp_path / "study.py", settings, one_run))
+    runs = sweep.plan(module, module.get_config(), str(tmp_path))
+    spec = sweep.write_spec(runs[0])
+    job, codes = SweepJob(), []
+    thread = threading.Thread(target=lambda: codes.append(job(spec)))
+    thread.start()
+    metrics = Path(runs[0].dir) / "metrics.jsonl"
+    while thread.is_alive() and not (metrics.exists() and len(metrics.read_text().split()) >= 3):
+        thread.join(0.1)
+    requeue = job.checkpoint(spec)
+    thread.join()
+    assert codes == [143]  # stopped by SIGTERM, after checkpointing its step
+    (stopped,) = Checkpointer(runs[0].dir).steps()
+    assert 0 < stopped < 400
+    assert requeue.args == (spec,) and isinstance(requeue.function, SweepJob)
+    assert requeue.function(*requeue.args) == 0
+    assert json.loads((Path(runs[0].dir) / "sweep_result.json").read_text())["steps"] == 400
+    log = (Path(runs[0].dir) / "sweep.log").read_text()
+    assert f"resuming from step {stopped} (of 400)" in log
