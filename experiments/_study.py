@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 from ml_collections import ConfigDict
 
 from mole_jax.config import parse_arg
@@ -32,3 +33,25 @@ def val(rows: list[dict]) -> dict[str, float]:
 
 def verdict(ok: bool) -> str:
     return "holds" if ok else "does NOT hold"
+
+
+def by_group(rows: list[dict]) -> dict[str, list[dict]]:
+    """Finished rows by their seed group (a run planned with `seeds`), else by their name."""
+    out: dict[str, list[dict]] = {}
+    for r in rows:
+        out.setdefault(r.get("group") or r["name"], []).append(r)
+    return out
+
+
+def difference(rows: list[dict], a: str, b: str, value=lambda r: r["val_loss"]) -> str:
+    """'a - b = d ± se: outside / inside the spread': d the difference of the groups' means, se
+    its standard error from the groups' sample stds; inside when |d| <= 2 se (about 95 %).
+    With one seed on a side the spread is unknown, and the line says so."""
+    g = by_group(rows)
+    va, vb = (np.asarray([value(r) for r in g[k]], np.float64) for k in (a, b))
+    d = va.mean() - vb.mean()
+    if min(len(va), len(vb)) < 2:
+        return f"{a} - {b} = {d:+.4f} (one seed: spread unknown)"
+    se = float(np.sqrt(va.var(ddof=1) / len(va) + vb.var(ddof=1) / len(vb)))
+    where = "outside" if abs(d) > 2 * se else "inside"
+    return f"{a} - {b} = {d:+.4f} ± {se:.4f} ({len(va)} vs {len(vb)} seeds): {where} the spread"

@@ -13,13 +13,12 @@ seed spread are reported as such.
         --workdir=runs/zero_shot
 """
 
-import numpy as np
-
-from experiments._study import knobs, run
+from experiments._study import by_group, difference, knobs, run
 
 KINDS = (("dense", "dense", {}), ("moe-10e", "moe", dict(experts=10, topk=2)),
          ("mole-4e", "mole", dict(experts=4)))  # fmt: skip
 TASKS = ("mole_next_line", "mole_last_word")
+OFFLOADED = ("fp16 offloaded", "nf4 offloaded")
 
 
 def get_config(arg=None):
@@ -27,45 +26,36 @@ def get_config(arg=None):
 
 
 def get_sweep(c):
-    offloaded = [dict(name="fp16 offloaded", export="float16"),
-                 dict(name="nf4 offloaded", export="nf4")]  # fmt: skip
+    offloaded = [dict(name=OFFLOADED[0], export="float16"), dict(name=OFFLOADED[1], export="nf4")]
     runs = []
-    for seed in range(c.seeds):
-        for name, kind, args in KINDS:
-            r = run(f"{name}-s{seed}", kind, c, evals=offloaded if kind == "mole" else (), **args)
-            r["set"]["seed"] = seed
-            r["tasks"] = ["mole_offline"]
-            if c.limit:
-                r["task_limit"] = c.limit
-            runs.append(r)
+    for name, kind, args in KINDS:
+        r = run(name, kind, c, evals=offloaded if kind == "mole" else (), **args)
+        r.update(seeds=c.seeds, tasks=["mole_offline"])
+        if c.limit:
+            r["task_limit"] = c.limit
+        runs.append(r)
     return runs
 
 
-def _acc(row, engine="model"):
-    return {t: row["tasks"][engine]["tasks"][t]["acc"] for t in TASKS}
-
-
-def _spread(values) -> str:
-    v = np.asarray(values)
-    return f"{v.mean():.3f}" + (f" ± {v.std(ddof=1):.3f}" if len(v) > 1 else "")
+def _acc(task, engine="model"):
+    return lambda r: r["tasks"][engine]["tasks"][task]["acc"]
 
 
 def report(rows):
-    by_kind = {name: [r for r in rows if r["name"].startswith(name + "-s")] for name, _, _ in KINDS}
     lines = []
-    for task in TASKS:
-        cells = [f"{k} {_spread([_acc(r)[task] for r in rs])}" for k, rs in by_kind.items()]
-        lines.append(f"- {task} accuracy (mean ± std over seeds): " + ", ".join(cells))
-    loss = ", ".join(f"{k} {_spread([r['val_loss'] for r in rs])}" for k, rs in by_kind.items())
-    lines.append(f"- validation loss: {loss}")
-    for engine in ("fp16 offloaded", "nf4 offloaded"):
+    for a, b in (("mole-4e", "moe-10e"), ("moe-10e", "dense"), ("mole-4e", "dense")):
+        lines.append(f"- validation loss: {difference(rows, a, b)}")
         for task in TASKS:
-            d = [_acc(r, engine)[task] - _acc(r)[task] for r in by_kind["mole-4e"]]
-            lines.append(f"- MoLE-4E {engine} minus in memory, {task}: "
+            lines.append(f"- {task} accuracy: {difference(rows, a, b, _acc(task))}")
+    mole = by_group(rows)["mole-4e"]
+    for engine in OFFLOADED:
+        for task in TASKS:
+            d = [_acc(task, engine)(r) - _acc(task)(r) for r in mole]
+            lines.append(f"- MoLE-4E {engine} minus in memory, {task} accuracy, per seed: "
                          + ", ".join(f"{x:+.4f}" for x in d))  # fmt: skip
-    mole = by_kind["mole-4e"]
-    per_k = {e: _spread([r["tasks"][e]["seconds"] * 1000 / r["tasks"][e]["requests"]
-                         for r in mole]) for e in ("model", "fp16 offloaded")}  # fmt: skip
-    lines.append(f"- seconds per 1,000 requests, MoLE-4E: in memory {per_k['model']}, "
-                 f"fp16 offloaded {per_k['fp16 offloaded']}")  # fmt: skip
+    per_k = {e: [1000 * r["tasks"][e]["seconds"] / r["tasks"][e]["requests"] for r in mole]
+             for e in ("model", OFFLOADED[0])}  # fmt: skip
+    lines.append("- seconds per 1,000 requests, MoLE-4E, per seed: in memory "
+                 + ", ".join(f"{x:.1f}" for x in per_k["model"]) + "; fp16 offloaded "
+                 + ", ".join(f"{x:.1f}" for x in per_k[OFFLOADED[0]]))  # fmt: skip
     return "\n".join(lines)

@@ -9,6 +9,8 @@ result, with
         name    its directory under --workdir (unique; letters, digits and - _ .)
         config  'configs/<kind>.py:<arg>'
         set     {'train.steps': 300, ...}: dotted overrides of that config (optional)
+        seeds   (optional) k: the run is trained k times, as `<name>-s0` ... with `seed` = 0 ..
+                k-1; the report gives each metric's mean ± std over them
         tasks   (optional) lm-eval task names (e.g. ['mole_offline']): scored on the trained
                 model and on each eval's engine; `task_limit` caps the documents per task
         evals   (optional) validation losses to measure after training, each a dict with
@@ -46,7 +48,7 @@ from mole_jax.files import write_text_atomic
 from mole_jax.sweep_worker import LOG, RESULT, SPEC, finished_result
 from mole_jax.workdir import Workdir
 
-RUN_KEYS = {"name", "config", "set", "evals", "tasks", "task_limit"}
+RUN_KEYS = {"name", "config", "set", "evals", "tasks", "task_limit", "seeds"}
 EVAL_KEYS = {"name", "export", "mode"}
 EVAL_MODES = ("experts", "offload", "lut_memory")
 EXECUTORS = ("local", "slurm", "submitit_local")
@@ -58,6 +60,7 @@ class Run:
     dir: str
     spec: dict  # what the worker needs, and what a finished result must match
     cfg: ml_collections.ConfigDict
+    group: str = ""  # the study's run name when it was expanded over seeds
 
 
 def load_study(filename: str):
@@ -76,11 +79,11 @@ def plan(module, study_cfg, workdir: str) -> list[Run]:
     if not specs:
         raise ConfigError("the study's get_sweep returned no runs")
     runs, seen = [], set()
-    for raw in specs:
+    for raw, group in _over_seeds(specs):
         name = raw.get("name", "") if isinstance(raw, dict) else ""
         where = f"run '{name}'" if name else f"run {raw!r}"
         try:
-            runs.append(_plan_one(raw, workdir))
+            runs.append(_plan_one(raw, workdir, group))
         except ConfigError as e:
             raise ConfigError(f"{where}: {e}") from None
         if name in seen:
@@ -89,7 +92,23 @@ def plan(module, study_cfg, workdir: str) -> list[Run]:
     return runs
 
 
-def _plan_one(raw: dict, workdir: str) -> Run:
+def _over_seeds(specs):
+    """(run, group) of each run: a run with `seeds=k` becomes k runs `<name>-s<i>`, seed i."""
+    for raw in specs:
+        if not isinstance(raw, dict) or "seeds" not in raw:
+            yield raw, ""
+            continue
+        k, name = raw["seeds"], raw.get("name", "")
+        if not isinstance(k, int) or k < 1:
+            raise ConfigError(f"run '{name}': seeds={k!r} must be a positive integer")
+        if "seed" in raw.get("set", {}):
+            raise ConfigError(f"run '{name}': give seeds or set seed, not both")
+        for i in range(k):
+            run = {key: v for key, v in raw.items() if key != "seeds"}
+            yield dict(run, name=f"{name}-s{i}", set=dict(raw.get("set", {}), seed=i)), name
+
+
+def _plan_one(raw: dict, workdir: str, group: str = "") -> Run:
     if not isinstance(raw, dict) or not {"name", "config"} <= set(raw):
         raise ConfigError("a run is a dict with at least 'name' and 'config'")
     unknown = set(raw) - RUN_KEYS
@@ -112,7 +131,7 @@ def _plan_one(raw: dict, workdir: str) -> Run:
     )
     if raw.get("tasks"):
         spec.update(tasks=_check_tasks(raw["tasks"]), task_limit=raw.get("task_limit"))
-    return Run(name, os.path.join(workdir, name), spec, cfg)
+    return Run(name, os.path.join(workdir, name), spec, cfg, group)
 
 
 def _check_tasks(tasks) -> list[str]:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 
+import numpy as np
+
 from mole_jax.config import to_json, user_code
 from mole_jax.errors import ConfigError
 from mole_jax.files import write_text_atomic
@@ -105,6 +107,37 @@ def results_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _mean_std(values: list[float], digits: int) -> str:
+    v = np.asarray(values, np.float64)
+    std = f" ± {v.std(ddof=1):.{digits}f}" if len(v) > 1 else ""
+    return f"{v.mean():.{digits}f}{std}"
+
+
+def seed_table(rows: list[dict]) -> str:
+    """Per group of seeds (runs planned with `seeds`): every number's mean ± std."""
+    groups: dict[str, list[dict]] = {}
+    for r in rows:
+        if r.get("group") and "val_loss" in r:
+            groups.setdefault(r["group"], []).append(r)
+    if not groups:
+        return ""
+    names = list(dict.fromkeys(n for rs in groups.values() for r in rs for n in r["evals"]))
+    tasks = task_columns([r for rs in groups.values() for r in rs])
+    head = ["runs", "seeds", "val loss", *names, *(_task_head(*c) for c in tasks)]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for group, rs in groups.items():
+        cells = [group, str(len(rs)), _mean_std([r["val_loss"] for r in rs], 4)]
+        for n in names:
+            got = [r["evals"][n]["loss"] for r in rs if n in r["evals"]]
+            cells.append(_mean_std(got, 4) if got else "-")
+        for engine, task, metric in tasks:
+            got = [r["tasks"][engine]["tasks"][task][metric] for r in rs
+                   if task in r.get("tasks", {}).get(engine, {}).get("tasks", {})]  # fmt: skip
+            cells.append(_mean_std(got, 3 if metric == "acc" else 2) if got else "-")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def write(module, filename: str, study_cfg, workdir: str, runs, status: dict) -> dict:
     """Gathers the runs' results into sweep.json, results.md and curves.png; returns sweep.json."""
     rows = []
@@ -115,7 +148,8 @@ def write(module, filename: str, study_cfg, workdir: str, runs, status: dict) ->
             row.pop("spec")
         else:
             row = dict(name=run.name, config=run.spec["config"], set=run.spec["set"])
-        rows.append(dict(row, status=status[run.name]))
+        row = dict(row, status=status[run.name])
+        rows.append(dict(row, group=run.group) if run.group else row)
     complete = all("val_loss" in r for r in rows)
     report = getattr(module, "report", None)
     text, failed = "", None
@@ -135,6 +169,9 @@ def write(module, filename: str, study_cfg, workdir: str, runs, status: dict) ->
     write_text_atomic(os.path.join(workdir, "sweep.json"), json.dumps(out, indent=2))
     doc = (module.__doc__ or "").strip()
     md = f"# {filename}\n\n{doc}\n\n{results_table(rows)}\n"
+    seeds = seed_table(rows)
+    if seeds:
+        md += f"\nOver seeds (mean ± sample std):\n\n{seeds}\n"
     if text:
         md += f"\n{text}\n"
     if not complete:

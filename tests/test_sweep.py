@@ -215,3 +215,27 @@ def test_a_preempted_slurm_task_checkpoints_and_its_requeue_resumes(
     assert json.loads((Path(runs[0].dir) / "sweep_result.json").read_text())["steps"] == 400
     log = (Path(runs[0].dir) / "sweep.log").read_text()
     assert f"resuming from step {stopped} (of 400)" in log
+
+
+def test_seeds_expand_a_run_and_the_report_gives_mean_and_spread(tmp_path, monkeypatch):
+    from experiments._study import difference
+    from mole_jax.sweep_report import seed_table
+
+    monkeypatch.chdir(ROOT)
+    runs = '[dict(name="m", config="configs/dense.py:size=tiny", set=s, seeds=3)]'
+    module = sweep.load_study(write_study(tmp_path / "study.py", {}, runs))
+    planned = sweep.plan(module, module.get_config(), str(tmp_path))
+    assert [r.name for r in planned] == ["m-s0", "m-s1", "m-s2"]
+    assert [r.cfg.seed for r in planned] == [0, 1, 2] and {r.group for r in planned} == {"m"}
+    rows = [dict(name=f"{g}-s{i}", group=g, val_loss=v, evals={})
+            for g, vals in (("a", [5.0, 5.1, 5.2]), ("b", [5.3, 5.4, 5.5]), ("c", [5.12, 5.0, 5.2]))
+            for i, v in enumerate(vals)]  # fmt: skip
+    table = seed_table(rows)
+    assert "| a | 3 | 5.1000 ± 0.1000 |" in table and "| b | 3 | 5.4000 ± 0.1000 |" in table
+    # a - b = -0.3, se = sqrt(2 * 0.01 / 3) = 0.0816: outside; a - c = -0.0067: inside
+    assert difference(rows, "a", "b").endswith("± 0.0816 (3 vs 3 seeds): outside the spread")
+    assert difference(rows, "a", "c").endswith("inside the spread")
+    with pytest.raises(ConfigError, match="seeds or set seed"):
+        bad = '[dict(name="m", config="configs/dense.py:size=tiny", set=dict(s, seed=1), seeds=2)]'
+        module = sweep.load_study(write_study(tmp_path / "b.py", {}, bad))
+        sweep.plan(module, module.get_config(), str(tmp_path))
