@@ -23,7 +23,7 @@ from mole_jax import quant, store
 from mole_jax.checkpoint import restore_model
 from mole_jax.errors import UserError
 from mole_jax.files import check_space
-from mole_jax.offload.expert_store import ExpertStore
+from mole_jax.offload.expert_store import ExpertStore, expert_bytes
 from mole_jax.offload.lut_store import LutStore
 from mole_jax.workdir import as_workdir
 
@@ -110,8 +110,9 @@ def export_experts(
 
 
 def _export_experts(wd, step, dtype, out) -> dict:
-    if dtype not in quant.FLOAT_DTYPES:
-        raise UserError(f"expert stores hold float32|float16|bfloat16, not --dtype={dtype}")
+    dtypes = (*quant.FLOAT_DTYPES, *quant.GROUP_DTYPES)
+    if dtype not in dtypes:
+        raise UserError(f"expert stores hold {'|'.join(dtypes)}, not --dtype={dtype}")
     m = wd.model_config
     if m.kind != "moe":
         raise UserError(f"{wd} holds a '{m.kind}' model; only MoE experts are offloaded")
@@ -126,11 +127,16 @@ def _export_experts(wd, step, dtype, out) -> dict:
         experts=m.ffn.experts,
         d_model=m.d_model,
         d_expert=m.ffn.d_expert,
-        bytes_per_expert=2
-        * m.d_model
-        * m.ffn.d_expert
-        * np.dtype(quant.FLOAT_DTYPES[dtype]).itemsize,
+        bytes_per_expert=expert_bytes(dtype, m.d_model, m.ffn.d_expert),
     )
+    if dtype in quant.GROUP_DTYPES:
+        bits, g = quant.GROUP_DTYPES[dtype]
+        if m.d_model % g or m.ffn.d_expert % g:
+            raise UserError(
+                f"--dtype={dtype} quantises groups of {g}: d_model={m.d_model} and the expert "
+                f"width {m.ffn.d_expert} must both be multiples of {g}"
+            )
+        fields.update(bits=bits, group=g, method="min-max")
     final = wd.store(out)
     per_layer = m.ffn.experts * fields["bytes_per_expert"]
     check_space(wd.path, 2 * len(layers) * per_layer, per_layer + 2**16, "the expert store")

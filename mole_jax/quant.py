@@ -90,3 +90,54 @@ def row_bytes(dtype: str, d: int, block: int) -> int:
     for shape, dt in stored_arrays(dtype, d, block).values():
         total += int(np.prod(shape, dtype=np.int64)) * np.dtype(FLOAT_DTYPES.get(dt, dt)).itemsize
     return total
+
+
+# Expert weights at 2-4 bits (the MoE-offloading paper's widths and group sizes): group-wise
+# min-max affine quantisation along the last axis; per group of g values, zero = min and
+# scale = (max - min) / (2^b - 1), both stored as float16 beside the codes; x ~ code * scale + zero
+# (|error| <= scale / 2 before the float16 rounding of scale and zero). The codes are bit-packed:
+# 8 codes of b bits in b bytes (little-endian), so a weight costs b bits plus 32 / g for its group.
+GROUP_DTYPES = {"int4": (4, 64), "int3": (3, 64), "int2": (2, 16)}  # bits, group size
+
+
+def group_quantize(x: np.ndarray, dtype: str) -> dict[str, np.ndarray]:
+    """float [..., N] -> {'codes': uint8 [..., N*b/8], 'scales', 'zeros': float16 [..., N/g]}."""
+    bits, g = GROUP_DTYPES[dtype]
+    x = np.asarray(x, np.float32)
+    *lead, n = x.shape
+    if n % g or n % 8:
+        raise ValueError(f"{dtype} needs a last axis divisible by {g} and by 8 (got {n})")
+    xg = x.reshape(*lead, n // g, g)
+    lo, hi = xg.min(-1), xg.max(-1)
+    scale = ((hi - lo) / (2**bits - 1)).astype(np.float16)
+    zero = lo.astype(np.float16)
+    s = np.where(scale > 0, scale.astype(np.float32), 1.0)[..., None]
+    codes = np.clip(np.rint((xg - zero.astype(np.float32)[..., None]) / s), 0, 2**bits - 1)
+    shifts = bits * np.arange(8, dtype=np.uint32)
+    word = np.bitwise_or.reduce(codes.astype(np.uint32).reshape(*lead, n // 8, 8) << shifts, -1)
+    packed = (word[..., None] >> (8 * np.arange(bits, dtype=np.uint32))) & 0xFF
+    return {"codes": packed.astype(np.uint8).reshape(*lead, n // 8 * bits), "scales": scale,
+            "zeros": zero}  # fmt: skip
+
+
+def group_dequantize(stored: dict, dtype: str, out_dtype=jnp.float32):
+    """The inverse of `group_quantize` (up to its rounding), in jax: runs inside jit."""
+    bits, g = GROUP_DTYPES[dtype]
+    packed = jnp.asarray(stored["codes"]).astype(jnp.uint32)
+    *lead, m = packed.shape
+    n = m // bits * 8
+    rank = len(lead) + 1
+    byte_shift = jnp.arange(bits, dtype=jnp.uint32).reshape((1,) * rank + (bits,)) * 8
+    word = (packed.reshape(*lead, n // 8, bits) << byte_shift).sum(-1)  # disjoint bits: sum = or
+    code_shift = jnp.arange(8, dtype=jnp.uint32).reshape((1,) * rank + (8,)) * bits
+    codes = (word[..., None] >> code_shift) & (2**bits - 1)
+    codes = codes.reshape(*lead, n // g, g).astype(jnp.float32)
+    scale = jnp.asarray(stored["scales"]).astype(jnp.float32)[..., None]
+    zero = jnp.asarray(stored["zeros"]).astype(jnp.float32)[..., None]
+    return (codes * scale + zero).reshape(*lead, n).astype(out_dtype)
+
+
+def group_bytes(dtype: str, n: int) -> int:
+    """Stored bytes of a row of n weights: codes, scales and zeros."""
+    bits, g = GROUP_DTYPES[dtype]
+    return n * bits // 8 + 2 * 2 * (n // g)

@@ -100,3 +100,32 @@ def test_recorded_trace_replays_to_the_engines_own_lru_hits(moe_run, capacity):
     assert all(1 <= len(s) <= 2 for t in eng.trace.values() for s in t[1:])  # top-2, one token
     hits = sum(simulate(t, capacity, "lru")["hits"] for t in eng.trace.values())
     assert hits == eng.stats()["hits"] and eng.stats()["hits"] > 0
+
+
+@pytest.mark.parametrize("dtype", ["int4", "int3", "int2"])
+def test_quantised_expert_store_equals_the_model_with_dequantised_experts(moe_run, dtype):
+    """An int4/3/2 store read by the offload engine gives the logits of the in-memory model whose
+    routed experts are replaced by their quantise -> dequantise round trip; bytes as stored."""
+    from mole_jax import quant
+
+    m = export_experts(moe_run, dtype=dtype, out=f"experts_{dtype}")
+    bits, g = quant.GROUP_DTYPES[dtype]
+    d, f = m["d_model"], m["d_expert"]
+    assert m["bytes_per_expert"] == d * (f * bits // 8 + 4 * f // g) + f * (
+        d * bits // 8 + 4 * d // g
+    )
+    ref = build_engine(moe_run, "experts")
+    for i in m["layers"]:
+        ffn = ref.params["blocks"][i]["ffn"]
+        for name in ("up", "down"):
+            w = np.asarray(ffn[name])
+            ffn[name] = quant.group_dequantize(quant.group_quantize(w, dtype), dtype)
+            err = np.sqrt(np.mean((np.asarray(ffn[name]) - w) ** 2) / np.mean(w**2))
+            assert 0 < err < {"int4": 0.15, "int3": 0.3, "int2": 0.5}[dtype]
+    eng = build_engine(moe_run, "moe_offload", store=f"experts_{dtype}", capacity=2, prefetch=True)
+    ids = np.random.default_rng(2).integers(0, ref.cfg.model.vocab_size, (2, 12))
+    want, _ = ref.forward(ids)
+    got, _ = eng.forward(ids)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5, rtol=1e-5)
+    s = eng.stats()
+    assert s["bytes_read"] == s["experts_read"] * m["bytes_per_expert"] > 0

@@ -3,7 +3,10 @@ routed expert's weights, one chunk per expert, so loading an expert is one read 
 
     layer_XX/up          zarr3 [E, D, F], inner chunk [1, D, F]
     layer_XX/down        zarr3 [E, F, D], inner chunk [1, F, D]
-Only float dtypes (float32 / float16 / bfloat16): the baseline moves experts as they are.
+Float dtypes (float32 / float16 / bfloat16) store the weights as they are; int4 / int3 / int2
+(`quant.GROUP_DTYPES`: group-wise min-max along the last axis) store `<name>` as the packed codes
+[E, rows, cols*b/8] with `<name>_scales` and `<name>_zeros` [E, rows, cols/g] beside them, and
+an expert read returns those three arrays per weight (dequantised on the device by the engine).
 """
 
 from __future__ import annotations
@@ -40,31 +43,57 @@ class ExpertStore:
     def write(path: Path, experts: dict[int, dict[str, np.ndarray]], dtype: str, fields: dict):
         """Writes {layer: {'up': [E, D, F], 'down': [E, F, D]}} in `dtype` and the manifest
         (with `fields`) into `path`, read back against what was written. Returns the manifest."""
-        np_dtype = quant.FLOAT_DTYPES[dtype]
         arrays, written = {}, {}
         for i, weights in experts.items():
             arrays[i] = {}
             for name in NAMES:
-                w = np.ascontiguousarray(np.asarray(weights[name]).astype(np_dtype))
-                arr = store.create_array(path, i, name, w.shape, dtype, 1, w.shape[0])
-                arr.write(w).result()
-                arrays[i][name] = arr
-                written[f"{layer_name(i)}/{name}"] = hashlib.sha256(w.tobytes()).hexdigest()
+                for key, w in _stored(np.asarray(weights[name]), name, dtype).items():
+                    w = np.ascontiguousarray(w)
+                    arr = store.create_array(path, i, key, w.shape, w.dtype.name, 1, w.shape[0])
+                    arr.write(w).result()
+                    arrays[i][key] = arr
+                    written[f"{layer_name(i)}/{key}"] = hashlib.sha256(w.tobytes()).hexdigest()
         return store.write_manifest(path, "moe_experts", fields, arrays, written)
 
     def start_read(self, layer: int, expert: int) -> _PendingExpert:
         group = self.arrays[layer]
-        return _PendingExpert(self, layer, [group[n][expert].read() for n in NAMES])
+        keys = [k for n in NAMES for k in stored_names(n, self.dtype)]
+        return _PendingExpert(self, layer, {k: group[k][expert].read() for k in keys})
+
+
+def stored_names(name: str, dtype: str) -> tuple[str, ...]:
+    return (name, f"{name}_scales", f"{name}_zeros") if dtype in quant.GROUP_DTYPES else (name,)
+
+
+def _stored(w: np.ndarray, name: str, dtype: str) -> dict[str, np.ndarray]:
+    """The arrays that store weight `name` in `dtype`."""
+    if dtype in quant.FLOAT_DTYPES:
+        return {name: w.astype(quant.FLOAT_DTYPES[dtype])}
+    q = quant.group_quantize(w, dtype)
+    return {name: q["codes"], f"{name}_scales": q["scales"], f"{name}_zeros": q["zeros"]}
+
+
+def expert_bytes(dtype: str, d: int, f: int) -> int:
+    """Stored bytes of one expert (up [D, F] and down [F, D]), scales and zeros included."""
+    if dtype in quant.FLOAT_DTYPES:
+        return 2 * d * f * np.dtype(quant.FLOAT_DTYPES[dtype]).itemsize
+    return d * quant.group_bytes(dtype, f) + f * quant.group_bytes(dtype, d)
 
 
 class _PendingExpert:
     def __init__(self, store_: ExpertStore, layer: int, futures):
         self.store, self.layer, self.futures = store_, layer, futures
 
-    def result(self) -> tuple[np.ndarray, np.ndarray]:
+    def result(self) -> tuple:
+        """(up, down): arrays of a float store; {'codes', 'scales', 'zeros'} of a quantised one."""
         try:
-            up, down = (f.result() for f in self.futures)
+            got = {k: f.result() for k, f in self.futures.items()}
         except ValueError as e:
             where = f"{self.store.path}/{layer_name(self.layer)}"
             raise StoreError(f"reading an expert from {where} failed ({store.short(e)})") from None
-        return up, down
+        if self.store.dtype not in quant.GROUP_DTYPES:
+            return tuple(got[n] for n in NAMES)
+        return tuple(
+            {"codes": got[n], "scales": got[f"{n}_scales"], "zeros": got[f"{n}_zeros"]}
+            for n in NAMES
+        )

@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mole_jax import quant
 from mole_jax.checkpoint import restore_model
 from mole_jax.engine import BaseEngine
 from mole_jax.errors import UserError
@@ -68,6 +69,7 @@ class MoeOffloadEngine(BaseEngine):
             wd.store(store), expect={"params_digest": model.params_digest}
         )
         self.step, self.capacity, self.prefetch = model.step, capacity, prefetch
+        self._to_device = _device_weights(self.store.dtype)
         self.moe_layers = {i for i in range(m.n_layers) if m.kind_of_layer(i) == "moe"}
         self.staged = StagedModel(model.graphdef, model.params, model.rest, m.vocab_size)
         self._attend_route = jax.jit(_attend_route(self.staged.merge), static_argnums=(2, 7))
@@ -105,10 +107,10 @@ class MoeOffloadEngine(BaseEngine):
         self.trace = {i: [] for i in sorted(self.moe_layers)} if self.record else None
 
     def resident_bytes(self) -> int:
-        """Resident parameters plus the experts currently held in the caches."""
-        params = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(self.staged.params))
-        cached = sum(len(c) for c in self.cache.values()) * self.store.expert_bytes
-        return int(params + cached)
+        """Resident parameters plus the experts currently held in the caches (as held: a
+        quantised store's experts are cached dequantised)."""
+        held = [self.staged.params, *(list(c.values()) for c in self.cache.values())]
+        return int(sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(held)))
 
     def load(self, i: int, experts_TxK: np.ndarray, guess_next):
         """The loader hook of MoE block i: (local ids [T, K], up [S, D, F], down [S, F, D]) for
@@ -144,7 +146,7 @@ class MoeOffloadEngine(BaseEngine):
             if e not in have and e not in pending:
                 pending[e] = self.store.start_read(i, e)
         for e, read in pending.items():
-            weights = tuple(jax.device_put(t) for t in read.result())
+            weights = tuple(self._to_device(t) for t in read.result())
             st.experts_read += 1
             st.bytes_read += self.store.expert_bytes
             if e in have or e not in need:
@@ -202,6 +204,14 @@ def _experts(merge):
         return a + y
 
     return experts_residual
+
+
+def _device_weights(dtype: str):
+    """An expert's weight as read from the store -> on the device (a quantised store's codes,
+    scales and zeros are moved, then dequantised there to float32, the parameters' dtype)."""
+    if dtype not in quant.GROUP_DTYPES:
+        return jax.device_put
+    return jax.jit(partial(quant.group_dequantize, dtype=dtype))
 
 
 def _bucket(n: int) -> int:
