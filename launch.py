@@ -4,7 +4,7 @@
                               [--coordinator=HOST:PORT --num_processes=N --process_id=I]
     python launch.py summary  --config=configs/mole.py:size=160m,experts=16 [--json=FILE]
     python launch.py export   --workdir=runs/m [--dtype=float16|bfloat16|float32|int8|nf4]
-    python launch.py export   --workdir=runs/moe --experts [--dtype=float32|float16|bfloat16|int4|int3|int2]
+    python launch.py export   --workdir=runs/moe --experts [--dtype=float16|...|int4|int3|int2]
     python launch.py eval     --workdir=runs/m [--offload] [--data=<corpus or files:glob>]
     python launch.py eval     --workdir=runs/m --tasks=mole_offline [--offload] [--limit=N]
                               [--num_fewshot=K] [--include_path=DIR] [--allow_hub]
@@ -37,7 +37,11 @@ config_flags.DEFINE_config_file("config", None, "Config file and argument: path.
 flags.DEFINE_string("workdir", None, "Run directory (config.json, metrics, checkpoints, lut/).")
 flags.DEFINE_string("json", None, "summary/bench: also write the result to this JSON file.")
 flags.DEFINE_integer("step", None, "export/eval/generate: checkpoint step (default: newest).")
-flags.DEFINE_string("dtype", "float16", "export: LUT float32|float16|bfloat16|int8|nf4; experts also int4|int3|int2.")
+flags.DEFINE_string(
+    "dtype",
+    "float16",
+    "export: float32|float16|bfloat16|int8|nf4 (LUT); experts: floats|int4|int3|int2.",
+)
 flags.DEFINE_bool("experts", False, "export: a MoE model's experts (offload baseline), not a LUT.")
 flags.DEFINE_bool(
     "offload", False, "eval/generate: read LUT rows (MoLE) or experts (MoE) from their store."
