@@ -30,10 +30,14 @@ def moe_run(tmp_path_factory, corpus_dir, cache_dir):
     return w
 
 
-@pytest.mark.parametrize("capacity,prefetch", [(0, False), (2, True), (6, False)])
-def test_offloaded_moe_equals_in_memory(moe_run, capacity, prefetch):
+@pytest.mark.parametrize(
+    "capacity,prefetch,k,ahead", [(0, False, None, 1), (2, True, None, 1), (6, False, None, 1),
+                                  (0, True, 1, 2), (2, True, 1, 1)]
+)  # fmt: skip
+def test_offloaded_moe_equals_in_memory(moe_run, capacity, prefetch, k, ahead):
     ref = build_engine(moe_run, "experts")
-    eng = build_engine(moe_run, "moe_offload", capacity=capacity, prefetch=prefetch)
+    eng = build_engine(moe_run, "moe_offload", capacity=capacity, prefetch=prefetch,
+                       prefetch_k=k, lookahead=ahead)  # fmt: skip
     ids = np.random.default_rng(1).integers(0, ref.cfg.model.vocab_size, (3, 10))
     want, _ = ref.forward(ids)
     got, _ = eng.forward(ids)
@@ -63,6 +67,28 @@ def test_cache_and_byte_accounting(moe_run):
     one = build_engine(moe_run, "moe_offload", capacity=1)
     one.forward(np.arange(40, dtype=np.int32)[None])
     assert all(len(c) == 1 for c in one.cache.values())  # LRU bounded by its capacity
+
+
+def test_expert_recall_counts_what_was_resident_or_on_its_way(moe_run):
+    ids = np.random.default_rng(3).integers(0, 512, (1, 16))
+    none = build_engine(moe_run, "moe_offload", capacity=0)
+    none.forward(ids)
+    assert none.stats()["expert_recall"] == 0  # nothing cached, nothing guessed
+    full = build_engine(moe_run, "moe_offload", capacity=6)
+    full.forward(ids)
+    full.reset_stats()
+    full.forward(ids)
+    full.forward(ids)  # second call: every needed expert is cached
+    s = full.stats()
+    assert s["expert_recall"] == s["cache_hit_rate"] == 0.5
+    guess = build_engine(moe_run, "moe_offload", capacity=0, prefetch=True)
+    guess.forward(ids)
+    g = guess.stats()
+    # with no cache, what was ready is exactly what the guess named (layers after the first)
+    assert 0 < g["expert_recall"] == g["prefetch_recall"] <= 1
+    assert g["experts_read"] >= g["lookups"] - g["predicted"]
+    with pytest.raises(UserError, match="prefetch_k"):
+        build_engine(moe_run, "moe_offload", prefetch=True, prefetch_k=3)
 
 
 def test_resident_bytes_exclude_the_experts(moe_run):

@@ -10,9 +10,11 @@ only once its router has seen that layer's input:
     -> MoE apply_experts on the chosen set only (jit, the same permute / grouped matmul as training)
 
 Speculative prefetch (Eliseev & Mazur, 2023): layer i's post-attention state is also put through
-layer i+1's norm and router; the experts that guess names are read in the background while layer
-i computes. `stats()` counts expert lookups, cache hits, experts read, bytes moved, and how many of
-the needed experts the guess had named (prefetch recall).
+the norm and router of layer i + `lookahead`; each token's `prefetch_k` best guessed experts are
+read in the background while layers i .. i + lookahead - 1 compute. `stats()` counts expert
+lookups, cache hits, experts read, bytes moved, how many needed experts the guess had named
+(`prefetch_recall`) and how many were resident or already on their way when needed — cached or
+prefetched (`expert_recall`, the paper's Fig. 2 quantity).
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ class ExpertStats:
     lookups: int = 0  # (layer, expert) pairs a forward call needed, summed over calls
     hits: int = 0  # of those, already resident in the layer's cache
     predicted: int = 0  # of those, named by the speculative guess
+    ready: int = 0  # of those, cached or prefetched (read started) when the layer needed them
     experts_read: int = 0  # experts read from storage (prefetched ones included)
     bytes_read: int = 0
 
@@ -50,29 +53,40 @@ class ExpertStats:
     def prefetch_recall(self) -> float:
         return self.predicted / self.lookups if self.lookups else 0.0
 
+    @property
+    def expert_recall(self) -> float:
+        return self.ready / self.lookups if self.lookups else 0.0
+
 
 class MoeOffloadEngine(BaseEngine):
     """Engine mode 'moe_offload'. options: store (directory, default 'experts'), capacity
-    (experts cached per layer), prefetch (speculative), record (keep each layer's sequence of
-    needed-expert sets in `trace`, for offload/policies.py)."""
+    (experts cached per layer), prefetch (speculative), prefetch_k (guessed experts read per
+    token, default the router's top-k), lookahead (layers ahead the guess is for, default 1),
+    record (keep each layer's sequence of needed-expert sets in `trace`, for
+    offload/policies.py)."""
 
     def __init__(self, wd, mode, step=None, store="experts", capacity=4, prefetch=False,
-                 record=False):  # fmt: skip
+                 record=False, prefetch_k=None, lookahead=1):  # fmt: skip
         super().__init__(wd, mode)
         m = self.model_config
         if m.kind != "moe":
             raise UserError(f"{wd} holds a '{m.kind}' model, not a MoE")
         if capacity < 0:
             raise UserError(f"expert cache capacity {capacity} must be >= 0")
+        topk = m.ffn.topk
+        prefetch_k = topk if prefetch_k is None else prefetch_k
+        if not 1 <= prefetch_k <= topk or lookahead < 1:
+            raise UserError(f"prefetch_k={prefetch_k} must be in [1, {topk}], lookahead >= 1")
         model = restore_model(wd, m, "offload", step)
         self.store = ExpertStore.open(
             wd.store(store), expect={"params_digest": model.params_digest}
         )
         self.step, self.capacity, self.prefetch = model.step, capacity, prefetch
+        self.prefetch_k, self.lookahead = prefetch_k, lookahead
         self._to_device = _device_weights(self.store.dtype)
         self.moe_layers = {i for i in range(m.n_layers) if m.kind_of_layer(i) == "moe"}
         self.staged = StagedModel(model.graphdef, model.params, model.rest, m.vocab_size)
-        self._attend_route = jax.jit(_attend_route(self.staged.merge), static_argnums=(2, 7))
+        self._attend_route = jax.jit(_attend_route(self.staged.merge), static_argnums=(2, 7, 8))
         self._experts_fn = partial(jax.jit, static_argnums=(2,))(_experts(self.staged.merge))
         self.staged.blocks = [
             _OffloadedBlock(self, i) if i in self.moe_layers else StagedBlock(self.staged, i)
@@ -83,20 +97,25 @@ class MoeOffloadEngine(BaseEngine):
             bytes_per_expert=self.store.expert_bytes,
             capacity=capacity,
             prefetch=prefetch,
+            prefetch_k=prefetch_k,
+            lookahead=lookahead,
         )
         self.record = record
         self.reset_stats()
 
     def forward(self, ids_BxL, cache=None, prepared=None):
         ids = self.check(ids_BxL)
-        self._guessed, self._pending = set(), {}
+        self._guessed, self._pending = {}, {}  # layer -> guessed set / {expert: read}
         out = forward(self.staged, ids, cache=cache)
         return out.logits_BxLxV, out.cache
 
     def stats(self) -> dict:
         s = self._stats
         return dict(
-            dataclasses.asdict(s), cache_hit_rate=s.hit_rate, prefetch_recall=s.prefetch_recall
+            dataclasses.asdict(s),
+            cache_hit_rate=s.hit_rate,
+            prefetch_recall=s.prefetch_recall,
+            expert_recall=s.expert_recall,
         )
 
     def reset_stats(self) -> None:
@@ -112,17 +131,25 @@ class MoeOffloadEngine(BaseEngine):
         held = [self.staged.params, *(list(c.values()) for c in self.cache.values())]
         return int(sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(held)))
 
-    def load(self, i: int, experts_TxK: np.ndarray, guess_next):
+    def guess_layer(self, i: int) -> int | None:
+        """The MoE layer block i's state guesses experts for (None: no prefetch from here)."""
+        j = i + self.lookahead
+        return j if self.prefetch and j in self.moe_layers else None
+
+    def load(self, i: int, experts_TxK: np.ndarray, guess):
         """The loader hook of MoE block i: (local ids [T, K], up [S, D, F], down [S, F, D]) for
         the set of experts the router chose, S padded to a power of two. Starts reading the
-        next layer's guessed experts first, so that they arrive while this layer computes."""
-        nxt = (set(), {})
-        if guess_next is not None:
-            g = {int(e) for e in np.unique(np.asarray(guess_next))}
-            nxt = (g, {e: self.store.start_read(i + 1, e) for e in g - set(self.cache[i + 1])})
+        guessed experts of layer `guess_layer(i)` first, so that they arrive while the layers
+        before it compute."""
+        j = self.guess_layer(i)
+        if guess is not None and j is not None:
+            g = {int(e) for e in np.unique(np.asarray(guess))}
+            self._guessed[j] = g
+            pending = self._pending.setdefault(j, {})
+            for e in g - set(self.cache[j]) - set(pending):
+                pending[e] = self.store.start_read(j, e)
         need = sorted({int(e) for e in experts_TxK.ravel()})
         have = self._gather(i, need)
-        self._guessed, self._pending = nxt
         local = np.full(max(need) + 1, -1, np.int32)
         local[need] = np.arange(len(need), dtype=np.int32)
         pad = _bucket(len(need)) - len(need)
@@ -135,11 +162,13 @@ class MoeOffloadEngine(BaseEngine):
     def _gather(self, i: int, need: list[int]) -> dict:
         """{expert: device weights} for `need`: cache hits, then the reads (prefetched ones
         first); every expert read enters the layer's LRU cache."""
-        cache, st, pending = self.cache[i], self._stats, self._pending
+        cache, st = self.cache[i], self._stats
+        pending = self._pending.pop(i, {})
         st.lookups += len(need)
         if self.trace is not None:
             self.trace[i].append(set(need))
-        st.predicted += len(self._guessed.intersection(need))
+        st.predicted += len(self._guessed.pop(i, set()).intersection(need))
+        st.ready += len(set(need) & (set(cache) | set(pending)))
         have = {e: cache[e] for e in need if e in cache}
         st.hits += len(have)
         for e in need:  # every miss is in flight before the first wait
@@ -175,23 +204,23 @@ class _OffloadedBlock:
 
     def __call__(self, h, ctx, pos_L, kv=None, index=None):
         eng, i, s = self.engine, self.i, self.engine.staged
-        guess_next = eng.prefetch and i + 1 in eng.moe_layers
+        j = eng.guess_layer(i)
         a, x, kv, w, experts, guess = eng._attend_route(
-            s.params, s.rest, i, h, pos_L, kv, index, guess_next
+            s.params, s.rest, i, h, pos_L, kv, index, j, eng.prefetch_k
         )
         local, up, down = eng.load(i, np.asarray(experts), guess)
         return eng._experts_fn(s.params, s.rest, i, a, x, w, local, up, down), {}, kv
 
 
 def _attend_route(merge):
-    def attend_route(p, r, i, h, pos_L, kv, index, guess_next):
+    def attend_route(p, r, i, h, pos_L, kv, index, guess_layer, prefetch_k):
         mod = merge(p, r)
         a, x, kv = mod.blocks[i].attend(h, pos_L, kv, index)
         routes = mod.blocks[i].ffn.route(x)
         guess = None
-        if guess_next:
-            nxt = mod.blocks[i + 1]
-            guess = nxt.ffn.route(nxt.norm_ffn(a)).experts_TxK
+        if guess_layer is not None:  # that layer's router on this layer's state
+            nxt = mod.blocks[guess_layer]
+            guess = nxt.ffn.route(nxt.norm_ffn(a)).experts_TxK[:, :prefetch_k]
         return a, x, kv, routes.weights_TxK, routes.experts_TxK, guess
 
     return attend_route
