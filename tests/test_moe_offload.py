@@ -87,6 +87,13 @@ def test_expert_recall_counts_what_was_resident_or_on_its_way(moe_run):
     # with no cache, what was ready is exactly what the guess named (layers after the first)
     assert 0 < g["expert_recall"] == g["prefetch_recall"] <= 1
     assert g["experts_read"] >= g["lookups"] - g["predicted"]
+    naive = build_engine(moe_run, "moe_offload", capacity=0, load_all=True)
+    naive.forward(ids)
+    n = naive.stats()
+    layers = len(naive.moe_layers)
+    assert (
+        n["experts_read"] == layers * 6 and n["bytes_read"] == layers * 6 * naive.store.expert_bytes
+    )
     with pytest.raises(UserError, match="prefetch_k"):
         build_engine(moe_run, "moe_offload", prefetch=True, prefetch_k=3)
 

@@ -62,11 +62,12 @@ class MoeOffloadEngine(BaseEngine):
     """Engine mode 'moe_offload'. options: store (directory, default 'experts'), capacity
     (experts cached per layer), prefetch (speculative), prefetch_k (guessed experts read per
     token, default the router's top-k), lookahead (layers ahead the guess is for, default 1),
-    record (keep each layer's sequence of needed-expert sets in `trace`, for
+    load_all (the naive baseline: every expert of a layer is read at each forward call, nothing
+    cached), record (keep each layer's sequence of needed-expert sets in `trace`, for
     offload/policies.py)."""
 
     def __init__(self, wd, mode, step=None, store="experts", capacity=4, prefetch=False,
-                 record=False, prefetch_k=None, lookahead=1):  # fmt: skip
+                 record=False, prefetch_k=None, lookahead=1, load_all=False):  # fmt: skip
         super().__init__(wd, mode)
         m = self.model_config
         if m.kind != "moe":
@@ -82,7 +83,9 @@ class MoeOffloadEngine(BaseEngine):
             wd.store(store), expect={"params_digest": model.params_digest}
         )
         self.step, self.capacity, self.prefetch = model.step, capacity, prefetch
-        self.prefetch_k, self.lookahead = prefetch_k, lookahead
+        self.prefetch_k, self.lookahead, self.load_all = prefetch_k, lookahead, load_all
+        if load_all and (capacity or prefetch):
+            raise UserError("load_all reads whole layers: use it with capacity=0 and no prefetch")
         self._to_device = _device_weights(self.store.dtype)
         self.moe_layers = {i for i in range(m.n_layers) if m.kind_of_layer(i) == "moe"}
         self.staged = StagedModel(model.graphdef, model.params, model.rest, m.vocab_size)
@@ -97,6 +100,7 @@ class MoeOffloadEngine(BaseEngine):
             bytes_per_expert=self.store.expert_bytes,
             capacity=capacity,
             prefetch=prefetch,
+            load_all=load_all,
             prefetch_k=prefetch_k,
             lookahead=lookahead,
         )
@@ -149,6 +153,12 @@ class MoeOffloadEngine(BaseEngine):
             for e in g - set(self.cache[j]) - set(pending):
                 pending[e] = self.store.start_read(j, e)
         need = sorted({int(e) for e in experts_TxK.ravel()})
+        if self.load_all:  # the naive baseline: the whole layer is read, the chosen ones used
+            rest = sorted(set(range(self.model_config.ffn.experts)) - set(need))
+            for read in [self.store.start_read(i, e) for e in rest]:
+                read.result()
+            self._stats.experts_read += len(rest)
+            self._stats.bytes_read += len(rest) * self.store.expert_bytes
         have = self._gather(i, need)
         local = np.full(max(need) + 1, -1, np.int32)
         local[need] = np.arange(len(need), dtype=np.int32)
