@@ -40,12 +40,12 @@ from pathlib import Path
 
 import _paths  # noqa: F401
 import numpy as np
+from _stores import fresh
 from absl import app, flags, logging
 
 from configs import dense, moe, mole
 from mole_jax import train
 from mole_jax.engine import build_engine
-from mole_jax.errors import StoreError
 from mole_jax.evaluate import val_batches
 from mole_jax.export import export_experts, export_lut
 from mole_jax.generate import generate, generate_steps
@@ -82,33 +82,19 @@ def ensure_models(root: Path, size: str, steps: int) -> dict[str, str]:
         train.run(cfg, w)
         dirs[kind] = w
     for dtype in ("float16", "nf4"):
-        _fresh(
+        fresh(
             LutStore,
             dirs["mole"],
             f"lut_{dtype}",
             lambda d=dtype: export_lut(dirs["mole"], dtype=d, out=f"lut_{d}"),
         )
-    _fresh(
+    fresh(
         ExpertStore,
         dirs["moe"],
         "experts_float16",
         lambda: export_experts(dirs["moe"], dtype="float16", out="experts_float16"),
     )
     return dirs
-
-
-def _fresh(store_cls, workdir: str, name: str, export) -> None:
-    """Re-exports unless the store opens and names the newest checkpoint's parameters."""
-    from mole_jax.checkpoint import Checkpointer, params_id
-
-    ckpt = Checkpointer(workdir)
-    digest = params_id(ckpt.meta())
-    ckpt.close()
-    try:
-        store_cls.open(os.path.join(workdir, name), expect={"params_digest": digest})
-    except StoreError:
-        print(f"exporting {workdir}/{name}", flush=True)
-        export()
 
 
 def engines(dirs: dict[str, str]):
