@@ -1,8 +1,8 @@
 """`launch.py export`: a trained model's routed experts -> an offloaded-weight store.
 
 - MoLE (`export_lut`): LUT_l[v, e, :] = expert_e(RMSNorm_exp_l(Emb[v])) for every vocabulary row
-  v, computed by the same `token_tables` code the model trains with, in chunks of rows so memory
-  is bounded by the chunk; stored in `quant.DTYPES` (`offload/lut_store.py`).
+  v, computed by the same `token_tables` code the model trains with, in float32 whatever the
+  run's compute dtype, in chunks of rows so memory is bounded by the chunk; stored in `quant.DTYPES` (`offload/lut_store.py`).
 - MoE (`export_experts`): each layer's expert weights as they are (float dtypes), one chunk per
   expert (`offload/expert_store.py`), for the expert-offloading baseline.
 
@@ -12,6 +12,7 @@ atomically (`store.py`). A store records the parameter digest of the checkpoint 
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import jax
@@ -69,7 +70,9 @@ def _export_lut(wd, step, dtype, out, rows_per_chunk) -> dict:
     block = m.ffn.nf4_block
     if dtype == "nf4" and (m.d_model % block or block % 2):
         raise UserError(f"model.ffn.mole.nf4_block={block} must be even and divide {m.d_model}")
-    model = restore_model(wd, m, "train", step)
+    # The table is computed in float32 whatever the run's compute dtype (as the official MoLE
+    # export does), then rounded once to the stored dtype.
+    model = restore_model(wd, dataclasses.replace(m, dtype="float32"), "train", step)
     layers = [i for i in range(m.n_layers) if m.kind_of_layer(i) == "mole"]
     final = wd.store(out)
     rows = chunk_rows(m, len(layers))  # rows per chunk computed and per shard written

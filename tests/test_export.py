@@ -188,3 +188,34 @@ def test_export_refuses_non_mole_and_hidden_input(corpus_dir, cache_dir, tmp_pat
         with pytest.raises(UserError, match="only MoE experts are offloaded"):
             export_experts(w)
         assert not (Path(w) / "lut").exists() and not (Path(w) / "experts").exists()
+
+
+def test_a_bfloat16_run_exports_its_lut_computed_in_float32(
+    tmp_path_factory, corpus_dir, cache_dir
+):
+    """The official export computes the table in float32 and rounds once; computing it in the
+    run's bfloat16 would be ~1e-2 off. The float32 LUT of a bfloat16 run equals the float32
+    model's table (same weights) and not the bfloat16 one."""
+    import dataclasses
+
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from mole_jax.checkpoint import restore_model
+    from mole_jax.workdir import Workdir
+
+    cfg = mole.get_config("size=tiny,experts=4")
+    cfg.model.dtype = "bfloat16"
+    w = trained_workdir(tmp_path_factory, cfg, corpus_dir, cache_dir, steps=10)
+    m = export_lib.export_lut(w, dtype="float32")
+    ids = np.arange(64, dtype=np.int32)
+    layer = m["layers"][0]
+    got = LutStore.open(Path(w, "lut")).read_rows(ids)[layer]["values"]
+    mcfg = Workdir(w).model_config
+    tables = {}
+    for dt in ("float32", "bfloat16"):
+        r = restore_model(w, dataclasses.replace(mcfg, dtype=dt))
+        model = nnx.merge(r.graphdef, r.params, r.rest)
+        tables[dt] = np.asarray(model.token_tables(jnp.asarray(ids), [layer])[layer], np.float32)
+    np.testing.assert_allclose(got, tables["float32"], rtol=1e-6, atol=1e-6)
+    assert np.abs(got - tables["bfloat16"]).max() > 1e-4
