@@ -2,9 +2,11 @@
 
 - MoLE (`export_lut`): LUT_l[v, e, :] = expert_e(RMSNorm_exp_l(Emb[v])) for every vocabulary row
   v, computed by the same `token_tables` code the model trains with, in float32 whatever the
-  run's compute dtype, in chunks of rows so memory is bounded by the chunk; stored in `quant.DTYPES` (`offload/lut_store.py`).
-- MoE (`export_experts`): each layer's expert weights as they are (float dtypes), one chunk per
-  expert (`offload/expert_store.py`), for the expert-offloading baseline.
+  run's compute dtype, in chunks of rows so memory is bounded by the chunk; stored in
+  `quant.DTYPES` (`offload/lut_store.py`).
+- MoE (`export_experts`): each layer's expert weights as they are (float dtypes) or group-wise
+  quantised (int4/int3/int2), one chunk per expert (`offload/expert_store.py`), for the
+  expert-offloading baseline.
 
 Both write into a staging directory, read back and check against what was written, and publish
 atomically (`store.py`). A store records the parameter digest of the checkpoint it came from.
