@@ -97,6 +97,9 @@ def _ffn_activations(m, layer: int, tokens: int, c: int, sizes: dict[str, int], 
     if kind == "peer":
         s = m.ffn
         return tokens * s.heads * s.topk * (2 * d + 2) * c + tokens * s.heads * s.d_key * 4
+    if kind == "pkm":  # the gathered values, the scores
+        s = m.ffn
+        return tokens * s.heads * s.topk * (d + 1) * c + tokens * s.heads * s.d_key * 4
     return dense
 
 

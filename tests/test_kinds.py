@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from conftest import tiny_overrides
 
-from configs import dense, moe, mole, peer
+from configs import dense, moe, mole, peer, pkm
 from mole_jax import train
 from mole_jax.evaluate import evaluate
 from mole_jax.metrics import read_metrics
@@ -18,6 +18,7 @@ pytestmark = pytest.mark.slow
 KINDS = {
     "moe": (moe, "size=tiny,experts=4,topk=2", ("lb_loss", "z_loss")),
     "peer": (peer, "size=tiny,keys=64,heads=4,topk=8", ("usage", "unevenness")),
+    "pkm": (pkm, "size=tiny,keys=64,heads=4,topk=8", ("usage", "unevenness")),
     "mole": (mole, "size=tiny,experts=4", ()),
     "dense": (dense, "size=tiny", ()),
 }

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from configs import dense, moe, mole, peer
+from configs import dense, moe, mole, peer, pkm
 from mole_jax.model import build_model, new_cache
 from mole_jax.model_config import model_config
 from mole_jax.optim import make_optimizer
@@ -48,6 +48,7 @@ KINDS = {
     "dense": (dense, "size=tiny"),
     "moe": (moe, "size=tiny,experts=4,topk=2"),
     "peer": (peer, "size=tiny,keys=16,heads=2,topk=4"),
+    "pkm": (pkm, "size=tiny,keys=16,heads=2,topk=4"),
     "mole": (mole, "size=tiny,experts=3"),
 }
 

@@ -7,7 +7,7 @@ import pytest
 from conftest import tiny_overrides
 from jax.sharding import PartitionSpec as P
 
-from configs import dense, moe, mole, peer
+from configs import dense, moe, mole, peer, pkm
 from mole_jax import data, train
 from mole_jax.config import validate
 from mole_jax.errors import ConfigError
@@ -19,6 +19,7 @@ KINDS = {
     "dense": (dense, "size=tiny"),
     "moe": (moe, "size=tiny,experts=4,topk=2"),
     "peer": (peer, "size=tiny,keys=16,heads=2,topk=4"),
+    "pkm": (pkm, "size=tiny,keys=16,heads=2,topk=4"),
     "mole": (mole, "size=tiny,experts=4"),
 }
 MESHES = {"fsdp2-tensor2-expert2": dict(fsdp=2, tensor=2, expert=2, data=1), "fsdp8": dict(fsdp=8)}

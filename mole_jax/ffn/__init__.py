@@ -14,12 +14,13 @@ from __future__ import annotations
 from flax import nnx
 
 from mole_jax.errors import ConfigError
-from mole_jax.ffn import dense, moe, mole, peer
+from mole_jax.ffn import dense, moe, mole, peer, pkm
 
 KINDS = {
     "dense": dense,
     "moe": moe,
     "peer": peer,
+    "pkm": pkm,
     "mole": mole,
 }
 

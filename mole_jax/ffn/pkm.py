@@ -1,0 +1,96 @@
+"""PKM: a product-key memory (Lample et al., 2019), the PEER paper's baseline.
+
+Axis legend as in `peer.py`. Per head, a BatchNorm'd query is matched against product keys
+(`peer.product_key_topk`: exact top-k over N = n^2 slots); the output is the softmax-weighted sum
+of the chosen slots' value vectors, summed over heads (the heads share one memory of N values of
+width D). PEER is this with each value replaced by a one-neuron expert act(u . x) v.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from mole_jax.errors import require
+from mole_jax.ffn.base import FFN, Ctx
+from mole_jax.ffn.peer import product_key_topk, usage_stats
+from mole_jax.layers import compute_dtype, linear, normal, param
+
+FORMS = ("train",)
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    sub_keys: int  # n sub-keys per half of the product key; N = n^2 memory slots
+    heads: int
+    topk: int  # slots read per head
+    d_key: int  # query/key width (two halves)
+    query_bn: bool  # BatchNorm on the query: batch statistics in training, running in eval
+    bn_momentum: float
+    shared_keys: bool  # one set of product keys for all heads
+
+
+class Layer(FFN):
+    def __init__(self, m, layer_idx: int, *, form: str = "train", rngs: nnx.Rngs):
+        c = m.ffn
+        n, d, dk = c.sub_keys, m.d_model, c.d_key
+        init = normal(m.init_std)
+        self.query = linear(d, c.heads * dk, m, rngs, ("embed", None))
+        self.bn = (
+            nnx.BatchNorm(c.heads * dk, momentum=c.bn_momentum, rngs=rngs) if c.query_bn else None
+        )
+        key_heads = 1 if c.shared_keys else c.heads
+        self.keys1 = param(rngs, init, (key_heads, n, dk // 2), (None, "keys", None))
+        self.keys2 = param(rngs, init, (key_heads, n, dk // 2), (None, "keys", None))
+        self.values = param(rngs, init, (n * n, d), ("rows", "embed"))
+        self.heads, self.d_key, self.k, self.dtype = c.heads, dk, c.topk, m.dtype
+
+    def __call__(self, x_BxLxD, ctx: Ctx):
+        b, n, d = x_BxLxD.shape
+        q = self.query(x_BxLxD.reshape(b * n, d)).astype(jnp.float32)
+        if self.bn is not None:
+            q = self.bn(q, use_running_average=not ctx.train)
+        q_TxHxDk = q.reshape(b * n, self.heads, self.d_key)
+        scores, slots = product_key_topk(q_TxHxDk, self.keys1[...], self.keys2[...], self.k)
+        weights_TxHxK = jax.nn.softmax(scores, axis=-1)
+        dt = compute_dtype(self)
+        v_TxHxKxD = self.values[...][slots].astype(dt)
+        y_TxD = jnp.einsum("thk,thkd->td", weights_TxHxK.astype(dt), v_TxHxKxD)
+        usage, unevenness = usage_stats(slots, weights_TxHxK, self.values.shape[0])
+        return y_TxD.reshape(b, n, d), {"usage": usage, "unevenness": unevenness}
+
+
+def validate(m) -> None:
+    c, name = m.ffn, "model.ffn.pkm"
+    require(c.sub_keys >= 1, f"{name}.sub_keys={c.sub_keys} (N = sub_keys^2) must be >= 1")
+    require(c.heads >= 1, f"{name}.heads={c.heads} must be >= 1")
+    require(
+        1 <= c.topk <= c.sub_keys,
+        f"{name}.topk={c.topk} must be between 1 and {name}.sub_keys={c.sub_keys}",
+    )
+    require(c.d_key >= 2 and c.d_key % 2 == 0, f"{name}.d_key={c.d_key} must be even and >= 2")
+    require(0 < c.bn_momentum < 1, f"{name}.bn_momentum={c.bn_momentum} must be in (0, 1)")
+
+
+def account(m) -> dict:
+    """Per-layer numbers of a PKM layer (FLOPs: query, sub-key scores, candidates, weighted sum
+    of the chosen values)."""
+    c, d = m.ffn, m.d_model
+    query = d * c.heads * c.d_key + (2 * c.heads * c.d_key if c.query_bn else 0)
+    keys = (1 if c.shared_keys else c.heads) * c.sub_keys * c.d_key
+    values = c.sub_keys * c.sub_keys * d
+    flops = (
+        2 * d * c.heads * c.d_key
+        + 2 * c.heads * c.sub_keys * c.d_key
+        + c.heads * c.topk * c.topk
+        + 2 * c.heads * c.topk * d
+    )
+    return dict(
+        params=query + keys + values,
+        params_resident=query + keys + values,
+        params_active=query + keys + c.heads * c.topk * d,
+        flops=flops,
+    )
