@@ -114,9 +114,27 @@ class InMemoryEngine(BaseEngine):
             model.step,
         )
         self._run = jax.jit(_run(model.graphdef))
+        self._mass: dict[int, np.ndarray] = {}
 
     def forward(self, ids_BxL, cache=None, prepared=None):
-        return self._run(self.params, self.rest, self.check(ids_BxL), cache)
+        logits, cache, masses = self._run(self.params, self.rest, self.check(ids_BxL), cache)
+        for i, mass in masses.items():  # product-key layers: router mass per slot
+            self._mass[i] = self._mass.get(i, 0.0) + np.asarray(mass, np.float64)
+        return logits, cache
+
+    def stats(self) -> dict:
+        """Product-key layers (PEER, PKM): usage and unevenness over every token since the last
+        reset — over a whole evaluation, as the PEER paper measures them."""
+        from mole_jax.ffn.peer import usage_from_mass
+
+        out = {}
+        for i, mass in sorted(self._mass.items()):
+            usage, unevenness = usage_from_mass(mass)
+            out[f"usage/l{i}"], out[f"unevenness/l{i}"] = float(usage), float(unevenness)
+        return out
+
+    def reset_stats(self) -> None:
+        self._mass = {}
 
     def resident_bytes(self) -> int:
         return tree_bytes(self.params)
@@ -127,7 +145,8 @@ def _run(graphdef):
 
     def run(params, rest, ids, cache):
         out = nnx.merge(graphdef, params, rest)(ids, cache=cache)
-        return out.logits_BxLxV, out.cache
+        masses = {i: a["mass"] for i, a in out.aux["per_layer"].items() if "mass" in a}
+        return out.logits_BxLxV, out.cache, masses
 
     return run
 

@@ -46,4 +46,26 @@ def test_kind_trains_on_text(kind, tmp_path, corpus_dir, cache_dir):
     # `launch.py eval` of the checkpoint reproduces the run's own validation loss (for PEER this
     # needs the BatchNorm running statistics restored with the parameters).
     val = [r["val_loss"] for r in read_metrics(w) if "val_loss" in r][-1]
-    assert abs(evaluate(w, write=False, n_batches=2)["loss"] - val) <= 1e-5
+    out = evaluate(w, write=False, n_batches=2)
+    assert abs(out["loss"] - val) <= 1e-5
+    if kind in ("peer", "pkm"):  # usage and unevenness over the whole evaluation (PEER Table 2)
+        _check_usage_over_the_evaluation(w, out)
+
+
+def _check_usage_over_the_evaluation(w, out):
+    from mole_jax.engine import build_engine
+    from mole_jax.evaluate import val_batches
+    from mole_jax.ffn.peer import usage_from_mass
+
+    engine = build_engine(w)
+    (layer,) = engine.model_config.ffn_layers  # the middle block
+    engine, total, per_batch = build_engine(w), 0.0, []
+    for b in val_batches(w, n_batches=2):
+        engine.reset_stats()
+        engine.forward(b[:, :-1])
+        mass = np.asarray(engine._mass[layer])
+        total, per_batch = total + mass, per_batch + [float(usage_from_mass(mass)[0])]
+    usage, unevenness = usage_from_mass(total)
+    assert out[f"usage/l{layer}"] == pytest.approx(float(usage), rel=1e-9)
+    assert out[f"unevenness/l{layer}"] == pytest.approx(float(unevenness), rel=1e-9)
+    assert max(per_batch) <= out[f"usage/l{layer}"] <= 1  # the set's usage covers each batch's

@@ -16,6 +16,7 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from mole_jax.errors import require, require_one_of
@@ -40,17 +41,37 @@ def product_key_topk(q_TxHxDk, keys1_HxNxC, keys2_HxNxC, k: int):
     return scores, (i * n + j).astype(jnp.int32)
 
 
-def usage_stats(experts_TxHxK, weights_TxHxK, n_experts: int):
-    """(usage, unevenness) of one batch: the share of experts chosen at least once, and the KL
-    divergence of the accumulated router mass from uniform (PEER's 'unevenness')."""
-    mass_N = (
+def slot_mass(experts_TxHxK, weights_TxHxK, n_experts: int):
+    """<float32>[N]: the router weight each expert received, summed over tokens and heads."""
+    return (
         jnp.zeros((n_experts,), jnp.float32)
         .at[experts_TxHxK.ravel()]
         .add(weights_TxHxK.ravel().astype(jnp.float32))
     )
+
+
+def usage_from_mass(mass_N):
+    """(usage, unevenness): the share of experts chosen at least once, and the KL divergence of
+    the accumulated router mass from uniform (PEER's 'unevenness', its Table 2)."""
+    xp = jnp if isinstance(mass_N, jax.Array) else np
+    n = mass_N.shape[0]
     p_N = mass_N / mass_N.sum()
-    kl = jnp.sum(jnp.where(p_N > 0, p_N * jnp.log(jnp.where(p_N > 0, p_N, 1.0) * n_experts), 0.0))
-    return jnp.mean(mass_N > 0), kl
+    kl = xp.sum(xp.where(p_N > 0, p_N * xp.log(xp.where(p_N > 0, p_N, 1.0) * n), 0.0))
+    return xp.mean(mass_N > 0), kl
+
+
+def usage_stats(experts_TxHxK, weights_TxHxK, n_experts: int):
+    """(usage, unevenness) of one batch (`usage_from_mass` of its `slot_mass`)."""
+    return usage_from_mass(slot_mass(experts_TxHxK, weights_TxHxK, n_experts))
+
+
+def usage_aux(experts_TxHxK, weights_TxHxK, n_experts: int, train: bool) -> dict:
+    """A product-key layer's aux: this batch's usage and unevenness; outside training also the
+    slot mass, which engines accumulate over a whole evaluation (`engine.InMemoryEngine`)."""
+    mass = slot_mass(experts_TxHxK, weights_TxHxK, n_experts)
+    usage, unevenness = usage_from_mass(mass)
+    aux = {"usage": usage, "unevenness": unevenness}
+    return aux if train else dict(aux, mass=mass)
 
 
 FORMS = ("train",)
@@ -100,8 +121,7 @@ class Layer(FFN):
         act = ACTIVATIONS[self.act_name](jnp.einsum("td,thkd->thk", x_TxD, u_TxHxKxD))
         coef = (weights_TxHxK.astype(dt) * act).astype(dt)
         y_TxD = jnp.einsum("thk,thkd->td", coef, v_TxHxKxD)
-        usage, unevenness = usage_stats(experts, weights_TxHxK, self.u.shape[0])
-        return y_TxD.reshape(b, n, d), {"usage": usage, "unevenness": unevenness}
+        return y_TxD.reshape(b, n, d), usage_aux(experts, weights_TxHxK, self.u.shape[0], ctx.train)
 
 
 def validate(m) -> None:

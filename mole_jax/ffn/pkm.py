@@ -16,7 +16,7 @@ from flax import nnx
 
 from mole_jax.errors import require
 from mole_jax.ffn.base import FFN, Ctx
-from mole_jax.ffn.peer import product_key_topk, usage_stats
+from mole_jax.ffn.peer import product_key_topk, usage_aux
 from mole_jax.layers import compute_dtype, linear, normal, param
 
 FORMS = ("train",)
@@ -59,8 +59,9 @@ class Layer(FFN):
         dt = compute_dtype(self)
         v_TxHxKxD = self.values[...][slots].astype(dt)
         y_TxD = jnp.einsum("thk,thkd->td", weights_TxHxK.astype(dt), v_TxHxKxD)
-        usage, unevenness = usage_stats(slots, weights_TxHxK, self.values.shape[0])
-        return y_TxD.reshape(b, n, d), {"usage": usage, "unevenness": unevenness}
+        return y_TxD.reshape(b, n, d), usage_aux(
+            slots, weights_TxHxK, self.values.shape[0], ctx.train
+        )
 
 
 def validate(m) -> None:
