@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from mole_jax.layers import linear
+from mole_jax.layers import linear, out_std
 
 
 def rope(x_BxQxHxK, pos_Q, theta: float):
@@ -43,7 +43,7 @@ class Attention(nnx.Module):
         d = m.d_model
         self.n_heads, self.head_dim, self.theta = m.n_heads, d // m.n_heads, m.rope_theta
         self.q, self.k, self.v = (linear(d, d, m, rngs, ("embed", "heads")) for _ in range(3))
-        self.o = linear(d, d, m, rngs, ("heads", "embed"))
+        self.o = linear(d, d, m, rngs, ("heads", "embed"), std=out_std(m))
 
     def __call__(self, x_BxQxD, pos_Q, kv=None, index=None):
         """Returns (y_BxQxD, new_kv). With `kv`, keys/values are written at `index` first."""

@@ -5,6 +5,8 @@ Axis legend: B batch, L length, D model, F FFN hidden, E experts, V vocab.
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -31,16 +33,24 @@ def param(rngs: nnx.Rngs, init, shape: tuple[int, ...], axes: tuple[str | None, 
     return nnx.Param(init(rngs.params(), shape), logical_axes=axes)
 
 
-def linear(d_in: int, d_out: int, m, rngs: nnx.Rngs, axes=("embed", "mlp")) -> nnx.Linear:
-    """Bias-free projection with fp32 params, compute in the config dtype, init normal(init_std);
-    `axes`: the logical names of the kernel's (input, output) axes."""
+def out_std(m) -> float:
+    """Init std of an output projection (attention out, FFN / expert down): init_std, scaled by
+    1/sqrt(2 * n_layers) with `model.scaled_out_init` (Megatron's output_layer_init_method)."""
+    return m.init_std / math.sqrt(2 * m.n_layers) if m.scaled_out_init else m.init_std
+
+
+def linear(
+    d_in: int, d_out: int, m, rngs: nnx.Rngs, axes=("embed", "mlp"), std: float | None = None
+) -> nnx.Linear:
+    """Bias-free projection with fp32 params, compute in the config dtype, init normal(std,
+    default init_std); `axes`: the logical names of the kernel's (input, output) axes."""
     return nnx.Linear(
         d_in,
         d_out,
         use_bias=False,
         dtype=compute_dtype(m),
         param_dtype=jnp.float32,
-        kernel_init=normal(m.init_std),
+        kernel_init=normal(m.init_std if std is None else std),
         kernel_metadata={"logical_axes": axes},
         rngs=rngs,
     )
@@ -65,7 +75,7 @@ class Mlp(nnx.Module):
 
     def __init__(self, d_model: int, d_ff: int, m, rngs: nnx.Rngs):
         self.up = linear(d_model, d_ff, m, rngs, ("embed", "mlp"))
-        self.down = linear(d_ff, d_model, m, rngs, ("mlp", "embed"))
+        self.down = linear(d_ff, d_model, m, rngs, ("mlp", "embed"), std=out_std(m))
         self.act = ACTIVATIONS[m.activation]
 
     def __call__(self, x_xD):

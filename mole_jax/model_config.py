@@ -30,6 +30,9 @@ class ModelConfig:
     activation: str
     dtype: str  # compute dtype; parameters are float32
     remat: str = "none"  # none | full | dots: what a block saves for the backward (model.REMAT)
+    # output projections (attention out, FFN and expert down) drawn with std init_std/sqrt(2L),
+    # as the official MoLE code (Megatron) does; False (configs written before it): init_std
+    scaled_out_init: bool = False
     scan_layers: bool = False  # runs of identical blocks as one lax.scan (scan.py)
     kind: str = "dense"  # the configured FFN kind, placed in `ffn_layers`; dense elsewhere
     ffn_layers: tuple[int, ...] = ()
@@ -53,7 +56,7 @@ class ModelConfig:
 BACKBONE = tuple(
     f.name for f in dataclasses.fields(ModelConfig) if f.default is dataclasses.MISSING
 )
-OPTIONAL = ("remat", "scan_layers")
+OPTIONAL = ("remat", "scan_layers", "scaled_out_init")
 
 
 def model_config(cfg) -> ModelConfig:

@@ -135,3 +135,30 @@ def test_gradient_accumulation_equals_full_batch():
     pairs = zip(jax.tree.leaves(p1), jax.tree.leaves(p4), strict=True)
     diff = max(float(jnp.abs(a - b).max()) for a, b in pairs)
     assert diff < 1e-6
+
+
+@pytest.mark.parametrize("scaled", [True, False, None])
+def test_output_projections_are_drawn_with_std_over_sqrt_2L(scaled):
+    """model.scaled_out_init (Megatron's output_layer_init_method): attention out, FFN down and
+    expert down ~ normal(init_std / sqrt(2 L)); every other weight normal(init_std). A config
+    written before the field (None) keeps init_std everywhere."""
+    cfg = mole.get_config("size=small,experts=4")
+    cfg.unlock()
+    if scaled is None and "scaled_out_init" in cfg.model:
+        del cfg.model["scaled_out_init"]
+    else:
+        cfg.model.scaled_out_init = scaled
+    m = model_config(cfg)
+    params = nnx.to_pure_dict(nnx.state(build_model(m), nnx.Param))
+    flat = {
+        jax.tree_util.keystr(k): np.asarray(v)
+        for k, v in jax.tree_util.tree_leaves_with_path(params)
+    }
+    out = [k for k in flat if k.endswith("['o']['kernel']") or "['down']" in k]
+    assert len(out) == 3 * m.n_layers  # attention out, shared FFN down, expert down
+    want = m.init_std / np.sqrt(2 * m.n_layers) if scaled else m.init_std
+    for k in out:
+        assert flat[k].std() == pytest.approx(want, rel=0.05), k
+    for k in flat:
+        if k not in out and flat[k].ndim >= 2:
+            assert flat[k].std() == pytest.approx(m.init_std, rel=0.05), k

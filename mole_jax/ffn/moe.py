@@ -28,7 +28,7 @@ from mole_jax.errors import require, require_one_of
 from mole_jax.ffn import routing
 from mole_jax.ffn.base import FFN, Ctx
 from mole_jax.ffn.expert_parallel import dropless_sharded, sharded_dispatch_axes
-from mole_jax.layers import ACTIVATIONS, Mlp, compute_dtype, normal, param
+from mole_jax.layers import ACTIVATIONS, Mlp, compute_dtype, normal, out_std, param
 
 FORMS = ("train", "offload")
 DISPATCH = ("dropless", "capacity")
@@ -146,7 +146,9 @@ class Layer(FFN):
         has_experts = form != "offload"
         self.up = param(rngs, init, (e, d, f), ("experts", "embed", "mlp")) if has_experts else None
         self.down = (
-            param(rngs, init, (e, f, d), ("experts", "mlp", "embed")) if has_experts else None
+            param(rngs, normal(out_std(m)), (e, f, d), ("experts", "mlp", "embed"))
+            if has_experts
+            else None
         )
         self.shared = Mlp(d, c.shared_d_ff, m, rngs) if c.shared_d_ff else None
         self.k, self.mode, self.dispatch, self.factor = (

@@ -28,7 +28,7 @@ from flax import nnx
 from mole_jax.errors import require, require_one_of
 from mole_jax.ffn import routing
 from mole_jax.ffn.base import FFN, Ctx
-from mole_jax.layers import ACTIVATIONS, Mlp, RMSNorm, compute_dtype, normal, param
+from mole_jax.layers import ACTIVATIONS, Mlp, RMSNorm, compute_dtype, normal, out_std, param
 from mole_jax.sharding import constrain
 
 FORMS = ("train", "lut")
@@ -62,7 +62,11 @@ class Layer(FFN):
         has_norm = c.expert_input == "embedding" and not lut_form
         self.norm_exp = RMSNorm(d, m.norm_eps) if has_norm else None
         self.up = None if lut_form else param(rngs, init, (e, d, f), ("experts", "embed", "mlp"))
-        self.down = None if lut_form else param(rngs, init, (e, f, d), ("experts", "mlp", "embed"))
+        self.down = (
+            None
+            if lut_form
+            else param(rngs, normal(out_std(m)), (e, f, d), ("experts", "mlp", "embed"))
+        )
         self.uses_token_table = lut_form or (c.impl == "unique" and c.expert_input == "embedding")
         self.act_name, self.dtype = m.activation, m.dtype
         self.lb_coef, self.z_coef = c.lb_coef, c.z_coef
