@@ -21,7 +21,7 @@ from mole_jax import memory
 from mole_jax.model import abstract_model
 from mole_jax.model_config import model_config
 
-BYTES_PER_VALUE = {"float32": 4, "float16": 2, "bfloat16": 2, "int8": 1, "nf4": 0.5}
+BYTES_PER_VALUE = {"float32": 4, "float16": 2, "bfloat16": 2, "int8": 1, "nf4": 0.5, "nf3": 0.375}
 
 
 def count_params(m) -> int:
@@ -77,17 +77,25 @@ def summarize(cfg, n_devices: int | None = None) -> dict:
     return out
 
 
+def lut_block(m, dtype: str) -> int:
+    """Values per absmax scale of a LUT stored in nf4 / nf3 (what the store records as its
+    block for the other dtypes too, which do not use it)."""
+    if m.kind != "mole":
+        return 64
+    return m.ffn.nf3_block if dtype == "nf3" else m.ffn.nf4_block
+
+
 def lut_bytes(values: int, d: int, dtype: str, m) -> int:
     """Stored bytes of `values` LUT values.
 
-    int8 adds one float32 scale per D-row; nf4 one float16 absmax per block of
-    `model.ffn.mole.nf4_block` values (as QLoRA, without double quantisation).
+    int8 adds one float32 scale per D-row; nf4 / nf3 one float16 absmax per block of
+    `model.ffn.mole.nf4_block` / `nf3_block` values (as QLoRA, without double quantisation).
     """
     size = values * BYTES_PER_VALUE[dtype]
     if dtype == "int8":
         size += values // d * 4
-    if dtype == "nf4":
-        block = m.ffn.nf4_block if m.kind == "mole" else 64
+    if dtype in ("nf4", "nf3"):
+        block = lut_block(m, dtype)
         size += -(-values // block) * 2
     return int(size)
 

@@ -23,6 +23,7 @@ import numpy as np
 from flax import nnx
 
 from mole_jax import quant, store
+from mole_jax.accounting import lut_block
 from mole_jax.checkpoint import restore_model
 from mole_jax.errors import UserError
 from mole_jax.files import check_space
@@ -69,9 +70,12 @@ def _export_lut(wd, step, dtype, out, rows_per_chunk) -> dict:
         raise UserError(f"--dtype={dtype} is not one of {', '.join(quant.DTYPES)}")
     m = wd.model_config
     check_exportable(m, wd)
-    block = m.ffn.nf4_block
-    if dtype == "nf4" and (m.d_model % block or block % 2):
-        raise UserError(f"model.ffn.mole.nf4_block={block} must be even and divide {m.d_model}")
+    block = lut_block(m, dtype)
+    if dtype in ("nf4", "nf3") and (m.d_model % block or block % 2 or m.d_model % 8):
+        raise UserError(
+            f"model.ffn.mole.{dtype}_block={block} must be even and divide d_model={m.d_model}"
+            " (a multiple of 8)"
+        )
     # The table is computed in float32 whatever the run's compute dtype (as the official MoLE
     # export does), then rounded once to the stored dtype.
     model = restore_model(wd, dataclasses.replace(m, dtype="float32"), "train", step)

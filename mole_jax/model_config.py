@@ -62,8 +62,9 @@ OPTIONAL = ("remat", "scan_layers", "scaled_out_init")
 def model_config(cfg) -> ModelConfig:
     """The typed config of `cfg.model` (pass the whole run config or its `model` section).
 
-    Raises ConfigError for an unknown kind, a missing `model.ffn.<kind>` section or field, or a
-    bad `model.ffn.layers`. Fields the kind does not know (from older configs) are ignored.
+    Raises ConfigError for an unknown kind, a missing `model.ffn.<kind>` section or required
+    field, or a bad `model.ffn.layers`. Fields the kind does not know (from older configs) are
+    ignored; fields added after a config was written take their Settings default.
     """
     m = cfg.model if "model" in cfg else cfg
     kind = m.ffn.kind
@@ -76,8 +77,9 @@ def model_config(cfg) -> ModelConfig:
             f"model.ffn.kind={kind!r} needs a model.ffn.{kind} section (use configs/{kind}.py)",
         )
         raw = m.ffn[kind]
-        names = [f.name for f in dataclasses.fields(settings_cls)]
-        missing = [n for n in names if n not in raw]
+        fields = dataclasses.fields(settings_cls)
+        names = [f.name for f in fields if f.name in raw]
+        missing = [f.name for f in fields if f.name not in raw and _required(f)]
         require(not missing, f"model.ffn.{kind} lacks field(s) {missing} (use configs/{kind}.py)")
         settings = settings_cls(**{n: _frozen(raw[n]) for n in names})
     return ModelConfig(
@@ -87,6 +89,11 @@ def model_config(cfg) -> ModelConfig:
         ffn_layers=layer_indices(m.ffn.layers, m.n_layers),
         ffn=settings,
     )
+
+
+def _required(field: dataclasses.Field) -> bool:
+    """A Settings field without a default (fields added later carry one, for older configs)."""
+    return field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING
 
 
 def _frozen(value):

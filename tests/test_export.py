@@ -77,7 +77,8 @@ def test_bytes_per_token_is_layers_experts_d_times_value_bytes(mole_run):
 
 
 @pytest.mark.parametrize(
-    "dtype,tol", [("float16", 1e-4), ("bfloat16", 1e-3), ("int8", 1e-3), ("nf4", 1e-2)]
+    "dtype,tol",
+    [("float16", 1e-4), ("bfloat16", 1e-3), ("int8", 1e-3), ("nf4", 1e-2)],
 )
 def test_quantised_luts_stay_close(mole_run, dtype, tol):
     """Documented tolerances on |loss(LUT dtype) - loss(float32)| for this tiny model."""
@@ -219,3 +220,22 @@ def test_a_bfloat16_run_exports_its_lut_computed_in_float32(
         tables[dt] = np.asarray(model.token_tables(jnp.asarray(ids), [layer])[layer], np.float32)
     np.testing.assert_allclose(got, tables["float32"], rtol=1e-6, atol=1e-6)
     assert np.abs(got - tables["bfloat16"]).max() > 1e-4
+
+
+def test_an_nf3_lut_stays_close_and_counts_its_bytes(tmp_path_factory, corpus_dir, cache_dir):
+    """NF3 (Table 8: block 128; 32 here, as d_model is 64): 3-bit codes, 8 to 3 bytes, one
+    float16 absmax per block; offloaded loss within 3e-2 of the float32 LUT's on the tiny model."""
+    cfg = mole.get_config("size=tiny,experts=4")
+    cfg.unlock()
+    cfg.model.ffn.mole.nf3_block = 32
+    w = trained_workdir(tmp_path_factory, cfg, corpus_dir, cache_dir)
+    m = export_lib.export_lut(w, dtype="nf3", out="lut_nf3")
+    e, d = m["experts"], m["d_model"]
+    assert m["bytes_per_token"] == len(m["layers"]) * (e * d * 3 // 8 + e * d // 32 * 2)
+    ref = evaluate(w, write=False)["loss"]
+    got = evaluate(w, "offload", write=False, store="lut_nf3")["loss"]
+    assert abs(got - ref) <= 3e-2, (got, ref)
+    with pytest.raises(UserError, match="nf3_block=128 must be even and divide d_model=64"):
+        cfg2 = mole.get_config("size=tiny,experts=4")  # the default block does not fit d = 64
+        w2 = trained_workdir(tmp_path_factory, cfg2, corpus_dir, cache_dir, steps=2)
+        export_lib.export_lut(w2, dtype="nf3")

@@ -45,6 +45,7 @@ class Settings:
     lb_coef: float
     z_coef: float
     nf4_block: int  # values per absmax scale in nf4 LUT exports
+    nf3_block: int = 128  # values per absmax scale in nf3 LUT exports (Table 8)
 
 
 class Layer(FFN):
@@ -128,6 +129,7 @@ def validate(m) -> None:
     require_one_of(c.expert_input, EXPERT_INPUTS, f"{name}.expert_input")
     require(c.lb_coef >= 0 and c.z_coef >= 0, f"{name}.lb_coef and z_coef must be >= 0")
     require(c.nf4_block >= 1, f"{name}.nf4_block={c.nf4_block} must be >= 1")
+    require(c.nf3_block >= 1, f"{name}.nf3_block={c.nf3_block} must be >= 1")
 
 
 def account(m) -> dict:
