@@ -14,7 +14,7 @@ from experiments._study import knobs, run, val, verdict
 
 
 def get_config(arg=None):
-    return knobs(arg, size="tiny", steps=600, experts="2,4,8,16")
+    return knobs(arg, size="tiny", steps=600, experts="2,4,8,16,32")
 
 
 def get_sweep(c):

@@ -239,3 +239,35 @@ def test_seeds_expand_a_run_and_the_report_gives_mean_and_spread(tmp_path, monke
         bad = '[dict(name="m", config="configs/dense.py:size=tiny", set=dict(s, seed=1), seeds=2)]'
         module = sweep.load_study(write_study(tmp_path / "b.py", {}, bad))
         sweep.plan(module, module.get_config(), str(tmp_path))
+
+
+@pytest.mark.parametrize("name", STUDIES)
+def test_every_study_report_reads_rows_of_its_own_plan(name, tmp_path, monkeypatch):
+    """Each study's report(rows) on made-up finished rows shaped like its plan's (values from a
+    seeded generator): it runs and returns text. The numbers mean nothing; the shape does."""
+    import numpy as np
+
+    monkeypatch.chdir(ROOT)
+    module = sweep.load_study(f"experiments/{name}.py")
+    if not hasattr(module, "report"):
+        pytest.skip("no report")
+    rng = np.random.default_rng(0)
+    tasks = ("mole_next_line", "mole_last_word", "mole_ppl")
+    rows = []
+    for r in sweep.plan(module, module.get_config(None), str(tmp_path)):
+        spec = r.spec
+        scored = {
+            "tasks": {t: {"acc": rng.random(), "acc_stderr": 0.01, "word_perplexity": 9.0}
+                      for t in tasks},
+            "seconds": 2.0, "requests": 100,
+        }  # fmt: skip
+        row = dict(
+            name=r.name, val_loss=5 + rng.random(), loss=5.0, steps=1, tokens_trained=1,
+            evals={e["name"]: {"loss": 5 + rng.random(), "bytes_per_token": 8}
+                   for e in spec["evals"]},
+            **({"group": r.group} if r.group else {}),
+        )  # fmt: skip
+        if spec.get("tasks"):
+            row["tasks"] = {e: scored for e in ["model", *(e["name"] for e in spec["evals"])]}
+        rows.append(row)
+    assert isinstance(module.report(rows), str)

@@ -1,0 +1,34 @@
+r"""Auxiliary losses on MoLE's router (the MoLE paper's Table 4, at CPU scale).
+
+Question: MoLE routes with a softmax over all experts, all active; does adding MoE's load-balance
+loss, and then its router z-loss, help or hurt MoLE-16E?
+Expected (PAPERS.md, Table 4): the losses hurt a little (LM only 42.0 average accuracy, + LB
+41.6, + LB + z 41.5 at 160M), so MoLE trains without them.
+
+    python launch.py sweep --config=experiments/aux_losses.py:size=tiny,steps=600,seeds=3 \
+        --workdir=runs/aux_losses
+"""
+
+from experiments._study import difference, knobs, run
+
+SETTINGS = (("lm-only", 0.0, 0.0), ("lb", 0.01, 0.0), ("lb-z", 0.01, 0.001))
+
+
+def get_config(arg=None):
+    return knobs(arg, size="tiny", steps=600, experts=16, seeds=3)
+
+
+def get_sweep(c):
+    runs = []
+    for name, lb, z in SETTINGS:
+        r = run(name, "mole", c, experts=c.experts)
+        r["set"].update({"model.ffn.mole.lb_coef": lb, "model.ffn.mole.z_coef": z})
+        runs.append(dict(r, seeds=c.seeds))
+    return runs
+
+
+def report(rows):
+    return "\n".join(
+        [f"- validation loss: {difference(rows, n, 'lm-only')}" for n, _, _ in SETTINGS[1:]]
+        + ["- claim: the aux losses do not help (positive differences, or inside the spread)"]
+    )
