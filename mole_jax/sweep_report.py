@@ -26,8 +26,9 @@ def plan_table(runs) -> str:
     from mole_jax import accounting
 
     lines = [
-        "| run | config | overrides | params in training | active / token | tokens | evals |",
-        "|" + "---|" * 7,
+        "| run | config | overrides | params in training | active / token | tokens | train FLOPs "
+        "| evals |",
+        "|" + "---|" * 8,
     ]
     for r in runs:
         s = accounting.summarize(r.cfg)
@@ -39,7 +40,7 @@ def plan_table(runs) -> str:
         lines.append(
             f"| {r.name} | {r.spec['config']} | {_overrides(r.spec['set'])} "
             f"| {_m(s['params_total'])} | {_m(s['params_active_per_token'])} | {tokens:,} "
-            f"| {evals} |"
+            f"| {s['train_flops_per_token'] * tokens:.2e} | {evals} |"
         )
     return "\n".join(lines)
 

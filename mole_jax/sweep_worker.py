@@ -86,7 +86,8 @@ def run_eval(run_dir: str, e: dict, exported: set[str]) -> dict:
     options = {} if e["mode"] == "experts" else {"store": lut}
     n = Workdir(run_dir).config.train.eval_batches  # the windows the run's own val_loss used
     r = evaluate(run_dir, e["mode"], write=False, n_batches=n, **options)
-    return {k: r[k] for k in EVAL_KEYS if k in r}
+    usage = [k for k in r if k.startswith(("usage/", "unevenness/"))]  # product-key layers
+    return {k: r[k] for k in (*EVAL_KEYS, *usage) if k in r}
 
 
 MODEL_EVAL = {"name": "model", "mode": "experts"}  # the trained model in memory

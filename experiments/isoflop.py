@@ -1,0 +1,74 @@
+r"""isoFLOP comparison of dense, MoE, PKM and PEER (the PEER paper's Fig. 1 / Table 1, CPU scale).
+
+Question: at a fixed training-FLOP budget, which FFN kind reaches the lowest validation loss
+when each is trained at its best model size? For each of two budgets and each kind, three
+backbone widths are trained for steps = budget / (training FLOPs per step), and the minimum of
+each kind's curve is reported.
+Expected (PAPERS.md, Table 1): PEER < MoE < PKM < dense in perplexity at both budgets.
+
+    python launch.py sweep --config=experiments/isoflop.py:size=tiny,budgets=4e12/1.2e13 \
+        --workdir=runs/isoflop
+
+Sizes: the `size` backbone with d_model scaled to 1x, 1.5x, 2x (d_ff = 4 d_model, heads kept);
+the FFN kinds keep their configs' own widths (MoE experts d_ff/2 of the base size, PKM/PEER
+their key and pool sizes). Training FLOPs per token are `accounting.summarize`'s
+`train_flops_per_token` (3x the forward).
+"""
+
+from experiments._study import knobs, run
+from mole_jax import accounting
+from mole_jax.config import apply_overrides, load_file
+
+KINDS = {  # name: (configs/<kind>.py, its arguments)
+    "dense": ("dense", {}),
+    "moe": ("moe", dict(experts=8, topk=2)),
+    "pkm": ("pkm", dict(keys=32, heads=4, topk=16)),
+    "peer": ("peer", dict(keys=32, heads=4, topk=16)),
+}
+SCALES = (1.0, 1.5, 2.0)
+
+
+def get_config(arg=None):
+    return knobs(arg, size="tiny", budgets="4e12/1.2e13")
+
+
+def _sized(c, kind: str, args: dict, scale: float) -> dict:
+    r = run("x", kind, c, **args)
+    base = load_file(r["config"])
+    d = int(base.model.d_model * scale) // base.model.n_heads * base.model.n_heads
+    r["set"] = {"model.d_model": d, "model.d_ff": 4 * d}
+    return r
+
+
+def get_sweep(c):
+    c.unlock()
+    c.steps = 0  # each run's steps follow from its budget
+    c.lock()
+    runs = []
+    for budget in (float(b) for b in str(c.budgets).split("/")):
+        for name, (kind, args) in KINDS.items():
+            for scale in SCALES:
+                r = _sized(c, kind, args, scale)
+                cfg = apply_overrides(load_file(r["config"]), dict(r["set"]))
+                per_step = (accounting.summarize(cfg)["train_flops_per_token"]
+                            * cfg.train.batch_size * cfg.data.seq_len)  # fmt: skip
+                r["set"]["train.steps"] = max(1, int(budget // per_step))
+                r["name"] = f"{name}-{budget:.1e}-x{scale}".replace("+", "")
+                runs.append(r)
+    return runs
+
+
+def report(rows):
+    best: dict[str, dict[str, float]] = {}
+    for r in rows:
+        kind, budget, _ = r["name"].split("-")
+        best.setdefault(budget, {})
+        best[budget][kind] = min(best[budget].get(kind, float("inf")), r["val_loss"])
+    lines = []
+    for budget, per_kind in best.items():
+        order = sorted(per_kind, key=per_kind.get)
+        cells = ", ".join(f"{k} {per_kind[k]:.4f}" for k in order)
+        claim = order == ["peer", "moe", "pkm", "dense"]
+        lines.append(f"- budget {budget}: best loss per kind {cells}; PEER < MoE < PKM < dense: "
+                     f"{'holds' if claim else 'does NOT hold'}")  # fmt: skip
+    return "\n".join(lines)
