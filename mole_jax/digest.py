@@ -69,10 +69,22 @@ _tree_lanes = jax.jit(lambda tree: jax.tree.map(_lanes, tree))
 
 
 def _host(lanes) -> np.ndarray:
-    """A replicated result on this host (also when the computation spanned processes)."""
+    """A result's four lanes on this host (also when the computation spanned processes)."""
     if isinstance(lanes, jax.Array) and not lanes.is_fully_addressable:
-        return np.asarray(lanes.addressable_shards[0].data)
+        if lanes.is_fully_replicated:
+            return np.asarray(lanes.addressable_shards[0].data)
+        from jax.experimental import multihost_utils
+
+        return np.asarray(multihost_utils.process_allgather(lanes, tiled=True))
     return np.asarray(lanes)
+
+
+def _as_32_bit(leaf):
+    """64-bit host leaves (numpy int64 / float64: jax without x64 would narrow them inside jit)
+    as their uint32 halves, so every bit is digested."""
+    if isinstance(leaf, np.ndarray | np.generic) and np.dtype(leaf.dtype).itemsize == 8:
+        return np.ascontiguousarray(leaf).view(np.uint32)
+    return leaf
 
 
 def digests(tree) -> tuple[str, dict[str, str]]:
@@ -80,7 +92,7 @@ def digests(tree) -> tuple[str, dict[str, str]]:
     flat = jax.tree_util.tree_flatten_with_path(tree)[0]
     if not flat:
         return hashlib.sha256(ALGORITHM.encode()).hexdigest(), {}
-    lanes = jax.tree.leaves(_tree_lanes([leaf for _, leaf in flat]))
+    lanes = jax.tree.leaves(_tree_lanes([_as_32_bit(leaf) for _, leaf in flat]))
     total, leaves = hashlib.sha256(ALGORITHM.encode()), {}
     for (path, leaf), value in zip(flat, lanes, strict=True):
         name = jax.tree_util.keystr(path)

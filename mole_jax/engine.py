@@ -118,8 +118,8 @@ class InMemoryEngine(BaseEngine):
 
     def forward(self, ids_BxL, cache=None, prepared=None):
         logits, cache, masses = self._run(self.params, self.rest, self.check(ids_BxL), cache)
-        for i, mass in masses.items():  # product-key layers: router mass per slot
-            self._mass[i] = self._mass.get(i, 0.0) + np.asarray(mass, np.float64)
+        for i, mass in masses.items():  # product-key layers: router mass per slot, summed
+            self._mass[i] = mass if i not in self._mass else self._mass[i] + mass  # on device
         return logits, cache
 
     def stats(self) -> dict:
@@ -129,7 +129,7 @@ class InMemoryEngine(BaseEngine):
 
         out = {}
         for i, mass in sorted(self._mass.items()):
-            usage, unevenness = usage_from_mass(mass)
+            usage, unevenness = usage_from_mass(np.asarray(mass, np.float64))
             out[f"usage/l{i}"], out[f"unevenness/l{i}"] = float(usage), float(unevenness)
         return out
 

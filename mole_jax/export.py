@@ -146,6 +146,11 @@ def _export_experts(wd, step, dtype, out) -> dict:
                 f"width {m.ffn.d_expert} must both be multiples of {g}"
             )
         fields.update(bits=bits, group=g, method="min-max")
+        worst = max(
+            float(np.abs(np.asarray(w)).max()) for e in experts.values() for w in e.values()
+        )
+        if not np.isfinite(worst) or worst > 3e4:
+            raise UserError(f"--dtype={dtype} stores float16 scales: expert weights reach {worst}")
     final = wd.store(out)
     per_layer = m.ffn.experts * fields["bytes_per_expert"]
     check_space(wd.path, 2 * len(layers) * per_layer, per_layer + 2**16, "the expert store")

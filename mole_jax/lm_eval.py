@@ -4,13 +4,15 @@ memory, LUT offloaded, MoE experts offloaded). Importing this module registers t
     lm_eval ... --model mole_jax --model_args workdir=W,mode=offload[,step=N,lut=lut,max_length=L]
 
 Log-likelihoods are scored in batches sorted by length, each padded to a bucket length (a power
-of two from 16, at most `max_length`) and to `batch_size` rows, so that jit compiles a handful of
-shapes; right padding never changes the scores (causal attention; MoE dispatch is dropless, so a
-padding token takes no capacity from a real one). Rolling log-likelihoods use lm-eval's disjoint
+of two from 16, at most `max_length`) and, for engines that read nothing from storage, to
+`batch_size` rows, so that jit compiles a handful of shapes; right padding never changes a score
+(causal attention; MoE dispatch must be dropless, so a padding token takes no capacity from a real
+one: capacity-dispatch MoE models are refused). Rolling log-likelihoods use lm-eval's disjoint
 windows of `max_length` tokens (the first predicted from the end-of-text token, as a document
-follows one in training). `generate_until` runs `generate.generate_steps` (KV cache) one request at
-a time and stops at the first `until` string. `usage()` reports the bytes the engine read per
-token fed (offloaded modes).
+follows one in training), all documents' windows batched together. `generate_until` runs
+`generate.generate_steps` (KV cache) one request at a time and stops at the end-of-text token or
+the first `until` string. `usage()` reports what the engine read per token scored and per position
+it processed (padding positions of offloaded MoE models route to experts too).
 """
 
 from __future__ import annotations
@@ -66,9 +68,18 @@ class MoleJaxLM(TemplateLM):
         limit = wd.model_config.max_seq_len
         if not 1 < self._max_length <= limit:
             raise UserError(f"max_length={self._max_length} must be in [2, {limit}]")
-        self.batch_size = 16 if batch_size in (None, "auto") else int(batch_size)
-        self.tokens_fed = self.requests = 0
+        m = wd.model_config
+        if m.kind == "moe" and m.ffn.dispatch != "dropless" and mode == "experts":
+            raise UserError(
+                "a capacity-dispatch MoE's scores depend on what else is in the batch; score it "
+                "with --config.model.ffn.moe.dispatch=dropless semantics (mode moe_offload) or "
+                "train it dropless"
+            )
+        auto = batch_size is None or str(batch_size).startswith("auto")
+        self.batch_size = 16 if auto else int(batch_size)
+        self.tokens_fed = self.positions_fed = self.requests = 0
         self.engine.reset_stats()
+        self.fill_rows = "bytes_read" not in self.engine.stats()  # storage engines: no filler
 
     @property
     def eot_token_id(self) -> int:
@@ -87,11 +98,13 @@ class MoleJaxLM(TemplateLM):
     def usage(self) -> dict:
         """Tokens fed to the engine (padding excluded) and what it read for them."""
         stats = self.engine.stats()
-        out = {"tokens": self.tokens_fed, "mode": self.engine.mode, "step": self.engine.step}
+        out = {"tokens": self.tokens_fed, "positions": self.positions_fed}
+        out.update(mode=self.engine.mode, step=self.engine.step)
         out.update({k: v for k, v in self.engine.info.items() if k in ("lut_dtype", "dtype")})
         if "bytes_read" in stats and self.tokens_fed:
             out["bytes_read"] = int(stats["bytes_read"])
             out["bytes_read_per_token"] = stats["bytes_read"] / self.tokens_fed
+            out["bytes_read_per_position"] = stats["bytes_read"] / self.positions_fed
         return out
 
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs):
@@ -113,11 +126,13 @@ class MoleJaxLM(TemplateLM):
 
     def _score_batch(self, pairs) -> list[tuple[float, bool]]:
         width = bucket(max(len(inp) for inp, _, _ in pairs), self.max_length)
-        ids = np.full((self.batch_size, width), self.eot, np.int32)
-        targets = np.full((self.batch_size, width), self.eot, np.int32)
+        rows = self.batch_size if self.fill_rows else len(pairs)
+        ids = np.full((rows, width), self.eot, np.int32)
+        targets = np.full((rows, width), self.eot, np.int32)
         for r, (inp, tgt, _) in enumerate(pairs):
             ids[r, : len(inp)], targets[r, : len(tgt)] = inp, tgt
         self.tokens_fed += sum(len(inp) for inp, _, _ in pairs)
+        self.positions_fed += ids.size
         logits, _ = self.engine.forward(ids, prepared=self.engine.prepare(ids))
         logp, greedy = (np.asarray(x) for x in _score(logits, jnp.asarray(targets)))
         results = []
@@ -127,20 +142,19 @@ class MoleJaxLM(TemplateLM):
         return results
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
-        out = []
         self.requests += len(requests)
-        for req in requests:
-            (text,) = req.args
-            windows = [
-                (None, *make_disjoint_window(w))
-                for w in get_rolling_token_windows(
-                    self.tok_encode(text), self.eot, self.max_length, context_len=1
-                )
-            ]
-            total = sum(lp for lp, _ in self._loglikelihood_tokens(windows))
-            if self.cache_hook is not None:
-                self.cache_hook.add_partial("loglikelihood_rolling", (text,), total)
-            out.append(total)
+        windows, owner = [], []
+        for d, req in enumerate(requests):
+            tokens = self.tok_encode(req.args[0])
+            for w in get_rolling_token_windows(tokens, self.eot, self.max_length, context_len=1):
+                windows.append((None, *make_disjoint_window(w)))
+                owner.append(d)
+        out = [0.0] * len(requests)
+        for d, (lp, _) in zip(owner, self._loglikelihood_tokens(windows), strict=True):
+            out[d] += lp
+        if self.cache_hook is not None:
+            for req, total in zip(requests, out, strict=True):
+                self.cache_hook.add_partial("loglikelihood_rolling", req.args, total)
         return out
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
@@ -151,20 +165,24 @@ class MoleJaxLM(TemplateLM):
         kw = dict(gen_kwargs)
         until = kw.pop("until", None) or [data.EOS]
         until = [until] if isinstance(until, str) else list(until)
-        max_new = int(kw.pop("max_gen_toks", 256))
+        max_new = int(kw.pop("max_gen_toks", kw.pop("max_new_tokens", 256)))
         temperature = float(kw.pop("temperature", 0.0)) if kw.pop("do_sample", False) else 0.0
         max_new = min(max_new, self.max_length - 1)
+        if max_new < 1:
+            return ""
         prompt = (self.tok_encode(context) or [self.eot])[-(self.max_length - max_new) :]
-        self.tokens_fed += len(prompt)
         steps = generate_steps(self.engine, [prompt], max_new, temperature, 0, 0)
         try:
             while True:
                 tokens = [int(t[0]) for t in next(steps)]
-                if tokens and _stop(self.tok_decode(tokens), until) is not None:
+                if tokens and (tokens[-1] == self.eot or _stop(self.tok_decode(tokens), until)):
                     break
         except StopIteration as done:
             tokens = [int(t) for t in done.value["tokens"][0]]
-        self.tokens_fed += len(tokens)
+        self.tokens_fed += len(prompt) + len(tokens) - 1  # the last sampled token is not fed
+        self.positions_fed += len(prompt) + len(tokens) - 1
+        if self.eot in tokens:  # the end of the text: nothing after it is the answer
+            tokens = tokens[: tokens.index(self.eot)]
         text = self.tok_decode(tokens)
         cut = _stop(text, until)
         return text if cut is None else text[:cut]

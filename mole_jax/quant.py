@@ -147,6 +147,9 @@ def group_quantize(x: np.ndarray, dtype: str) -> dict[str, np.ndarray]:
     """float [..., N] -> {'codes': uint8 [..., N*b/8], 'scales', 'zeros': float16 [..., N/g]}."""
     bits, g = GROUP_DTYPES[dtype]
     x = np.asarray(x, np.float32)
+    if not np.isfinite(x).all() or np.abs(x).max(initial=0) > 3e4:
+        raise ValueError(f"{dtype} stores float16 scales and zeros: weights must be finite and "
+                         "within ±3e4")  # fmt: skip
     *lead, n = x.shape
     if n % g or n % 8:
         raise ValueError(f"{dtype} needs a last axis divisible by {g} and by 8 (got {n})")

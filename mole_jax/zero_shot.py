@@ -41,11 +41,11 @@ def task_manager(names: list[str], include_path: str | None, allow_hub: bool):
     if include_path and not os.path.isdir(include_path):
         raise UserError(f"--include_path={include_path} is not a directory")
     local = TaskManager(include_path=paths, include_defaults=False)
-    missing = [n for n in names if not local.match_tasks([n])]
+    missing = [n for n in names if n not in local.all_tasks]  # names, not patterns
     if not missing:
         return local
     hub = TaskManager(include_path=paths, include_defaults=True)
-    unknown = [n for n in missing if not hub.match_tasks([n])]
+    unknown = [n for n in missing if n not in hub.all_tasks]
     if unknown:
         raise UserError(
             f"unknown task(s) {', '.join(unknown)}; offline tasks here: "

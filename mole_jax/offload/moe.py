@@ -136,9 +136,12 @@ class MoeOffloadEngine(BaseEngine):
         return int(sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(held)))
 
     def guess_layer(self, i: int) -> int | None:
-        """The MoE layer block i's state guesses experts for (None: no prefetch from here)."""
-        j = i + self.lookahead
-        return j if self.prefetch and j in self.moe_layers else None
+        """The MoE layer block i's state guesses experts for: `lookahead` MoE layers on (None:
+        no prefetch from here). Counted in MoE layers, so a model with MoE on every other block
+        prefetches too."""
+        order = sorted(self.moe_layers)
+        k = order.index(i) + self.lookahead if i in self.moe_layers else len(order)
+        return order[k] if self.prefetch and k < len(order) else None
 
     def load(self, i: int, experts_TxK: np.ndarray, guess):
         """The loader hook of MoE block i: (local ids [T, K], up [S, D, F], down [S, F, D]) for
@@ -155,8 +158,8 @@ class MoeOffloadEngine(BaseEngine):
         need = sorted({int(e) for e in experts_TxK.ravel()})
         if self.load_all:  # the naive baseline: the whole layer is read, the chosen ones used
             rest = sorted(set(range(self.model_config.ffn.experts)) - set(need))
-            for read in [self.store.start_read(i, e) for e in rest]:
-                read.result()
+            for read in [self.store.start_read(i, e) for e in rest]:  # moved as a used one is
+                jax.block_until_ready([self._to_device(t) for t in read.result()])
             self._stats.experts_read += len(rest)
             self._stats.bytes_read += len(rest) * self.store.expert_bytes
         have = self._gather(i, need)
