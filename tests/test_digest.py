@@ -119,3 +119,35 @@ def test_a_new_checkpoint_whose_meta_disagrees_is_refused(tmp_path, what):
     with pytest.raises(Exception, match="does not match the digest"):
         other._restore_state(3, state)
     other.close()
+
+
+def test_an_unknown_digest_kind_is_an_error_and_the_checkpoint_stays(tmp_path):
+    from mole_jax.errors import CheckpointError
+
+    state = {"step": jnp.asarray(3), "params": _tree(), "opt": jnp.zeros(3)}
+    ckpt = checkpoint.Checkpointer(tmp_path, use_async=False)
+    ckpt.save(state)
+    meta = dict(ckpt.meta(), digest="future/9")
+    ckpt.close()
+    (tmp_path / "checkpoints" / "3" / "meta" / "metadata").write_text(json.dumps(meta))
+    ckpt = checkpoint.Checkpointer(tmp_path, use_async=False)
+    with pytest.raises(CheckpointError, match="upgrade mole_jax"):
+        ckpt.restore(state)
+    assert ckpt.steps() == [3]  # not moved aside: nothing is wrong with it
+    ckpt.close()
+
+
+def test_the_first_sha256_checkpoints_restore_a_subset_unchecked(tmp_path):
+    """Before per-leaf digests a checkpoint had only the whole-tree SHA-256: a form that reads
+    some leaves (lut, offload) cannot check them, and must not call the checkpoint corrupt."""
+    state = {"step": jnp.asarray(7), "params": _tree(), "opt": jnp.zeros(3)}
+    train = {k: v for k, v in state.items() if k != "params"}
+    old_meta = {"step": 7, "params_sha256": checkpoint._sha256_digests(state["params"])[0]}
+    ckpt = checkpoint.Checkpointer(tmp_path, use_async=False)
+    ckpt.mgr.save(7, args=ocp.args.Composite(params=ocp.args.StandardSave(state["params"]),
+                                             train=ocp.args.StandardSave(train),
+                                             meta=ocp.args.JsonSave(old_meta)))  # fmt: skip
+    (params, _), _ = ckpt.restore_params({"w": state["params"]["w"]})
+    np.testing.assert_array_equal(params["w"], state["params"]["w"])
+    assert ckpt.steps() == [7]
+    ckpt.close()
