@@ -66,10 +66,10 @@ _SCHEMES = {  # meta keys (whole params, per leaf, train state) and the function
 
 def _scheme(meta: dict):
     name = meta.get("digest", "sha256")
-    if name not in _SCHEMES:  # not damage: a newer mole_jax wrote it; nothing is moved aside
-        raise CheckpointError(
-            f"checkpoint of step {meta.get('step')} carries digests of kind {name!r}, which this "
-            f"version of mole_jax does not know ({', '.join(_SCHEMES)}); upgrade mole_jax"
+    if name not in _SCHEMES:  # damage, or a newer mole_jax: unusable here either way
+        raise ValueError(
+            f"its digests are of kind {name!r}, unknown to this mole_jax ({', '.join(_SCHEMES)}): "
+            "damaged, or written by a newer version"
         )
     return _SCHEMES[name]
 
@@ -203,8 +203,6 @@ class Checkpointer:
             try:
                 with _quiet_asyncio():
                     return read(s)
-            except CheckpointError:  # not the checkpoint's fault (a newer format): say so
-                raise
             except Exception as e:  # noqa: BLE001 - any failure to read means "unusable"
                 msg = f"checkpoint {self.directory}/{s} is unreadable or corrupt ({_short(e)})"
                 if step is not None:
