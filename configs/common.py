@@ -22,8 +22,10 @@ def base(size: str) -> ConfigDict:
             d_ff=s["d_ff"],
             max_seq_len=max(1024, s["seq_len"]),  # RoPE / KV-cache limit
             rope_theta=10_000.0,
-            init_std=0.01,  # paper: normal(0, 0.01) for every weight
-            norm_eps=1e-6,
+            # Fidelity defaults (each follows the official MoLE code, i.e. Megatron, unless noted):
+            init_std=0.01,  # paper: normal(0, 0.01)
+            scaled_out_init=True,  # official code: output projections std init_std/sqrt(2L)
+            norm_eps=1e-5,  # official code (Megatron's default); mole_jax used 1e-6 before
             activation="gelu",  # exact (erf) GELU, non-gated FFNs, as in the MoLE paper
             # compute: float32 | bfloat16 (params, softmax and loss stay fp32)
             dtype="float32" if size in CPU_SIZES else "bfloat16",

@@ -25,6 +25,7 @@ def get_config(arg=None):
             lb_coef=0.0,  # optional aux losses; the paper found they hurt (Table 4)
             z_coef=0.0,
             nf4_block=64,  # values per absmax scale in nf4 LUT exports (Table 8 used 768)
+            nf3_block=min(128, c.model.d_model),  # the same for nf3 (Table 8: 128)
         )
     )
     c.lock()

@@ -24,7 +24,7 @@ def get_config(arg=None):
             d_key=128,  # query/key width (two halves of 64); the paper does not state it
             query_bn=True,  # BatchNorm on the query: batch statistics in training, running in eval
             bn_momentum=0.99,
-            shared_keys=False,  # paper: heads share product keys; public code: per-head keys
+            shared_keys=True,  # paper: the heads share one set of product keys
             activation="gelu",  # sigma of e(x) = sigma(u.x) v: gelu | relu
         )
     )

@@ -3,8 +3,9 @@ r"""LUT quantisation (the MoLE paper's Table 8, at CPU scale).
 Question: what does storing the lookup tables in fewer bits cost in validation loss, against
 what it saves in bytes read per token? One MoLE-4E run is exported in every LUT dtype and
 evaluated with the rows read from storage.
-Expected (PAPERS.md): 4-bit tables cost almost nothing (NF4 40.9 vs fp16 40.8 at 160M) for a
-quarter of the bytes; float16 / bfloat16 equal float32 to within their rounding.
+Expected (PAPERS.md, Table 8): 4-bit tables cost almost nothing (NF4 block 768: 40.9 vs fp16
+40.8 at 160M) for a quarter of the bytes, NF3 (block 128) a little more; float16 / bfloat16
+equal float32 to within their rounding.
 
     python launch.py sweep --config=experiments/lut_quant.py:size=tiny,steps=600 \
         --workdir=runs/lut_quant
@@ -19,8 +20,17 @@ def get_config(arg=None):
 
 
 def get_sweep(c):
-    evals = [dict(name=d, export=d) for d in DTYPES]
-    return [run("mole", "mole", c, evals=evals, experts=c.experts)]
+    """As published: NF4 in blocks of 768 and NF3 in blocks of 128, or of D when D is smaller
+    (D = 64 at tiny, 256 at small)."""
+    from configs import common
+
+    d = common.base(c.size).model.d_model
+    evals = [dict(name=dt, export=dt) for dt in DTYPES]
+    r = run("mole", "mole", c, evals=evals, experts=c.experts)
+    r["set"].update(
+        {"model.ffn.mole.nf4_block": min(768, d), "model.ffn.mole.nf3_block": min(128, d)}
+    )
+    return [r]
 
 
 def report(rows):

@@ -193,7 +193,8 @@ def execute(runs: list[Run], parallel: int, executor: str = "local", params=None
     if executor != "local":
         from mole_jax.sweep_submitit import execute_jobs
 
-        return dict(status, **execute_jobs(todo, parallel, executor, params or {}))
+        jobs = execute_jobs(todo, parallel, executor, params or {}, write_spec, report_finished)
+        return dict(status, **jobs)
     return dict(status, **_execute_local(todo, parallel))
 
 

@@ -64,11 +64,13 @@ def parameters(params: dict, parallel: int, cluster: str) -> dict:
     return out
 
 
-def execute_jobs(todo, parallel: int, executor: str, params: dict) -> dict[str, str]:
-    """Submits the runs as one job array and waits for them; {name: 'done' | 'failed: ...'}."""
+def execute_jobs(
+    todo, parallel: int, executor: str, params: dict, write_spec, report_finished
+) -> dict[str, str]:
+    """Submits the runs as one job array and waits for them; {name: 'done' | 'failed: ...'}.
+    `write_spec(run)` -> its spec path and `report_finished(run, rc, seconds)` -> its status are
+    the sweep's own (`sweep.py`), so both executors write and report runs the same way."""
     import submitit
-
-    from mole_jax.sweep import report_finished, write_spec
 
     if not todo:
         return {}
