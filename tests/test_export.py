@@ -223,7 +223,7 @@ def test_a_bfloat16_run_exports_its_lut_computed_in_float32(
 
 
 def test_an_nf3_lut_stays_close_and_counts_its_bytes(tmp_path_factory, corpus_dir, cache_dir):
-    """NF3 (Table 8: block 128; 32 here, as d_model is 64): 3-bit codes, 8 to 3 bytes, one
+    """NF3 (Table 8: block 128; 32 here, d_model being 64): 3-bit codes, 8 to 3 bytes, one
     float16 absmax per block; offloaded loss within 3e-2 of the float32 LUT's on the tiny model."""
     cfg = mole.get_config("size=tiny,experts=4")
     cfg.unlock()
@@ -235,7 +235,9 @@ def test_an_nf3_lut_stays_close_and_counts_its_bytes(tmp_path_factory, corpus_di
     ref = evaluate(w, write=False)["loss"]
     got = evaluate(w, "offload", write=False, store="lut_nf3")["loss"]
     assert abs(got - ref) <= 3e-2, (got, ref)
-    with pytest.raises(UserError, match="nf3_block=128 must be even and divide d_model=64"):
-        cfg2 = mole.get_config("size=tiny,experts=4")  # the default block does not fit d = 64
+    with pytest.raises(UserError, match="nf3_block=48 must be even and divide d_model=64"):
+        cfg2 = mole.get_config("size=tiny,experts=4")
+        cfg2.unlock()
+        cfg2.model.ffn.mole.nf3_block = 48  # does not divide D = 64
         w2 = trained_workdir(tmp_path_factory, cfg2, corpus_dir, cache_dir, steps=2)
         export_lib.export_lut(w2, dtype="nf3")

@@ -59,13 +59,14 @@ def _check_usage_over_the_evaluation(w, out):
 
     engine = build_engine(w)
     (layer,) = engine.model_config.ffn_layers  # the middle block
-    engine, total, per_batch = build_engine(w), 0.0, []
+    total, per_batch = None, []
     for b in val_batches(w, n_batches=2):
         engine.reset_stats()
         engine.forward(b[:, :-1])
-        mass = np.asarray(engine._mass[layer])
-        total, per_batch = total + mass, per_batch + [float(usage_from_mass(mass)[0])]
-    usage, unevenness = usage_from_mass(total)
+        mass = np.asarray(engine._mass[layer])  # float32, summed as the engine sums it
+        total = mass if total is None else total + mass
+        per_batch.append(float(usage_from_mass(mass.astype(np.float64))[0]))
+    usage, unevenness = usage_from_mass(total.astype(np.float64))
     assert out[f"usage/l{layer}"] == pytest.approx(float(usage), rel=1e-9)
     assert out[f"unevenness/l{layer}"] == pytest.approx(float(unevenness), rel=1e-9)
     assert max(per_batch) <= out[f"usage/l{layer}"] <= 1  # the set's usage covers each batch's
