@@ -13,7 +13,17 @@ def base(size: str) -> ConfigDict:
     s = SIZES[size]
     c = ConfigDict()
     c.seed = 0
-    c.model = ConfigDict(
+    c.model = _model(s, size)
+    c.model.ffn = ConfigDict(dict(kind="dense", layers="all"))
+    c.data = _data(s)
+    # Device mesh (sharding.py): sizes of its axes; one may be -1 (the remaining devices).
+    c.mesh = ConfigDict(dict(data=-1, fsdp=1, expert=1, tensor=1))
+    c.train = _train(s, size)
+    return c
+
+
+def _model(s: dict, size: str) -> ConfigDict:
+    return ConfigDict(
         dict(
             vocab_size=s["vocab_size"],  # embedding rows; >= the tokenizer's vocabulary
             d_model=s["d_model"],
@@ -33,8 +43,10 @@ def base(size: str) -> ConfigDict:
             scan_layers=False,  # identical blocks as one lax.scan: one block compiled
         )
     )
-    c.model.ffn = ConfigDict(dict(kind="dense", layers="all"))
-    c.data = ConfigDict(
+
+
+def _data(s: dict) -> ConfigDict:
+    return ConfigDict(
         dict(
             # shakespeare | linux-doc | pydoc | files:<glob> | hf:<name> | megatron:<prefix>
             corpus="shakespeare",
@@ -46,10 +58,11 @@ def base(size: str) -> ConfigDict:
             cache_dir=config_dict.placeholder(str),  # default: $MOLE_JAX_CACHE or ~/.cache/mole_jax
         )
     )
-    # Device mesh (sharding.py): sizes of its axes; one may be -1 (the remaining devices).
-    c.mesh = ConfigDict(dict(data=-1, fsdp=1, expert=1, tensor=1))
+
+
+def _train(s: dict, size: str) -> ConfigDict:
     local = size in CPU_SIZES
-    c.train = ConfigDict(
+    return ConfigDict(
         dict(
             steps=s["steps"],
             batch_size=s["batch_size"],  # sequences per optimiser step (global)
@@ -77,4 +90,3 @@ def base(size: str) -> ConfigDict:
             progress=True,  # tqdm bar on a TTY
         )
     )
-    return c

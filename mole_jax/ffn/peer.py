@@ -89,8 +89,11 @@ class Settings:
     activation: str  # sigma of e(x) = sigma(u.x) v
 
 
-class Layer(FFN):
-    def __init__(self, m, layer_idx: int, *, form: str = "train", rngs: nnx.Rngs):
+class ProductKeys(FFN):
+    """What PEER and PKM share: the (BatchNorm'd) query and the product keys of every head;
+    `retrieve` gives each token's k slots per head and their softmax weights."""
+
+    def __init__(self, m, rngs: nnx.Rngs):
         c = m.ffn
         n, d, dk = c.sub_keys, m.d_model, c.d_key
         init = normal(m.init_std)
@@ -101,20 +104,30 @@ class Layer(FFN):
         key_heads = 1 if c.shared_keys else c.heads
         self.keys1 = param(rngs, init, (key_heads, n, dk // 2), (None, "keys", None))
         self.keys2 = param(rngs, init, (key_heads, n, dk // 2), (None, "keys", None))
+        self.heads, self.d_key, self.k, self.dtype = c.heads, dk, c.topk, m.dtype
+
+    def retrieve(self, x_TxD, ctx: Ctx):
+        """(weights <float32>[T, H, k], slots <int32>[T, H, k])."""
+        q = self.query(x_TxD).astype(jnp.float32)
+        if self.bn is not None:
+            q = self.bn(q, use_running_average=not ctx.train)
+        q_TxHxDk = q.reshape(x_TxD.shape[0], self.heads, self.d_key)
+        scores, slots = product_key_topk(q_TxHxDk, self.keys1[...], self.keys2[...], self.k)
+        return jax.nn.softmax(scores, axis=-1), slots
+
+
+class Layer(ProductKeys):
+    def __init__(self, m, layer_idx: int, *, form: str = "train", rngs: nnx.Rngs):
+        super().__init__(m, rngs)
+        n, d, init = m.ffn.sub_keys, m.d_model, normal(m.init_std)
         self.u = param(rngs, init, (n * n, d), ("rows", "embed"))  # expert input weights
         self.v = param(rngs, init, (n * n, d), ("rows", "embed"))  # expert output weights
-        self.heads, self.d_key, self.k = c.heads, dk, c.topk
-        self.act_name, self.dtype = c.activation, m.dtype
+        self.act_name = m.ffn.activation
 
     def __call__(self, x_BxLxD, ctx: Ctx):
         b, n, d = x_BxLxD.shape
         x_TxD = x_BxLxD.reshape(b * n, d)
-        q = self.query(x_TxD).astype(jnp.float32)
-        if self.bn is not None:
-            q = self.bn(q, use_running_average=not ctx.train)
-        q_TxHxDk = q.reshape(b * n, self.heads, self.d_key)
-        scores, experts = product_key_topk(q_TxHxDk, self.keys1[...], self.keys2[...], self.k)
-        weights_TxHxK = jax.nn.softmax(scores, axis=-1)
+        weights_TxHxK, experts = self.retrieve(x_TxD, ctx)
         dt = compute_dtype(self)
         u_TxHxKxD = self.u[...][experts].astype(dt)
         v_TxHxKxD = self.v[...][experts].astype(dt)

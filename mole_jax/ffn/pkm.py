@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import dataclasses
 
-import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from mole_jax.errors import require
-from mole_jax.ffn.base import FFN, Ctx
-from mole_jax.ffn.peer import product_key_topk, usage_aux
-from mole_jax.layers import compute_dtype, linear, normal, param
+from mole_jax.ffn.base import Ctx
+from mole_jax.ffn.peer import ProductKeys, usage_aux
+from mole_jax.layers import compute_dtype, normal, param
 
 FORMS = ("train",)
 
@@ -33,29 +32,15 @@ class Settings:
     shared_keys: bool  # one set of product keys for all heads
 
 
-class Layer(FFN):
+class Layer(ProductKeys):
     def __init__(self, m, layer_idx: int, *, form: str = "train", rngs: nnx.Rngs):
-        c = m.ffn
-        n, d, dk = c.sub_keys, m.d_model, c.d_key
-        init = normal(m.init_std)
-        self.query = linear(d, c.heads * dk, m, rngs, ("embed", None))
-        self.bn = (
-            nnx.BatchNorm(c.heads * dk, momentum=c.bn_momentum, rngs=rngs) if c.query_bn else None
-        )
-        key_heads = 1 if c.shared_keys else c.heads
-        self.keys1 = param(rngs, init, (key_heads, n, dk // 2), (None, "keys", None))
-        self.keys2 = param(rngs, init, (key_heads, n, dk // 2), (None, "keys", None))
-        self.values = param(rngs, init, (n * n, d), ("rows", "embed"))
-        self.heads, self.d_key, self.k, self.dtype = c.heads, dk, c.topk, m.dtype
+        super().__init__(m, rngs)
+        n, d = m.ffn.sub_keys, m.d_model
+        self.values = param(rngs, normal(m.init_std), (n * n, d), ("rows", "embed"))
 
     def __call__(self, x_BxLxD, ctx: Ctx):
         b, n, d = x_BxLxD.shape
-        q = self.query(x_BxLxD.reshape(b * n, d)).astype(jnp.float32)
-        if self.bn is not None:
-            q = self.bn(q, use_running_average=not ctx.train)
-        q_TxHxDk = q.reshape(b * n, self.heads, self.d_key)
-        scores, slots = product_key_topk(q_TxHxDk, self.keys1[...], self.keys2[...], self.k)
-        weights_TxHxK = jax.nn.softmax(scores, axis=-1)
+        weights_TxHxK, slots = self.retrieve(x_BxLxD.reshape(b * n, d), ctx)
         dt = compute_dtype(self)
         v_TxHxKxD = self.values[...][slots].astype(dt)
         y_TxD = jnp.einsum("thk,thkd->td", weights_TxHxK.astype(dt), v_TxHxKxD)
