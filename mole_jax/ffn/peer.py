@@ -137,8 +137,8 @@ class Layer(ProductKeys):
         return y_TxD.reshape(b, n, d), usage_aux(experts, weights_TxHxK, self.u.shape[0], ctx.train)
 
 
-def validate(m) -> None:
-    c, name = m.ffn, "model.ffn.peer"
+def validate_product_keys(c, name: str) -> None:
+    """The fields PEER and PKM share (`ProductKeys`), each refused in one line naming it."""
     require(c.sub_keys >= 1, f"{name}.sub_keys={c.sub_keys} (N = sub_keys^2) must be >= 1")
     require(c.heads >= 1, f"{name}.heads={c.heads} must be >= 1")
     require(
@@ -146,8 +146,12 @@ def validate(m) -> None:
         f"{name}.topk={c.topk} must be between 1 and {name}.sub_keys={c.sub_keys}",
     )
     require(c.d_key >= 2 and c.d_key % 2 == 0, f"{name}.d_key={c.d_key} must be even and >= 2")
-    require_one_of(c.activation, tuple(ACTIVATIONS), f"{name}.activation")
     require(0 < c.bn_momentum < 1, f"{name}.bn_momentum={c.bn_momentum} must be in (0, 1)")
+
+
+def validate(m) -> None:
+    validate_product_keys(m.ffn, "model.ffn.peer")
+    require_one_of(m.ffn.activation, tuple(ACTIVATIONS), "model.ffn.peer.activation")
 
 
 def account(m) -> dict:

@@ -13,9 +13,8 @@ import dataclasses
 import jax.numpy as jnp
 from flax import nnx
 
-from mole_jax.errors import require
 from mole_jax.ffn.base import Ctx
-from mole_jax.ffn.peer import ProductKeys, usage_aux
+from mole_jax.ffn.peer import ProductKeys, usage_aux, validate_product_keys
 from mole_jax.layers import compute_dtype, normal, param
 
 FORMS = ("train",)
@@ -50,15 +49,7 @@ class Layer(ProductKeys):
 
 
 def validate(m) -> None:
-    c, name = m.ffn, "model.ffn.pkm"
-    require(c.sub_keys >= 1, f"{name}.sub_keys={c.sub_keys} (N = sub_keys^2) must be >= 1")
-    require(c.heads >= 1, f"{name}.heads={c.heads} must be >= 1")
-    require(
-        1 <= c.topk <= c.sub_keys,
-        f"{name}.topk={c.topk} must be between 1 and {name}.sub_keys={c.sub_keys}",
-    )
-    require(c.d_key >= 2 and c.d_key % 2 == 0, f"{name}.d_key={c.d_key} must be even and >= 2")
-    require(0 < c.bn_momentum < 1, f"{name}.bn_momentum={c.bn_momentum} must be in (0, 1)")
+    validate_product_keys(m.ffn, "model.ffn.pkm")
 
 
 def account(m) -> dict:
