@@ -55,3 +55,27 @@ def difference(rows: list[dict], a: str, b: str, value=lambda r: r["val_loss"]) 
     se = float(np.sqrt(va.var(ddof=1) / len(va) + vb.var(ddof=1) / len(vb)))
     where = "outside" if abs(d) > 2 * se else "inside"
     return f"{a} - {b} = {d:+.4f} ± {se:.4f} ({len(va)} vs {len(vb)} seeds): {where} the spread"
+
+
+def mean(rows: list[dict], value=lambda r: r["val_loss"]) -> float:
+    """The mean of `value` over rows (a seed group's runs)."""
+    return float(np.mean([value(r) for r in rows]))
+
+
+def claim(rows: list[dict], lower: str, higher: str, value=lambda r: r["val_loss"]) -> str:
+    """The verdict on a paper's claim that group `lower` scores below group `higher`:
+    'reproduced' (below, by more than 2 standard errors), 'not reproduced' (above, by more than 2
+    SE), 'inside the spread' otherwise; with the difference line it rests on."""
+    g = by_group(rows)
+    va, vb = (np.asarray([value(r) for r in g[k]], np.float64) for k in (lower, higher))
+    d = difference(rows, lower, higher, value)
+    if min(len(va), len(vb)) < 2:
+        return f"one seed, no verdict ({d})"
+    se = float(np.sqrt(va.var(ddof=1) / len(va) + vb.var(ddof=1) / len(vb)))
+    gap = va.mean() - vb.mean()
+    word = (
+        "inside the spread"
+        if abs(gap) <= 2 * se
+        else ("reproduced" if gap < 0 else "not reproduced")
+    )
+    return f"{word} ({d})"
