@@ -9,7 +9,7 @@ Expected (PAPERS.md, Table 5): wider experts help (160M MoLE-4E: D_r = D / 4D / 
         --workdir=runs/expert_width
 """
 
-from experiments._study import difference, knobs, run
+from experiments._study import claim, knobs, run
 
 WIDTHS = (1, 4, 16)
 
@@ -30,8 +30,9 @@ def report(rows):
     bytes_per_token = {r["evals"]["LUT fp16 offloaded"]["bytes_per_token"] for r in rows}
     return "\n".join(
         [
-            f"- validation loss: {difference(rows, 'width-4d', 'width-1d')}",
-            f"- validation loss: {difference(rows, 'width-16d', 'width-4d')}",
+            f"- width-4d below width-1d (claim: 4D helps): {claim(rows, 'width-4d', 'width-1d')}",
+            "- width-16d below width-4d (claim: saturates, 'inside the spread' agrees): "
+            f"{claim(rows, 'width-16d', 'width-4d')}",
             f"- LUT bytes per token the same for every width: {len(bytes_per_token) == 1} "
             f"({', '.join(f'{b:,}' for b in sorted(bytes_per_token))})",
         ]

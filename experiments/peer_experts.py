@@ -9,13 +9,13 @@ backbone and the largest pool.
         --workdir=runs/peer_experts
 """
 
-from experiments._study import by_group, knobs, run, verdict
+from experiments._study import by_group, claim, knobs, mean, run
 
 KEYS = (16, 32, 64, 128)
 
 
 def get_config(arg=None):
-    return knobs(arg, size="tiny", steps=600, heads=8, topk=16, seeds=2)
+    return knobs(arg, size="tiny", steps=600, heads=8, topk=16, seeds=3)
 
 
 def get_sweep(c):
@@ -26,17 +26,12 @@ def get_sweep(c):
     return [dict(r, seeds=c.seeds) for r in runs]
 
 
-def _mean(rows, value) -> float:
-    return sum(value(r) for r in rows) / len(rows)
-
-
 def report(rows):
     g = by_group(rows)
-    losses = [(n, _mean(g[f"peer-{n}x{n}"], lambda r: r["val_loss"])) for n in KEYS]
-    falls = all(b < a for (_, a), (_, b) in zip(losses, losses[1:], strict=False))
-    line = ", ".join(f"N={n}^2: {v:.4f}" for n, v in losses)
-    dense = _mean(g["dense"], lambda r: r["val_loss"])
-    return (
-        f"- mean validation loss by N: {line} (dense {dense:.4f})\n"
-        f"- loss falls with every larger pool: {verdict(falls)}"
-    )
+    line = ", ".join(f"N={n}^2: {mean(g[f'peer-{n}x{n}']):.4f}" for n in KEYS)
+    names = ["dense"] + [f"peer-{n}x{n}" for n in KEYS]
+    return "\n".join(
+        [f"- mean validation loss by N: {line} (dense {mean(g['dense']):.4f})"]
+        + [f"- {b} below {a} (claim: a larger pool helps): {claim(rows, b, a)}"
+           for a, b in zip(names, names[1:], strict=False)]
+    )  # fmt: skip

@@ -8,13 +8,13 @@ Expected (PAPERS.md, Fig. 3b): more active experts help, with diminishing return
         --workdir=runs/peer_granularity
 """
 
-from experiments._study import difference, knobs, run
+from experiments._study import claim, knobs, run
 
 HEADS_TOPK = ((2, 16), (4, 16), (8, 16), (8, 32), (16, 32))  # h*k = 32 .. 512
 
 
 def get_config(arg=None):
-    return knobs(arg, size="tiny", steps=600, sub_keys=64, seeds=2)
+    return knobs(arg, size="tiny", steps=600, sub_keys=64, seeds=3)
 
 
 def get_sweep(c):
@@ -27,6 +27,6 @@ def get_sweep(c):
 def report(rows):
     names = [f"hk-{h * k}" for h, k in HEADS_TOPK]
     return "\n".join(
-        f"- validation loss: {difference(rows, b, a)}"
+        f"- {b} below {a} (claim: more active experts help): {claim(rows, b, a)}"
         for a, b in zip(names, names[1:], strict=False)
     )

@@ -10,7 +10,7 @@ switching the routed experts' input to the embedding costs a little; the LUT is 
         --workdir=runs/structure
 """
 
-from experiments._study import difference, knobs, run
+from experiments._study import claim, knobs, run
 
 STEPS = ("moe-10e-top2", "moe-10e-all", "shared-4e-hidden", "mole-4e-embedding")
 
@@ -32,8 +32,12 @@ def get_sweep(c):
 
 def report(rows):
     lines = [
-        f"- validation loss: {difference(rows, b, a)}"
-        for a, b in zip(STEPS, STEPS[1:], strict=False)
+        f"- {STEPS[1]} below {STEPS[0]} (claim: full activation helps, +1.5 acc): "
+        f"{claim(rows, STEPS[1], STEPS[0])}",
+        f"- {STEPS[2]} below {STEPS[1]} (claim: about equal, -0.3 acc; 'inside the spread' "
+        f"agrees): {claim(rows, STEPS[2], STEPS[1])}",
+        f"- {STEPS[2]} below {STEPS[3]} (claim: the embedding input costs a little, -0.7 acc): "
+        f"{claim(rows, STEPS[2], STEPS[3])}",
     ]
     last = [r for r in rows if r.get("group") == STEPS[3]]
     worst = max(abs(r["evals"]["LUT fp32 in memory"]["loss"] - r["val_loss"]) for r in last)

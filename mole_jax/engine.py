@@ -88,6 +88,7 @@ class BaseEngine:
         return float(cross_entropy(logits, jnp.asarray(batch[:, 1:])))
 
     def init_cache(self, batch: int, length: int):
+        require_causal(self.model_config, "decoding with a KV cache")
         return new_cache(self.model_config, batch, length)
 
     def stats(self) -> dict:
@@ -95,6 +96,15 @@ class BaseEngine:
 
     def reset_stats(self) -> None:
         pass
+
+
+def require_causal(m, what: str) -> None:
+    """One UserError line when the model's outputs depend on later tokens (expert-choice MoE)."""
+    if not m.causal:
+        raise UserError(
+            f"{what} needs a causal model; this one routes its MoE by expert choice, so a "
+            "token's output depends on the later tokens of its sequence (train and eval only)"
+        )
 
 
 def tree_bytes(*trees) -> int:

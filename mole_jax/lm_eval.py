@@ -25,7 +25,7 @@ from lm_eval.api.registry import register_model
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
 from mole_jax import data
-from mole_jax.engine import build_engine
+from mole_jax.engine import build_engine, require_causal
 from mole_jax.errors import UserError
 from mole_jax.generate import generate_steps
 from mole_jax.workdir import Workdir
@@ -69,6 +69,7 @@ class MoleJaxLM(TemplateLM):
         if not 1 < self._max_length <= limit:
             raise UserError(f"max_length={self._max_length} must be in [2, {limit}]")
         m = wd.model_config
+        require_causal(m, "lm-eval scoring (each continuation token scored from its prefix)")
         if m.kind == "moe" and m.ffn.dispatch != "dropless" and mode == "experts":
             raise UserError(
                 "a capacity-dispatch MoE's scores depend on what else is in the batch; score it "

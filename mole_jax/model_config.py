@@ -46,6 +46,12 @@ class ModelConfig:
     def head_dim(self) -> int:
         return self.d_model // self.n_heads
 
+    @property
+    def causal(self) -> bool:
+        """Whether position t's logits depend only on tokens <= t (what decoding and lm-eval's
+        scoring need); a kind module may say otherwise through `causal(settings)`."""
+        return getattr(KINDS[self.kind], "causal", lambda s: True)(self.ffn)
+
     def kind_of_layer(self, layer_idx: int) -> str:
         """The FFN kind of block `layer_idx`: the configured kind where placed, dense elsewhere."""
         return self.kind if layer_idx in self.ffn_layers else "dense"

@@ -7,6 +7,9 @@ import pytest
 from flax import nnx
 
 from configs import moe as moe_cfg
+from mole_jax.config import validate
+from mole_jax.engine import require_causal
+from mole_jax.errors import ConfigError, UserError
 from mole_jax.ffn import moe, routing
 from mole_jax.ffn.base import Ctx
 from mole_jax.layers import ACTIVATIONS, Mlp
@@ -137,3 +140,47 @@ def test_blocked_dispatch_with_few_tokens_equals_naive_loop(tokens):
         x.reshape(-1, 64), layer.router[...], layer.up[...], layer.down[...], 2, "topk_softmax"
     )
     np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-6)
+
+
+def naive_expert_choice(x_BxLxD, router, up, down, k):
+    """Per sequence and expert: sort the sequence's tokens by that expert's probability, keep
+    the first C = ceil(L k / E), add prob * FFN_e(x) to each kept token."""
+    b, n, _ = x_BxLxD.shape
+    e = up.shape[0]
+    cap = -(-n * k // e)
+    probs = np.asarray(jax.nn.softmax(x_BxLxD @ router, axis=-1))
+    y, chosen = np.zeros(x_BxLxD.shape), np.zeros((b, n), int)
+    for s in range(b):
+        for j in range(e):
+            for t in np.argsort(-probs[s, :, j], kind="stable")[:cap]:
+                y[s, t] += probs[s, t, j] * np.asarray(GELU(x_BxLxD[s, t] @ up[j]) @ down[j])
+                chosen[s, t] += 1
+    return y, chosen
+
+
+def test_expert_choice_equals_naive_loop_and_is_balanced():
+    layer = make_layer(routing="expert_choice", lb_coef=0.0)
+    y, stats = run_layer(layer, X)
+    y_ref, chosen = naive_expert_choice(X, layer.router[...], layer.up[...], layer.down[...], 2)
+    np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-6)
+    assert chosen.sum(axis=1).tolist() == [6 * 4] * 3  # every expert took C = ceil(10*2/6) = 4
+    assert float(stats["dropped"]) == pytest.approx(np.mean(chosen == 0))
+    assert "lb_loss" not in stats and float(stats["aux_loss"]) > 0  # the z-loss only
+    # identical router columns: every expert ranks the tokens alike and takes the same 4 of 10
+    layer.router[...] = jnp.zeros_like(layer.router[...])
+    assert float(run_layer(layer, X)[1]["dropped"]) == pytest.approx(0.6)
+
+
+def test_expert_choice_is_not_causal_and_says_so():
+    layer = make_layer(routing="expert_choice", lb_coef=0.0)
+    x2 = X.at[:, -1].add(5.0)  # change only the last position
+    y1, y2 = run_layer(layer, X)[0], run_layer(layer, x2)[0]
+    assert np.abs(np.asarray(y1 - y2)[:, :-1]).max() > 0  # earlier outputs moved
+    cfg = moe_cfg.get_config("size=tiny,experts=6,topk=2,routing=expert_choice")
+    assert not model_config(cfg).causal and model_config(moe_cfg.get_config()).causal
+    with pytest.raises(UserError, match="^decoding .* needs a causal model; .*expert choice"):
+        require_causal(model_config(cfg), "decoding with a KV cache")
+    cfg.unlock()
+    cfg.model.ffn.moe.lb_coef = 0.01
+    with pytest.raises(ConfigError, match="balanced by construction"):
+        validate(cfg)

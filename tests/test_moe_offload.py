@@ -162,3 +162,22 @@ def test_quantised_expert_store_equals_the_model_with_dequantised_experts(moe_ru
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5, rtol=1e-5)
     s = eng.stats()
     assert s["bytes_read"] == s["experts_read"] * m["bytes_per_expert"] > 0
+
+
+def test_expert_choice_moe_trains_evaluates_and_refuses_decoding(tmp_path_factory, corpus_dir,
+                                                                 cache_dir):  # fmt: skip
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    cfg = moe.get_config("size=tiny,experts=4,topk=2,routing=expert_choice")
+    w = trained_workdir(tmp_path_factory, cfg, corpus_dir, cache_dir, steps=10)
+    ids = np.random.default_rng(0).integers(0, 512, (2, 17))
+    assert np.isfinite(build_engine(w, "experts").loss(ids))  # teacher-forced evaluation works
+    for args in (["generate", "--prompt=The king"], ["eval", "--offload"]):
+        cmd = [sys.executable, f"{ROOT}/launch.py", args[0], f"--workdir={w}", *args[1:]]
+        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+        lines = proc.stderr.strip().splitlines()
+        assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-2000:]
+        assert lines[0].startswith("error:") and "needs a causal model" in lines[0]

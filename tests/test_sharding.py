@@ -18,6 +18,7 @@ from mole_jax.trainer import setup
 KINDS = {
     "dense": (dense, "size=tiny"),
     "moe": (moe, "size=tiny,experts=4,topk=2"),
+    "moe-ec": (moe, "size=tiny,experts=4,topk=2,routing=expert_choice"),
     "peer": (peer, "size=tiny,keys=16,heads=2,topk=4"),
     "pkm": (pkm, "size=tiny,keys=16,heads=2,topk=4"),
     "mole": (mole, "size=tiny,experts=4"),

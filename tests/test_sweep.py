@@ -218,7 +218,7 @@ def test_a_preempted_slurm_task_checkpoints_and_its_requeue_resumes(
 
 
 def test_seeds_expand_a_run_and_the_report_gives_mean_and_spread(tmp_path, monkeypatch):
-    from experiments._study import difference
+    from experiments._study import claim, difference
     from mole_jax.sweep_report import seed_table
 
     monkeypatch.chdir(ROOT)
@@ -235,6 +235,11 @@ def test_seeds_expand_a_run_and_the_report_gives_mean_and_spread(tmp_path, monke
     # a - b = -0.3, se = sqrt(2 * 0.01 / 3) = 0.0816: outside; a - c = -0.0067: inside
     assert difference(rows, "a", "b").endswith("± 0.0816 (3 vs 3 seeds): outside the spread")
     assert difference(rows, "a", "c").endswith("inside the spread")
+    assert claim(rows, "a", "b").startswith("reproduced (a - b = -0.3000")
+    assert claim(rows, "b", "a").startswith("not reproduced (b - a = +0.3000")
+    assert claim(rows, "c", "a").startswith("inside the spread (c - a = +0.0067")
+    one = rows[:3] + [dict(rows[3], group="d")]
+    assert claim(one, "a", "d").startswith("one seed, no verdict")
     with pytest.raises(ConfigError, match="seeds or set seed"):
         bad = '[dict(name="m", config="configs/dense.py:size=tiny", set=dict(s, seed=1), seeds=2)]'
         module = sweep.load_study(write_study(tmp_path / "b.py", {}, bad))

@@ -6,6 +6,7 @@ Each kind is a module with
     Layer(m, layer_idx, *, form, rngs)   the FFN protocol of `base.py`
     validate(m)         one ConfigError line naming a bad `model.ffn.<kind>` field
     account(m)          its per-layer parameter and FLOP numbers (accounting.py)
+    causal(settings)    (optional) False where a setting makes outputs depend on later tokens
 Adding a kind: write `ffn/<kind>.py` with those names and add one line to KINDS.
 """
 

@@ -11,6 +11,14 @@ Dispatch (`model.ffn.moe.dispatch`):
             `auto` picks ragged on GPU/TPU and blocked on CPU.
   capacity  GShard/Switch einsum dispatch with capacity ceil(capacity_factor * A / E); overflow
             assignments are dropped (their share is logged as `dropped`).
+
+Routing (`model.ffn.moe.routing`):
+  token_choice   each token picks its top-k experts (everything above).
+  expert_choice  each expert picks its top-C tokens of each sequence, C = ceil(L * topk / E)
+                 (Zhou et al. 2022; the PEER paper's MoE baseline): balanced by construction, a
+                 token may get 0..E experts. A token's route depends on the later tokens of its
+                 sequence, so the model is not causal: it trains and is evaluated teacher-forced
+                 (the papers' use), and decoding, offloading and lm-eval scoring refuse it.
 """
 
 from __future__ import annotations
@@ -33,6 +41,7 @@ from mole_jax.layers import ACTIVATIONS, Mlp, compute_dtype, normal, out_std, pa
 FORMS = ("train", "offload")
 DISPATCH = ("dropless", "capacity")
 GROUPED = ("auto", "ragged", "blocked")
+ROUTINGS = ("token_choice", "expert_choice")
 
 
 def permute(x_TxD, experts_TxK, n_experts: int):
@@ -110,6 +119,26 @@ def capacity_ffn(x_TxD, experts_TxK, weights_TxK, up_ExDxF, down_ExFxD, act, fac
     return jnp.einsum("tec,ecd->td", combine, y_ExCxD), dropped
 
 
+def expert_choice_ffn(x_BxLxD, logits_BxLxE, up_ExDxF, down_ExFxD, act, topk: int):
+    """(y_BxLxD, share of tokens no expert chose). Per sequence, expert e takes the C tokens with
+    the largest router probability softmax(logits)[:, e] and adds prob * FFN_e(x) to each."""
+    b, n, d = x_BxLxD.shape
+    e = up_ExDxF.shape[0]
+    cap = min(n, math.ceil(n * topk / e))
+    probs_BxLxE = jax.nn.softmax(logits_BxLxE.astype(jnp.float32), axis=-1)
+    gates_BxExC, tok_BxExC = jax.lax.top_k(probs_BxLxE.transpose(0, 2, 1), cap)
+    x_BxExCxD = jax.vmap(lambda x, t: x[t])(x_BxLxD, tok_BxExC)
+    h = act(jnp.einsum("becd,edf->becf", x_BxExCxD, up_ExDxF))
+    y_BxExCxD = jnp.einsum("becf,efd->becd", h, down_ExFxD)
+    y_BxExCxD = y_BxExCxD * gates_BxExC[..., None].astype(y_BxExCxD.dtype)
+
+    def scatter(y_ExCxD, t_ExC):
+        return jnp.zeros((n, d), y_ExCxD.dtype).at[t_ExC.ravel()].add(y_ExCxD.reshape(-1, d))
+
+    chosen_BxL = jax.vmap(lambda t: jnp.zeros((n,), jnp.int32).at[t.ravel()].add(1))(tok_BxExC)
+    return jax.vmap(scatter)(y_BxExCxD, tok_BxExC), jnp.mean(chosen_BxL == 0)
+
+
 @dataclasses.dataclass(frozen=True)
 class Settings:
     experts: int
@@ -123,6 +152,7 @@ class Settings:
     grouped: str  # auto | ragged | blocked (dropless grouped matmul)
     capacity_factor: float
     tile: int  # rows per tile of the blocked grouped matmul
+    routing: str = "token_choice"  # or expert_choice (ROUTINGS); configs before it: token_choice
 
 
 class Routes(NamedTuple):
@@ -159,7 +189,7 @@ class Layer(FFN):
         )
         self.n_experts, self.lb_coef, self.z_coef, self.tile = e, c.lb_coef, c.z_coef, c.tile
         self.grouped = c.grouped if c.grouped != "auto" else _auto_grouped()
-        self.act_name, self.dtype = m.activation, m.dtype
+        self.act_name, self.dtype, self.choice = m.activation, m.dtype, c.routing
 
     def route(self, x_BxLxD) -> Routes:
         """The router in float32 over the flattened tokens."""
@@ -201,7 +231,21 @@ class Layer(FFN):
             expert_load=routing.expert_load(routes.experts_TxK, self.n_experts),
         )
 
+    def expert_choice(self, x_BxLxD):
+        dt = compute_dtype(self)
+        logits_BxLxE = x_BxLxD.astype(jnp.float32) @ self.router[...]
+        y, unchosen = expert_choice_ffn(
+            x_BxLxD.astype(dt), logits_BxLxE, self.up[...].astype(dt), self.down[...].astype(dt),
+            ACTIVATIONS[self.act_name], self.k,
+        )  # fmt: skip
+        if self.shared is not None:
+            y = y + self.shared(x_BxLxD)
+        z = routing.z_loss(logits_BxLxE.reshape(-1, self.n_experts))
+        return y.astype(x_BxLxD.dtype), dict(aux_loss=self.z_coef * z, z_loss=z, dropped=unchosen)
+
     def __call__(self, x_BxLxD, ctx: Ctx):
+        if self.choice == "expert_choice":
+            return self.expert_choice(x_BxLxD)
         r = self.route(x_BxLxD)
         y, stats = self.apply_experts(
             x_BxLxD, r.weights_TxK, r.experts_TxK, self.up[...], self.down[...]
@@ -228,6 +272,16 @@ def validate(m) -> None:
     require(c.capacity_factor > 0, f"{name}.capacity_factor={c.capacity_factor} must be > 0")
     require(c.tile >= 1, f"{name}.tile={c.tile} must be >= 1")
     require(c.lb_coef >= 0 and c.z_coef >= 0, f"{name}.lb_coef and z_coef must be >= 0")
+    require_one_of(c.routing, ROUTINGS, f"{name}.routing")
+    require(
+        c.routing == "token_choice" or c.lb_coef == 0,
+        f"{name}.lb_coef={c.lb_coef}: expert_choice routing is balanced by construction; set 0",
+    )
+
+
+def causal(c: Settings) -> bool:
+    """Whether a token's output depends only on it and earlier tokens (not under expert_choice)."""
+    return c.routing == "token_choice"
 
 
 def account(m) -> dict:

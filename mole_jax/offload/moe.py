@@ -29,7 +29,7 @@ import numpy as np
 
 from mole_jax import quant
 from mole_jax.checkpoint import restore_model
-from mole_jax.engine import BaseEngine
+from mole_jax.engine import BaseEngine, require_causal
 from mole_jax.errors import UserError
 from mole_jax.model import forward
 from mole_jax.offload.expert_store import ExpertStore
@@ -72,6 +72,7 @@ class MoeOffloadEngine(BaseEngine):
         m = self.model_config
         if m.kind != "moe":
             raise UserError(f"{wd} holds a '{m.kind}' model, not a MoE")
+        require_causal(m, "expert offloading (which loads a token's experts as it arrives)")
         if capacity < 0:
             raise UserError(f"expert cache capacity {capacity} must be >= 0")
         topk = m.ffn.topk
