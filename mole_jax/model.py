@@ -72,6 +72,8 @@ class Transformer(nnx.Module):
         self.norm = RMSNorm(m.d_model, m.norm_eps)
         self.head = param(rngs, init, (m.d_model, m.vocab_size), ("embed", "vocab"))
         self.table_layers = tuple(i for i, b in enumerate(self.blocks) if b.ffn.uses_token_table)
+        if ffn_lib.router_module(m.kind) is not None:
+            self.router = ffn_lib.router_module(m.kind).Router(m, rngs)
 
     def embed_ids(self, ids_BxL):
         """The raw token embeddings in the compute dtype. (With a mesh, the table's `embed` axis
@@ -121,9 +123,13 @@ def forward(
     scan = getattr(model, "scan_layers", False) and cache is None
     if uniq is not None and not scan:
         tables, uniq = model.token_tables(uniq), None
-    ctx = Ctx(ids_BxL, emb_BxLxD, inv_BxL, None, train)
     index = jnp.zeros((), jnp.int32) if cache is None else cache["index"]
     pos_L = index + jnp.arange(ids_BxL.shape[1], dtype=jnp.int32)
+    routes = router_kv = None
+    if getattr(model, "router", None) is not None:
+        kv = None if cache is None else cache["router"]
+        routes, router_kv = model.router(ids_BxL, pos_L, kv, index)
+    ctx = Ctx(ids_BxL, emb_BxLxD, inv_BxL, None, routes, train)
     run = remat_block(getattr(model, "remat", "none"))
     emb_uniq = None if uniq is None else model.embed_ids(uniq)
     if scan:
@@ -139,6 +145,8 @@ def forward(
             kvs.append(kv)
     logits = model.logits(h) if head else None
     new_cache = None if cache is None else {"index": index + ids_BxL.shape[1], "layers": kvs}
+    if new_cache is not None and router_kv is not None:
+        new_cache["router"] = router_kv
     aux_loss = sum((a["aux_loss"] for a in auxes.values() if "aux_loss" in a), jnp.float32(0))
     aux = {"aux_loss": aux_loss, "per_layer": {i: a for i, a in auxes.items() if a}}
     return Output(logits, aux, new_cache, None if head else h)
@@ -180,7 +188,12 @@ def new_cache(m, batch: int, length: int) -> dict:
     if length > m.max_seq_len:
         raise UserError(f"{length} tokens exceed model.max_seq_len={m.max_seq_len}")
     layers = [init_kv(batch, length, m, compute_dtype(m)) for _ in range(m.n_layers)]
-    return {"index": jnp.zeros((), jnp.int32), "layers": layers}
+    cache = {"index": jnp.zeros((), jnp.int32), "layers": layers}
+    if ffn_lib.router_module(m.kind) is not None:
+        cache["router"] = ffn_lib.router_module(m.kind).new_router_cache(
+            m, batch, length, compute_dtype(m)
+        )
+    return cache
 
 
 def build_model(m, form: str = "train", seed: int = 0) -> Transformer:

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from conftest import tiny_overrides
 
-from configs import dense, moe, mole, peer, pkm
+from configs import dense, moe, mole, peer, pkm, pregated
 from mole_jax import train
 from mole_jax.evaluate import evaluate
 from mole_jax.metrics import read_metrics
@@ -20,6 +20,7 @@ KINDS = {
     "peer": (peer, "size=tiny,keys=64,heads=4,topk=8", ("usage", "unevenness")),
     "pkm": (pkm, "size=tiny,keys=64,heads=4,topk=8", ("usage", "unevenness")),
     "mole": (mole, "size=tiny,experts=4", ()),
+    "pregated": (pregated, "size=tiny,experts=4", ("lb_loss", "z_loss")),
     "dense": (dense, "size=tiny", ()),
 }
 
@@ -37,7 +38,7 @@ def test_kind_trains_on_text(kind, tmp_path, corpus_dir, cache_dir):
     assert last < first - 1.0, (first, last)
     for name in stats + ("aux_loss",):
         assert all(math.isfinite(r[name]) for r in rows), name
-    if kind in ("moe", "mole"):
+    if kind in ("moe", "mole", "pregated"):
         load = rows[-1]["expert_load/l0"]
         assert len(load) == 4 and abs(sum(load) - 1) < 1e-4
     s = json.load(open(f"{w}/model_summary.json"))

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from configs import dense, moe, mole, peer, pkm
+from configs import dense, moe, mole, peer, pkm, pregated
 from mole_jax.model import build_model, new_cache
 from mole_jax.model_config import model_config
 from mole_jax.optim import make_optimizer
@@ -22,7 +22,8 @@ def tiny_model_cfg(kind_module=dense, arg="size=tiny", **model):
 
 
 def causality_violations(cfg, length=12):
-    """Positions s > t whose token embedding gets gradient from the logits at t."""
+    """Positions s > t whose token embedding gets gradient from the logits at t (the backbone's
+    embedding, and a pre-gating router's own)."""
     model = build_model(model_config(cfg), seed=1)
     ids = jnp.arange(1, length + 1, dtype=jnp.int32)[None, :]  # distinct ids: one row each
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
@@ -33,14 +34,15 @@ def causality_violations(cfg, length=12):
             out = nnx.merge(graphdef, p, rest)(ids)
             return (out.logits_BxLxV[0] * onehot_L[:, None]).sum()
 
-        return jax.grad(logits_at_t)(p)["embed"][...]
+        g = jax.grad(logits_at_t)(p)
+        return [g["embed"][...]] + ([g["router"]["embed"][...]] if "router" in g else [])
 
     bad = []
     for t in (0, length // 2, length - 2):
-        g_embed = grad_of_logits_at(params, jax.nn.one_hot(t, length))
-        row_norms = jnp.linalg.norm(g_embed[ids[0]], axis=-1)
-        bad += [(t, s) for s in range(t + 1, length) if row_norms[s] != 0.0]
-        assert all(row_norms[s] > 0 for s in range(t + 1)), "earlier positions must matter"
+        for g_embed in grad_of_logits_at(params, jax.nn.one_hot(t, length)):
+            row_norms = jnp.linalg.norm(g_embed[ids[0]], axis=-1)
+            bad += [(t, s) for s in range(t + 1, length) if row_norms[s] != 0.0]
+            assert all(row_norms[s] > 0 for s in range(t + 1)), "earlier positions must matter"
     return bad
 
 
@@ -50,6 +52,7 @@ KINDS = {
     "peer": (peer, "size=tiny,keys=16,heads=2,topk=4"),
     "pkm": (pkm, "size=tiny,keys=16,heads=2,topk=4"),
     "mole": (mole, "size=tiny,experts=3"),
+    "pregated": (pregated, "size=tiny,experts=3,permanent=1"),
 }
 
 

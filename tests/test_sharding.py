@@ -7,7 +7,7 @@ import pytest
 from conftest import tiny_overrides
 from jax.sharding import PartitionSpec as P
 
-from configs import dense, moe, mole, peer, pkm
+from configs import dense, moe, mole, peer, pkm, pregated
 from mole_jax import data, train
 from mole_jax.config import validate
 from mole_jax.errors import ConfigError
@@ -22,6 +22,7 @@ KINDS = {
     "peer": (peer, "size=tiny,keys=16,heads=2,topk=4"),
     "pkm": (pkm, "size=tiny,keys=16,heads=2,topk=4"),
     "mole": (mole, "size=tiny,experts=4"),
+    "pregated": (pregated, "size=tiny,experts=4,permanent=1"),
 }
 MESHES = {"fsdp2-tensor2-expert2": dict(fsdp=2, tensor=2, expert=2, data=1), "fsdp8": dict(fsdp=8)}
 

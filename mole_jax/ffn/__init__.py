@@ -7,6 +7,9 @@ Each kind is a module with
     validate(m)         one ConfigError line naming a bad `model.ffn.<kind>` field
     account(m)          its per-layer parameter and FLOP numbers (accounting.py)
     causal(settings)    (optional) False where a setting makes outputs depend on later tokens
+    Router(m, rngs)     (optional) a model-level module run once before the blocks: (ids, pos,
+                        kv, index) -> (routes, kv); its routes reach every block as `ctx.routes`
+    new_router_cache(m, batch, length, dtype), account_model(m, seq)   (with a Router)
 Adding a kind: write `ffn/<kind>.py` with those names and add one line to KINDS.
 """
 
@@ -15,7 +18,7 @@ from __future__ import annotations
 from flax import nnx
 
 from mole_jax.errors import ConfigError
-from mole_jax.ffn import dense, moe, mole, peer, pkm
+from mole_jax.ffn import dense, moe, mole, peer, pkm, pregated
 
 KINDS = {
     "dense": dense,
@@ -23,6 +26,7 @@ KINDS = {
     "peer": peer,
     "pkm": pkm,
     "mole": mole,
+    "pregated": pregated,
 }
 
 
@@ -52,6 +56,11 @@ def layer_indices(spec: str, n_layers: int) -> tuple[int, ...]:
             f"model.ffn.layers={spec!r} names blocks {bad}; valid are 0..{n_layers - 1}"
         )
     return idx
+
+
+def router_module(kind: str):
+    """The kind's module when it has a model-level Router, else None."""
+    return KINDS[kind] if hasattr(KINDS[kind], "Router") else None
 
 
 def build_ffn(m, layer_idx: int, *, form: str, rngs: nnx.Rngs):

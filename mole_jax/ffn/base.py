@@ -19,12 +19,14 @@ from flax import nnx, struct
 class Ctx:
     """Per-forward context. ids_BxL: int32; emb_BxLxD: raw token embeddings in compute dtype;
     inv_BxL: row of each position in the token tables; table: this layer's table
-    (<dtype>[G, U, ...] or [U, ...]), set by `model.forward` for the layer it runs."""
+    (<dtype>[G, U, ...] or [U, ...]), set by `model.forward` for the layer it runs; routes: what
+    the kind's model-level Router computed for these positions (None without one)."""
 
     ids_BxL: jax.Array
     emb_BxLxD: jax.Array
     inv_BxL: jax.Array | None = None
     table: jax.Array | None = None
+    routes: Any = None  # the model-level router's routes (kinds with a Router: pregated)
     train: bool = struct.field(pytree_node=False, default=False)
 
 

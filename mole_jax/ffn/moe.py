@@ -287,14 +287,19 @@ def causal(c: Settings) -> bool:
 def account(m) -> dict:
     """Table 1 rows 'MoE' and 'MoE + expert offload' (per layer)."""
     c, d = m.ffn, m.d_model
-    expert = 2 * d * c.d_expert
     fixed = d * c.experts + 2 * d * c.shared_d_ff  # router + shared expert
-    active = fixed + c.topk * expert
+    return routed_account(2 * d * c.d_expert, c.experts, c.topk, fixed)
+
+
+def routed_account(expert: int, experts: int, topk: int, fixed: int) -> dict:
+    """The per-layer numbers of `experts` routed experts of `expert` parameters each, `topk` of
+    them active per token, beside `fixed` always-used parameters."""
+    active = fixed + topk * expert
     return dict(
-        params=fixed + c.experts * expert,
-        params_resident=fixed + c.experts * expert,
+        params=fixed + experts * expert,
+        params_resident=fixed + experts * expert,
         params_active=active,
         flops=2 * active,
-        offloadable_params=c.experts * expert,
-        offload_resident_params=fixed + c.topk * expert,
+        offloadable_params=experts * expert,
+        offload_resident_params=fixed + topk * expert,
     )
