@@ -35,7 +35,8 @@ def next_uses(trace: list[set[int]]) -> list[dict[int, float]]:
 
 
 def simulate(trace: list[set[int]], capacity: int, policy: str, seed: int = 0) -> dict:
-    """Replays `trace` through a cache of `capacity` experts; returns hits, lookups, loads."""
+    """Replays `trace` through a cache of `capacity` experts; returns hits, lookups, loads and
+    `step_loads` (the experts loaded at each step)."""
     if policy not in POLICIES:
         raise ValueError(f"policy {policy!r} is not one of {POLICIES}")
     if capacity < 0:
@@ -44,15 +45,19 @@ def simulate(trace: list[set[int]], capacity: int, policy: str, seed: int = 0) -
     rng = np.random.default_rng(seed)
     key: dict[int, float] = {}  # resident expert -> last use (lru) or next use (belady)
     hits = lookups = 0
+    step_loads = []
     for t, step in enumerate(trace):
         need = set(step)
         lookups += len(need)
         hits += len(need & key.keys())
+        step_loads.append(len(need - key.keys()))
         for e in need:
             key[e] = future[t][e] if future is not None else t
         while len(key) > capacity:
             del key[_victim(key, policy, rng)]
-    return dict(hits=hits, lookups=lookups, loads=lookups - hits, hit_rate=hits / max(1, lookups))
+    loads = lookups - hits
+    return dict(hits=hits, lookups=lookups, loads=loads, hit_rate=hits / max(1, lookups),
+                step_loads=step_loads)  # fmt: skip
 
 
 def _victim(key: dict[int, float], policy: str, rng) -> int:

@@ -1,0 +1,139 @@
+"""Batch scheduling for a pre-gated MoE's request queue, and its replay through a shared expert
+cache (Read-ME's Section 4: expert-aware batching, Algorithm 1, and the Belady cache).
+
+A request is a prompt of P tokens and N tokens to generate; its path (`paths`, one expert id per
+token, from the pre-gating router) is known for every token it has. Its work arrives as items:
+one prefill (its P prompt tokens, which also yields the first new token) and then N - 1 decodes
+(one token each, the previously generated one). Each scheduling step forms one batch of at most
+`budget` tokens from the ready items (the prefills of waiting requests, the next decode of each
+running request) by a policy:
+- `decode_first`: running requests' decodes in queue order, then prefills (FIFO, decode-prioritised);
+- `prefill_first`: waiting prefills first, then decodes;
+- `expert_aware`: Read-ME's Algorithm 1: ready items grouped by expert (a decode by its token's
+  path, a prefill by its prompt's most frequent path); repeatedly take the expert with the most
+  queued tokens and add its whole queue if it fits, else fill the budget from it and stop.
+Every request is in the queue at the start, in an order fixed by a seed, so the sequence of batches
+does not depend on how long each takes. Because pre-gated experts are aligned, a batch needs the
+same expert ids in every layer: its trace entry is the union of its tokens' paths, and each layer's
+cache sees the same trace (`policies.simulate` replays it: Random, LRU, or Belady over the real
+future of the trace, known ahead because the queue's routes are).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import Counter
+
+import numpy as np
+
+POLICIES = ("decode_first", "prefill_first", "expert_aware")
+
+
+@dataclasses.dataclass(frozen=True)
+class Request:
+    rid: int
+    paths: tuple[int, ...]  # the route of every token: prompt, then the generated ones
+    prompt: int  # P
+    new: int  # N >= 1
+
+
+@dataclasses.dataclass(frozen=True)
+class Item:
+    rid: int
+    step: int  # 0: the prefill; j >= 1: the j-th decode
+    experts: tuple[int, ...]  # the paths of the tokens it processes
+
+    @property
+    def tokens(self) -> int:
+        return len(self.experts)
+
+    @property
+    def key(self) -> int:
+        """The expert an item is queued under (its most frequent path; the lowest id on ties)."""
+        counts = Counter(self.experts)
+        return min(counts, key=lambda e: (-counts[e], e))
+
+
+def item(r: Request, step: int) -> Item:
+    if step == 0:
+        return Item(r.rid, 0, r.paths[: r.prompt])
+    return Item(r.rid, step, (r.paths[r.prompt + step - 1],))
+
+
+def schedule(requests: list[Request], budget: int, policy: str) -> list[list[Item]]:
+    """The batches, in order, that serve every request's prefill and decodes once."""
+    if policy not in POLICIES:
+        raise ValueError(f"policy {policy!r} is not one of {POLICIES}")
+    if any(r.prompt > budget for r in requests):
+        raise ValueError(f"a prompt is longer than the token budget {budget}")
+    waiting = list(requests)
+    running: dict[int, int] = {}  # rid -> the next decode step
+    by_id = {r.rid: r for r in requests}
+    batches = []
+    while waiting or running:
+        prefills = [item(r, 0) for r in waiting]
+        decodes = [item(by_id[rid], s) for rid, s in running.items()]
+        batch = _pick(prefills, decodes, budget, policy)
+        for it in batch:
+            r = by_id[it.rid]
+            if it.step == 0:
+                waiting.remove(r)
+            nxt = it.step + 1
+            if nxt < r.new:
+                running[r.rid] = nxt
+            else:
+                running.pop(r.rid, None)
+        batches.append(batch)
+    return batches
+
+
+def _pick(prefills: list[Item], decodes: list[Item], budget: int, policy: str) -> list[Item]:
+    if policy == "expert_aware":
+        return expert_aware(prefills + decodes, budget)
+    order = decodes + prefills if policy == "decode_first" else prefills + decodes
+    batch, used = [], 0
+    for it in order:
+        if used + it.tokens <= budget:
+            batch.append(it)
+            used += it.tokens
+    return batch
+
+
+def expert_aware(ready: list[Item], budget: int) -> list[Item]:
+    """Read-ME Algorithm 1 over the ready items (kept in queue order within an expert)."""
+    queues: dict[int, list[Item]] = {}
+    for it in ready:
+        queues.setdefault(it.key, []).append(it)
+    batch, used = [], 0
+    while queues:
+        e = max(queues, key=lambda k: (sum(i.tokens for i in queues[k]), -k))
+        queue = queues.pop(e)
+        if used + sum(i.tokens for i in queue) <= budget:
+            batch += queue
+            used += sum(i.tokens for i in queue)
+            continue
+        for it in queue:
+            if used + it.tokens <= budget:
+                batch.append(it)
+                used += it.tokens
+        break
+    return batch
+
+
+def trace_of(batches: list[list[Item]]) -> list[set[int]]:
+    """Each batch's needed experts (per layer: the same ids in every layer)."""
+    return [{e for it in b for e in it.experts} for b in batches]
+
+
+def latencies(requests, batches, step_seconds) -> np.ndarray:
+    """Per request: the time its last token is produced / its generated tokens (Read-ME's metric:
+    end-to-end latency per generated token), all requests queued at time 0. step_seconds[i]: the
+    time batch i takes."""
+    done, clock = {}, 0.0
+    by_id = {r.rid: r for r in requests}
+    for batch, dt in zip(batches, step_seconds, strict=True):
+        clock += dt
+        for it in batch:
+            if it.step == by_id[it.rid].new - 1:
+                done[it.rid] = clock
+    return np.array([done[r.rid] / r.new for r in requests])
