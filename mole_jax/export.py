@@ -123,10 +123,10 @@ def _export_experts(wd, step, dtype, out) -> dict:
     if dtype not in dtypes:
         raise UserError(f"expert stores hold {'|'.join(dtypes)}, not --dtype={dtype}")
     m = wd.model_config
-    if m.kind != "moe":
+    if m.kind not in ("moe", "pregated"):
         raise UserError(f"{wd} holds a '{m.kind}' model; only MoE experts are offloaded")
     model = restore_model(wd, m, "train", step)
-    layers = [i for i in range(m.n_layers) if m.kind_of_layer(i) == "moe"]
+    layers = [i for i in range(m.n_layers) if m.kind_of_layer(i) == m.kind]
     experts = {i: {n: model.params["blocks"][i]["ffn"][n] for n in ("up", "down")} for i in layers}
     fields = dict(
         checkpoint_step=model.step,

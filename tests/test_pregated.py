@@ -4,6 +4,7 @@ per token; a block equals a naive per-expert loop over those routes; accounting 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from flax import nnx
 
 from configs import pregated
@@ -85,3 +86,24 @@ def test_accounting_is_exact_and_active_params_equal_dense():
     # top-1 over d_ff-wide experts: the backbone's active parameters are dense's, plus the router
     extra = with_router["params_active_per_token"] - d["params_active_per_token"]
     assert extra == 8192 * r + 6 * r * r + r * n + 3 * r
+
+
+@pytest.mark.slow
+def test_expert_store_of_a_trained_pregated_model(tmp_path_factory, corpus_dir, cache_dir):
+    from conftest import trained_workdir
+
+    from mole_jax.checkpoint import restore_model
+    from mole_jax.export import export_experts
+    from mole_jax.offload.expert_store import ExpertStore
+    from mole_jax.workdir import Workdir
+
+    cfg = pregated.get_config("size=tiny,experts=4,permanent=1")
+    w = trained_workdir(tmp_path_factory, cfg, corpus_dir, cache_dir, steps=4)
+    manifest = export_experts(w, dtype="float32")
+    assert manifest["layers"] == [0, 1] and manifest["experts"] == 4
+    params = restore_model(w, Workdir(w).model_config).params
+    store = ExpertStore.open(f"{w}/experts")
+    for layer, e in ((0, 3), (1, 0)):
+        up, down = store.start_read(layer, e).result()
+        np.testing.assert_array_equal(up, params["blocks"][layer]["ffn"]["up"][e])
+        np.testing.assert_array_equal(down, params["blocks"][layer]["ffn"]["down"][e])
