@@ -1,4 +1,4 @@
-"""mole_jax command line: train | summary | export | eval | generate | sweep.
+"""mole_jax command line: train | summary | export | eval | generate | sweep | convert.
 
     python launch.py train    --config=configs/mole.py:size=tiny,experts=4 --workdir=runs/m
                               [--coordinator=HOST:PORT --num_processes=N --process_id=I]
@@ -11,6 +11,8 @@
     python launch.py generate --workdir=runs/m --prompt="..." [--offload]
     python launch.py sweep    --config=experiments/<study>.py[:arg] --workdir=runs/<study>
                               [--parallel=N] [--dry_run] [--executor=slurm --slurm=partition=p,...]
+    python launch.py convert  --from=runs/dense --workdir=runs/pg \
+                              --config=configs/pregated.py:size=tiny,convert=1[,permanent=1]
 
 Everything is a function in `mole_jax`; this file parses flags and dispatches. User mistakes end
 with one line on stderr and exit status 2.
@@ -72,9 +74,10 @@ flags.DEFINE_integer("limit", None, "eval --tasks: at most this many documents p
 flags.DEFINE_integer("num_fewshot", None, "eval --tasks: examples in each prompt (default 0).")
 flags.DEFINE_string("include_path", None, "eval --tasks: a folder of your own lm-eval task YAMLs.")
 flags.DEFINE_bool("allow_hub", False, "eval --tasks: allow tasks whose data is on the HF hub.")
+flags.DEFINE_string("from", None, "convert: the trained dense workdir to convert.")
 FLAGS = flags.FLAGS
 
-COMMANDS = ("train", "summary", "export", "eval", "generate", "sweep")
+COMMANDS = ("train", "summary", "export", "eval", "generate", "sweep", "convert")
 
 
 def fail(message: str, code: int = 2):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 from ml_collections import ConfigDict
+from scipy import stats
 
 from mole_jax.config import parse_arg
 
@@ -43,17 +44,30 @@ def by_group(rows: list[dict]) -> dict[str, list[dict]]:
     return out
 
 
+def _welch(va: np.ndarray, vb: np.ndarray) -> tuple[float, float, float]:
+    """(mean difference, its standard error, the two-sided 95 % critical value of Welch's t)."""
+    sa, sb = va.var(ddof=1) / len(va), vb.var(ddof=1) / len(vb)
+    se = float(np.sqrt(sa + sb))
+    df = (sa + sb) ** 2 / (sa**2 / (len(va) - 1) + sb**2 / (len(vb) - 1)) if se > 0 else np.inf
+    return float(va.mean() - vb.mean()), se, float(stats.t.ppf(0.975, df))
+
+
+def _groups(rows, a, b, value):
+    g = by_group(rows)
+    return (np.asarray([value(r) for r in g[k]], np.float64) for k in (a, b))
+
+
 def difference(rows: list[dict], a: str, b: str, value=lambda r: r["val_loss"]) -> str:
     """'a - b = d ± se: outside / inside the spread': d the difference of the groups' means, se
-    its standard error from the groups' sample stds; inside when |d| <= 2 se (about 95 %).
-    With one seed on a side the spread is unknown, and the line says so."""
-    g = by_group(rows)
-    va, vb = (np.asarray([value(r) for r in g[k]], np.float64) for k in (a, b))
+    its standard error from the groups' sample stds; inside when |d| is within Welch's t test's
+    95 % critical value times se. With one seed on a side the spread is unknown, and the line
+    says so."""
+    va, vb = _groups(rows, a, b, value)
     d = va.mean() - vb.mean()
     if min(len(va), len(vb)) < 2:
         return f"{a} - {b} = {d:+.4f} (one seed: spread unknown)"
-    se = float(np.sqrt(va.var(ddof=1) / len(va) + vb.var(ddof=1) / len(vb)))
-    where = "outside" if abs(d) > 2 * se else "inside"
+    d, se, crit = _welch(va, vb)
+    where = "outside" if abs(d) > crit * se else "inside"
     return f"{a} - {b} = {d:+.4f} ± {se:.4f} ({len(va)} vs {len(vb)} seeds): {where} the spread"
 
 
@@ -64,18 +78,14 @@ def mean(rows: list[dict], value=lambda r: r["val_loss"]) -> float:
 
 def claim(rows: list[dict], lower: str, higher: str, value=lambda r: r["val_loss"]) -> str:
     """The verdict on a paper's claim that group `lower` scores below group `higher`:
-    'reproduced' (below, by more than 2 standard errors), 'not reproduced' (above, by more than 2
-    SE), 'inside the spread' otherwise; with the difference line it rests on."""
-    g = by_group(rows)
-    va, vb = (np.asarray([value(r) for r in g[k]], np.float64) for k in (lower, higher))
+    'reproduced' (below, outside the spread of `difference`), 'not reproduced' (above, outside
+    it), 'inside the spread' otherwise; with the difference line it rests on. No verdict with one
+    seed on a side or a value that is not finite (a diverged run)."""
+    va, vb = _groups(rows, lower, higher, value)
     d = difference(rows, lower, higher, value)
-    if min(len(va), len(vb)) < 2:
-        return f"one seed, no verdict ({d})"
-    se = float(np.sqrt(va.var(ddof=1) / len(va) + vb.var(ddof=1) / len(vb)))
-    gap = va.mean() - vb.mean()
-    word = (
-        "inside the spread"
-        if abs(gap) <= 2 * se
-        else ("reproduced" if gap < 0 else "not reproduced")
-    )
-    return f"{word} ({d})"
+    if min(len(va), len(vb)) < 2 or not np.isfinite(np.concatenate([va, vb])).all():
+        return f"no verdict ({d})"
+    gap, se, crit = _welch(va, vb)
+    if abs(gap) <= crit * se:
+        return f"inside the spread ({d})"
+    return f"{'reproduced' if gap < 0 else 'not reproduced'} ({d})"

@@ -118,6 +118,8 @@ def main(_):
     rng = np.random.default_rng(FLAGS.seed)
     engine = build_engine(FLAGS.workdir, "experts")
     m = engine.model_config
+    if m.kind != "pregated" or m.ffn.topk != 1 or len(m.ffn_layers) != m.n_layers:
+        raise SystemExit(f"{FLAGS.workdir}: a pre-gated model, top-1, in every block is needed")
     store_dir = os.path.join(FLAGS.workdir, "experts_float16")
     fresh(ExpertStore, FLAGS.workdir, "experts_float16", lambda: export_experts(
         FLAGS.workdir, dtype="float16", out="experts_float16"))  # fmt: skip

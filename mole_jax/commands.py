@@ -27,6 +27,20 @@ def train(f):
     return out
 
 
+def convert(f):
+    from mole_jax.convert import convert as convert_model
+
+    _need(f, "from", "workdir", "config")
+    out = convert_model(getattr(f, "from"), f.workdir, f.config)
+    losses = [(r["distill"] or {}).get("last") for r in out["rounds"]]
+    print(
+        f"converted {out['source']} into {f.workdir}: {len(out['domains'])} experts "
+        f"({out['expert_channels']} channels each, {out['permanent_channels']} permanent); "
+        f"router distillation loss by round {losses}; record in {f.workdir}/convert.json"
+    )
+    return out
+
+
 def summary(f):
     from mole_jax import accounting
     from mole_jax.config import planned_devices, validate

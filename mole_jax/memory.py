@@ -89,7 +89,7 @@ def _ffn_activations(m, layer: int, tokens: int, c: int, sizes: dict[str, int], 
     shared FFN plus E rows per position and their gradient, PEER the gathered rows."""
     kind, tp, d = m.kind_of_layer(layer), sizes["tensor"], m.d_model
     dense = 3 * tokens * (m.d_ff / tp) * c
-    if kind == "moe":
+    if kind in ("moe", "pregated"):  # pre-gated: the same dropless dispatch (router: small)
         return _moe_activations(m, tokens, c, sizes, backend)
     if kind == "mole":
         s = m.ffn
@@ -115,7 +115,8 @@ def _moe_activations(m, tokens: int, c: int, sizes: dict[str, int], backend: str
         tiles = -(-(assigned + groups * (tile - 1)) // tile)
         rows, tile_weights = tiles * tile, 2 * tiles * 2 * d * f * c
     routed = rows * (2 * d + 2 * f) * c + assigned * 2 * d * c + tile_weights
-    shared = 3 * tokens * s.shared_d_ff / tp * c
+    always_on = getattr(s, "shared_d_ff", None) or getattr(s, "permanent", 0)  # MoE / pre-gated
+    shared = 3 * tokens * always_on / tp * c
     return routed + shared + tokens * s.experts * 4 * 3
 
 

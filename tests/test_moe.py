@@ -163,12 +163,15 @@ def test_expert_choice_equals_naive_loop_and_is_balanced():
     y, stats = run_layer(layer, X)
     y_ref, chosen = naive_expert_choice(X, layer.router[...], layer.up[...], layer.down[...], 2)
     np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-6)
-    assert chosen.sum(axis=1).tolist() == [6 * 4] * 3  # every expert took C = ceil(10*2/6) = 4
-    assert float(stats["dropped"]) == pytest.approx(np.mean(chosen == 0))
+    logits = X.astype(jnp.float32) @ layer.router[...]
+    _, chosen_impl = moe.expert_choice_ffn(X, logits, layer.up[...], layer.down[...], GELU, 2)
+    np.testing.assert_array_equal(chosen_impl, chosen)
+    assert np.asarray(chosen_impl).sum(axis=1).tolist() == [6 * 4] * 3  # C = ceil(10*2/6) = 4
+    assert float(stats["unchosen"]) == pytest.approx(np.mean(chosen == 0))
     assert "lb_loss" not in stats and float(stats["aux_loss"]) > 0  # the z-loss only
     # identical router columns: every expert ranks the tokens alike and takes the same 4 of 10
     layer.router[...] = jnp.zeros_like(layer.router[...])
-    assert float(run_layer(layer, X)[1]["dropped"]) == pytest.approx(0.6)
+    assert float(run_layer(layer, X)[1]["unchosen"]) == pytest.approx(0.6)
 
 
 def test_expert_choice_is_not_causal_and_says_so():

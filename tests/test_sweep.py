@@ -232,14 +232,24 @@ def test_seeds_expand_a_run_and_the_report_gives_mean_and_spread(tmp_path, monke
             for i, v in enumerate(vals)]  # fmt: skip
     table = seed_table(rows)
     assert "| a | 3 | 5.1000 ± 0.1000 |" in table and "| b | 3 | 5.4000 ± 0.1000 |" in table
-    # a - b = -0.3, se = sqrt(2 * 0.01 / 3) = 0.0816: outside; a - c = -0.0067: inside
+    # a - b = -0.3, se = sqrt(2 * 0.01 / 3) = 0.0816, Welch df = 4, t = 2.776: outside (0.227);
+    # a - c = -0.0067: inside
     assert difference(rows, "a", "b").endswith("± 0.0816 (3 vs 3 seeds): outside the spread")
     assert difference(rows, "a", "c").endswith("inside the spread")
     assert claim(rows, "a", "b").startswith("reproduced (a - b = -0.3000")
     assert claim(rows, "b", "a").startswith("not reproduced (b - a = +0.3000")
     assert claim(rows, "c", "a").startswith("inside the spread (c - a = +0.0067")
     one = rows[:3] + [dict(rows[3], group="d")]
-    assert claim(one, "a", "d").startswith("one seed, no verdict")
+    assert claim(one, "a", "d").startswith("no verdict")
+    diverged = rows[:5] + [dict(rows[5], val_loss=float("nan"))]
+    assert claim(diverged, "a", "b").startswith("no verdict")
+    # 2 SE would call this outside; Welch's t (df = 4, 2.776 SE) calls it inside
+    close = [
+        dict(name=f"{g}-s{i}", group=g, val_loss=v, evals={})
+        for g, vals in (("a", [5.0, 5.1, 5.2]), ("b", [5.2, 5.3, 5.4]))
+        for i, v in enumerate(vals)
+    ]
+    assert claim(close, "a", "b").startswith("inside the spread (a - b = -0.2000 ± 0.0816")
     with pytest.raises(ConfigError, match="seeds or set seed"):
         bad = '[dict(name="m", config="configs/dense.py:size=tiny", set=dict(s, seed=1), seeds=2)]'
         module = sweep.load_study(write_study(tmp_path / "b.py", {}, bad))

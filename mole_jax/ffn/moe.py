@@ -15,10 +15,13 @@ Dispatch (`model.ffn.moe.dispatch`):
 Routing (`model.ffn.moe.routing`):
   token_choice   each token picks its top-k experts (everything above).
   expert_choice  each expert picks its top-C tokens of each sequence, C = ceil(L * topk / E)
-                 (Zhou et al. 2022; the PEER paper's MoE baseline): balanced by construction, a
-                 token may get 0..E experts. A token's route depends on the later tokens of its
-                 sequence, so the model is not causal: it trains and is evaluated teacher-forced
-                 (the papers' use), and decoding, offloading and lm-eval scoring refuse it.
+                 (Zhou et al. 2022, capacity factor = topk; the PEER paper's MoE baseline):
+                 balanced by construction, a token may get 0..E experts (the share that got
+                 none is logged as `unchosen`); router_mode, dispatch and capacity_factor do
+                 not apply. A token's route depends on the later tokens of its sequence, so the
+                 model is not causal: it trains and is evaluated teacher-forced (the papers'
+                 use; the loss can see a little of the future), and decoding, offloading and
+                 lm-eval scoring refuse it.
 """
 
 from __future__ import annotations
@@ -71,6 +74,16 @@ def dropless_ffn(x_TxD, experts_TxK, weights_TxK, up_ExDxF, down_ExFxD, act, gro
     return unpermute(y_AxD, order_A, weights_TxK)
 
 
+def dropless(x_TxD, experts_TxK, weights_TxK, up_ExDxF, down_ExFxD, act, grouped, tile):
+    """`dropless_ffn` on one device, or per expert group under a mesh with expert/data axes
+    (expert_parallel.py)."""
+    local = functools.partial(dropless_ffn, act=act, grouped=grouped, tile=tile)
+    axes = sharded_dispatch_axes()
+    if axes is None:  # one device (or an engine without a mesh)
+        return local(x_TxD, experts_TxK, weights_TxK, up_ExDxF, down_ExFxD)
+    return dropless_sharded(local, x_TxD, experts_TxK, weights_TxK, up_ExDxF, down_ExFxD, axes)
+
+
 def grouped_ffn_ragged(x_AxD, sizes_E, up_ExDxF, down_ExFxD, act):
     h_AxF = act(jax.lax.ragged_dot(x_AxD, up_ExDxF, sizes_E))
     return jax.lax.ragged_dot(h_AxF, down_ExFxD, sizes_E)
@@ -120,8 +133,9 @@ def capacity_ffn(x_TxD, experts_TxK, weights_TxK, up_ExDxF, down_ExFxD, act, fac
 
 
 def expert_choice_ffn(x_BxLxD, logits_BxLxE, up_ExDxF, down_ExFxD, act, topk: int):
-    """(y_BxLxD, share of tokens no expert chose). Per sequence, expert e takes the C tokens with
-    the largest router probability softmax(logits)[:, e] and adds prob * FFN_e(x) to each."""
+    """(y_BxLxD, chosen_BxL: how many experts took each token). Per sequence, expert e takes
+    the C tokens with the largest router probability softmax(logits)[:, e] and adds
+    prob * FFN_e(x) to each."""
     b, n, d = x_BxLxD.shape
     e = up_ExDxF.shape[0]
     cap = min(n, math.ceil(n * topk / e))
@@ -136,7 +150,7 @@ def expert_choice_ffn(x_BxLxD, logits_BxLxE, up_ExDxF, down_ExFxD, act, topk: in
         return jnp.zeros((n, d), y_ExCxD.dtype).at[t_ExC.ravel()].add(y_ExCxD.reshape(-1, d))
 
     chosen_BxL = jax.vmap(lambda t: jnp.zeros((n,), jnp.int32).at[t.ravel()].add(1))(tok_BxExC)
-    return jax.vmap(scatter)(y_BxExCxD, tok_BxExC), jnp.mean(chosen_BxL == 0)
+    return jax.vmap(scatter)(y_BxExCxD, tok_BxExC), chosen_BxL
 
 
 @dataclasses.dataclass(frozen=True)
@@ -211,12 +225,8 @@ class Layer(FFN):
                 x_TxD, experts_TxK, weights_TxK, up, down, act, self.factor
             )
         else:
-            local = functools.partial(dropless_ffn, act=act, grouped=self.grouped, tile=self.tile)
-            axes = sharded_dispatch_axes()
-            if axes is None:  # one device (or an engine without a mesh)
-                y_TxD = local(x_TxD, experts_TxK, weights_TxK, up, down)
-            else:
-                y_TxD = dropless_sharded(local, x_TxD, experts_TxK, weights_TxK, up, down, axes)
+            y_TxD = dropless(x_TxD, experts_TxK, weights_TxK, up, down, act, self.grouped,
+                             self.tile)  # fmt: skip
         if self.shared is not None:
             y_TxD = y_TxD + self.shared(x_TxD)
         return y_TxD.reshape(b, n, d), stats
@@ -234,14 +244,15 @@ class Layer(FFN):
     def expert_choice(self, x_BxLxD):
         dt = compute_dtype(self)
         logits_BxLxE = x_BxLxD.astype(jnp.float32) @ self.router[...]
-        y, unchosen = expert_choice_ffn(
+        y, chosen_BxL = expert_choice_ffn(
             x_BxLxD.astype(dt), logits_BxLxE, self.up[...].astype(dt), self.down[...].astype(dt),
             ACTIVATIONS[self.act_name], self.k,
         )  # fmt: skip
         if self.shared is not None:
             y = y + self.shared(x_BxLxD)
         z = routing.z_loss(logits_BxLxE.reshape(-1, self.n_experts))
-        return y.astype(x_BxLxD.dtype), dict(aux_loss=self.z_coef * z, z_loss=z, dropped=unchosen)
+        stats = dict(aux_loss=self.z_coef * z, z_loss=z, unchosen=jnp.mean(chosen_BxL == 0))
+        return y.astype(x_BxLxD.dtype), stats
 
     def __call__(self, x_BxLxD, ctx: Ctx):
         if self.choice == "expert_choice":

@@ -13,7 +13,9 @@ expert i of every block belongs to path i, so a token's path names every expert 
 before the first block runs (the lookahead that prefetching and expert-aware batching need).
 Read-ME's code routes hard top-1 with an unscaled expert output; to train from scratch the router
 needs a gradient from the LM loss, so the gate is the chosen path's probability
-(`router_mode` softmax_topk, Switch-style) unless `router_mode` says otherwise. An optional
+(`router_mode` softmax_topk, Switch-style) unless `router_mode` says otherwise; `gate=one` is
+Read-ME's hard routing (what a model converted from dense uses: its router is trained by
+distillation, `convert.py`). An optional
 permanent expert (width `permanent`) is always on, as Read-ME's permanent channels. The router's
 load-balance and z-losses are counted once, by the first pre-gated block.
 """
@@ -47,6 +49,7 @@ class Settings:
     z_coef: float
     grouped: str  # moe.GROUPED: the grouped matmul of the dropless dispatch
     tile: int
+    gate: str = "prob"  # prob: the path's probability per router_mode | one: Read-ME's code
 
 
 def router_config(m):
@@ -70,7 +73,7 @@ class Router(nnx.Module):
         self.mlp = Mlp(c.router_d, c.router_d, r, rngs)
         self.norm = RMSNorm(c.router_d, m.norm_eps)
         self.out = param(rngs, normal(m.init_std), (c.router_d, c.experts), (None, None))
-        self.k, self.mode, self.dtype = c.topk, c.router_mode, m.dtype
+        self.k, self.mode, self.dtype, self.gate = c.topk, c.router_mode, m.dtype, c.gate
 
     def __call__(self, ids_BxL, pos_L, kv=None, index=None):
         h = jnp.take(self.embed[...], ids_BxL, axis=0).astype(self.dtype)
@@ -79,6 +82,8 @@ class Router(nnx.Module):
         h = h + self.mlp(self.norm_mlp(h))
         logits_TxN = self.norm(h).reshape(-1, h.shape[-1]).astype(jnp.float32) @ self.out[...]
         weights, experts, probs = routing.top_k_gates(logits_TxN, self.k, self.mode)
+        if self.gate == "one":  # hard routing, the expert output unscaled (no LM-loss gradient)
+            weights = jnp.ones_like(weights)
         return moe.Routes(weights, experts, probs, logits_TxN), kv
 
 
@@ -104,7 +109,7 @@ class Layer(FFN):
         r = ctx.routes
         b, n, d = x_BxLxD.shape
         dt, act = compute_dtype(self), ACTIVATIONS[self.act_name]
-        y_TxD = moe.dropless_ffn(
+        y_TxD = moe.dropless(
             x_BxLxD.reshape(b * n, d), r.experts_TxK, r.weights_TxK, self.up[...].astype(dt),
             self.down[...].astype(dt), act, self.grouped, self.tile,
         )  # fmt: skip
@@ -130,6 +135,12 @@ def validate(m) -> None:
         "even width",
     )
     require_one_of(c.router_mode, routing.ROUTER_MODES, f"{name}.router_mode")
+    require_one_of(c.gate, ("prob", "one"), f"{name}.gate")
+    require(
+        not (c.topk == 1 and c.router_mode == "topk_softmax" and c.gate == "prob"),
+        f"{name}.router_mode=topk_softmax with topk=1 gates every token by 1: the router would get "
+        "no gradient; use softmax_topk",
+    )
     require_one_of(c.grouped, moe.GROUPED, f"{name}.grouped")
     require(c.tile >= 1 and c.lb_coef >= 0 and c.z_coef >= 0, f"{name}: tile >= 1, coefs >= 0")
 

@@ -7,11 +7,13 @@ one prefill (its P prompt tokens, which also yields the first new token) and the
 (one token each, the previously generated one). Each scheduling step forms one batch of at most
 `budget` tokens from the ready items (the prefills of waiting requests, the next decode of each
 running request) by a policy:
-- `decode_first`: running requests' decodes in queue order, then prefills (FIFO, decode-prioritised);
+- `decode_first`: running requests' decodes in queue order, then prefills (decode-prioritised;
+  a prefill that does not fit is passed over for a later, smaller one);
 - `prefill_first`: waiting prefills first, then decodes;
 - `expert_aware`: Read-ME's Algorithm 1: ready items grouped by expert (a decode by its token's
   path, a prefill by its prompt's most frequent path); repeatedly take the expert with the most
-  queued tokens and add its whole queue if it fits, else fill the budget from it and stop.
+  queued tokens and add its whole queue if it fits, else fill the budget from it and stop. No
+  aging: a request on a rarely used path waits until the busier queues drain (the p95 shows it).
 Every request is in the queue at the start, in an order fixed by a seed, so the sequence of batches
 does not depend on how long each takes. Because pre-gated experts are aligned, a batch needs the
 same expert ids in every layer: its trace entry is the union of its tokens' paths, and each layer's
@@ -66,6 +68,11 @@ def schedule(requests: list[Request], budget: int, policy: str) -> list[list[Ite
         raise ValueError(f"policy {policy!r} is not one of {POLICIES}")
     if any(r.prompt > budget for r in requests):
         raise ValueError(f"a prompt is longer than the token budget {budget}")
+    bad = [
+        r.rid for r in requests if min(r.prompt, r.new) < 1 or len(r.paths) < r.prompt + r.new - 1
+    ]
+    if bad:
+        raise ValueError(f"requests {bad}: prompt and new must be >= 1, with a path per token")
     waiting = list(requests)
     running: dict[int, int] = {}  # rid -> the next decode step
     by_id = {r.rid: r for r in requests}
@@ -74,6 +81,7 @@ def schedule(requests: list[Request], budget: int, policy: str) -> list[list[Ite
         prefills = [item(r, 0) for r in waiting]
         decodes = [item(by_id[rid], s) for rid, s in running.items()]
         batch = _pick(prefills, decodes, budget, policy)
+        assert batch, "an item always fits: prompts <= budget, decodes are 1 token"
         for it in batch:
             r = by_id[it.rid]
             if it.step == 0:
