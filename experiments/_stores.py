@@ -19,3 +19,17 @@ def fresh(store_cls, workdir: str, name: str, export) -> None:
     except StoreError:
         print(f"exporting {workdir}/{name}", flush=True)
         export()
+
+
+def drop_page_cache(path) -> None:
+    """Asks the OS to drop the cached pages of every file under `path`
+    (posix_fadvise(POSIX_FADV_DONTNEED)): the next reads come from the disk."""
+    from pathlib import Path
+
+    for f in Path(path).rglob("*"):
+        if f.is_file():
+            fd = os.open(f, os.O_RDONLY)
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)

@@ -13,9 +13,10 @@ chosen experts, no cache), + LRU (`--capacity` experts per layer), + LRU + specu
 `--prompt` tokens are decoded greedily for `--new` tokens at batch 1; `--rounds` rounds, each
 running every engine once in turn (this VM's speed drifts over minutes: interleaving keeps the
 comparison fair), tokens/s = decoded tokens / median decode time. Storage is local disk through
-tensorstore with a warm page cache: the bytes column, not the speed, is what carries to a slower
-link. Quality: validation loss of each width through the offload engine over `--eval_batches`
-batches of the run's validation windows, beside the in-memory model's.
+tensorstore; with `--drop_cache` (default) the store's pages are evicted from the OS cache
+(posix_fadvise DONTNEED) before every timed run, so each run's first reads come from the disk.
+Quality: validation loss of each width through the offload engine over `--eval_batches` batches of
+the run's validation windows, beside the in-memory model's.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import time
 
 import _paths  # noqa: F401
 import numpy as np
-from _stores import fresh
+from _stores import drop_page_cache, fresh
 from absl import app, flags
 
 from mole_jax.engine import build_engine
@@ -37,6 +38,7 @@ from mole_jax.offload.expert_store import ExpertStore
 flags.DEFINE_string("workdir", "runs/zero_shot/moe-10e-s0", "A trained MoE workdir.")
 flags.DEFINE_list("dtypes", ["float16", "int4", "int3", "int2"], "Expert store widths.")
 flags.DEFINE_integer("capacity", 2, "Experts cached per layer in the LRU rows.")
+flags.DEFINE_bool("drop_cache", True, "Evict the store's pages from the OS cache before each run.")
 flags.DEFINE_integer("prompts", 2, "Prompts (held-out windows).")
 flags.DEFINE_integer("prompt", 32, "Prompt tokens.")
 flags.DEFINE_integer("new", 16, "Tokens decoded per prompt.")
@@ -93,6 +95,8 @@ def main(_):
     for r in range(FLAGS.rounds):
         keys = list(engines)
         for k in keys[r % len(keys) :] + keys[: r % len(keys)]:
+            if FLAGS.drop_cache:  # every run starts from the disk (posix_fadvise DONTNEED)
+                drop_page_cache(engines[k].store.path)
             t, b = decode_s(engines[k], prompts)
             times[k].append(t)
             nbytes[k] = b
@@ -114,8 +118,17 @@ def main(_):
         print(f"{r['dtype']:8} {r['engine']:34} {r['tokens_per_s']:9.1f} "
               f"{r['bytes_per_token']:12,.0f} {r['val_loss']:9.4f}")  # fmt: skip
     meta = dict(in_memory_val_loss=mem, time=time.strftime("%Y-%m-%d %H:%M"))
-    meta.update({k: getattr(FLAGS, k) for k in ("workdir", "capacity", "prompts", "prompt", "new",
-                                                 "rounds", "eval_batches")})  # fmt: skip
+    keys = (
+        "workdir",
+        "capacity",
+        "prompts",
+        "prompt",
+        "new",
+        "rounds",
+        "eval_batches",
+        "drop_cache",
+    )
+    meta.update({k: getattr(FLAGS, k) for k in keys})
     with open(FLAGS.json, "w") as f:
         json.dump(dict(meta=meta, rows=rows), f, indent=2)
 

@@ -35,7 +35,7 @@ import _paths  # noqa: F401
 import jax
 import jax.numpy as jnp
 import numpy as np
-from _stores import fresh
+from _stores import drop_page_cache, fresh
 from absl import app, flags
 from flax import nnx
 
@@ -93,11 +93,7 @@ def load_seconds(store_dir: str, n_experts: int, layers: list[int]) -> float:
     """Median time to read one expert of one layer with the store's pages out of the OS cache."""
     times = []
     for _ in range(3):
-        for f in Path(store_dir).rglob("*"):
-            if f.is_file():
-                fd = os.open(f, os.O_RDONLY)
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-                os.close(fd)
+        drop_page_cache(store_dir)
         store = ExpertStore.open(store_dir)
         for layer in layers:
             for e in range(n_experts):

@@ -2,9 +2,12 @@
 
 Axis legend: B batch, L length, D model, F dense FFN width, N experts (= domains), T = B*L.
 
-1. Calibration: `convert.calib_windows` windows of each domain (`convert.domains`: one corpus per
-   expert) run through the dense model; a channel's importance for a domain is the mean of
-   |W1 x| over its tokens, per layer (Read-ME Eq. 3: E ||M W1 x||_1).
+1. Calibration: `convert.calib_windows` windows of each corpus run through the dense model; a
+   channel's importance for a corpus is the mean of |W1 x| over its tokens, per layer (Read-ME
+   Eq. 3: E ||M W1 x||_1). `convert.domains` names one domain per expert, separated by commas; a
+   domain may join corpora with '+' (its importance is their mean): `a+b+c` with one expert is
+   the dense model pruned to the active width by the same criterion, tuned on the same batches
+   (Read-ME Table 5's baseline).
 2. Channel selection, per layer: the permanent expert takes the `permanent` channels with the
    largest importance summed over the domains (channels every domain needs); expert i takes the
    `d_expert` channels of the rest most important to domain i. Slicing W1's columns and W2's rows
@@ -15,7 +18,7 @@ Axis legend: B batch, L length, D model, F dense FFN width, N experts (= domains
    the dense model's top-50 % active channels of the token, over all layers, that expert i holds)
    then expert tuning (`expert_steps`, everything but the router, the LM loss); AdamW with
    `weight_decay`, cosine decay within a round, both learning rates x `round_decay` per round.
-   Batches cycle through the domains.
+   Batches cycle through the corpora (the same sequence for any grouping of the same corpora).
 The result is an ordinary workdir at step 0 (config, the dense run's tokenizer, checkpoint):
 eval, export --experts, generate, sweep and `train` (further training) read it. `convert.json`
 records the selection's coverage and each round's first and last losses.
@@ -55,8 +58,11 @@ def convert(dense_dir, workdir, cfg) -> dict:
         raise UserError(f"{wd} already holds checkpoints; convert into a new workdir")
     md, m = src.model_config, model_config(cfg)
     dense = restore_model(src, md).params
-    streams = [_domain_tokens(cfg, d) for d in str(cfg.convert.domains).split(",")]
-    importance = _importance(dense, md, streams, cfg)  # [N, L, F]
+    groups = [g.split("+") for g in str(cfg.convert.domains).split(",")]
+    corpora = list(dict.fromkeys(c for g in groups for c in g))
+    streams = [_domain_tokens(cfg, c) for c in corpora]
+    per_corpus = _importance(dense, md, streams, cfg)  # [C, L, F]
+    importance = np.stack([per_corpus[[corpora.index(c) for c in g]].mean(0) for g in groups])
     perm, experts = select_channels(importance, m.ffn.permanent, m.ffn.d_expert)
     model = build_model(m, seed=cfg.seed)
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
@@ -180,7 +186,7 @@ def converted_params(params: dict, dense: dict, perm, experts) -> dict:
 
 def _tune(graphdef, params, rest, dense, md, experts, streams, cfg):
     """(params, per-round losses) after the alternating router / expert tuning rounds."""
-    c, n = cfg.convert, len(streams)
+    c, n = cfg.convert, experts.shape[0]
     acts = dense_activations(dense, md)
     n_layers, f = md.n_layers, md.d_ff
     member = np.zeros((n_layers, f, n), np.float32)

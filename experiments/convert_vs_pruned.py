@@ -1,0 +1,94 @@
+"""Read-ME's conversion against pruning (the shape of Read-ME Table 5, at CPU scale).
+
+Question: a trained dense model is converted into a pre-gated MoE (one expert per domain, the
+router distilled, experts tuned) or pruned to the same active FFN width by the same channel
+criterion and tuned on the same batches. Which has the lower loss on each domain's held-out text?
+Expected (PAPERS.md, Table 5): the converted model, on every domain (Read-ME 4.7B vs a pruned
+4.7B dense model: lower perplexity on all 7 domains).
+
+    python experiments/convert_vs_pruned.py --dense=runs/num_experts/dense-s0 --out=runs/convert
+
+Method: the dense workdir (any trained tiny/small dense run) is converted twice with
+`launch.py convert`: `configs/pregated.py:convert=1,permanent=1` over the domains shakespeare,
+linux-doc, pydoc (3 experts of d_ff/4 beside a permanent expert of d_ff/4: half the dense FFN
+active per token), and the same config with `experts=1` over the joined domain
+`shakespeare+linux-doc+pydoc` (the pruned baseline: the d_ff/2 channels most important over all
+domains). Both see the same batches: the baseline's expert tuning takes the router steps too
+(it has no router to tune), so it gets as many weight updates as tokens. Loss per domain on each
+corpus's validation split (`--eval_batches` batches), the dense model's beside them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import _paths  # noqa: F401
+from absl import app, flags
+
+from mole_jax.evaluate import evaluate
+
+flags.DEFINE_string("dense", "runs/num_experts/dense-s0", "A trained dense workdir.")
+flags.DEFINE_string("out", "runs/convert", "Where the two converted workdirs go.")
+flags.DEFINE_string("size", "tiny", "The dense run's size (configs' size argument).")
+flags.DEFINE_integer("rounds", 2, "Alternating rounds.")
+flags.DEFINE_integer("router_steps", 50, "Router tuning steps per round.")
+flags.DEFINE_integer("expert_steps", 100, "Expert tuning steps per round.")
+flags.DEFINE_integer("eval_batches", 20, "Validation batches per domain.")
+flags.DEFINE_string("json", "experiments/results/convert_vs_pruned.json", "Rows go here.")
+FLAGS = flags.FLAGS
+
+DOMAINS = ("shakespeare", "linux-doc", "pydoc")
+
+
+def convert(name: str, arg: str, domains: str, router: int, expert: int) -> str:
+    w = os.path.join(FLAGS.out, name)
+    if not os.path.exists(os.path.join(w, "convert.json")):
+        cmd = [sys.executable, "launch.py", "convert", f"--from={FLAGS.dense}", f"--workdir={w}",
+               f"--config=configs/pregated.py:{arg}", f"--config.convert.domains={domains}",
+               f"--config.convert.rounds={FLAGS.rounds}",
+               f"--config.convert.router_steps={router}",
+               f"--config.convert.expert_steps={expert}"]  # fmt: skip
+        subprocess.run(cmd, check=True)
+    return w
+
+
+def main(_):
+    cfg = json.load(open(os.path.join(FLAGS.dense, "config.json")))
+    size = FLAGS.size
+    r, e = FLAGS.router_steps, FLAGS.expert_steps
+    runs = {
+        "dense (source)": FLAGS.dense,
+        "converted: 3 experts + permanent": convert(
+            "converted", f"size={size},convert=1,permanent=1", ",".join(DOMAINS), r, e
+        ),
+        "pruned: same active width": convert(
+            "pruned", f"size={size},convert=1,permanent=1,experts=1", "+".join(DOMAINS), 0, r + e
+        ),
+    }
+    rows = []
+    for name, w in runs.items():
+        row = dict(model=name, workdir=w)
+        for d in DOMAINS:
+            corpus = None if d == cfg["data"]["corpus"] else d
+            out = evaluate(w, corpus=corpus, n_batches=FLAGS.eval_batches, write=False)
+            row[d] = out["loss"]
+        rows.append(row)
+    print("\n| model | " + " | ".join(DOMAINS) + " |\n|---|" + "---|" * len(DOMAINS))
+    for row in rows:
+        print(f"| {row['model']} | " + " | ".join(f"{row[d]:.4f}" for d in DOMAINS) + " |")
+    conv, pruned = rows[1], rows[2]
+    wins = [d for d in DOMAINS if conv[d] < pruned[d]]
+    print(f"\nconverted below pruned on {len(wins)} of {len(DOMAINS)} domains ({', '.join(wins)})")
+    Path(FLAGS.json).parent.mkdir(parents=True, exist_ok=True)
+    flag = dict(dense=FLAGS.dense, rounds=FLAGS.rounds, router_steps=r, expert_steps=e,
+                eval_batches=FLAGS.eval_batches)  # fmt: skip
+    Path(FLAGS.json).write_text(json.dumps(dict(flags=flag, rows=rows), indent=1))
+    print(f"wrote {FLAGS.json}")
+
+
+if __name__ == "__main__":
+    app.run(main)
