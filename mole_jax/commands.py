@@ -115,12 +115,14 @@ def _eval_tasks(f):
 
 
 def _mode(f) -> str:
-    """The engine of `--offload`: a MoE's experts from its expert store, else the LUT rows."""
+    """The engine of `--offload`: a MoE's experts from its expert store (a pre-gated model's
+    read ahead of its blocks), else the LUT rows."""
     from mole_jax.workdir import Workdir
 
     if not f.offload:
         return "experts"
-    return "moe_offload" if Workdir(f.workdir).model_config.kind == "moe" else "offload"
+    kind = Workdir(f.workdir).model_config.kind
+    return {"moe": "moe_offload", "pregated": "lookahead"}.get(kind, "offload")
 
 
 def generate(f):

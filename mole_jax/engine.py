@@ -4,6 +4,7 @@
     lut_memory   MoLE's LUT form with the whole LUT in device memory     (offload/lut.py)
     offload      MoLE's LUT form, rows read from the tensorstore LUT     (offload/lut.py)
     moe_offload  a MoE's resident weights; experts read when routed     (offload/moe.py)
+    lookahead    a pre-gated model; every routed expert read before its block (offload/pregated.py)
 
 Every engine composes the backbone's own pieces (`model.forward`, `Block.attend`, MoE
 `route` / `apply_experts`); none copies the forward pass. `eval`, `generate`, the benchmarks and
@@ -32,6 +33,7 @@ MODES = {
     "lut_memory": ("mole_jax.offload.lut", "LutEngine"),
     "offload": ("mole_jax.offload.lut", "LutEngine"),
     "moe_offload": ("mole_jax.offload.moe", "MoeOffloadEngine"),
+    "lookahead": ("mole_jax.offload.pregated", "LookaheadEngine"),
 }
 
 

@@ -1,6 +1,8 @@
 """Pre-gated MoE (Read-ME): the router is causal and runs once; every block uses the same route
 per token; a block equals a naive per-expert loop over those routes; accounting is exact."""
 
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -88,18 +90,26 @@ def test_accounting_is_exact_and_active_params_equal_dense():
     assert extra == 8192 * r + 6 * r * r + r * n + 3 * r
 
 
-@pytest.mark.slow
-def test_expert_store_of_a_trained_pregated_model(tmp_path_factory, corpus_dir, cache_dir):
+@pytest.fixture(scope="module")
+def pregated_run(tmp_path_factory, corpus_dir, cache_dir):
     from conftest import trained_workdir
 
-    from mole_jax.checkpoint import restore_model
     from mole_jax.export import export_experts
-    from mole_jax.offload.expert_store import ExpertStore
-    from mole_jax.workdir import Workdir
 
     cfg = pregated.get_config("size=tiny,experts=4,permanent=1")
     w = trained_workdir(tmp_path_factory, cfg, corpus_dir, cache_dir, steps=4)
-    manifest = export_experts(w, dtype="float32")
+    export_experts(w, dtype="float32")
+    return w
+
+
+@pytest.mark.slow
+def test_expert_store_of_a_trained_pregated_model(pregated_run):
+    from mole_jax.checkpoint import restore_model
+    from mole_jax.offload.expert_store import ExpertStore
+    from mole_jax.workdir import Workdir
+
+    w = pregated_run
+    manifest = json.load(open(f"{w}/experts/manifest.json"))
     assert manifest["layers"] == [0, 1] and manifest["experts"] == 4
     params = restore_model(w, Workdir(w).model_config).params
     store = ExpertStore.open(f"{w}/experts")
@@ -107,3 +117,24 @@ def test_expert_store_of_a_trained_pregated_model(tmp_path_factory, corpus_dir, 
         up, down = store.start_read(layer, e).result()
         np.testing.assert_array_equal(up, params["blocks"][layer]["ffn"]["up"][e])
         np.testing.assert_array_equal(down, params["blocks"][layer]["ffn"]["down"][e])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("capacity", [0, 2])
+def test_lookahead_engine_equals_in_memory(pregated_run, capacity):
+    from mole_jax.engine import build_engine
+    from mole_jax.generate import generate
+
+    ref = build_engine(pregated_run, "experts")
+    eng = build_engine(pregated_run, "lookahead", capacity=capacity)
+    ids = np.random.default_rng(3).integers(0, 512, (2, 12))
+    np.testing.assert_allclose(eng.forward(ids)[0], ref.forward(ids)[0], rtol=1e-5, atol=1e-5)
+    st = eng.stats()
+    assert st["expert_recall"] == 1.0 and st["lookups"] > 0 and st["bytes_read"] > 0
+    got = generate(eng, ids[:, :5], 6)["tokens"]
+    np.testing.assert_array_equal(got, generate(ref, ids[:, :5], 6)["tokens"])
+    eng.reset_stats()
+    eng.forward(ids[:1, :4])
+    eng.forward(ids[:1, :4])  # the same tokens again: everything cached when it fits
+    st = eng.stats()
+    assert (st["hits"] > 0) == (capacity > 0)

@@ -33,7 +33,7 @@ from mole_jax.ffn import moe, routing
 from mole_jax.ffn.base import FFN, Ctx
 from mole_jax.layers import ACTIVATIONS, Mlp, RMSNorm, compute_dtype, normal, out_std, param
 
-FORMS = ("train",)
+FORMS = ("train", "offload")  # offload: the blocks hold no routed experts (offload/pregated.py)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,25 +97,34 @@ class Layer(FFN):
     def __init__(self, m, layer_idx: int, *, form: str = "train", rngs: nnx.Rngs):
         c = m.ffn
         d, n, f = m.d_model, c.experts, c.d_expert
-        self.up = param(rngs, normal(m.init_std), (n, d, f), ("experts", "embed", "mlp"))
-        self.down = param(rngs, normal(out_std(m)), (n, f, d), ("experts", "mlp", "embed"))
+        stored = form == "offload"
+        self.up = None if stored else param(rngs, normal(m.init_std), (n, d, f),
+                                            ("experts", "embed", "mlp"))  # fmt: skip
+        self.down = None if stored else param(rngs, normal(out_std(m)), (n, f, d),
+                                              ("experts", "mlp", "embed"))  # fmt: skip
         self.permanent = Mlp(d, c.permanent, m, rngs) if c.permanent else None
         self.counts_router_loss = layer_idx == min(m.ffn_layers)
         self.lb_coef, self.z_coef, self.n_experts, self.tile = c.lb_coef, c.z_coef, n, c.tile
         self.grouped = c.grouped if c.grouped != "auto" else moe._auto_grouped()
         self.act_name, self.dtype = m.activation, m.dtype
 
-    def __call__(self, x_BxLxD, ctx: Ctx):
-        r = ctx.routes
+    def apply_experts(self, x_BxLxD, weights_TxK, experts_TxK, up_SxDxF, down_SxFxD):
+        """The routed experts (ids index `up`/`down`, which may hold a subset of the layer's
+        experts: the offload engine hands in those it loaded) plus the permanent expert."""
         b, n, d = x_BxLxD.shape
         dt, act = compute_dtype(self), ACTIVATIONS[self.act_name]
         y_TxD = moe.dropless(
-            x_BxLxD.reshape(b * n, d), r.experts_TxK, r.weights_TxK, self.up[...].astype(dt),
-            self.down[...].astype(dt), act, self.grouped, self.tile,
+            x_BxLxD.reshape(b * n, d), experts_TxK, weights_TxK, up_SxDxF.astype(dt),
+            down_SxFxD.astype(dt), act, self.grouped, self.tile,
         )  # fmt: skip
         y = y_TxD.reshape(b, n, d)
         if self.permanent is not None:
             y = y + self.permanent(x_BxLxD)
+        return y
+
+    def __call__(self, x_BxLxD, ctx: Ctx):
+        r = ctx.routes
+        y = self.apply_experts(x_BxLxD, r.weights_TxK, r.experts_TxK, self.up[...], self.down[...])
         stats = {"expert_load": routing.expert_load(r.experts_TxK, self.n_experts)}
         if self.counts_router_loss:
             lb = routing.load_balance_loss(r.probs_TxE, r.experts_TxK)

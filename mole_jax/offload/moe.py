@@ -66,12 +66,14 @@ class MoeOffloadEngine(BaseEngine):
     cached), record (keep each layer's sequence of needed-expert sets in `trace`, for
     offload/policies.py)."""
 
+    KIND = "moe"  # the FFN kind whose experts this engine loads (a subclass: pregated)
+
     def __init__(self, wd, mode, step=None, store="experts", capacity=4, prefetch=False,
                  record=False, prefetch_k=None, lookahead=1, load_all=False):  # fmt: skip
         super().__init__(wd, mode)
         m = self.model_config
-        if m.kind != "moe":
-            raise UserError(f"{wd} holds a '{m.kind}' model, not a MoE")
+        if m.kind != self.KIND:
+            raise UserError(f"{wd} holds a '{m.kind}' model, not a '{self.KIND}' one")
         require_causal(m, "expert offloading (which loads a token's experts as it arrives)")
         if capacity < 0:
             raise UserError(f"expert cache capacity {capacity} must be >= 0")
@@ -88,12 +90,12 @@ class MoeOffloadEngine(BaseEngine):
         if load_all and (capacity or prefetch):
             raise UserError("load_all reads whole layers: use it with capacity=0 and no prefetch")
         self._to_device = _device_weights(self.store.dtype)
-        self.moe_layers = {i for i in range(m.n_layers) if m.kind_of_layer(i) == "moe"}
+        self.moe_layers = {i for i in range(m.n_layers) if m.kind_of_layer(i) == m.kind}
         self.staged = StagedModel(model.graphdef, model.params, model.rest, m.vocab_size)
         self._attend_route = jax.jit(_attend_route(self.staged.merge), static_argnums=(2, 7, 8))
         self._experts_fn = partial(jax.jit, static_argnums=(2,))(_experts(self.staged.merge))
         self.staged.blocks = [
-            _OffloadedBlock(self, i) if i in self.moe_layers else StagedBlock(self.staged, i)
+            self._block(i) if i in self.moe_layers else StagedBlock(self.staged, i)
             for i in range(m.n_layers)
         ]
         self.info = dict(
@@ -107,6 +109,9 @@ class MoeOffloadEngine(BaseEngine):
         )
         self.record = record
         self.reset_stats()
+
+    def _block(self, i: int):
+        return _OffloadedBlock(self, i)
 
     def forward(self, ids_BxL, cache=None, prepared=None):
         ids = self.check(ids_BxL)
