@@ -13,9 +13,10 @@ Method: the dense workdir (any trained tiny/small dense run) is converted twice 
 linux-doc, pydoc (3 experts of d_ff/4 beside a permanent expert of d_ff/4: half the dense FFN
 active per token), and the same config with `experts=1` over the joined domain
 `shakespeare+linux-doc+pydoc` (the pruned baseline: the d_ff/2 channels most important over all
-domains). Both see the same batches: the baseline's expert tuning takes the router steps too
-(it has no router to tune), so it gets as many weight updates as tokens. Loss per domain on each
-corpus's validation split (`--eval_batches` batches), the dense model's beside them.
+domains). The weights of both get the same updates on the same batches: the baseline runs the
+same expert-tuning rounds (it has no router to tune), so the only difference is the routing. Loss
+per domain on each corpus's validation split (`--eval_batches` batches), the dense model's beside
+them.
 """
 
 from __future__ import annotations
@@ -66,7 +67,7 @@ def main(_):
             "converted", f"size={size},convert=1,permanent=1", ",".join(DOMAINS), r, e
         ),
         "pruned: same active width": convert(
-            "pruned", f"size={size},convert=1,permanent=1,experts=1", "+".join(DOMAINS), 0, r + e
+            "pruned", f"size={size},convert=1,permanent=1,experts=1", "+".join(DOMAINS), 0, e
         ),
     }
     rows = []

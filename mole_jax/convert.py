@@ -43,7 +43,7 @@ from mole_jax.layers import ACTIVATIONS
 from mole_jax.losses import cross_entropy
 from mole_jax.model import build_model
 from mole_jax.model_config import model_config
-from mole_jax.optim import make_optimizer
+from mole_jax.optim import decay_mask, make_optimizer
 from mole_jax.train import _write_workdir, run_digest
 from mole_jax.workdir import as_workdir
 
@@ -92,12 +92,19 @@ def _checked_config(src, cfg):
         if cfg.model[name] != src.config.model[name]:
             raise UserError(f"model.{name}={cfg.model[name]} differs from the dense model's "
                             f"{src.config.model[name]}")  # fmt: skip
-    cfg.data = src.editable_config().data
+    source = src.editable_config()
+    for name in source.model:  # every backbone field as the dense model was trained
+        if name != "ffn":
+            cfg.model[name] = source.model[name]
+    cfg.data = source.data
     cfg.data.tokenizer = str(src.tokenizer_path)
     n = len(str(cfg.convert.domains).split(","))
     if n != cfg.model.ffn.pregated.experts:
         raise UserError(f"{n} domains for {cfg.model.ffn.pregated.experts} experts: one each")
-    validate(cfg)
+    m = validate(cfg)
+    if m.ffn_layers != tuple(range(m.n_layers)) or m.ffn.topk != 1:
+        raise UserError("convert makes every block pre-gated with top-1 paths: use "
+                        "model.ffn.layers=all and topk=1")  # fmt: skip
     return cfg
 
 
@@ -202,8 +209,8 @@ def _tune(graphdef, params, rest, dense, md, experts, streams, cfg):
     def distill(router, others, ids):
         routes, _ = merged(router, others).router(ids[:, :-1], jnp.arange(ids.shape[1] - 1))
         a = jnp.abs(act(acts(ids[:, :-1])))  # [L, T, F]
-        top = jax.lax.top_k(a, f // 2)[0][..., -1:]  # the dense model's top-50 % active channels
-        overlap = jnp.einsum("ltf,lfn->tn", (a >= top).astype(jnp.float32), member)
+        top = jax.lax.top_k(a, f // 2)[1]  # the dense model's top-50 % active channels
+        overlap = jax.vmap(lambda m_l, i_l: m_l[i_l].sum(1))(member, top).sum(0)  # [T, N]
         logp = jax.nn.log_softmax(routes.logits_TxE)
         return jnp.mean(jnp.sum(jnp.exp(logp) * (logp - jax.nn.log_softmax(overlap)), -1))
 
@@ -227,7 +234,8 @@ def _round(loss_fn, trainable, frozen, steps: int, lr: float, cfg, streams, tag)
     """`steps` AdamW steps on `trainable` (cosine decay from lr); (trainable, first/last loss)."""
     if steps <= 0:
         return trainable, None
-    tx = optax.adamw(optax.cosine_decay_schedule(lr, steps), weight_decay=cfg.convert.weight_decay)
+    tx = optax.adamw(optax.cosine_decay_schedule(lr, steps), weight_decay=cfg.convert.weight_decay,
+                     mask=decay_mask)  # no decay on norms, as in training  # fmt: skip
 
     @jax.jit
     def step(tr, opt, fr, ids):
@@ -241,13 +249,16 @@ def _round(loss_fn, trainable, frozen, steps: int, lr: float, cfg, streams, tag)
         ids = _windows(tokens, cfg.train.batch_size, cfg.data.seq_len + 1, [cfg.seed, *tag, s])
         trainable, opt, loss = step(trainable, opt, frozen, jnp.asarray(ids))
         losses.append(float(loss))
-    return trainable, dict(first=losses[0], last=losses[-1], last_10=float(np.mean(losses[-10:])))
+    k = len(streams)  # one batch of each corpus: first and last compare the same corpora
+    return trainable, dict(first=float(np.mean(losses[:k])), last=float(np.mean(losses[-k:])))
 
 
 def _write(wd, cfg, params: dict, rest: dict) -> None:
     """The workdir's files (as `train` writes them) and a step-0 checkpoint of `params`."""
     with wd.writer_lock("convert"):
-        _write_workdir(cfg, wd, data.prepare(cfg))
+        td = data.prepare(cfg)  # with the dense run's tokenizer; the workdir keeps its own copy
+        cfg.data.tokenizer = str(wd.tokenizer_path.resolve())
+        _write_workdir(cfg, wd, td)
         state = dict(step=jnp.zeros((), jnp.int32), params=params,
                      opt_state=make_optimizer(cfg).init(params), rest=rest)  # fmt: skip
         ckpt = Checkpointer(wd, cfg.train.keep_ckpts, False, run_digest(cfg))

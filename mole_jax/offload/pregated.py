@@ -36,7 +36,7 @@ class LookaheadEngine(MoeOffloadEngine):
             h, pos, kv, index), static_argnums=(2,))  # fmt: skip
         self._apply = jax.jit(lambda p, r, i, a, x, w, local, up, down: a + merge(p, r).blocks[
             i].ffn.apply_experts(x, w, local, up, down), static_argnums=(2,))  # fmt: skip
-        self.info.update(prefetch="exact (routes known before the blocks)")
+        self.info.update(prefetch=True, prefetch_mode="exact (routes known before the blocks)")
 
     def _block(self, i: int):
         return _LookaheadBlock(self, i)

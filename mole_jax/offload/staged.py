@@ -3,9 +3,9 @@
 `model.forward` is the one forward pass; it calls `embed_ids`, `blocks[i](h, ctx, pos, kv,
 index)` and `logits`. `StagedModel` provides those names over (graphdef, params, rest), each
 piece its own jitted call, so an engine can hand `forward` blocks of its own: a MoE block whose
-experts are loaded by the host once its router has picked them (`offload/moe.py`). (No staged
-engine runs a pre-gated model yet: its blocks read `ctx.routes`.) Blocks the host need not
-enter run whole in one call (`StagedBlock`).
+experts are loaded by the host once its router has picked them (`offload/moe.py`), or a pre-gated
+block whose experts were read ahead (`offload/pregated.py`, which also stages the router). Blocks
+the host need not enter run whole in one call (`StagedBlock`).
 
 Staged blocks run kinds whose FFN reads nothing from `ctx` (dense, MoE); kinds with token
 tables run in one jitted call instead (`engine.InMemoryEngine`, `offload/lut.py`).
