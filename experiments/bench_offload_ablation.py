@@ -45,6 +45,10 @@ flags.DEFINE_integer("new", 16, "Tokens decoded per prompt.")
 flags.DEFINE_integer("rounds", 3, "Interleaved rounds.")
 flags.DEFINE_integer("eval_batches", 4, "Validation batches for the loss per width.")
 flags.DEFINE_string("json", "experiments/results/bench_offload_ablation.json", "Rows go here.")
+flags.DEFINE_string("dense_workdir", "runs/zero_shot/dense-s0", "Reference row: a dense model of "
+                    "the same backbone, in memory ('' to skip).")  # fmt: skip
+flags.DEFINE_string("mole_workdir", "runs/zero_shot/mole-4e-s0", "Reference row: a MoLE model "
+                    "with its fp16 LUT offloaded (lut_float16; '' to skip).")  # fmt: skip
 FLAGS = flags.FLAGS
 
 ENGINES = {
@@ -73,7 +77,7 @@ def decode_s(engine, prompts) -> tuple[float, int]:
         engine.reset_stats()
         out = generate(engine, p[None], FLAGS.new)
         seconds += sum(out["step_s"])
-        nbytes += engine.stats()["bytes_read"]
+        nbytes += engine.stats().get("bytes_read", 0)
     return seconds, nbytes
 
 
@@ -88,6 +92,14 @@ def main(_):
             engines[(dtype, name)] = build_engine(
                 FLAGS.workdir, "moe_offload", store=f"experts_{dtype}", **opts
             )
+    refs = {}  # (label, engine name) -> (workdir, mode, options): the reference rows
+    if FLAGS.dense_workdir:
+        refs[("-", "dense, in memory (reference)")] = (FLAGS.dense_workdir, "experts", {})
+    if FLAGS.mole_workdir:
+        refs[("float16", "MoLE-4E, LUT offloaded (reference)")] = (
+            FLAGS.mole_workdir, "offload", dict(store="lut_float16"))  # fmt: skip
+    for k, (w, mode, opts) in refs.items():
+        engines[k] = build_engine(w, mode, **opts)
     for eng in engines.values():  # compile every shape once, untimed
         decode_s(eng, prompts[:1])
     times = {k: [] for k in engines}
@@ -95,8 +107,8 @@ def main(_):
     for r in range(FLAGS.rounds):
         keys = list(engines)
         for k in keys[r % len(keys) :] + keys[: r % len(keys)]:
-            if FLAGS.drop_cache:  # every run starts from the disk (posix_fadvise DONTNEED)
-                drop_page_cache(engines[k].store.path)
+            if FLAGS.drop_cache and hasattr(engines[k], "store"):  # runs start from the disk
+                drop_page_cache(engines[k].store.path)  # (posix_fadvise DONTNEED)
             t, b = decode_s(engines[k], prompts)
             times[k].append(t)
             nbytes[k] = b
@@ -105,12 +117,14 @@ def main(_):
     mem = evaluate(FLAGS.workdir, "experts", n_batches=n, write=False)["loss"]
     loss = {d: evaluate(FLAGS.workdir, "moe_offload", n_batches=n, write=False, capacity=0,
                         store=f"experts_{d}")["loss"] for d in FLAGS.dtypes}  # fmt: skip
+    loss.update({k: evaluate(w, mode, n_batches=n, write=False, **opts)["loss"]
+                 for k, (w, mode, opts) in refs.items()})  # fmt: skip
     rows = []
     for (dtype, name), ts in times.items():
         rows.append(dict(
             dtype=dtype, engine=name, tokens_per_s=decoded / float(np.median(ts)),
-            bytes_per_token=nbytes[(dtype, name)] / decoded, val_loss=loss[dtype],
-            bytes_per_expert=engines[(dtype, name)].store.expert_bytes,
+            bytes_per_token=nbytes[(dtype, name)] / decoded,
+            val_loss=loss[(dtype, name)] if (dtype, name) in refs else loss[dtype],
         ))  # fmt: skip
     print(f"\nin memory val loss {mem:.4f} ({n} batches); batch 1, capacity {FLAGS.capacity}")
     print(f"{'width':8} {'engine':34} {'tokens/s':>9} {'bytes/token':>12} {'val loss':>9}")
