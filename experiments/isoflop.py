@@ -8,8 +8,12 @@ Expected (PAPERS.md, Table 1): PEER < MoE < PKM < dense in perplexity at both bu
 paper's MoE routes by expert choice (`moe-ec`: not causal, see ffn/moe.py); the top-2
 token-choice MoE (`moe`, the MoLE paper's baseline) is trained beside it.
 
-    python launch.py sweep --config=experiments/isoflop.py:size=tiny,budgets=4e12/1.2e13 \
+    python launch.py sweep --config=experiments/isoflop.py:size=tiny,budgets=1e12/3e12 \
         --workdir=runs/isoflop
+
+Cost: 5 kinds x 3 sizes x (1e12 + 3e12) = 6e13 training FLOPs, about 25 tiny 600-step runs
+(a 600-step tiny dense run is 2.4e12); at tiny the smallest budget gives the widest models ~110
+steps.
 
 Sizes: the `size` backbone with d_model scaled to 1x, 1.5x, 2x (d_ff = 4 d_model, heads kept);
 the FFN kinds keep their configs' own widths (MoE experts d_ff/2 of the base size, PKM/PEER
