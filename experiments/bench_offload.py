@@ -40,7 +40,7 @@ from pathlib import Path
 
 import _paths  # noqa: F401
 import numpy as np
-from _stores import fresh
+from _stores import drop_page_cache, fresh
 from absl import app, flags, logging
 
 from configs import dense, moe, mole
@@ -135,16 +135,6 @@ def engines(dirs: dict[str, str]):
             lambda: build_engine(dirs["mole"], "offload", store="lut_nf4", cache_rows=rows),
         ),
     ]
-
-
-def drop_page_cache(directory: str) -> None:
-    for path in Path(directory).rglob("*"):
-        if path.is_file():
-            fd = os.open(path, os.O_RDONLY)
-            try:
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-            finally:
-                os.close(fd)
 
 
 def storage_pass(engine, store_dir, prompts, new: int) -> dict:
