@@ -7,21 +7,20 @@ experts does a batch need under FIFO (decode-first), prefill-first and expert-aw
 
     python experiments/bench_serving.py --workdir=runs/pregated-8e
 
-Method. `--requests` prompts of 8..`--prompt` tokens from the run's held-out split (lengths and
-queue order drawn from `--seed`), each generated greedily for 4..`--new` tokens by the in-memory
-model; the pre-gating router gives every token's path (top-1). The queue is scheduled into batches
-of at most `--budget` tokens (offload/serving.py); the batch sequence, its unique experts and each
-cache's loads per batch are exact counts. Latency is a cost model with constants measured here in
-the same run: `compute(n)`, the median time of the in-memory forward over n held-out tokens (n
-rounded up to a power of two; decodes are timed as if they had no KV cache, so compute is
-over-counted alike for every policy; it does not depend on which experts a batch uses, so the
-latency columns differ only through expert loads and the order requests finish in), and `load`,
-the median time to read one expert of one layer from the tensorstore expert store (fp16) after
-`posix_fadvise(DONTNEED)` on the store's files. A batch that loads k experts per layer takes
+Method. `--requests` prompts of `--min_prompt`..`--prompt` tokens from the run's held-out split
+(lengths and queue order drawn from `--seed`), each generated greedily for 4..`--new` tokens by the
+in-memory model; the pre-gating router gives every token's path (top-1). The queue is scheduled
+into batches of at most `--budget` tokens (offload/serving.py); the batch sequence, its unique
+experts and each cache's loads per batch are exact counts. Latency is a cost model with constants
+measured here in the same run: `compute(n)`, the median time of the in-memory forward over n held-
+out tokens (n rounded up to a power of two; decodes are timed as if they had no KV cache, so
+compute is over-counted alike for every policy; it does not depend on which experts a batch uses,
+so the latency columns differ only through expert loads and the order requests finish in), and
+`load`, the median time to read one expert of one layer from the tensorstore expert store (fp16)
+after `posix_fadvise(DONTNEED)` on the store's files. A batch that loads k experts per layer takes
 load*k + (L-1)*max(compute/L, load*k) + compute/L: layer l+1's experts are read while layer l
-computes (the exact prefetch pre-gating allows). Latency per
-token = the time a request's last token is produced / its generated tokens, every request queued
-at time 0.
+computes (the exact prefetch pre-gating allows). Latency per token = the time a request's last
+token is produced / its generated tokens, every request queued at time 0.
 """
 
 from __future__ import annotations
@@ -51,6 +50,7 @@ from mole_jax.offload.policies import simulate
 flags.DEFINE_string("workdir", "runs/pregated-8e", "A trained pre-gated workdir.")
 flags.DEFINE_integer("requests", 48, "Requests in the queue.")
 flags.DEFINE_integer("prompt", 24, "Longest prompt (tokens).")
+flags.DEFINE_integer("min_prompt", 8, "Shortest prompt (tokens).")
 flags.DEFINE_integer("new", 16, "Most tokens generated per request.")
 flags.DEFINE_integer("budget", 32, "Tokens per batch.")
 flags.DEFINE_list("capacity", ["2", "3", "4", "5"], "Experts cached per layer.")
@@ -66,7 +66,8 @@ def make_requests(engine, rng, windows) -> list[serving.Request]:
     route = jax.jit(lambda ids: model.router(ids, jnp.arange(ids.shape[1]))[0].experts_TxK[:, 0])
     out = []
     for rid, w in enumerate(pick):
-        p, new = int(rng.integers(8, FLAGS.prompt + 1)), int(rng.integers(4, FLAGS.new + 1))
+        p = int(rng.integers(FLAGS.min_prompt, FLAGS.prompt + 1))
+        new = int(rng.integers(4, FLAGS.new + 1))
         prompt = windows[w][None, :p]
         gen = generate(engine, prompt, new)["tokens"]
         ids = np.concatenate([prompt, gen], axis=1)
@@ -162,9 +163,9 @@ def report(rows, compute, load, requests):
               + " | ".join(CACHES) + " |\n|---|" + "---|" * len(CACHES))  # fmt: skip
         for cap in caps:
             print(f"| {cap} | " + " | ".join(f"{r[f'hit_{c}_{cap}']:.3f}" for c in CACHES) + " |")
-    out = dict(flags={k: FLAGS[k].value for k in ("workdir", "requests", "prompt", "new",
-               "budget", "capacity", "latency_capacity", "seed")},
-               compute_s=compute, load_s=load, rows=rows)  # fmt: skip
+    names = ("workdir", "requests", "min_prompt", "prompt", "new", "budget", "capacity",
+             "latency_capacity", "seed")  # fmt: skip
+    out = dict(flags={k: FLAGS[k].value for k in names}, compute_s=compute, load_s=load, rows=rows)
     Path(FLAGS.json).parent.mkdir(parents=True, exist_ok=True)
     Path(FLAGS.json).write_text(json.dumps(out, indent=1))
     print(f"\nwrote {FLAGS.json}")
