@@ -12,8 +12,8 @@ Method. `--requests` prompts of `--min_prompt`..`--prompt` tokens from the run's
 in-memory model; the pre-gating router gives every token's path (top-1). The queue is scheduled
 into batches of at most `--budget` tokens (offload/serving.py); the batch sequence, its unique
 experts and each cache's loads per batch are exact counts. Latency is a cost model with constants
-measured here in the same run: `compute(n)`, the median time of the in-memory forward over n held-
-out tokens (n rounded up to a power of two; decodes are timed as if they had no KV cache, so
+measured here in the same run: `compute(n)`, the median time of the in-memory forward over n
+held-out tokens (n rounded up to a power of two; decodes are timed as if they had no KV cache, so
 compute is over-counted alike for every policy; it does not depend on which experts a batch uses,
 so the latency columns differ only through expert loads and the order requests finish in), and
 `load`, the median time to read one expert of one layer from the tensorstore expert store (fp16)
