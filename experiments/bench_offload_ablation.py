@@ -81,10 +81,9 @@ def decode_s(engine, prompts) -> tuple[float, int]:
     return seconds, nbytes
 
 
-def main(_):
-    stores(FLAGS.workdir)
-    windows = np.concatenate(list(val_batches(FLAGS.workdir, n_batches=FLAGS.prompts)))
-    prompts = windows[: FLAGS.prompts, : FLAGS.prompt]
+def build_engines() -> tuple[dict, dict]:
+    """({(width, name): engine} of the MoE rows and the reference rows, {key: (workdir, mode,
+    options)} of the reference rows)."""
     engines = {}
     for dtype in FLAGS.dtypes:
         for name, opts in ENGINES.items():
@@ -100,6 +99,14 @@ def main(_):
             FLAGS.mole_workdir, "offload", dict(store="lut_float16"))  # fmt: skip
     for k, (w, mode, opts) in refs.items():
         engines[k] = build_engine(w, mode, **opts)
+    return engines, refs
+
+
+def main(_):
+    stores(FLAGS.workdir)
+    windows = np.concatenate(list(val_batches(FLAGS.workdir, n_batches=FLAGS.prompts)))
+    prompts = windows[: FLAGS.prompts, : FLAGS.prompt]
+    engines, refs = build_engines()
     for eng in engines.values():  # compile every shape once, untimed
         decode_s(eng, prompts[:1])
     times = {k: [] for k in engines}
