@@ -224,7 +224,7 @@ def _tune(graphdef, params, rest, dense, md, experts, streams, cfg):
         decay = c.round_decay**r
         router, d = _round(distill, router, others, c.router_steps, c.router_lr * decay, cfg,
                            streams, (r, 0))  # fmt: skip
-        others, e = _round(lambda o, rt, ids: lm(o, rt, ids), others, router, c.expert_steps,
+        others, e = _round(lm, others, router, c.expert_steps,
                            c.expert_lr * decay, cfg, streams, (r, 1))  # fmt: skip
         rounds.append(dict(round=r, distill=d, lm=e))
     return {**others, "router": router}, rounds
