@@ -53,8 +53,8 @@ def summarize(cfg, n_devices: int | None = None) -> dict:
         lut_values += a.get("lut_values", 0)
         lut_per_token += a.get("lut_values_per_token", 0)
     embed_head = 2 * v * d + d  # untied embedding + head, final norm
-    if ffn_lib.router_module(m.kind) is not None:  # a model-level router (pregated)
-        r = ffn_lib.router_module(m.kind).account_model(m, seq)
+    if (kind := ffn_lib.router_module(m.kind)) is not None:  # a model-level router (pregated)
+        r = kind.account_model(m, seq)
         embed_head += r["params"]
         for key in ("flops", "train_flops"):
             tot[key] += r["flops"]

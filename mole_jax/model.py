@@ -72,8 +72,8 @@ class Transformer(nnx.Module):
         self.norm = RMSNorm(m.d_model, m.norm_eps)
         self.head = param(rngs, init, (m.d_model, m.vocab_size), ("embed", "vocab"))
         self.table_layers = tuple(i for i, b in enumerate(self.blocks) if b.ffn.uses_token_table)
-        if ffn_lib.router_module(m.kind) is not None:
-            self.router = ffn_lib.router_module(m.kind).Router(m, rngs)
+        if (kind := ffn_lib.router_module(m.kind)) is not None:
+            self.router = kind.Router(m, rngs)
 
     def embed_ids(self, ids_BxL):
         """The raw token embeddings in the compute dtype. (With a mesh, the table's `embed` axis
@@ -189,10 +189,8 @@ def new_cache(m, batch: int, length: int) -> dict:
         raise UserError(f"{length} tokens exceed model.max_seq_len={m.max_seq_len}")
     layers = [init_kv(batch, length, m, compute_dtype(m)) for _ in range(m.n_layers)]
     cache = {"index": jnp.zeros((), jnp.int32), "layers": layers}
-    if ffn_lib.router_module(m.kind) is not None:
-        cache["router"] = ffn_lib.router_module(m.kind).new_router_cache(
-            m, batch, length, compute_dtype(m)
-        )
+    if (kind := ffn_lib.router_module(m.kind)) is not None:
+        cache["router"] = kind.new_router_cache(m, batch, length, compute_dtype(m))
     return cache
 
 
