@@ -21,6 +21,14 @@ after `posix_fadvise(DONTNEED)` on the store's files. A batch that loads k exper
 load*k + (L-1)*max(compute/L, load*k) + compute/L: layer l+1's experts are read while layer l
 computes (the exact prefetch pre-gating allows). Latency per token = the time a request's last
 token is produced / its generated tokens, every request queued at time 0.
+
+Executed (`--rounds` > 0): the same queue is then served for real by the lookahead engine
+(offload/server.py) over the fp16 expert store, one shared cache of `--latency_capacity` experts
+per layer evicted by LRU or by Belady over the queue's known future, pages dropped before each run,
+every shape compiled by one untimed run first; latency is wall-clock. Each request runs its own
+forward call within a batch (its rows sit at its own KV-cache position), so on this CPU a batch's
+compute is the sum of its requests' and batching changes latency only through expert loads and
+the order requests finish in. Medians over the rounds.
 """
 
 from __future__ import annotations
@@ -46,6 +54,7 @@ from mole_jax.offload import serving
 from mole_jax.offload.expert_store import ExpertStore
 from mole_jax.offload.policies import POLICIES as CACHES
 from mole_jax.offload.policies import simulate
+from mole_jax.offload.server import EVICTIONS, serve
 
 flags.DEFINE_string("workdir", "runs/pregated-8e", "A trained pre-gated workdir.")
 flags.DEFINE_integer("requests", 48, "Requests in the queue.")
@@ -56,12 +65,14 @@ flags.DEFINE_integer("budget", 32, "Tokens per batch.")
 flags.DEFINE_list("capacity", ["2", "3", "4", "5"], "Experts cached per layer.")
 flags.DEFINE_integer("latency_capacity", 4, "Cache size of the latency rows.")
 flags.DEFINE_integer("seed", 0, "Prompt lengths and queue order.")
+flags.DEFINE_integer("rounds", 2, "Executed runs per batching x eviction (0: the model only).")
 flags.DEFINE_string("json", "experiments/results/bench_serving.json", "Rows go here.")
 FLAGS = flags.FLAGS
 
 
 def make_requests(engine, rng, windows) -> list[serving.Request]:
     pick = rng.permutation(len(windows))[: FLAGS.requests]
+    prompts = []
     model = nnx.merge(engine.graphdef, engine.params, engine.rest)
     route = jax.jit(lambda ids: model.router(ids, jnp.arange(ids.shape[1]))[0].experts_TxK[:, 0])
     out = []
@@ -72,7 +83,37 @@ def make_requests(engine, rng, windows) -> list[serving.Request]:
         gen = generate(engine, prompt, new)["tokens"]
         ids = np.concatenate([prompt, gen], axis=1)
         out.append(serving.Request(rid, tuple(np.asarray(route(ids)).tolist()), p, new))
-    return out
+        prompts.append(prompt[0])
+    return out, prompts
+
+
+def executed(requests, prompts, store_dir) -> list[dict]:
+    """Serves the queue for real under each batching x eviction, `--rounds` times, interleaved;
+    the median of each measure over the rounds."""
+    eng = build_engine(FLAGS.workdir, "lookahead", store=os.path.basename(store_dir),
+                       capacity=FLAGS.latency_capacity)  # fmt: skip
+    news = [r.new for r in requests]
+    serve(eng, prompts, news, FLAGS.budget, "decode_first")  # compiles every shape, untimed
+    runs = {}
+    for _ in range(FLAGS.rounds):
+        for policy in serving.POLICIES:
+            for ev in EVICTIONS:
+                eng.reset_stats()
+                drop_page_cache(store_dir)
+                out = serve(eng, prompts, news, FLAGS.budget, policy, ev)
+                need = sum(len(t) for t in out["trace"])
+                runs.setdefault((policy, ev), []).append(dict(
+                    batches=len(out["batches"]), unique_experts=need / len(out["trace"]),
+                    hit_rate=1 - sum(out["loads"]) / need, loads=sum(out["loads"]),
+                    mean_ms=1e3 * float(out["latency_s"].mean()),
+                    p95_ms=1e3 * float(np.percentile(out["latency_s"], 95)),
+                    total_s=float(sum(out["seconds"]))))  # fmt: skip
+    return [
+        dict(
+            batching=p, eviction=ev, **{k: float(np.median([r[k] for r in rs])) for k in rs[0]}
+        )  # fmt: skip
+        for (p, ev), rs in runs.items()
+    ]
 
 
 def compute_seconds(engine, sizes, windows) -> dict[int, float]:
@@ -121,7 +162,7 @@ def main(_):
     fresh(ExpertStore, FLAGS.workdir, "experts_float16", lambda: export_experts(
         FLAGS.workdir, dtype="float16", out="experts_float16"))  # fmt: skip
     windows = np.concatenate(list(val_batches(FLAGS.workdir)), axis=0)
-    requests = make_requests(engine, rng, windows)
+    requests, prompts = make_requests(engine, rng, windows)
     sizes = [1 << i for i in range((FLAGS.budget - 1).bit_length() + 1)]
     compute = compute_seconds(engine, sizes, windows)
     layers = [i for i in range(m.n_layers) if m.kind_of_layer(i) == m.kind]
@@ -141,10 +182,11 @@ def main(_):
         lat = serving.latencies(requests, batches, secs)
         row.update(mean_ms=1e3 * float(lat.mean()), p95_ms=1e3 * float(np.percentile(lat, 95)))
         rows.append(row)
-    report(rows, compute, load, requests)
+    served = executed(requests, prompts, store_dir) if FLAGS.rounds else []
+    report(rows, compute, load, requests, served)
 
 
-def report(rows, compute, load, requests):
+def report(rows, compute, load, requests, served):
     caps = list(map(int, FLAGS.capacity))
     print(f"\n{len(requests)} requests, budget {FLAGS.budget} tokens, paths from the router; "
           f"load {1e3 * load:.3f} ms per expert per layer (pages dropped), compute "
@@ -163,9 +205,19 @@ def report(rows, compute, load, requests):
               + " | ".join(CACHES) + " |\n|---|" + "---|" * len(CACHES))  # fmt: skip
         for cap in caps:
             print(f"| {cap} | " + " | ".join(f"{r[f'hit_{c}_{cap}']:.3f}" for c in CACHES) + " |")
+    if served:
+        print(f"\nexecuted (wall clock, {FLAGS.latency_capacity} experts cached per layer, "
+              f"median of {FLAGS.rounds} rounds)\n\n| batching | eviction | batches | unique "
+              "experts / batch | hit ratio | experts loaded | mean ms / token | p95 ms / token | "
+              "total s |\n|---|---|---|---|---|---|---|---|---|")  # fmt: skip
+        for r in served:
+            print(f"| {r['batching']} | {r['eviction']} | {r['batches']:.0f} | "
+                  f"{r['unique_experts']:.2f} | {r['hit_rate']:.3f} | {r['loads']:.0f} | "
+                  f"{r['mean_ms']:.2f} | {r['p95_ms']:.2f} | {r['total_s']:.2f} |")  # fmt: skip
     names = ("workdir", "requests", "min_prompt", "prompt", "new", "budget", "capacity",
-             "latency_capacity", "seed")  # fmt: skip
-    out = dict(flags={k: FLAGS[k].value for k in names}, compute_s=compute, load_s=load, rows=rows)
+             "latency_capacity", "seed", "rounds")  # fmt: skip
+    out = dict(flags={k: FLAGS[k].value for k in names}, compute_s=compute, load_s=load, rows=rows,
+               executed=served)  # fmt: skip
     Path(FLAGS.json).parent.mkdir(parents=True, exist_ok=True)
     Path(FLAGS.json).write_text(json.dumps(out, indent=1))
     print(f"\nwrote {FLAGS.json}")

@@ -138,3 +138,38 @@ def test_lookahead_engine_equals_in_memory(pregated_run, capacity):
     eng.forward(ids[:1, :4])  # the same tokens again: everything cached when it fits
     st = eng.stats()
     assert (st["hits"] > 0) == (capacity > 0)
+
+
+@pytest.mark.slow
+def test_queue_server_generates_as_in_memory_with_the_policys_cache(pregated_run):
+    from mole_jax.engine import build_engine
+    from mole_jax.generate import generate
+    from mole_jax.offload import serving
+    from mole_jax.offload.policies import simulate
+    from mole_jax.offload.server import serve
+
+    ref = build_engine(pregated_run, "experts")
+    eng = build_engine(pregated_run, "lookahead", capacity=2)
+    rng = np.random.default_rng(5)
+    prompts = [rng.integers(0, 512, int(rng.integers(2, 6))) for _ in range(6)]
+    news = [int(n) for n in rng.integers(1, 5, 6)]
+    want = [
+        generate(ref, p[None], n)["tokens"][0].tolist() for p, n in zip(prompts, news, strict=True)
+    ]
+    every_item = sorted((i, s) for i, n in enumerate(news) for s in range(n))
+    for policy in serving.POLICIES:
+        for eviction in ("lru", "belady"):
+            eng.reset_stats()
+            out = serve(eng, prompts, news, budget=8, policy=policy, eviction=eviction)
+            assert [out["tokens"][i] for i in range(6)] == want
+            assert sorted((it.rid, it.step) for b in out["batches"] for it in b) == every_item
+            assert max(sum(it.tokens for it in b) for b in out["batches"]) <= 8
+            assert eng.stats()["experts_read"] == 2 * sum(out["loads"])  # 2 layers, aligned
+            assert all(len(c) <= 2 for c in eng.cache.values())
+            if eviction == "lru":
+                assert out["loads"] == simulate(out["trace"], 2, "lru")["step_loads"]
+        # every route known up front (one new token each): online Belady = the offline optimum
+        eng.reset_stats()
+        out = serve(eng, prompts, [1] * 6, budget=8, policy=policy, eviction="belady")
+        best = simulate(out["trace"], 2, "belady")
+        assert out["loads"] == best["step_loads"] and best["loads"] > len(out["trace"][0])

@@ -2,6 +2,8 @@
 in order, within the token budget; expert-aware batching follows Read-ME's Algorithm 1; the
 per-step loads and latencies add up by hand."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -68,3 +70,11 @@ def test_step_loads_and_latencies_by_hand():
     np.testing.assert_allclose(lat, [1.5 / 2, 1.0 / 1])
     with pytest.raises(ValueError, match="longer than the token budget"):
         serving.schedule(reqs, budget=1, policy="decode_first")
+
+
+@pytest.mark.parametrize("policy", serving.POLICIES)
+def test_known_future_is_the_schedule_when_nothing_new_arrives(policy):
+    reqs = [dataclasses.replace(r, new=1) for r in random_requests(7)]
+    full = serving.trace_of(serving.schedule(reqs, budget=12, policy=policy))
+    prefills = [serving.item(r, 0) for r in reqs]
+    assert serving.known_future(prefills, [], 12, policy) == full

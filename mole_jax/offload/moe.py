@@ -115,9 +115,12 @@ class MoeOffloadEngine(BaseEngine):
 
     def forward(self, ids_BxL, cache=None, prepared=None):
         ids = self.check(ids_BxL)
-        self._guessed, self._pending = {}, {}  # layer -> guessed set / {expert: read}
+        self._new_call()
         out = forward(self.staged, ids, cache=cache)
         return out.logits_BxLxV, out.cache
+
+    def _new_call(self) -> None:
+        self._guessed, self._pending = {}, {}  # layer -> guessed set / {expert: read}
 
     def stats(self) -> dict:
         s = self._stats

@@ -54,13 +54,15 @@ def simulate(trace: list[set[int]], capacity: int, policy: str, seed: int = 0) -
         for e in need:
             key[e] = future[t][e] if future is not None else t
         while len(key) > capacity:
-            del key[_victim(key, policy, rng)]
+            del key[victim(key, policy, rng)]
     loads = lookups - hits
     return dict(hits=hits, lookups=lookups, loads=loads, hit_rate=hits / max(1, lookups),
                 step_loads=step_loads)  # fmt: skip
 
 
-def _victim(key: dict[int, float], policy: str, rng) -> int:
+def victim(key: dict[int, float], policy: str, rng=None) -> int:
+    """The resident expert to drop: `key` maps each resident expert to its last use (lru) or
+    next use (belady); ties drop the lowest id."""
     resident = sorted(key)
     if policy == "random":
         return int(resident[rng.integers(len(resident))])

@@ -8,6 +8,12 @@ block waits only for its own. The resident model is the pre-gated 'offload' form
 experts); the experts come from `export --experts` (`W/experts`, any of its widths) through the
 MoE engine's per-layer LRU cache of `capacity` experts, whose counters and `record`ed traces it
 shares (`offload/policies.py` replays them, Belady included).
+
+Batch mode (`offload/server.py`, serving a request queue): `begin_batch(experts)` starts reading
+the whole batch's experts in every layer and holds everything read until `end_batch(keys,
+policy)`, which brings each layer's cache back to `capacity` by the policy (LRU over the keys'
+last uses, or Belady over their next uses in the queue's known future: `policies.victim`). The
+batch's requests run one forward call each in between, sharing the loaded experts.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ import jax
 import numpy as np
 
 from mole_jax.offload.moe import MoeOffloadEngine
+from mole_jax.offload.policies import victim
 
 
 class LookaheadEngine(MoeOffloadEngine):
@@ -40,6 +47,36 @@ class LookaheadEngine(MoeOffloadEngine):
 
     def _block(self, i: int):
         return _LookaheadBlock(self, i)
+
+    def reset_stats(self) -> None:
+        super().reset_stats()
+        self._batch = False
+
+    def _new_call(self) -> None:
+        if not self._batch:  # in a batch the batch's reads stay in flight across calls
+            super()._new_call()
+
+    def begin_batch(self, experts) -> None:
+        """Starts reading `experts` (every expert the batch's tokens use) in every layer; until
+        `end_batch` nothing is evicted."""
+        self._new_call()
+        self._batch = True
+        self.prefetch_all(np.asarray(sorted(experts)))
+
+    def end_batch(self, keys: dict[int, float], policy: str) -> None:
+        """Evicts down to `capacity` per layer: `keys[e]` is expert e's last use (lru) or next
+        use (belady), for every resident expert."""
+        self._batch = False
+        self._new_call()
+        for cache in self.cache.values():
+            while len(cache) > self.capacity:
+                del cache[victim({e: keys[e] for e in cache}, policy)]
+
+    def _insert(self, layer: int, expert: int, weights) -> None:
+        if not self._batch:
+            return super()._insert(layer, expert, weights)
+        self.cache[layer][expert] = weights
+        self.cache[layer].move_to_end(expert)
 
     def forward(self, ids_BxL, cache=None, prepared=None):
         self._started = False

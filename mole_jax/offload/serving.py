@@ -81,18 +81,43 @@ def schedule(requests: list[Request], budget: int, policy: str) -> list[list[Ite
         prefills = [item(r, 0) for r in waiting]
         decodes = [item(by_id[rid], s) for rid, s in running.items()]
         batch = _pick(prefills, decodes, budget, policy)
-        assert batch, "an item always fits: prompts <= budget, decodes are 1 token"
-        for it in batch:
-            r = by_id[it.rid]
-            if it.step == 0:
-                waiting.remove(r)
-            nxt = it.step + 1
-            if nxt < r.new:
-                running[r.rid] = nxt
-            else:
-                running.pop(r.rid, None)
+        advance(batch, waiting, running, by_id)
         batches.append(batch)
     return batches
+
+
+def advance(batch: list[Item], waiting: list, running: dict[int, int], by_id: dict) -> None:
+    """Moves the queue past `batch`: its prefills leave `waiting`, each request's next decode
+    step enters `running` (rid -> step) until its `new` tokens are out."""
+    assert batch, "an item always fits: prompts <= budget, decodes are 1 token"
+    for it in batch:
+        r = by_id[it.rid]
+        if it.step == 0:
+            waiting.remove(r)
+        nxt = it.step + 1
+        if nxt < r.new:
+            running[r.rid] = nxt
+        else:
+            running.pop(r.rid, None)
+
+
+def known_future(prefills: list[Item], decodes: list[Item], budget: int, policy: str):
+    """The batches the queue would form next from the items known now (the decodes after these
+    are not: their tokens are not generated yet), as sets of experts: Belady's future."""
+    prefills, decodes, out = list(prefills), list(decodes), []
+    while prefills or decodes:
+        batch = _pick(prefills, decodes, budget, policy)
+        prefills = [i for i in prefills if i not in batch]
+        decodes = [i for i in decodes if i not in batch]
+        out.append({e for it in batch for e in it.experts})
+    return out
+
+
+def pick(prefills: list[Item], decodes: list[Item], budget: int, policy: str) -> list[Item]:
+    """One batch of at most `budget` tokens from the ready items, by `policy`."""
+    if policy not in POLICIES:
+        raise ValueError(f"policy {policy!r} is not one of {POLICIES}")
+    return _pick(prefills, decodes, budget, policy)
 
 
 def _pick(prefills: list[Item], decodes: list[Item], budget: int, policy: str) -> list[Item]:
