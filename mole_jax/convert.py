@@ -27,6 +27,7 @@ records the selection's coverage and each round's first and last losses.
 from __future__ import annotations
 
 import json
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -47,6 +48,7 @@ from mole_jax.optim import decay_mask, make_optimizer
 from mole_jax.train import _write_workdir, run_digest
 from mole_jax.workdir import as_workdir
 
+PARTIAL = "convert.partial"  # marks a conversion that was killed before convert.json
 BACKBONE = ("vocab_size", "d_model", "n_layers", "n_heads", "d_ff", "activation")
 
 
@@ -54,7 +56,8 @@ def convert(dense_dir, workdir, cfg) -> dict:
     """Writes the converted workdir; returns what `convert.json` records."""
     src, wd = as_workdir(dense_dir), as_workdir(workdir)
     cfg = _checked_config(src, cfg)
-    if wd.has_checkpoints():
+    partial = wd.path / PARTIAL  # written before the checkpoint, removed after convert.json
+    if wd.has_checkpoints() and not partial.exists():
         raise UserError(f"{wd} already holds checkpoints; convert into a new workdir")
     md, m = src.model_config, model_config(cfg)
     dense = restore_model(src, md).params
@@ -75,8 +78,12 @@ def convert(dense_dir, workdir, cfg) -> dict:
                           for i in range(m.n_layers)],
     )  # fmt: skip
     params, record["rounds"] = log
+    wd.path.mkdir(parents=True, exist_ok=True)
+    partial.touch()
+    shutil.rmtree(wd.checkpoints_dir, ignore_errors=True)  # a killed conversion's, if any
     _write(wd, cfg, params, nnx.to_pure_dict(rest))
     write_text_atomic(wd.path / "convert.json", json.dumps(record, indent=1))
+    partial.unlink()
     return record
 
 

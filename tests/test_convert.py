@@ -2,6 +2,7 @@
 channel reproduce the dense model's logits; channel selection by hand; the command end to end."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -85,3 +86,10 @@ def test_convert_command_writes_an_ordinary_workdir(tmp_path_factory, corpus_dir
     assert ev.returncode == 0, ev.stderr[-3000:]
     again = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     assert again.returncode == 2 and again.stderr.startswith("error:")
+    # killed after the checkpoint, before convert.json: the next convert starts over, cleanly
+    os.remove(f"{w}/convert.json")
+    open(f"{w}/convert.partial", "w").close()
+    redo = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    assert redo.returncode == 0, redo.stderr[-3000:]
+    assert json.load(open(f"{w}/convert.json")) == rec  # the same conversion, deterministic
+    assert not os.path.exists(f"{w}/convert.partial")
