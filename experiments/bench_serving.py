@@ -70,7 +70,7 @@ flags.DEFINE_string("json", "experiments/results/bench_serving.json", "Rows go h
 FLAGS = flags.FLAGS
 
 
-def make_requests(engine, rng, windows) -> list[serving.Request]:
+def make_requests(engine, rng, windows) -> tuple[list[serving.Request], list[np.ndarray]]:
     pick = rng.permutation(len(windows))[: FLAGS.requests]
     prompts = []
     model = nnx.merge(engine.graphdef, engine.params, engine.rest)
@@ -107,7 +107,9 @@ def executed(requests, prompts, store_dir) -> list[dict]:
                     hit_rate=1 - sum(out["loads"]) / need, loads=sum(out["loads"]),
                     mean_ms=1e3 * float(out["latency_s"].mean()),
                     p95_ms=1e3 * float(np.percentile(out["latency_s"], 95)),
-                    total_s=float(sum(out["seconds"]))))  # fmt: skip
+                    total_s=float(sum(out["seconds"])), plan_s=out["plan_s"],
+                    offline_belady_hit=simulate(out["trace"], FLAGS.latency_capacity,
+                                                "belady")["hit_rate"]))  # fmt: skip
     return [
         dict(
             batching=p, eviction=ev, **{k: float(np.median([r[k] for r in rs])) for k in rs[0]}
@@ -206,14 +208,17 @@ def report(rows, compute, load, requests, served):
         for cap in caps:
             print(f"| {cap} | " + " | ".join(f"{r[f'hit_{c}_{cap}']:.3f}" for c in CACHES) + " |")
     if served:
-        print(f"\nexecuted (wall clock, {FLAGS.latency_capacity} experts cached per layer, "
-              f"median of {FLAGS.rounds} rounds)\n\n| batching | eviction | batches | unique "
-              "experts / batch | hit ratio | experts loaded | mean ms / token | p95 ms / token | "
-              "total s |\n|---|---|---|---|---|---|---|---|---|")  # fmt: skip
+        print(
+            f"\nexecuted (wall clock, {FLAGS.latency_capacity} experts cached per layer, "
+            f"median of {FLAGS.rounds} rounds)\n\n| batching | eviction | batches | unique "
+            "experts / batch | hit ratio (offline Belady) | experts loaded | mean ms / token | "
+            "p95 ms / token | total s (planning) |\n|---|---|---|---|---|---|---|---|---|"
+        )
         for r in served:
             print(f"| {r['batching']} | {r['eviction']} | {r['batches']:.0f} | "
-                  f"{r['unique_experts']:.2f} | {r['hit_rate']:.3f} | {r['loads']:.0f} | "
-                  f"{r['mean_ms']:.2f} | {r['p95_ms']:.2f} | {r['total_s']:.2f} |")  # fmt: skip
+                  f"{r['unique_experts']:.2f} | {r['hit_rate']:.3f} "
+                  f"({r['offline_belady_hit']:.3f}) | {r['loads']:.0f} | {r['mean_ms']:.2f} | "
+                  f"{r['p95_ms']:.2f} | {r['total_s']:.2f} ({r['plan_s']:.2f}) |")  # fmt: skip
     names = ("workdir", "requests", "min_prompt", "prompt", "new", "budget", "capacity",
              "latency_capacity", "seed", "rounds")  # fmt: skip
     out = dict(flags={k: FLAGS[k].value for k in names}, compute_s=compute, load_s=load, rows=rows,

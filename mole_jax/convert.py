@@ -56,9 +56,7 @@ def convert(dense_dir, workdir, cfg) -> dict:
     """Writes the converted workdir; returns what `convert.json` records."""
     src, wd = as_workdir(dense_dir), as_workdir(workdir)
     cfg = _checked_config(src, cfg)
-    partial = wd.path / PARTIAL  # written before the checkpoint, removed after convert.json
-    if wd.has_checkpoints() and not partial.exists():
-        raise UserError(f"{wd} already holds checkpoints; convert into a new workdir")
+    _check_target(wd)
     md, m = src.model_config, model_config(cfg)
     dense = restore_model(src, md).params
     groups = [g.split("+") for g in str(cfg.convert.domains).split(",")]
@@ -78,13 +76,18 @@ def convert(dense_dir, workdir, cfg) -> dict:
                           for i in range(m.n_layers)],
     )  # fmt: skip
     params, record["rounds"] = log
-    wd.path.mkdir(parents=True, exist_ok=True)
-    partial.touch()
-    shutil.rmtree(wd.checkpoints_dir, ignore_errors=True)  # a killed conversion's, if any
-    _write(wd, cfg, params, nnx.to_pure_dict(rest))
-    write_text_atomic(wd.path / "convert.json", json.dumps(record, indent=1))
-    partial.unlink()
+    _write(wd, cfg, params, nnx.to_pure_dict(rest), record)
     return record
+
+
+def _check_target(wd) -> None:
+    """A conversion writes a fresh workdir, or redoes one killed between its step-0 checkpoint
+    and convert.json (marked by `convert.partial`, nothing trained on it since)."""
+    d = wd.checkpoints_dir
+    steps = {p.name for p in d.iterdir() if p.name.isdigit()} if d.is_dir() else set()
+    killed = (wd.path / PARTIAL).exists() and not (wd.path / "convert.json").exists()
+    if steps and not (killed and steps == {"0"}):
+        raise UserError(f"{wd} already holds checkpoints; convert into a new workdir")
 
 
 def _checked_config(src, cfg):
@@ -260,9 +263,13 @@ def _round(loss_fn, trainable, frozen, steps: int, lr: float, cfg, streams, tag)
     return trainable, dict(first=float(np.mean(losses[:k])), last=float(np.mean(losses[-k:])))
 
 
-def _write(wd, cfg, params: dict, rest: dict) -> None:
-    """The workdir's files (as `train` writes them) and a step-0 checkpoint of `params`."""
+def _write(wd, cfg, params: dict, rest: dict, record: dict) -> None:
+    """The workdir's files (as `train` writes them), a step-0 checkpoint of `params`, then
+    convert.json; `convert.partial` marks the time in between."""
     with wd.writer_lock("convert"):
+        _check_target(wd)  # again, under the lock
+        (wd.path / PARTIAL).touch()
+        shutil.rmtree(wd.checkpoints_dir, ignore_errors=True)  # a killed conversion's, if any
         td = data.prepare(cfg)  # with the dense run's tokenizer; the workdir keeps its own copy
         cfg.data.tokenizer = str(wd.tokenizer_path.resolve())
         _write_workdir(cfg, wd, td)
@@ -273,3 +280,5 @@ def _write(wd, cfg, params: dict, rest: dict) -> None:
             ckpt.save(state)
         finally:
             ckpt.close()
+        write_text_atomic(wd.path / "convert.json", json.dumps(record, indent=1))
+        (wd.path / PARTIAL).unlink()

@@ -240,7 +240,11 @@ def split_documents(
 def _parts(corpus: str) -> list[str]:
     """The named corpora of a mixture `a+b+...` ([] for anything else)."""
     parts = corpus.split("+")
-    return parts if len(parts) > 1 and all(c in NAMED for c in parts) else []
+    if len(parts) < 2 or not all(c in NAMED for c in parts):
+        return []
+    if len(set(parts)) < len(parts):
+        raise DataError(f"data.corpus='{corpus}' names a corpus twice")
+    return parts
 
 
 def _alternate(streams: list[Callable[[], Iterator[str]]]) -> Callable[[], Iterator[str]]:

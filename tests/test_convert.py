@@ -93,3 +93,10 @@ def test_convert_command_writes_an_ordinary_workdir(tmp_path_factory, corpus_dir
     assert redo.returncode == 0, redo.stderr[-3000:]
     assert json.load(open(f"{w}/convert.json")) == rec  # the same conversion, deterministic
     assert not os.path.exists(f"{w}/convert.partial")
+    # ... but not once it was trained on (a step after 0): nothing is deleted
+    os.remove(f"{w}/convert.json")
+    open(f"{w}/convert.partial", "w").close()
+    os.mkdir(f"{w}/checkpoints/5")
+    refused = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    assert refused.returncode == 2 and refused.stderr.startswith("error:")
+    assert sorted(os.listdir(f"{w}/checkpoints")) == ["0", "5"]

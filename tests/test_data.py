@@ -78,6 +78,8 @@ def test_a_mixture_keeps_each_corpus_split_and_alternates_documents(monkeypatch,
         assert [d[:2] for d in mix[s][:n]] == ["aa", "bb"] * (n // 2)
     with pytest.raises(DataError, match="joined by"):
         corpora.corpus_files("aa+nope", cache)
+    with pytest.raises(DataError, match="twice"):
+        corpora.corpus_files("aa+bb+aa", cache)
 
 
 def test_jsonl_single_file_is_split_by_row(tmp_path, cache_dir):

@@ -143,6 +143,7 @@ def test_lookahead_engine_equals_in_memory(pregated_run, capacity):
 @pytest.mark.slow
 def test_queue_server_generates_as_in_memory_with_the_policys_cache(pregated_run):
     from mole_jax.engine import build_engine
+    from mole_jax.errors import UserError
     from mole_jax.generate import generate
     from mole_jax.offload import serving
     from mole_jax.offload.policies import simulate
@@ -150,6 +151,7 @@ def test_queue_server_generates_as_in_memory_with_the_policys_cache(pregated_run
 
     ref = build_engine(pregated_run, "experts")
     eng = build_engine(pregated_run, "lookahead", capacity=2)
+    model = nnx.merge(ref.graphdef, ref.params, ref.rest)
     rng = np.random.default_rng(5)
     prompts = [rng.integers(0, 512, int(rng.integers(2, 6))) for _ in range(6)]
     news = [int(n) for n in rng.integers(1, 5, 6)]
@@ -157,11 +159,18 @@ def test_queue_server_generates_as_in_memory_with_the_policys_cache(pregated_run
         generate(ref, p[None], n)["tokens"][0].tolist() for p, n in zip(prompts, news, strict=True)
     ]
     every_item = sorted((i, s) for i, n in enumerate(news) for s in range(n))
+    # the queue as offline scheduling sees it: every token's path from the in-memory router
+    requests = []
+    for i, (p, n) in enumerate(zip(prompts, news, strict=True)):
+        ids = jnp.asarray(np.concatenate([p, want[i]])[None])
+        paths = model.router(ids, jnp.arange(ids.shape[1]))[0].experts_TxK[:, 0]
+        requests.append(serving.Request(i, tuple(np.asarray(paths).tolist()), len(p), n))
     for policy in serving.POLICIES:
         for eviction in ("lru", "belady"):
             eng.reset_stats()
             out = serve(eng, prompts, news, budget=8, policy=policy, eviction=eviction)
             assert [out["tokens"][i] for i in range(6)] == want
+            assert out["batches"] == serving.schedule(requests, 8, policy)
             assert sorted((it.rid, it.step) for b in out["batches"] for it in b) == every_item
             assert max(sum(it.tokens for it in b) for b in out["batches"]) <= 8
             assert eng.stats()["experts_read"] == 2 * sum(out["loads"])  # 2 layers, aligned
@@ -173,3 +182,6 @@ def test_queue_server_generates_as_in_memory_with_the_policys_cache(pregated_run
         out = serve(eng, prompts, [1] * 6, budget=8, policy=policy, eviction="belady")
         best = simulate(out["trace"], 2, "belady")
         assert out["loads"] == best["step_loads"] and best["loads"] > len(out["trace"][0])
+    assert len(set().union(*out["trace"])) == 4  # every path is used: the cache has work
+    with pytest.raises(UserError, match="prompt of 1..8"):
+        serve(eng, [prompts[0][:0]], [2], budget=8, policy="decode_first")

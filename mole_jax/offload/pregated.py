@@ -72,6 +72,14 @@ class LookaheadEngine(MoeOffloadEngine):
             while len(cache) > self.capacity:
                 del cache[victim({e: keys[e] for e in cache}, policy)]
 
+    def cancel_batch(self) -> None:
+        """Leaves batch mode after a failure: the caches are cut back to `capacity` by LRU."""
+        self._batch = False
+        self._new_call()
+        for cache in self.cache.values():
+            while len(cache) > self.capacity:
+                cache.popitem(last=False)
+
     def _insert(self, layer: int, expert: int, weights) -> None:
         if not self._batch:
             return super()._insert(layer, expert, weights)

@@ -15,8 +15,9 @@ items are always known with their experts. Each step:
    queue's known future: the batches the ready items would form next (`serving.known_future`;
    decodes whose tokens do not exist yet are not in it).
 
-Wall-clock time is measured (the router passes included): a request's latency per token is the
-time its last token is produced / its generated tokens (Read-ME's metric).
+Wall-clock time is measured (the router passes and Belady's planning included; `plan_s` says how
+much of it was planning): a request's latency per token is the time its last token is produced /
+its generated tokens (Read-ME's metric).
 """
 
 from __future__ import annotations
@@ -57,8 +58,8 @@ def serve(engine, prompts, news, budget: int, policy: str, eviction: str = "bela
         raise UserError("queue serving needs one path per token (a top-1 pre-gated model)")
     if eviction not in EVICTIONS:
         raise UserError(f"eviction {eviction!r} is not one of {EVICTIONS}")
-    if min(news) < 1 or max(len(p) for p in prompts) > budget:
-        raise UserError(f"every request needs >= 1 new token and a prompt of <= {budget} tokens")
+    if min(news) < 1 or not all(1 <= len(p) <= budget for p in prompts):
+        raise UserError(f"every request needs >= 1 new token and a prompt of 1..{budget} tokens")
     route = _router(engine, max(len(p) + n for p, n in zip(prompts, news, strict=True)))
     start = time.perf_counter()
     live = {}
@@ -67,7 +68,7 @@ def serve(engine, prompts, news, budget: int, policy: str, eviction: str = "bela
         live[rid] = _Live(ids, len(ids), int(n), route(ids), engine.init_cache(1, len(ids) + n))
     by_id = {rid: serving.Request(rid, (), r.prompt, r.new) for rid, r in live.items()}
     waiting, running = list(by_id.values()), {}
-    out = dict(batches=[], trace=[], loads=[], seconds=[])
+    out = dict(batches=[], trace=[], loads=[], seconds=[], plan_s=0.0)
     last_use, done = {}, {}
 
     def ready():
@@ -79,13 +80,13 @@ def serve(engine, prompts, news, budget: int, policy: str, eviction: str = "bela
         need = {e for it in batch for e in it.experts}
         resident = set(next(iter(engine.cache.values()), {}))
         t0 = time.perf_counter()
-        engine.begin_batch(need)
-        for it in batch:
-            _run(engine, live[it.rid], it, route)
+        _run_batch(engine, batch, live, route, len(need - resident))
         serving.advance(batch, waiting, running, by_id)
         last_use.update(dict.fromkeys(need, len(out["batches"])))
+        t1 = time.perf_counter()
         keys = last_use if eviction == "lru" else _next_uses(serving.known_future(
             *ready(), budget, policy), m.ffn.experts)  # fmt: skip
+        out["plan_s"] += time.perf_counter() - t1
         engine.end_batch(keys, eviction)
         now = time.perf_counter()
         for it in batch:
@@ -97,6 +98,26 @@ def serve(engine, prompts, news, budget: int, policy: str, eviction: str = "bela
     out["tokens"] = {rid: r.ids[r.prompt :] for rid, r in live.items()}
     out["latency_s"] = np.array([done[rid] / live[rid].new for rid in sorted(live)])
     return out
+
+
+def _run_batch(engine, batch, live: dict, route, loads: int) -> None:
+    """The batch's requests, one forward call each, on the experts `begin_batch` reads; checks
+    that the engine read exactly the planned experts (its own routes, computed with the router's
+    KV cache, match the planning pass's)."""
+    before = engine.stats()["experts_read"]
+    engine.begin_batch({e for it in batch for e in it.experts})
+    try:
+        for it in batch:
+            _run(engine, live[it.rid], it, route)
+    except BaseException:
+        engine.cancel_batch()
+        raise
+    read = engine.stats()["experts_read"] - before
+    if read != loads * len(engine.moe_layers):
+        engine.cancel_batch()
+        raise RuntimeError(f"the engine read {read} experts where the plan needs "
+                           f"{loads * len(engine.moe_layers)}: its routes differ from the "
+                           "planning pass's (a near-tie in the router?)")  # fmt: skip
 
 
 def _run(engine, r: _Live, it: serving.Item, route) -> None:
