@@ -63,22 +63,18 @@ class LookaheadEngine(MoeOffloadEngine):
         self._batch = True
         self.prefetch_all(np.asarray(sorted(experts)))
 
-    def end_batch(self, keys: dict[int, float], policy: str) -> None:
-        """Evicts down to `capacity` per layer: `keys[e]` is expert e's last use (lru) or next
-        use (belady), for every resident expert."""
+    def end_batch(self, keys: dict[int, float] | None = None, policy: str = "lru") -> None:
+        """Leaves batch mode, evicting down to `capacity` per layer: `keys[e]` is expert e's last
+        use (lru) or next use (belady), for every resident expert; without keys (after a
+        failure) the least recently inserted go first."""
         self._batch = False
         self._new_call()
         for cache in self.cache.values():
             while len(cache) > self.capacity:
-                del cache[victim({e: keys[e] for e in cache}, policy)]
-
-    def cancel_batch(self) -> None:
-        """Leaves batch mode after a failure: the caches are cut back to `capacity` by LRU."""
-        self._batch = False
-        self._new_call()
-        for cache in self.cache.values():
-            while len(cache) > self.capacity:
-                cache.popitem(last=False)
+                if keys is None:
+                    cache.popitem(last=False)
+                else:
+                    del cache[victim({e: keys[e] for e in cache}, policy)]
 
     def _insert(self, layer: int, expert: int, weights) -> None:
         if not self._batch:

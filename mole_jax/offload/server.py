@@ -110,11 +110,11 @@ def _run_batch(engine, batch, live: dict, route, loads: int) -> None:
         for it in batch:
             _run(engine, live[it.rid], it, route)
     except BaseException:
-        engine.cancel_batch()
+        engine.end_batch()
         raise
     read = engine.stats()["experts_read"] - before
     if read != loads * len(engine.moe_layers):
-        engine.cancel_batch()
+        engine.end_batch()
         raise RuntimeError(f"the engine read {read} experts where the plan needs "
                            f"{loads * len(engine.moe_layers)}: its routes differ from the "
                            "planning pass's (a near-tie in the router?)")  # fmt: skip
