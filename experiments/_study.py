@@ -89,3 +89,22 @@ def claim(rows: list[dict], lower: str, higher: str, value=lambda r: r["val_loss
     if abs(gap) <= crit * se:
         return f"inside the spread ({d})"
     return f"{'reproduced' if gap < 0 else 'not reproduced'} ({d})"
+
+
+def trend(points: list[tuple[float, dict]], what: str) -> str:
+    """The least-squares slope of validation loss per doubling of `what` over (x, row) pairs —
+    every run, seeds included — with its standard error and a two-sided 95 % t test (df = runs -
+    2): one test of a whole "more `what` helps" trend."""
+    x = np.log2([float(v) for v, _ in points])
+    y = np.array([r["val_loss"] for _, r in points])
+    if len(x) < 3 or len(set(x)) < 2:
+        return f"- slope per doubling of {what}: too few runs"
+    b, a = np.polyfit(x, y, 1)
+    se = np.sqrt(np.sum((y - a - b * x) ** 2) / (len(x) - 2) / np.sum((x - x.mean()) ** 2))
+    crit = stats.t.ppf(0.975, len(x) - 2)
+    word = "reproduced" if b + crit * se < 0 else ("not reproduced" if b - crit * se > 0 else
+                                                   "inside the spread")  # fmt: skip
+    return (
+        f"- loss per doubling of {what} (claim: falls): {word} (slope {b:+.4f} ± {se:.4f} over "
+        f"{len(x)} runs, 95 % bound {crit * se:.4f})"
+    )

@@ -10,10 +10,7 @@ Expected (PAPERS.md): MoLE improves with E (160M: E = 2/4/8/16/32 -> 39.7 / 40.8
         --workdir=runs/num_experts
 """
 
-import numpy as np
-from scipy import stats
-
-from experiments._study import by_group, claim, knobs, mean, run
+from experiments._study import by_group, claim, knobs, mean, run, trend
 
 
 def get_config(arg=None):
@@ -34,22 +31,5 @@ def report(rows):
     pairs = [("dense", f"mole-{counts[0]}e")]
     pairs += [(f"mole-{a}e", f"mole-{b}e") for a, b in zip(counts, counts[1:], strict=False)]
     lines += [f"- {b} below {a}: {claim(rows, b, a)}" for a, b in pairs]
-    return "\n".join(lines + [slope(groups, counts)])
-
-
-def slope(groups, counts) -> str:
-    """The least-squares slope of validation loss per doubling of E over every MoLE run, with its
-    standard error and a two-sided 95 % t test (df = runs - 2): one test of the whole trend."""
-    x = np.array([np.log2(e) for e in counts for _ in groups[f"mole-{e}e"]])
-    y = np.array([r["val_loss"] for e in counts for r in groups[f"mole-{e}e"]])
-    if len(x) < 3 or len(set(x)) < 2:
-        return "- slope per doubling of E: too few runs"
-    b, a = np.polyfit(x, y, 1)
-    se = np.sqrt(np.sum((y - a - b * x) ** 2) / (len(x) - 2) / np.sum((x - x.mean()) ** 2))
-    crit = stats.t.ppf(0.975, len(x) - 2)
-    word = "reproduced" if b + crit * se < 0 else ("not reproduced" if b - crit * se > 0 else
-                                                   "inside the spread")  # fmt: skip
-    return (
-        f"- loss per doubling of E (claim: falls): {word} (slope {b:+.4f} ± {se:.4f} over "
-        f"{len(x)} runs, 95 % bound {crit * se:.4f})"
-    )
+    points = [(e, r) for e in counts for r in groups[f"mole-{e}e"]]
+    return "\n".join(lines + [trend(points, "E")])

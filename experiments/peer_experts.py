@@ -9,7 +9,7 @@ backbone and the largest pool.
         --workdir=runs/peer_experts
 """
 
-from experiments._study import by_group, claim, knobs, mean, run
+from experiments._study import by_group, claim, knobs, mean, run, trend
 
 KEYS = (16, 32, 64, 128)
 
@@ -30,8 +30,10 @@ def report(rows):
     g = by_group(rows)
     line = ", ".join(f"N={n}^2: {mean(g[f'peer-{n}x{n}']):.4f}" for n in KEYS)
     names = ["dense"] + [f"peer-{n}x{n}" for n in KEYS]
+    points = [(n * n, r) for n in KEYS for r in g.get(f"peer-{n}x{n}", [])]
     return "\n".join(
         [f"- mean validation loss by N: {line} (dense {mean(g['dense']):.4f})"]
         + [f"- {b} below {a} (claim: a larger pool helps): {claim(rows, b, a)}"
            for a, b in zip(names, names[1:], strict=False)]
+        + [trend(points, "N")]
     )  # fmt: skip

@@ -8,7 +8,7 @@ Expected (PAPERS.md, Fig. 3b): more active experts help, with diminishing return
         --workdir=runs/peer_granularity
 """
 
-from experiments._study import claim, knobs, run
+from experiments._study import by_group, claim, knobs, run, trend
 
 HEADS_TOPK = ((2, 16), (4, 16), (8, 16), (8, 32), (16, 32))  # h*k = 32 .. 512
 
@@ -26,7 +26,10 @@ def get_sweep(c):
 
 def report(rows):
     names = [f"hk-{h * k}" for h, k in HEADS_TOPK]
+    g = by_group(rows)
+    points = [(h * k, r) for h, k in HEADS_TOPK for r in g.get(f"hk-{h * k}", [])]
     return "\n".join(
-        f"- {b} below {a} (claim: more active experts help): {claim(rows, b, a)}"
-        for a, b in zip(names, names[1:], strict=False)
-    )
+        [f"- {b} below {a} (claim: more active experts help): {claim(rows, b, a)}"
+         for a, b in zip(names, names[1:], strict=False)]
+        + [trend(points, "h·k")]
+    )  # fmt: skip

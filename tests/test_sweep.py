@@ -286,3 +286,19 @@ def test_every_study_report_reads_rows_of_its_own_plan(name, tmp_path, monkeypat
             row["tasks"] = {e: scored for e in ["model", *(e["name"] for e in spec["evals"])]}
         rows.append(row)
     assert isinstance(module.report(rows), str)
+
+
+def test_trend_is_a_least_squares_slope_per_doubling_with_a_t_test():
+    from experiments._study import trend
+
+    def points(ys):
+        return [(x, dict(val_loss=y)) for x, y in zip([2, 2, 4, 4, 8, 8], ys, strict=True)]
+
+    # slope -0.1 per doubling; residuals +-0.01 at x = 2 and 8: SSR 4e-4, Sxx 4, se = 0.005,
+    # t(0.975, df 4) = 2.776 -> bound 0.0139
+    got = trend(points([5.31, 5.29, 5.2, 5.2, 5.11, 5.09]), "N")
+    assert got == ("- loss per doubling of N (claim: falls): reproduced (slope -0.1000 ± 0.0050 "
+                   "over 6 runs, 95 % bound 0.0139)")  # fmt: skip
+    assert "not reproduced" in trend(points([5.09, 5.11, 5.2, 5.2, 5.29, 5.31]), "N")
+    assert "inside the spread" in trend(points([5.3, 5.1, 5.2, 5.2, 5.1, 5.3]), "N")
+    assert trend(points([5.3, 5.1, 5.2, 5.2, 5.1, 5.3])[:2], "N").endswith("too few runs")
