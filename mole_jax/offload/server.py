@@ -77,10 +77,10 @@ def serve(engine, prompts, news, budget: int, policy: str, eviction: str = "bela
 
     while waiting or running:
         batch = serving.pick(*ready(), budget, policy)
-        need = {e for it in batch for e in it.experts}
+        need = serving.trace_of([batch])[0]
         resident = set(next(iter(engine.cache.values()), {}))
         t0 = time.perf_counter()
-        _run_batch(engine, batch, live, route, len(need - resident))
+        _run_batch(engine, batch, need, live, route, len(need - resident))
         serving.advance(batch, waiting, running, by_id)
         last_use.update(dict.fromkeys(need, len(out["batches"])))
         t1 = time.perf_counter()
@@ -100,12 +100,12 @@ def serve(engine, prompts, news, budget: int, policy: str, eviction: str = "bela
     return out
 
 
-def _run_batch(engine, batch, live: dict, route, loads: int) -> None:
+def _run_batch(engine, batch, need: set[int], live: dict, route, loads: int) -> None:
     """The batch's requests, one forward call each, on the experts `begin_batch` reads; checks
     that the engine read exactly the planned experts (its own routes, computed with the router's
     KV cache, match the planning pass's)."""
     before = engine.stats()["experts_read"]
-    engine.begin_batch({e for it in batch for e in it.experts})
+    engine.begin_batch(need)
     try:
         for it in batch:
             _run(engine, live[it.rid], it, route)

@@ -104,13 +104,13 @@ def advance(batch: list[Item], waiting: list, running: dict[int, int], by_id: di
 def known_future(prefills: list[Item], decodes: list[Item], budget: int, policy: str):
     """The batches the queue would form next from the items known now (the decodes after these
     are not: their tokens are not generated yet), as sets of experts: Belady's future."""
-    prefills, decodes, out = list(prefills), list(decodes), []
+    prefills, decodes, batches = list(prefills), list(decodes), []
     while prefills or decodes:
         batch = _pick(prefills, decodes, budget, policy)
         prefills = [i for i in prefills if i not in batch]
         decodes = [i for i in decodes if i not in batch]
-        out.append({e for it in batch for e in it.experts})
-    return out
+        batches.append(batch)
+    return trace_of(batches)
 
 
 def pick(prefills: list[Item], decodes: list[Item], budget: int, policy: str) -> list[Item]:
