@@ -33,6 +33,7 @@ from pathlib import Path
 
 import _paths  # noqa: F401
 import numpy as np
+from _fault_checks import curve, store_ok, verified_checkpoints
 from _fault_inputs import invalid_inputs
 from absl import app, flags, logging
 
@@ -125,48 +126,6 @@ class Base:
         if r["rc"] != 0:
             raise SystemExit(f"setting up the campaign failed:\n{r['err'][-3000:]}")
         return r
-
-
-def curve(w: Path) -> dict[int, float]:
-    rows = [json.loads(x) for x in (w / "metrics.jsonl").read_text().splitlines() if x.strip()]
-    return {r["step"]: r["loss"] for r in rows if "loss" in r}
-
-
-def verified_checkpoints(w: Path) -> set[int]:
-    """The checkpoint steps that restore whole, with their digests (read only: nothing moved)."""
-    from mole_jax.checkpoint import Checkpointer
-    from mole_jax.errors import CheckpointError, ConfigError
-    from mole_jax.trainer import setup
-    from mole_jax.workdir import Workdir
-
-    try:
-        tr = setup(Workdir(w).editable_config())
-    except ConfigError:  # its config.json is unreadable: nothing can be verified
-        return set()
-    ckpt, good = Checkpointer(w), set()
-    try:
-        for step in ckpt.steps():
-            try:
-                ckpt.restore(tr.abstract_state, step=step)
-                good.add(step)
-            except CheckpointError:
-                pass
-    finally:
-        ckpt.close()
-    return good
-
-
-def store_ok(w: Path, name: str) -> bool:
-    """Whether a store opens with every checksum verified."""
-    from mole_jax import store
-    from mole_jax.errors import StoreError
-
-    kind = "moe_experts" if name.startswith("experts") else "mole_lut"
-    try:
-        store.open_arrays(w / name, store.read_manifest(w / name, kind, None), "full")
-        return True
-    except StoreError:
-        return False
 
 
 def _kill(b: Base, rng, i, kind: str) -> dict:
