@@ -1,7 +1,7 @@
 r"""isoFLOP comparison of dense, MoE, PKM and PEER (the PEER paper's Fig. 1 / Table 1, CPU scale).
 
 Question: at a fixed training-FLOP budget, which FFN kind reaches the lowest validation loss
-when each is trained at its best model size? For each of two budgets and each kind, three
+when each is trained at its best model size? For each of two budgets and each kind, five
 backbone widths are trained for steps = budget / (training FLOPs per step), and the minimum of
 each kind's curve is reported.
 Expected (PAPERS.md, Table 1): PEER < MoE < PKM < dense in perplexity at both budgets. The
@@ -11,11 +11,13 @@ token-choice MoE (`moe`, the MoLE paper's baseline) is trained beside it.
     python launch.py sweep --config=experiments/isoflop.py:size=tiny,budgets=1e12/3e12 \
         --workdir=runs/isoflop
 
-Cost: 5 kinds x 3 sizes x (1e12 + 3e12) = 6e13 training FLOPs, about 25 tiny 600-step runs
+Cost: 5 kinds x 5 widths x (1e12 + 3e12) = 1e14 training FLOPs, about 42 tiny 600-step runs
 (a 600-step tiny dense run is 2.4e12); at tiny the smallest budget gives the widest models ~110
-steps.
+steps and the narrowest ~500-550.
 
-Sizes: the `size` backbone with d_model scaled to 1x, 1.5x, 2x (d_ff = 4 d_model, heads kept);
+Sizes (`scales`, default 0.5/0.75/1/1.5/2): the `size` backbone with d_model scaled by each
+(rounded down to a multiple of the heads; d_ff = 4 d_model, heads kept), so that each curve's
+minimum can sit inside the widths tried;
 the FFN kinds keep their configs' own widths (MoE experts d_ff/2 of the base size, PKM/PEER
 their key and pool sizes). Training FLOPs per token are `accounting.summarize`'s
 `train_flops_per_token` (3x the forward).
@@ -34,11 +36,10 @@ KINDS = {  # name: (configs/<kind>.py, its arguments)
     "pkm": ("pkm", dict(keys=32, heads=4, topk=16)),
     "peer": ("peer", dict(keys=32, heads=4, topk=16)),
 }
-SCALES = (1.0, 1.5, 2.0)
 
 
 def get_config(arg=None):
-    return knobs(arg, size="tiny", budgets="4e12/1.2e13")
+    return knobs(arg, size="tiny", budgets="4e12/1.2e13", scales="0.5/0.75/1/1.5/2")
 
 
 def _sized(c, kind: str, args: dict, scale: float) -> dict:
@@ -56,7 +57,7 @@ def get_sweep(c):
     runs = []
     for budget in (float(b) for b in str(c.budgets).split("/")):
         for name, (kind, args) in KINDS.items():
-            for scale in SCALES:
+            for scale in (float(x) for x in str(c.scales).split("/")):
                 r = _sized(c, kind, args, scale)
                 cfg = apply_overrides(load_file(r["config"]), dict(r["set"]))
                 per_step = (accounting.summarize(cfg)["train_flops_per_token"]
