@@ -82,10 +82,12 @@ def _best(rows) -> dict[str, dict[str, tuple[float, str]]]:
 
 
 def report(rows):
+    widths = [f"x{w}" for w in sorted({float(r["name"].rsplit("-x", 1)[1]) for r in rows})]
+    edge = lambda w: "*" if w in (widths[0], widths[-1]) else ""  # noqa: E731
     lines = []
     for budget, per_kind in _best(rows).items():
         order = sorted(per_kind, key=per_kind.get)
-        cells = ", ".join(f"{k} {per_kind[k][0]:.4f} ({per_kind[k][1]})" for k in order)
+        cells = ", ".join(f"{k} {v:.4f} ({w}{edge(w)})" for k in order for v, w in [per_kind[k]])
         gaps = ", ".join(f"{a} - {b} = {per_kind[a][0] - per_kind[b][0]:+.4f}"
                          for a, b in itertools.pairwise(PAPER_ORDER))  # fmt: skip
         holds = [k for k in order if k in PAPER_ORDER] == list(PAPER_ORDER)
@@ -93,4 +95,6 @@ def report(rows):
         lines.append(f"- budget {budget}: PEER < MoE (expert choice) < PKM < dense: "
                      f"{'holds' if holds else 'does not hold'} on one seed ({gaps}; the spread "
                      "is unknown with one seed: compare with the seed study's)")  # fmt: skip
+    lines.append(f"- *: the narrowest or widest width tried ({widths[0]}, {widths[-1]}): that "
+                 "curve's minimum may lie beyond it")  # fmt: skip
     return "\n".join(lines)
