@@ -10,6 +10,13 @@ token-choice MoE (`moe`, the MoLE paper's baseline) is trained beside it.
 
     python launch.py sweep --config=experiments/isoflop.py:size=tiny,budgets=1e12/3e12 \
         --workdir=runs/isoflop
+    # then seeds 1 and 2 of the narrowest width, into the same workdir (the rest is skipped):
+    python launch.py sweep --config=experiments/isoflop.py:size=tiny,budgets=1e12/3e12,\
+seeds=3,seed_scales=0.5 --workdir=runs/isoflop
+
+Report: per budget, each kind's lowest mean loss over its widths (among those with the most
+seeds), and each step of the paper's order through `_study.claim` (Welch; no verdict on one
+seed).
 
 Cost: 5 kinds x 5 widths x (1e12 + 3e12) = 1e14 training FLOPs, about 42 tiny 600-step runs
 (a 600-step tiny dense run is 2.4e12); at tiny the smallest budget gives the widest models ~110
@@ -24,8 +31,9 @@ their key and pool sizes). Training FLOPs per token are `accounting.summarize`'s
 """
 
 import itertools
+import re
 
-from experiments._study import knobs, run
+from experiments._study import by_group, claim, knobs, mean, run
 from mole_jax import accounting
 from mole_jax.config import apply_overrides, load_file
 
@@ -39,7 +47,12 @@ KINDS = {  # name: (configs/<kind>.py, its arguments)
 
 
 def get_config(arg=None):
-    return knobs(arg, size="tiny", budgets="4e12/1.2e13", scales="0.5/0.75/1/1.5/2")
+    return knobs(arg, size="tiny", budgets="4e12/1.2e13", scales="0.5/0.75/1/1.5/2", seeds=1,
+                 seed_scales="")  # fmt: skip
+
+
+def _floats(text) -> list[float]:
+    return [float(x) for x in str(text).split("/") if x]
 
 
 def _sized(c, kind: str, args: dict, scale: float) -> dict:
@@ -51,13 +64,16 @@ def _sized(c, kind: str, args: dict, scale: float) -> dict:
 
 
 def get_sweep(c):
+    """One run per budget x kind x width; with `seeds=k`, k - 1 more of each width in
+    `seed_scales` (default every width) as `<name>-s1` ... (seed 0 is the unsuffixed run)."""
     c.unlock()
     c.steps = 0  # each run's steps follow from its budget
     c.lock()
+    seeded = _floats(c.seed_scales) or _floats(c.scales)
     runs = []
-    for budget in (float(b) for b in str(c.budgets).split("/")):
+    for budget in _floats(c.budgets):
         for name, (kind, args) in KINDS.items():
-            for scale in (float(x) for x in str(c.scales).split("/")):
+            for scale in _floats(c.scales):
                 r = _sized(c, kind, args, scale)
                 cfg = apply_overrides(load_file(r["config"]), dict(r["set"]))
                 per_step = (accounting.summarize(cfg)["train_flops_per_token"]
@@ -65,36 +81,53 @@ def get_sweep(c):
                 r["set"]["train.steps"] = max(1, int(budget // per_step))
                 r["name"] = f"{name}-{budget:.1e}-x{scale}".replace("+", "")
                 runs.append(r)
+                for i in range(1, c.seeds if scale in seeded else 1):
+                    runs.append(dict(r, name=f"{r['name']}-s{i}", set=dict(r["set"], seed=i)))
     return runs
 
 
 PAPER_ORDER = ("peer", "moe-ec", "pkm", "dense")  # Table 1: lowest loss first
 
 
-def _best(rows) -> dict[str, dict[str, tuple[float, str]]]:
-    """{budget: {kind: (its lowest validation loss, the width that reached it)}}."""
-    best: dict[str, dict[str, tuple[float, str]]] = {}
-    for r in rows:
-        kind, budget, scale = r["name"].rsplit("-", 2)
-        cur = best.setdefault(budget, {}).get(kind, (float("inf"), ""))
-        best[budget][kind] = min(cur, (r["val_loss"], scale))
-    return best
+def _parse(name: str) -> tuple[str, str, str]:
+    """(kind, budget, width) of a run name `<kind>-<budget>-x<width>[-s<seed>]`."""
+    base = re.sub(r"-s\d+$", "", name)
+    kind, budget, width = base.rsplit("-", 2)
+    return kind, budget, width
+
+
+def _grouped(rows) -> list[dict]:
+    """The rows with `group` = the run name without its seed suffix (seed 0 has none)."""
+    return [dict(r, group="-".join(_parse(r["name"]))) for r in rows]
 
 
 def report(rows):
-    widths = [f"x{w}" for w in sorted({float(r["name"].rsplit("-x", 1)[1]) for r in rows})]
+    rows = _grouped(rows)
+    groups = by_group(rows)
+    widths = [f"x{w}" for w in sorted({float(_parse(g)[2][1:]) for g in groups})]
     edge = lambda w: "*" if w in (widths[0], widths[-1]) else ""  # noqa: E731
+    # budget -> kind -> its group of lowest mean loss among its widths with the most seeds
+    best: dict[str, dict[str, str]] = {}
+    for g in sorted(groups, key=lambda g: (-len(groups[g]), mean(groups[g]))):
+        kind, budget, _ = _parse(g)
+        best.setdefault(budget, {}).setdefault(kind, g)
     lines = []
-    for budget, per_kind in _best(rows).items():
-        order = sorted(per_kind, key=per_kind.get)
-        cells = ", ".join(f"{k} {v:.4f} ({w}{edge(w)})" for k in order for v, w in [per_kind[k]])
-        gaps = ", ".join(f"{a} - {b} = {per_kind[a][0] - per_kind[b][0]:+.4f}"
-                         for a, b in itertools.pairwise(PAPER_ORDER))  # fmt: skip
+    for budget, per_kind in best.items():
+        order = sorted(per_kind, key=lambda k: mean(groups[per_kind[k]]))
+        cells = ", ".join(
+            f"{k} {mean(groups[g]):.4f} ({w}{edge(w)}, {len(groups[g])} seed(s))"
+            for k in order
+            for g in [per_kind[k]]
+            for w in [_parse(g)[2]]
+        )
         holds = [k for k in order if k in PAPER_ORDER] == list(PAPER_ORDER)
-        lines.append(f"- budget {budget}: lowest loss per kind (at width) {cells}")
-        lines.append(f"- budget {budget}: PEER < MoE (expert choice) < PKM < dense: "
-                     f"{'holds' if holds else 'does not hold'} on one seed ({gaps}; the spread "
-                     "is unknown with one seed: compare with the seed study's)")  # fmt: skip
+        lines.append(f"- budget {budget}: lowest mean loss per kind (at width; among the widths "
+                     f"with the most seeds) {cells}")  # fmt: skip
+        verdict = "holds" if holds else "does not hold"
+        lines.append(f"- budget {budget}: PEER < MoE (expert choice) < PKM < dense: {verdict} "
+                     "on the means; each step:")  # fmt: skip
+        for a, b in itertools.pairwise(PAPER_ORDER):
+            lines.append(f"  - {a} < {b}: {claim(rows, per_kind[a], per_kind[b])}")
     lines.append(f"- *: the narrowest or widest width tried ({widths[0]}, {widths[-1]}): that "
                  "curve's minimum may lie beyond it")  # fmt: skip
     return "\n".join(lines)
