@@ -302,3 +302,32 @@ def test_trend_is_a_least_squares_slope_per_doubling_with_a_t_test():
     assert "not reproduced" in trend(points([5.09, 5.11, 5.2, 5.2, 5.29, 5.31]), "N")
     assert "inside the spread" in trend(points([5.3, 5.1, 5.2, 5.2, 5.1, 5.3]), "N")
     assert trend(points([5.3, 5.1, 5.2, 5.2, 5.1, 5.3])[:2], "N").endswith("too few runs")
+
+
+def test_isoflop_seeds_the_chosen_widths_and_judges_each_step_of_the_papers_order(monkeypatch):
+    """seeds=3, seed_scales=0.5 adds `-s1`, `-s2` runs (seed 1, 2) of the x0.5 width only; the
+    report takes each kind's best width among its seeded ones and judges PEER < MoE-EC < PKM <
+    dense step by step with Welch's test."""
+    monkeypatch.chdir(ROOT)
+    iso = sweep.load_study("experiments/isoflop.py")
+    c = iso.get_config("size=tiny,budgets=1e12,scales=0.5/1,seeds=3,seed_scales=0.5")
+    runs = {r["name"]: r for r in iso.get_sweep(c)}
+    assert len(runs) == 5 * (3 + 1)
+    assert runs["peer-1.0e12-x0.5-s2"]["set"]["seed"] == 2
+    assert "seed" not in runs["peer-1.0e12-x0.5"]["set"] and "peer-1.0e12-x1.0-s1" not in runs
+    # x0.5: the paper's order 0.1 apart (seed offsets -0.01, 0, +0.01); x1.0 (one seed) lower
+    # still for PEER, but not seeded, so not chosen
+    base = {"peer": 5.0, "moe-ec": 5.1, "pkm": 5.2, "dense": 5.3, "moe": 5.15}
+    rows = []
+    for name in runs:
+        kind, _, width = iso._parse(name)
+        off = {"": -0.01, "-s1": 0.0, "-s2": 0.01}[name[len(f"{kind}-1.0e12-{width}") :]]
+        rows.append(dict(name=name, val_loss=base[kind] + off - (0.5 if width == "x1.0" else 0)))
+    text = iso.report(rows)
+    assert "PEER < MoE (expert choice) < PKM < dense: holds on the means" in text
+    assert text.count(": reproduced (") == 3 and "peer 5.0000 (x0.5*, 3 seed(s))" in text
+    # the order broken at one step: MoE-EC above PKM by 0.1, outside the spread
+    rows = [dict(r, val_loss=r["val_loss"] + (0.2 if r["name"].startswith("moe-ec") else 0))
+            for r in rows]  # fmt: skip
+    text = iso.report(rows)
+    assert "does not hold" in text and "moe-ec < pkm: not reproduced" in text
