@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 
 def curve(w: Path) -> dict[int, float]:
-    rows = [json.loads(x) for x in (w / "metrics.jsonl").read_text().splitlines() if x.strip()]
-    return {r["step"]: r["loss"] for r in rows if "loss" in r}
+    from mole_jax.metrics import read_metrics
+
+    return {r["step"]: r["loss"] for r in read_metrics(str(w)) if "loss" in r}
 
 
 def verified_checkpoints(w: Path) -> set[int]:
