@@ -42,7 +42,7 @@ flags.DEFINE_integer("step", None, "export/eval/generate: checkpoint step (defau
 flags.DEFINE_string(
     "dtype",
     "float16",
-    "export: float32|float16|bfloat16|int8|nf4 (LUT); experts: floats|int4|int3|int2.",
+    "export: float32|float16|bfloat16|int8|nf4|nf3 (LUT); experts: floats|int4|int3|int2.",
 )
 flags.DEFINE_bool("experts", False, "export: a MoE model's experts (offload baseline), not a LUT.")
 flags.DEFINE_bool(

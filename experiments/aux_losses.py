@@ -2,7 +2,7 @@ r"""Auxiliary losses on MoLE's router (the MoLE paper's Table 4, at CPU scale).
 
 Question: MoLE routes with a softmax over all experts, all active; does adding MoE's load-balance
 loss, and then its router z-loss, help or hurt MoLE-16E?
-Expected (PAPERS.md, Table 4): the losses hurt a little (LM only 42.0 average accuracy, + LB
+Expected (MoLE paper, Table 4): the losses hurt a little (LM only 42.0 average accuracy, + LB
 41.6, + LB + z 41.5 at 160M), so MoLE trains without them.
 
     python launch.py sweep --config=experiments/aux_losses.py:size=tiny,steps=600,seeds=3 \

@@ -5,7 +5,7 @@ many expert loads does each replacement policy save? LRU is what the offloading 
 (a layer's experts are known only once its router has run); Belady — drop the expert whose next
 use is farthest away — is optimal, and is what Read-ME's pre-gating router makes realisable,
 because its routes are computed before the backbone runs.
-Expected (PAPERS.md, Read-ME; shared cache, batched requests; capacity 2 / 3 / 4 / 5): Random
+Expected (Read-ME paper, Table 4; shared cache, batched requests; capacity 2 / 3 / 4 / 5): Random
 34.2 / 50.1 / 67.5 / 82.9 %, LRU 33.9 / 52.4 / 67.0 / 83.5 %, Belady 44.2 / 61.8 / 77.2 / 88.0 %
 hit ratio: LRU no better than Random, Belady about 10 points above both.
 

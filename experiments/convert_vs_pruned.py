@@ -3,7 +3,7 @@
 Question: a trained dense model is converted into a pre-gated MoE (one expert per domain, the
 router distilled, experts tuned) or pruned to the same active FFN width by the same channel
 criterion and tuned on the same batches. Which has the lower loss on each domain's held-out text?
-Expected (PAPERS.md, Table 5): the converted model, on every domain (Read-ME 4.7B vs a pruned
+Expected (Read-ME paper, Table 5): the converted model, on every domain (Read-ME 4.7B vs a pruned
 4.7B dense model: lower perplexity on all 7 domains).
 
     python experiments/convert_vs_pruned.py --dense=runs/num_experts/dense-s0 --out=runs/convert

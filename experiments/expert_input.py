@@ -3,7 +3,7 @@ r"""What the routed experts read: the token embedding (MoLE) or the hidden state
 Question: how much quality does MoLE give up by feeding its routed experts the token embedding
 instead of the layer's hidden state, which is what makes them lookup tables, and is the
 re-parameterisation into a LUT exact?
-Expected (PAPERS.md, Table 7): experts reading the hidden state score a little higher (41.5 vs
+Expected (MoLE paper, Table 7): experts reading the hidden state score a little higher (41.5 vs
 40.8 at 160M); the LUT changes nothing (40.8 -> 40.8). Here: `hidden` at or below `embedding` in
 loss, and the LUT held in memory (float32) equal to the trained model within float rounding.
 

@@ -2,7 +2,7 @@ r"""Routed expert width (the MoLE paper's Table 5, at CPU scale).
 
 Question: the routed experts' hidden width D_r grows training FLOPs and parameters, but not the
 LUT (a token's row is E x D whatever D_r is): what does D_r = D, 4D, 16D buy in loss?
-Expected (PAPERS.md, Table 5): wider experts help (160M MoLE-4E: D_r = D / 4D / 16D ->
+Expected (MoLE paper, Table 5): wider experts help (160M MoLE-4E: D_r = D / 4D / 16D ->
 39.9 / 40.8 / 41.4 average accuracy) at no inference cost.
 
     python launch.py sweep --config=experiments/expert_width.py:size=tiny,steps=600,seeds=3 \

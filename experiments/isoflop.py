@@ -4,7 +4,7 @@ Question: at a fixed training-FLOP budget, which FFN kind reaches the lowest val
 when each is trained at its best model size? For each of two budgets and each kind, five
 backbone widths are trained for steps = budget / (training FLOPs per step), and the minimum of
 each kind's curve is reported.
-Expected (PAPERS.md, Table 1): PEER < MoE < PKM < dense in perplexity at both budgets. The
+Expected (PEER paper, Table 1): PEER < MoE < PKM < dense in perplexity at both budgets. The
 paper's MoE routes by expert choice (`moe-ec`: not causal, see ffn/moe.py); the top-2
 token-choice MoE (`moe`, the MoLE paper's baseline) is trained beside it.
 

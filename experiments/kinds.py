@@ -3,7 +3,7 @@ r"""Dense vs MoE vs MoLE at equal parameters (the MoLE paper's main comparison, 
 Question: with the same activated parameters per token and the same training tokens, where do
 MoE-10E and MoLE-4E (equal parameters in training) land against dense, and, with `large=true`,
 MoE-34E against MoLE-16E?
-Expected (PAPERS.md, MoLE at small scale): dense worse than both; MoLE close to MoE at equal
+Expected (MoLE paper, at small scale): dense worse than both; MoLE close to MoE at equal
 training parameters. The MoLE-4E run is also evaluated with its experts exported as a float16 LUT
 and read from storage (the offloaded number must equal the in-memory one).
 

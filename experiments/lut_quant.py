@@ -3,7 +3,7 @@ r"""LUT quantisation (the MoLE paper's Table 8, at CPU scale).
 Question: what does storing the lookup tables in fewer bits cost in validation loss, against
 what it saves in bytes read per token? One MoLE-4E run is exported in every LUT dtype and
 evaluated with the rows read from storage.
-Expected (PAPERS.md, Table 8): 4-bit tables cost almost nothing (NF4 block 768: 40.9 vs fp16
+Expected (MoLE paper, Table 8): 4-bit tables cost almost nothing (NF4 block 768: 40.9 vs fp16
 40.8 at 160M) for a quarter of the bytes, NF3 (block 128) a little more; float16 / bfloat16
 equal float32 to within their rounding.
 

@@ -3,8 +3,8 @@ r"""Number of MoLE experts (the MoLE paper's expert-count ablation, at CPU scale
 Question: with the shared FFN and the expert width fixed, how does MoLE's validation loss move as
 the number of routed experts E grows? Inference cost does not change with E (the LUT row of a
 token grows, E*D values per layer, but no FLOPs are added); training parameters do.
-Expected (PAPERS.md): MoLE improves with E (160M: E = 2/4/8/16/32 -> 39.7 / 40.8 / 41.1 / 41.9 /
-42.3 average accuracy), with diminishing returns. A dense run is the E = 0 reference.
+Expected (MoLE paper, Table 6): MoLE improves with E (160M: E = 2/4/8/16/32 -> 39.7 / 40.8 /
+41.1 / 41.9 / 42.3 average accuracy), with diminishing returns. A dense run is the E = 0 reference.
 
     python launch.py sweep --config=experiments/num_experts.py:size=tiny,steps=600,seeds=3 \
         --workdir=runs/num_experts

@@ -2,7 +2,7 @@ r"""Number of PEER experts at fixed heads x top-k (the PEER paper's Fig. 3a, at 
 
 Question: with h = 8 heads and k = 16 experts per head fixed (the same active parameters and
 FLOPs), how does the loss move as the pool grows from N = 16^2 to 128^2 single-neuron experts?
-Expected (PAPERS.md, Fig. 3a): more experts -> lower perplexity, interpolating between the dense
+Expected (PEER paper, Fig. 3a): more experts -> lower perplexity, interpolating between the dense
 backbone and the largest pool.
 
     python launch.py sweep --config=experiments/peer_experts.py:size=tiny,steps=600,seeds=2 \

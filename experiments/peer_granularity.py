@@ -2,7 +2,7 @@ r"""PEER granularity: heads x top-k from 32 to 512 (the PEER paper's Fig. 3b, at
 
 Question: with the pool fixed (N = 64^2 here), how does the loss move as the number of active
 single-neuron experts h x k grows, h and k varied jointly?
-Expected (PAPERS.md, Fig. 3b): more active experts help, with diminishing returns.
+Expected (PEER paper, Fig. 3b): more active experts help, with diminishing returns.
 
     python launch.py sweep --config=experiments/peer_granularity.py:size=tiny,steps=600,seeds=2 \
         --workdir=runs/peer_granularity

@@ -3,7 +3,7 @@ r"""Query BatchNorm in PEER (the PEER paper's Table 2, at CPU scale).
 Question: does batch-normalising PEER's query improve perplexity and spread the router's mass
 over more experts (usage: share of experts chosen at least once over the validation set;
 unevenness: KL of the accumulated router mass from uniform)?
-Expected (PAPERS.md, Table 2): with query BN, higher usage, lower unevenness and lower
+Expected (PEER paper, Table 2): with query BN, higher usage, lower unevenness and lower
 perplexity, more so for larger pools.
 
     python launch.py sweep --config=experiments/query_bn.py:size=tiny,steps=600,seeds=2 \

@@ -3,7 +3,7 @@ r"""From MoE to MoLE, one change at a time (the MoLE paper's Table 7, at CPU sca
 Question: which step of the path MoE-10E top-2 -> all 10 experts active -> 1 shared + 4 routed
 experts of twice the width (MoLE's structure, experts reading the hidden state) -> experts reading
 the token embedding -> the LUT costs or gains what?
-Expected (PAPERS.md, Table 7): activating all experts and the shared + routed structure help;
+Expected (MoLE paper, Table 7): activating all experts and the shared + routed structure help;
 switching the routed experts' input to the embedding costs a little; the LUT is exact.
 
     python launch.py sweep --config=experiments/structure.py:size=tiny,steps=600,seeds=3 \

@@ -1,9 +1,10 @@
 """Parameter and FLOP accounting for every FFN kind, without allocating a parameter.
 
-Conventions (PAPERS.md Table 1): a multiply-add is 2 FLOPs; `flops_per_token` is the forward pass
-of the inference form at context length `data.seq_len` (attention scores counted over the full
-context, 4*seq*D per layer, as PaLM does); `train_flops_per_token` is 3x the forward of the
-training form computed per position. Per-layer FFN numbers come from each kind's `account(m)`:
+Conventions (the MoLE paper's Table 1): a multiply-add is 2 FLOPs; `flops_per_token` is the
+forward pass of the inference form at context length `data.seq_len` (attention scores counted
+over the full context, 4*seq*D per layer, as PaLM does); `train_flops_per_token` is 3x the
+forward of the training form computed per position. Per-layer FFN numbers come from each
+kind's `account(m)`:
   params           parameters in training
   params_resident  parameters in device memory at inference in the kind's intended form
                    (MoE: all experts; MoLE: LUT offloaded, so shared FFN + router only)

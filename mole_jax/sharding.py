@@ -42,7 +42,6 @@ RULES: dict[str, tuple[str, ...]] = {
     "experts": ("expert",),
     "rows": ("expert", "fsdp"),  # PEER's N = n^2 single-neuron expert rows
     "keys": (),  # PEER's sub-keys
-    "table": ("data", "fsdp"),  # rows of a token table (MoLE: one per distinct id)
     "norm": (),
 }
 
