@@ -6,7 +6,7 @@ unevenness: KL of the accumulated router mass from uniform)?
 Expected (PEER paper, Table 2): with query BN, higher usage, lower unevenness and lower
 perplexity, more so for larger pools.
 
-    python launch.py sweep --config=experiments/query_bn.py:size=tiny,steps=600,seeds=2 \
+    python launch.py sweep --config=experiments/query_bn.py:size=tiny,steps=600,seeds=3 \
         --workdir=runs/query_bn
 """
 
@@ -16,7 +16,7 @@ KEYS = (32, 64)
 
 
 def get_config(arg=None):
-    return knobs(arg, size="tiny", steps=600, heads=8, topk=16, seeds=2)
+    return knobs(arg, size="tiny", steps=600, heads=8, topk=16, seeds=3)
 
 
 def get_sweep(c):
