@@ -9,7 +9,7 @@ Expected (MoLE paper, Tables 2 and 8): MoLE >= MoE > dense; offloaded fp16 equal
 nf4 within noise. At CPU scale (300 steps) accuracies sit near chance, so differences inside the
 seed spread are reported as such.
 
-    python launch.py sweep --config=experiments/zero_shot.py:size=small,steps=300,seeds=2 \
+    python launch.py sweep --config=experiments/zero_shot.py:size=small,steps=300,seeds=3 \
         --workdir=runs/zero_shot
 """
 
@@ -22,7 +22,7 @@ OFFLOADED = ("fp16 offloaded", "nf4 offloaded")
 
 
 def get_config(arg=None):
-    return knobs(arg, size="small", steps=300, seeds=2, limit=0)
+    return knobs(arg, size="small", steps=300, seeds=3, limit=0)
 
 
 def get_sweep(c):
