@@ -10,8 +10,10 @@ from mole_jax.config import parse_arg
 
 
 def knobs(arg: str | None, **defaults) -> ConfigDict:
-    """The study's knobs from `key=value,...` (typed after the defaults), overridable by flags."""
-    c = ConfigDict(vars(parse_arg(arg, defaults)))
+    """The study's knobs from `key=value,...` (typed after the defaults), overridable by flags.
+    Every study also takes `tasks` (lm-eval tasks joined by '/', e.g. `tasks=mole_offline`):
+    each run is then scored on them after training, the papers' metric beside the loss."""
+    c = ConfigDict(vars(parse_arg(arg, {"tasks": "", **defaults})))
     c.lock()
     return c
 
@@ -19,12 +21,11 @@ def knobs(arg: str | None, **defaults) -> ConfigDict:
 def run(name: str, kind: str, c: ConfigDict, evals=(), **args) -> dict:
     """A run of `configs/<kind>.py` at the study's size, trained for the study's steps."""
     arg = ",".join([f"size={c.size}"] + [f"{k}={v}" for k, v in args.items()])
-    return dict(
-        name=name,
-        config=f"configs/{kind}.py:{arg}",
-        set={"train.steps": c.steps},
-        evals=list(evals),
-    )
+    r = dict(name=name, config=f"configs/{kind}.py:{arg}", set={"train.steps": c.steps},
+             evals=list(evals))  # fmt: skip
+    if c.get("tasks"):
+        r["tasks"] = str(c.tasks).split("/")
+    return r
 
 
 def val(rows: list[dict]) -> dict[str, float]:

@@ -25,6 +25,21 @@ def _defines_get_sweep(path: Path) -> bool:
 STUDIES = sorted(p.stem for p in (Path(ROOT) / "experiments").glob("*.py") if _defines_get_sweep(p))
 
 
+def test_every_study_takes_the_task_pack_as_a_knob(tmp_path, monkeypatch):
+    """`tasks=...` on any study scores every run on those tasks; without it no run is scored
+    (so finished runs keep their spec and are skipped)."""
+    monkeypatch.chdir(ROOT)
+    for name in STUDIES:
+        module = sweep.load_study(f"experiments/{name}.py")
+        with_tasks = module.get_sweep(module.get_config("tasks=mole_offline"))
+        assert all(r.get("tasks") == ["mole_offline"] for r in with_tasks), name
+        if name != "zero_shot":  # the zero-shot study always scores
+            assert not any(r.get("tasks") for r in module.get_sweep(module.get_config(None))), name
+    module = sweep.load_study("experiments/aux_losses.py")
+    runs = sweep.plan(module, module.get_config("tasks=mole_offline"), str(tmp_path))
+    assert all(r.spec["tasks"] == ["mole_offline"] for r in runs)
+
+
 @pytest.mark.parametrize("name", STUDIES)
 def test_every_shipped_study_plans_and_validates(name, tmp_path, monkeypatch):
     monkeypatch.chdir(ROOT)  # studies name their configs relative to the repository
