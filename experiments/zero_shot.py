@@ -22,7 +22,7 @@ OFFLOADED = ("fp16 offloaded", "nf4 offloaded")
 
 
 def get_config(arg=None):
-    return knobs(arg, size="small", steps=300, seeds=3, limit=0)
+    return knobs(arg, size="small", steps=300, seeds=3, limit=0, tasks="mole_offline")
 
 
 def get_sweep(c):
@@ -30,7 +30,7 @@ def get_sweep(c):
     runs = []
     for name, kind, args in KINDS:
         r = run(name, kind, c, evals=offloaded if kind == "mole" else (), **args)
-        r.update(seeds=c.seeds, tasks=["mole_offline"])
+        r["seeds"] = c.seeds  # run() gave it the tasks knob: the offline pack by default
         if c.limit:
             r["task_limit"] = c.limit
         runs.append(r)

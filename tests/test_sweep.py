@@ -33,8 +33,9 @@ def test_every_study_takes_the_task_pack_as_a_knob(tmp_path, monkeypatch):
         module = sweep.load_study(f"experiments/{name}.py")
         with_tasks = module.get_sweep(module.get_config("tasks=mole_offline"))
         assert all(r.get("tasks") == ["mole_offline"] for r in with_tasks), name
-        if name != "zero_shot":  # the zero-shot study always scores
-            assert not any(r.get("tasks") for r in module.get_sweep(module.get_config(None))), name
+        default = module.get_config(None).tasks  # the zero-shot study scores by default
+        assert all(r.get("tasks", []) == [t for t in default.split("/") if t]
+                   for r in module.get_sweep(module.get_config(None))), name  # fmt: skip
     module = sweep.load_study("experiments/aux_losses.py")
     runs = sweep.plan(module, module.get_config("tasks=mole_offline"), str(tmp_path))
     assert all(r.spec["tasks"] == ["mole_offline"] for r in runs)
