@@ -9,30 +9,38 @@ experts does a batch need under FIFO (decode-first), prefill-first and expert-aw
 
 Method. `--requests` prompts of `--min_prompt`..`--prompt` tokens from the run's held-out split
 (lengths and queue order drawn from `--seed`), each generated greedily for 4..`--new` tokens by the
-in-memory model; the pre-gating router gives every token's path (top-1). The queue is scheduled
-into batches of at most `--budget` tokens (offload/serving.py); the batch sequence, its unique
-experts and each cache's loads per batch are exact counts. Latency is a cost model with constants
-measured here in the same run: `compute(n)`, the median time of the in-memory forward over n
-held-out tokens (n rounded up to a power of two; decodes are timed as if they had no KV cache, so
-compute is over-counted alike for every policy; it does not depend on which experts a batch uses,
-so the latency columns differ only through expert loads and the order requests finish in), and
-`load`, the median time to read one expert of one layer from the tensorstore expert store (fp16)
-after `posix_fadvise(DONTNEED)` on the store's files. A batch that loads k experts per layer takes
-load*k + (L-1)*max(compute/L, load*k) + compute/L: layer l+1's experts are read while layer l
-computes (the exact prefetch pre-gating allows). Latency per token = the time a request's last
-token is produced / its generated tokens, every request queued at time 0.
+in-memory model; the pre-gating router gives every token's path (top-1). Hit ratios: the queue,
+every request in it at time 0, is scheduled into batches of at most `--budget` tokens
+(offload/serving.py) and the batch sequence is replayed through each cache (exact counts).
+
+Modelled latency (`serving.replay`, one row per `--load` x batching): requests arrive as a
+Poisson stream in queue order, at `--load` times the rate FIFO sustains on this queue (load 0:
+all at time 0; Read-ME replays Chatbot Arena arrivals); the shared cache of `--latency_capacity`
+experts is evicted online by Belady over the known future; each batch lasts what a cost model says,
+with constants measured here in the same run: `compute(n, k)`, the median time of one jitted
+forward over n held-out tokens (n rounded up to a power of two) routed onto k experts: the router,
+each block's attention and its grouped matmul over the experts the lookahead engine hands in for
+k experts (padded to a power of two), the head: a batch run as one call (decodes are timed
+without a KV cache, alike for every policy); and `load`, the median time to read one
+expert of one layer from the fp16 tensorstore store after `posix_fadvise(DONTNEED)` on its
+files. A batch that loads j experts per layer takes load*j + (L-1)*max(c, load*j) + c, c =
+compute(n, k)/L: layer l+1's experts are read while layer l computes (pre-gating's exact
+prefetch). Latency per token = (the time a request's last token is produced - its arrival) / its
+generated tokens (Read-ME's metric).
 
 Executed (`--rounds` > 0): the same queue is then served for real by the lookahead engine
-(offload/server.py) over the fp16 expert store, one shared cache of `--latency_capacity` experts
+(offload/server.py) over the fp16 expert store at each `--executed_load` (arrival rate from a
+timed time-0 FIFO run, the same Poisson draws), one shared cache of `--latency_capacity` experts
 per layer evicted by LRU or by Belady over the queue's known future, pages dropped before each run,
-every shape compiled by one untimed run first; latency is wall-clock. Each request runs its own
-forward call within a batch (its rows sit at its own KV-cache position), so on this CPU a batch's
-compute is the sum of its requests' and batching changes latency only through expert loads and
-the order requests finish in. Medians over the rounds.
+every shape compiled by one untimed run first; latency is wall-clock. A batch runs as one
+(`forward_batch`): attention per request (its rows sit at its own KV-cache position), each
+block's experts once over all the batch's tokens, a grouped matmul over the experts it uses.
+Medians over the rounds.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -65,6 +73,13 @@ flags.DEFINE_integer("budget", 32, "Tokens per batch.")
 flags.DEFINE_list("capacity", ["2", "3", "4", "5"], "Experts cached per layer.")
 flags.DEFINE_integer("latency_capacity", 4, "Cache size of the latency rows.")
 flags.DEFINE_integer("seed", 0, "Prompt lengths and queue order.")
+flags.DEFINE_list(
+    "load",
+    ["0", "0.5", "0.8", "0.95"],
+    "Offered loads of the modelled stream (x the requests/s FIFO sustains; 0: all "
+    "requests at time 0).",
+)
+flags.DEFINE_list("executed_load", ["0", "0.8"], "Offered loads of the executed stream.")
 flags.DEFINE_integer("rounds", 2, "Executed runs per batching x eviction (0: the model only).")
 flags.DEFINE_string("json", "experiments/results/bench_serving.json", "Rows go here.")
 FLAGS = flags.FLAGS
@@ -87,49 +102,92 @@ def make_requests(engine, rng, windows) -> tuple[list[serving.Request], list[np.
     return out, prompts
 
 
+def arrivals(n: int, mean_gap: float) -> np.ndarray:
+    """The stream's arrival times: Poisson at 1/mean_gap, the first at 0 (0 gap: all at 0)."""
+    if not mean_gap:
+        return np.zeros(n)
+    gaps = np.random.default_rng([FLAGS.seed, 1]).exponential(mean_gap, n)
+    return np.concatenate([[0.0], np.cumsum(gaps[1:])])
+
+
 def executed(requests, prompts, store_dir) -> list[dict]:
-    """Serves the queue for real under each batching x eviction, `--rounds` times, interleaved;
-    the median of each measure over the rounds."""
+    """Serves the queue for real under each `--executed_load` x batching x eviction, `--rounds`
+    times, interleaved; the median of each measure over the rounds. A load's arrival rate is
+    that fraction of what FIFO sustained on the time-0 queue in an untimed-for-results first run."""
     eng = build_engine(FLAGS.workdir, "lookahead", store=os.path.basename(store_dir),
                        capacity=FLAGS.latency_capacity)  # fmt: skip
     news = [r.new for r in requests]
-    serve(eng, prompts, news, FLAGS.budget, "decode_first")  # compiles every shape, untimed
+    eng.compile_batches(FLAGS.budget)  # every batch shape the stream may form
+    for policy in serving.POLICIES:  # every request's own shapes; untimed
+        serve(eng, prompts, news, FLAGS.budget, policy)
+    eng.reset_stats()
+    drop_page_cache(store_dir)
+    fifo_s = sum(serve(eng, prompts, news, FLAGS.budget, "decode_first")["seconds"])
     runs = {}
     for _ in range(FLAGS.rounds):
-        for policy in serving.POLICIES:
-            for ev in EVICTIONS:
-                eng.reset_stats()
-                drop_page_cache(store_dir)
-                out = serve(eng, prompts, news, FLAGS.budget, policy, ev)
-                need = sum(len(t) for t in out["trace"])
-                runs.setdefault((policy, ev), []).append(dict(
-                    batches=len(out["batches"]), unique_experts=need / len(out["trace"]),
-                    hit_rate=1 - sum(out["loads"]) / need, loads=sum(out["loads"]),
-                    mean_ms=1e3 * float(out["latency_s"].mean()),
-                    p95_ms=1e3 * float(np.percentile(out["latency_s"], 95)),
-                    total_s=float(sum(out["seconds"])), plan_s=out["plan_s"],
-                    offline_belady_hit=simulate(out["trace"], FLAGS.latency_capacity,
-                                                "belady")["hit_rate"]))  # fmt: skip
+        for rho in map(float, FLAGS.executed_load):
+            at = arrivals(len(requests), fifo_s / len(requests) / rho if rho else 0.0)
+            for policy in serving.POLICIES:
+                for ev in EVICTIONS:
+                    eng.reset_stats()
+                    drop_page_cache(store_dir)
+                    out = serve(eng, prompts, news, FLAGS.budget, policy, ev, arrivals=at)
+                    runs.setdefault((rho, policy, ev), []).append(_served_row(out))
     return [
         dict(
-            batching=p, eviction=ev, **{k: float(np.median([r[k] for r in rs])) for k in rs[0]}
+            load=rho,
+            batching=p,
+            eviction=ev,
+            **{k: float(np.median([r[k] for r in rs])) for k in rs[0]},
         )  # fmt: skip
-        for (p, ev), rs in runs.items()
+        for (rho, p, ev), rs in runs.items()
     ]
 
 
-def compute_seconds(engine, sizes, windows) -> dict[int, float]:
-    """Median seconds of the in-memory forward over n held-out tokens, for each n."""
-    out = {}
+def _served_row(out) -> dict:
+    need = sum(len(t) for t in out["trace"])
+    return dict(batches=len(out["batches"]), unique_experts=need / len(out["trace"]),
+                hit_rate=1 - sum(out["loads"]) / need, loads=sum(out["loads"]),
+                mean_ms=1e3 * float(out["latency_s"].mean()),
+                p95_ms=1e3 * float(np.percentile(out["latency_s"], 95)),
+                busy_s=float(sum(out["seconds"])), plan_s=out["plan_s"],
+                offline_belady_hit=simulate(out["trace"], FLAGS.latency_capacity,
+                                            "belady")["hit_rate"])  # fmt: skip
+
+
+def compute_seconds(store: str, sizes, n_experts: int, windows) -> dict[int, dict[int, float]]:
+    """{n: {k: median seconds of one jitted forward over n held-out tokens routed onto k
+    experts}}: the router, each block's attention and its grouped matmul over the experts the
+    lookahead engine hands in for k experts (S padded to a power of two), the head; token t on
+    expert t mod k. A batch of n tokens on k experts run as one call."""
+    eng = build_engine(FLAGS.workdir, "lookahead", store=store, capacity=n_experts)
+    s, layers = eng.staged, sorted(eng.moe_layers)
+
+    def one_call(p, r, ids, local, ups, downs):
+        model = s.merge(p, r)
+        pos = jnp.arange(ids.shape[1])
+        h, w = model.embed_ids(ids), model.router(ids, pos)[0].weights_TxK
+        for i, block in enumerate(model.blocks):
+            a, x, _ = block.attend(h, pos, None, None)
+            h = a + block.ffn.apply_experts(x, w, local, ups[i], downs[i])
+        return model.logits(h)
+
+    run, out = jax.jit(one_call), {}
     for n in sizes:
-        ids = windows[:1, :n]
-        jax.block_until_ready(engine.forward(ids)[0])  # compile
-        times = []
-        for _ in range(7):
-            t0 = time.perf_counter()
-            jax.block_until_ready(engine.forward(ids)[0])
-            times.append(time.perf_counter() - t0)
-        out[n] = float(np.median(times))
+        ids = jnp.asarray(windows[:1, :n])
+        for k in range(1, min(n, n_experts) + 1):
+            experts = np.arange(n)[:, None] % k
+            eng.begin_batch(range(k))
+            held = [eng.load(i, experts, None) for i in layers]  # the engine's own hand-in
+            eng.end_batch()
+            args = (s.params, s.rest, ids, held[0][0], [h[1] for h in held], [h[2] for h in held])
+            jax.block_until_ready(run(*args))  # compiles
+            times = []
+            for _ in range(9):
+                t0 = time.perf_counter()
+                jax.block_until_ready(run(*args))
+                times.append(time.perf_counter() - t0)
+            out.setdefault(n, {})[k] = float(np.median(times))
     return out
 
 
@@ -147,11 +205,48 @@ def load_seconds(store_dir: str, n_experts: int, layers: list[int]) -> float:
     return float(np.median(times))
 
 
-def batch_seconds(tokens: int, loads: int, compute, load: float, n_layers: int) -> float:
+def batch_seconds(tokens: int, unique: int, loads: int, compute, load: float, n_layers: int):
     n = 1 << max(0, tokens - 1).bit_length()
-    c = compute[n] / n_layers
+    c = compute[n][min(unique, n)] / n_layers
     ld = load * loads
     return ld + (n_layers - 1) * max(c, ld) + c
+
+
+def hit_rows(requests) -> list[dict]:
+    """Per batching: the time-0 schedule's batches, unique experts, and each cache's hit ratio."""
+    rows = []
+    for policy in serving.POLICIES:
+        trace = serving.trace_of(serving.schedule(requests, FLAGS.budget, policy))
+        row = dict(batching=policy, batches=len(trace),
+                   unique_experts=float(np.mean([len(s) for s in trace])))  # fmt: skip
+        for cap in map(int, FLAGS.capacity):
+            for cache in CACHES:
+                row[f"hit_{cache}_{cap}"] = simulate(trace, cap, cache)["hit_rate"]
+        rows.append(row)
+    return rows
+
+
+def modelled(requests, cost) -> list[dict]:
+    """Per offered load x batching: the stream replayed on the cost model (module docstring)."""
+
+    def run(reqs, policy):
+        return serving.replay(reqs, FLAGS.budget, policy, cost, FLAGS.latency_capacity)
+
+    fifo_s = run(requests, "decode_first")["end"][-1]  # its busy time on the time-0 queue
+    rows = []
+    for rho in map(float, FLAGS.load):
+        at = arrivals(len(requests), fifo_s / len(requests) / rho if rho else 0.0)
+        reqs = [dataclasses.replace(r, arrival=float(a)) for r, a in zip(requests, at, strict=True)]
+        for policy in serving.POLICIES:
+            out = run(reqs, policy)
+            lat, need = out["latency_s"], sum(len(t) for t in out["trace"])
+            busy = float(np.sum(np.subtract(out["end"], out["start"])))
+            rows.append(dict(load=rho, batching=policy, batches=len(out["batches"]),
+                             unique_experts=need / len(out["trace"]),
+                             hit_rate=1 - sum(out["loads"]) / need, busy_s=busy,
+                             mean_ms=1e3 * float(lat.mean()),
+                             p95_ms=1e3 * float(np.percentile(lat, 95))))  # fmt: skip
+    return rows
 
 
 def main(_):
@@ -166,42 +261,32 @@ def main(_):
     windows = np.concatenate(list(val_batches(FLAGS.workdir)), axis=0)
     requests, prompts = make_requests(engine, rng, windows)
     sizes = [1 << i for i in range((FLAGS.budget - 1).bit_length() + 1)]
-    compute = compute_seconds(engine, sizes, windows)
+    compute = compute_seconds("experts_float16", sizes, m.ffn.experts, windows)
     layers = [i for i in range(m.n_layers) if m.kind_of_layer(i) == m.kind]
     load = load_seconds(store_dir, m.ffn.experts, layers)
-    rows = []
-    for policy in serving.POLICIES:
-        batches = serving.schedule(requests, FLAGS.budget, policy)
-        trace = serving.trace_of(batches)
-        row = dict(batching=policy, batches=len(batches),
-                   unique_experts=float(np.mean([len(s) for s in trace])))  # fmt: skip
-        for cap in map(int, FLAGS.capacity):
-            for cache in CACHES:
-                row[f"hit_{cache}_{cap}"] = simulate(trace, cap, cache)["hit_rate"]
-        loads = simulate(trace, FLAGS.latency_capacity, "belady")["step_loads"]
-        secs = [batch_seconds(sum(i.tokens for i in b), k, compute, load, len(layers))
-                for b, k in zip(batches, loads, strict=True)]  # fmt: skip
-        lat = serving.latencies(requests, batches, secs)
-        row.update(mean_ms=1e3 * float(lat.mean()), p95_ms=1e3 * float(np.percentile(lat, 95)))
-        rows.append(row)
+    rows = hit_rows(requests)
+    model = modelled(requests, lambda t, u, j: batch_seconds(t, u, j, compute, load, len(layers)))
     served = executed(requests, prompts, store_dir) if FLAGS.rounds else []
-    report(rows, compute, load, requests, served)
+    report(rows, model, compute, load, requests, served)
 
 
-def report(rows, compute, load, requests, served):
+def report(rows, model, compute, load, requests, served):
     caps = list(map(int, FLAGS.capacity))
     print(f"\n{len(requests)} requests, budget {FLAGS.budget} tokens, paths from the router; "
-          f"load {1e3 * load:.3f} ms per expert per layer (pages dropped), compute "
-          + ", ".join(f"{n}: {1e3 * s:.2f}" for n, s in compute.items()) + " ms")  # fmt: skip
-    print(
-        f"\n| batching | batches | unique experts / batch | mean ms / token | p95 ms / token "
-        f"(Belady, {FLAGS.latency_capacity} cached) |\n|---|---|---|---|---|"
-    )
+          f"load {1e3 * load:.3f} ms per expert per layer (pages dropped); compute ms "
+          "(n tokens: k = 1 .. experts) "
+          + "; ".join(f"{n}: " + " ".join(f"{1e3 * s:.2f}" for s in ks.values())
+                      for n, ks in compute.items()))  # fmt: skip
+    print(f"\nmodelled (online Belady, {FLAGS.latency_capacity} cached)\n\n| load | batching | "
+          "batches | unique experts / batch | hit ratio | busy s | mean ms / token | p95 ms / "
+          "token |\n|---|---|---|---|---|---|---|---|")  # fmt: skip
+    for r in model:
+        print(f"| {r['load']:g} | {r['batching']} | {r['batches']} | {r['unique_experts']:.2f} | "
+              f"{r['hit_rate']:.3f} | {r['busy_s']:.3f} | {r['mean_ms']:.2f} | "
+              f"{r['p95_ms']:.2f} |")  # fmt: skip
+    print("\n| batching (time 0) | batches | unique experts / batch |\n|---|---|---|")
     for r in rows:
-        print(
-            f"| {r['batching']} | {r['batches']} | {r['unique_experts']:.2f} | "
-            f"{r['mean_ms']:.2f} | {r['p95_ms']:.2f} |"
-        )
+        print(f"| {r['batching']} | {r['batches']} | {r['unique_experts']:.2f} |")
     for r in rows:
         print(f"\nhit ratio, {r['batching']} batches\n\n| capacity | "
               + " | ".join(CACHES) + " |\n|---|" + "---|" * len(CACHES))  # fmt: skip
@@ -210,19 +295,19 @@ def report(rows, compute, load, requests, served):
     if served:
         print(
             f"\nexecuted (wall clock, {FLAGS.latency_capacity} experts cached per layer, "
-            f"median of {FLAGS.rounds} rounds)\n\n| batching | eviction | batches | unique "
-            "experts / batch | hit ratio (offline Belady) | experts loaded | mean ms / token | "
-            "p95 ms / token | total s (planning) |\n|---|---|---|---|---|---|---|---|---|"
+            f"median of {FLAGS.rounds} rounds)\n\n| load | batching | eviction | batches | "
+            "unique experts / batch | hit ratio (offline Belady) | experts loaded | mean ms / "
+            "token | p95 ms / token | busy s (planning) |\n" + "|---" * 10 + "|"
         )
         for r in served:
-            print(f"| {r['batching']} | {r['eviction']} | {r['batches']:.0f} | "
+            print(f"| {r['load']:g} | {r['batching']} | {r['eviction']} | {r['batches']:.0f} | "
                   f"{r['unique_experts']:.2f} | {r['hit_rate']:.3f} "
                   f"({r['offline_belady_hit']:.3f}) | {r['loads']:.0f} | {r['mean_ms']:.2f} | "
-                  f"{r['p95_ms']:.2f} | {r['total_s']:.2f} ({r['plan_s']:.2f}) |")  # fmt: skip
+                  f"{r['p95_ms']:.2f} | {r['busy_s']:.2f} ({r['plan_s']:.2f}) |")  # fmt: skip
     names = ("workdir", "requests", "min_prompt", "prompt", "new", "budget", "capacity",
-             "latency_capacity", "seed", "rounds")  # fmt: skip
+             "latency_capacity", "seed", "load", "executed_load", "rounds")  # fmt: skip
     out = dict(flags={k: FLAGS[k].value for k in names}, compute_s=compute, load_s=load, rows=rows,
-               executed=served)  # fmt: skip
+               modelled=model, executed=served)  # fmt: skip
     Path(FLAGS.json).parent.mkdir(parents=True, exist_ok=True)
     Path(FLAGS.json).write_text(json.dumps(out, indent=1))
     print(f"\nwrote {FLAGS.json}")

@@ -141,6 +141,28 @@ def test_lookahead_engine_equals_in_memory(pregated_run, capacity):
 
 
 @pytest.mark.slow
+def test_forward_batch_equals_each_call_alone(pregated_run):
+    """Prefills and decodes of different requests at different KV positions, run as one batch
+    (each block's experts once over all their tokens), give each call's own logits and cache."""
+    from mole_jax.engine import build_engine
+
+    ref = build_engine(pregated_run, "experts")
+    eng = build_engine(pregated_run, "lookahead", capacity=4)
+    rng = np.random.default_rng(11)
+    ids = [rng.integers(0, 512, (1, n)) for n in (5, 3, 7)]
+    caches = [ref.init_cache(1, 12) for _ in ids]
+    _, caches[1] = ref.forward(ids[1], caches[1])  # request 1 decodes its 4th token next
+    calls = [(ids[0], caches[0]), (ids[1][:, :1], caches[1]), (ids[2], caches[2])]
+    got = eng.forward_batch(calls)
+    for (x, c), (logits, cache) in zip(calls, got, strict=True):
+        want, want_cache = ref.forward(x, c)
+        np.testing.assert_allclose(logits, want, rtol=1e-5, atol=1e-5)
+        assert int(cache["index"]) == int(want_cache["index"])
+        for a, b in zip(jax.tree.leaves(cache), jax.tree.leaves(want_cache), strict=True):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow
 def test_queue_server_generates_as_in_memory_with_the_policys_cache(pregated_run):
     from mole_jax.engine import build_engine
     from mole_jax.errors import UserError
@@ -183,5 +205,12 @@ def test_queue_server_generates_as_in_memory_with_the_policys_cache(pregated_run
         best = simulate(out["trace"], 2, "belady")
         assert out["loads"] == best["step_loads"] and best["loads"] > len(out["trace"][0])
     assert len(set().union(*out["trace"])) == 4  # every path is used: the cache has work
+    # a stream: nothing is served before it arrives, and the tokens are the same
+    at = [0.0, 0.0, 0.3, 0.3, 0.6, 0.6]
+    out = serve(eng, prompts, news, budget=8, policy="expert_aware", arrivals=at)
+    assert [out["tokens"][i] for i in range(6)] == want
+    starts = zip(out["batches"], out["start"], strict=True)
+    assert all(t >= at[it.rid] for b, t in starts for it in b)
+    assert out["start"][-1] >= 0.6 and (out["latency_s"] > 0).all()
     with pytest.raises(UserError, match="prompt of 1..8"):
         serve(eng, [prompts[0][:0]], [2], budget=8, policy="decode_first")

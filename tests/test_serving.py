@@ -78,3 +78,47 @@ def test_known_future_is_the_schedule_when_nothing_new_arrives(policy):
     full = serving.trace_of(serving.schedule(reqs, budget=12, policy=policy))
     prefills = [serving.item(r, 0) for r in reqs]
     assert serving.known_future(prefills, [], 12, policy) == full
+
+
+@pytest.mark.parametrize("policy", serving.POLICIES)
+@pytest.mark.parametrize("seed", range(3))
+def test_replay_at_time_zero_is_the_schedule_and_the_lru_replay(policy, seed):
+    """Everything queued at 0: the batches are `schedule`'s whatever the batch costs, LRU loads
+    equal the offline replay's, and the clock is the sum of the batch costs."""
+    reqs = random_requests(seed)
+    cost = lambda tokens, unique, loads: 1.0 + 0.1 * tokens + 0.5 * unique + 2.0 * loads  # noqa: E731
+    out = serving.replay(reqs, 12, policy, cost, capacity=3, eviction="lru")
+    batches = serving.schedule(reqs, 12, policy)
+    assert out["batches"] == batches
+    assert out["loads"] == simulate(serving.trace_of(batches), 3, "lru")["step_loads"]
+    steps = zip(batches, out["trace"], out["loads"], strict=True)
+    ends = np.cumsum([cost(sum(i.tokens for i in b), len(t), k) for b, t, k in steps])
+    np.testing.assert_allclose(out["end"], ends)
+    want = serving.latencies(reqs, batches, np.diff(ends, prepend=0))
+    np.testing.assert_allclose(out["latency_s"], want)
+    belady = serving.replay(reqs, 12, policy, cost, capacity=3)  # eviction changes no batch
+    assert belady["batches"] == batches and belady["trace"] == out["trace"]
+
+
+@pytest.mark.parametrize("policy", serving.POLICIES)
+def test_replay_waits_for_arrivals(policy):
+    """A request is never served before it arrives; an idle queue jumps to the next arrival; its
+    latency counts from its arrival; every request is served once, in order."""
+    reqs = [dataclasses.replace(r, arrival=3.0 * r.rid) for r in random_requests(7, n=6)]
+    out = serving.replay(reqs, 12, policy, lambda t, u, k: 0.5, capacity=2, eviction="lru")
+    first = {}
+    for b, start in zip(out["batches"], out["start"], strict=True):
+        for it in b:
+            assert start >= reqs[it.rid].arrival
+            first.setdefault(it.rid, start)
+    assert first == {r.rid: r.arrival for r in reqs}  # every request starts the moment it comes
+    ends = dict(zip([it.rid for b in out["batches"] for it in b if it.step == reqs[it.rid].new - 1],
+                    [e for b, e in zip(out["batches"], out["end"], strict=True) for it in b
+                     if it.step == reqs[it.rid].new - 1], strict=True))  # fmt: skip
+    want = [(ends[r.rid] - r.arrival) / r.new for r in reqs]
+    np.testing.assert_allclose(out["latency_s"], want)
+    assert sorted((it.rid, it.step) for b in out["batches"] for it in b) == sorted(
+        (r.rid, s) for r in reqs for s in range(r.new)
+    )
+    with pytest.raises(ValueError, match="eviction"):
+        serving.replay(reqs, 12, policy, lambda t, u, k: 0.5, capacity=2, eviction="fifo")

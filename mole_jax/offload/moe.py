@@ -174,7 +174,7 @@ class MoeOffloadEngine(BaseEngine):
         have = self._gather(i, need)
         local = np.full(max(need) + 1, -1, np.int32)
         local[need] = np.arange(len(need), dtype=np.int32)
-        pad = _bucket(len(need)) - len(need)
+        pad = bucket(len(need)) - len(need)
         slots = [have[e] for e in need]
         up, down = (
             jnp.stack([s[j] for s in slots] + [jnp.zeros_like(slots[0][j])] * pad) for j in (0, 1)
@@ -265,6 +265,6 @@ def _device_weights(dtype: str):
     return jax.jit(partial(quant.group_dequantize, dtype=dtype))
 
 
-def _bucket(n: int) -> int:
+def bucket(n: int) -> int:
     """Number of expert slots a call compiles for: n rounded up to a power of two."""
     return 1 << max(0, (n - 1).bit_length())

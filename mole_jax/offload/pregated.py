@@ -12,16 +12,20 @@ shares (`offload/policies.py` replays them, Belady included).
 Batch mode (`offload/server.py`, serving a request queue): `begin_batch(experts)` starts reading
 the whole batch's experts in every layer and holds everything read until `end_batch(keys,
 policy)`, which brings each layer's cache back to `capacity` by the policy (LRU over the keys'
-last uses, or Belady over their next uses in the queue's known future: `policies.victim`). The
-batch's requests run one forward call each in between, sharing the loaded experts.
+last uses, or Belady over their next uses in the queue's known future: `policies.victim`). In
+between, `forward_batch` runs the batch's requests together: each its own router and attention
+against its own KV cache (their rows sit at different positions), and each pre-gated block's
+experts once over all the batch's tokens, one grouped matmul over the experts the batch uses, as
+a batched server runs a MoE layer.
 """
 
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
-from mole_jax.offload.moe import MoeOffloadEngine
+from mole_jax.offload.moe import MoeOffloadEngine, bucket
 from mole_jax.offload.policies import victim
 
 
@@ -85,6 +89,71 @@ class LookaheadEngine(MoeOffloadEngine):
     def forward(self, ids_BxL, cache=None, prepared=None):
         self._started = False
         return super().forward(ids_BxL, cache, prepared)
+
+    def forward_batch(self, calls):
+        """[(ids [1, L_r], cache_r)] -> [(logits [1, L_r, V], advanced cache_r)], the calls run
+        as one batch (module docstring); equals `forward` on each call alone."""
+        self._new_call()
+        s, rows = self.staged, []
+        for ids, cache in calls:
+            ids = jnp.asarray(self.check(ids))
+            index = cache["index"]
+            pos = index + jnp.arange(ids.shape[1], dtype=jnp.int32)
+            routes, rkv = s.router(ids, pos, cache["router"], index)
+            rows.append(dict(n=ids.shape[1], index=index, pos=pos, routes=routes, rkv=rkv,
+                             h=s.embed_ids(ids), cache=cache, kvs=[]))  # fmt: skip
+        self.prefetch_all(np.concatenate([np.asarray(r["routes"].experts_TxK) for r in rows]))
+        for i, block in enumerate(s.blocks):
+            if i in self.moe_layers:
+                self._experts_together(i, rows)
+                continue
+            for r in rows:
+                r["h"], _, kv = block(r["h"], None, r["pos"], r["cache"]["layers"][i], r["index"])
+                r["kvs"].append(kv)
+        return [(s.logits(r["h"]), dict(index=r["index"] + r["n"], layers=r["kvs"],
+                                        router=r["rkv"])) for r in rows]  # fmt: skip
+
+    def compile_batches(self, max_tokens: int) -> None:
+        """Compiles block i's expert call for every token count (padded) up to `max_tokens` and
+        every expert count (padded), so that a timed server compiles nothing as batches vary."""
+        s, k = self.staged, self.model_config.ffn.topk
+        sizes = [1 << j for j in range(bucket(self.model_config.ffn.experts).bit_length())]
+        h = s.embed_ids(np.zeros((1, 1), np.int32))
+        for i in sorted(self.moe_layers):
+            a, x, _ = self._attend(s.params, s.rest, i, h, jnp.zeros(1, jnp.int32), None, None)
+            a, x = np.asarray(a), np.asarray(x)
+            one = tuple(self._to_device(t) for t in self.store.start_read(i, 0).result())
+            for t in (1 << j for j in range(bucket(max_tokens).bit_length())):
+                pad = ((0, 0), (0, t - 1), (0, 0))
+                w, local = np.zeros((t, k), np.float32), np.zeros((t, k), np.int32)
+                for n in sizes:
+                    up, down = (jnp.stack([one[j]] * n) for j in (0, 1))
+                    jax.block_until_ready(self._apply(
+                        s.params, s.rest, i, np.pad(a, pad), np.pad(x, pad), w, local, up, down
+                    ))  # fmt: skip
+
+    def _experts_together(self, i: int, rows: list[dict]) -> None:
+        """Block i over the batch: attention per row, then its experts over every row's tokens
+        at once (T padded to a power of two with zero-weight tokens, so shapes repeat). The
+        rows are joined and split on the host: their lengths vary with every batch, and a
+        device-side join would compile once per combination."""
+        s = self.staged
+        att = [self._attend(s.params, s.rest, i, r["h"], r["pos"], r["cache"]["layers"][i],
+                            r["index"]) for r in rows]  # fmt: skip
+        t = sum(r["n"] for r in rows)
+        pad = ((0, 0), (0, bucket(t) - t), (0, 0))
+        a, x = (
+            np.pad(np.concatenate([np.asarray(o[j]) for o in att], axis=1), pad) for j in (0, 1)
+        )
+        w = np.pad(np.concatenate([np.asarray(r["routes"].weights_TxK) for r in rows]), pad[1:])
+        local, up, down = self.load(
+            i, np.concatenate([np.asarray(r["routes"].experts_TxK) for r in rows]), None
+        )
+        y = np.asarray(self._apply(s.params, s.rest, i, a, x, w, np.pad(local, pad[1:]), up, down))
+        ends = np.cumsum([r["n"] for r in rows])
+        for r, o, hi in zip(rows, att, ends, strict=True):
+            r["h"] = y[:, hi - r["n"] : hi]
+            r["kvs"].append(o[2])
 
     def prefetch_all(self, experts_TxK) -> None:
         """Starts reading, for every pre-gated layer, each expert the routes name that the

@@ -1,16 +1,17 @@
 """Serving a queue of requests on the lookahead engine (Read-ME's serving loop, executed).
 
-Every request is queued at time 0 with its prompt and the number of tokens to generate (greedy).
-The pre-gating router gives each prompt token's path at once, and each generated token's path as
-soon as the token exists (the router is causal and runs on token ids only), so the queue's ready
-items are always known with their experts. Each step:
+Each request joins the queue at its arrival time (all at time 0 by default) with its prompt and
+the number of tokens to generate (greedy). The pre-gating router gives each prompt token's path
+at once, and each generated token's path as soon as the token exists (the router is causal and
+runs on token ids only), so the queue's ready items are always known with their experts. Each step:
 
 1. a batch of at most `budget` tokens is picked from the ready items by the batching policy
    (`serving.pick`: decode-first, prefill-first or expert-aware, Read-ME Algorithm 1);
 2. the engine starts reading every expert the batch needs that its shared cache lacks, in every
-   layer at once (`LookaheadEngine.begin_batch`: exact prefetch), and each request of the batch
-   runs its own forward call against its own KV cache, all sharing the loaded experts (rows of
-   different requests sit at different positions, so they are not fused into one call);
+   layer at once (`LookaheadEngine.begin_batch`: exact prefetch), and the batch runs as one
+   (`LookaheadEngine.forward_batch`): each request's router and attention against its own KV
+   cache (rows of different requests sit at different positions), each block's experts once over
+   all the batch's tokens, a grouped matmul over the experts the batch uses;
 3. the cache is brought back to `capacity` experts per layer by LRU, or by Belady over the
    queue's known future: the batches the ready items would form next (`serving.known_future`;
    decodes whose tokens do not exist yet are not in it).
@@ -23,7 +24,6 @@ its generated tokens (Read-ME's metric).
 from __future__ import annotations
 
 import dataclasses
-import math
 import time
 
 import jax.numpy as jnp
@@ -49,10 +49,14 @@ class _Live:
         return serving.Item(rid, step, (self.paths[self.prompt + step - 1],))
 
 
-def serve(engine, prompts, news, budget: int, policy: str, eviction: str = "belady") -> dict:
-    """Serves every request (prompt i, news[i] tokens) through `engine` (a LookaheadEngine of a
-    top-1 pre-gated model). Returns the generated tokens per request, the batches (items), the
-    trace (experts per batch), per-batch loads and seconds, and per-request latency per token."""
+def serve(
+    engine, prompts, news, budget: int, policy: str, eviction: str = "belady", arrivals=None
+) -> dict:
+    """Serves every request (prompt i, news[i] tokens, ready `arrivals[i]` seconds after the
+    start; default all at once) through `engine` (a LookaheadEngine of a top-1 pre-gated model).
+    Returns the generated tokens per request, the batches (items), the trace (experts per batch),
+    per-batch loads, seconds and start times, and per-request latency per token from its
+    arrival."""
     m = engine.model_config
     if m.ffn.topk != 1:
         raise UserError("queue serving needs one path per token (a top-1 pre-gated model)")
@@ -61,21 +65,26 @@ def serve(engine, prompts, news, budget: int, policy: str, eviction: str = "bela
     if min(news) < 1 or not all(1 <= len(p) <= budget for p in prompts):
         raise UserError(f"every request needs >= 1 new token and a prompt of 1..{budget} tokens")
     route = _router(engine, max(len(p) + n for p, n in zip(prompts, news, strict=True)))
-    start = time.perf_counter()
     live = {}
     for rid, (p, n) in enumerate(zip(prompts, news, strict=True)):
         ids = [int(t) for t in p]
         live[rid] = _Live(ids, len(ids), int(n), route(ids), engine.init_cache(1, len(ids) + n))
-    by_id = {rid: serving.Request(rid, (), r.prompt, r.new) for rid, r in live.items()}
-    waiting, running = list(by_id.values()), {}
-    out = dict(batches=[], trace=[], loads=[], seconds=[], plan_s=0.0)
-    last_use, done = {}, {}
+    at = np.zeros(len(live)) if arrivals is None else np.asarray(arrivals, float)
+    by_id = {rid: serving.Request(rid, (), r.prompt, r.new, at[rid]) for rid, r in live.items()}
+    pending, waiting, running = sorted(by_id.values(), key=lambda r: (r.arrival, r.rid)), [], {}
+    out = dict(batches=[], trace=[], loads=[], seconds=[], start=[], plan_s=0.0)
+    last_use, done, start = {}, {}, time.perf_counter()
 
     def ready():
+        while pending and pending[0].arrival <= time.perf_counter() - start:
+            waiting.append(pending.pop(0))
         return ([live[r.rid].item(r.rid, 0) for r in waiting],
                 [live[rid].item(rid, s) for rid, s in running.items()])  # fmt: skip
 
-    while waiting or running:
+    while pending or waiting or running:
+        if not any(ready()):
+            time.sleep(max(0.0, pending[0].arrival - (time.perf_counter() - start)))
+            continue
         batch = serving.pick(*ready(), budget, policy)
         need = serving.trace_of([batch])[0]
         resident = set(next(iter(engine.cache.values()), {}))
@@ -84,16 +93,16 @@ def serve(engine, prompts, news, budget: int, policy: str, eviction: str = "bela
         serving.advance(batch, waiting, running, by_id)
         last_use.update(dict.fromkeys(need, len(out["batches"])))
         t1 = time.perf_counter()
-        keys = last_use if eviction == "lru" else _next_uses(serving.known_future(
-            *ready(), budget, policy), m.ffn.experts)  # fmt: skip
+        keys = last_use if eviction == "lru" else serving.next_uses_of(serving.known_future(
+            *ready(), budget, policy), range(m.ffn.experts))  # fmt: skip
         out["plan_s"] += time.perf_counter() - t1
         engine.end_batch(keys, eviction)
         now = time.perf_counter()
         for it in batch:
             if it.step == live[it.rid].new - 1:
-                done[it.rid] = now - start
+                done[it.rid] = now - start - by_id[it.rid].arrival
         for k, v in (("batches", batch), ("trace", need), ("loads", len(need - resident)),
-                     ("seconds", now - t0)):  # fmt: skip
+                     ("seconds", now - t0), ("start", t0 - start)):  # fmt: skip
             out[k].append(v)
     out["tokens"] = {rid: r.ids[r.prompt :] for rid, r in live.items()}
     out["latency_s"] = np.array([done[rid] / live[rid].new for rid in sorted(live)])
@@ -101,14 +110,22 @@ def serve(engine, prompts, news, budget: int, policy: str, eviction: str = "bela
 
 
 def _run_batch(engine, batch, need: set[int], live: dict, route, loads: int) -> None:
-    """The batch's requests, one forward call each, on the experts `begin_batch` reads; checks
+    """The batch's requests, run together, on the experts `begin_batch` reads; checks
     that the engine read exactly the planned experts (its own routes, computed with the router's
     KV cache, match the planning pass's)."""
     before = engine.stats()["experts_read"]
     engine.begin_batch(need)
     try:
-        for it in batch:
-            _run(engine, live[it.rid], it, route)
+        rows = [live[it.rid] for it in batch]
+        xs = [r.ids[: r.prompt] if it.step == 0 else [r.ids[r.prompt + it.step - 1]]
+              for r, it in zip(rows, batch, strict=True)]  # fmt: skip
+        outs = engine.forward_batch(
+            [(np.asarray([x], np.int32), r.cache) for x, r in zip(xs, rows, strict=True)]
+        )
+        for r, it, (logits, r.cache) in zip(rows, batch, outs, strict=True):
+            r.ids.append(int(np.asarray(logits[0, -1]).argmax()))
+            if it.step + 1 < r.new:  # the new token is fed next: its route is needed
+                r.paths = route(r.ids)
     except BaseException:
         engine.end_batch()
         raise
@@ -118,15 +135,6 @@ def _run_batch(engine, batch, need: set[int], live: dict, route, loads: int) -> 
         raise RuntimeError(f"the engine read {read} experts where the plan needs "
                            f"{loads * len(engine.moe_layers)}: its routes differ from the "
                            "planning pass's (a near-tie in the router?)")  # fmt: skip
-
-
-def _run(engine, r: _Live, it: serving.Item, route) -> None:
-    """One item of a request: its forward call, the greedy next token, and that token's path."""
-    x = r.ids[: r.prompt] if it.step == 0 else [r.ids[r.prompt + it.step - 1]]
-    logits, r.cache = engine.forward(np.asarray([x], np.int32), r.cache)
-    r.ids.append(int(np.asarray(logits[0, -1]).argmax()))
-    if it.step + 1 < r.new:  # the new token is fed next: its route is needed
-        r.paths = route(r.ids)
 
 
 def _router(engine, length: int):
@@ -141,12 +149,3 @@ def _router(engine, length: int):
         return np.asarray(routes.experts_TxK[: len(ids), 0]).tolist()
 
     return route
-
-
-def _next_uses(future: list[set[int]], n_experts: int) -> dict[int, float]:
-    """Expert -> the first future batch that needs it (1-based; inf if none is known)."""
-    out = dict.fromkeys(range(n_experts), math.inf)
-    for t, need in enumerate(future, start=1):
-        for e in need:
-            out[e] = min(out[e], t)
-    return out

@@ -14,19 +14,26 @@ running request) by a policy:
   path, a prefill by its prompt's most frequent path); repeatedly take the expert with the most
   queued tokens and add its whole queue if it fits, else fill the budget from it and stop. No
   aging: a request on a rarely used path waits until the busier queues drain (the p95 shows it).
-Every request is in the queue at the start, in an order fixed by a seed, so the sequence of batches
-does not depend on how long each takes. Because pre-gated experts are aligned, a batch needs the
-same expert ids in every layer: its trace entry is the union of its tokens' paths, and each layer's
-cache sees the same trace (`policies.simulate` replays it: Random, LRU, or Belady over the real
-future of the trace, known ahead because the queue's routes are).
+`schedule` puts every request in the queue at the start, so the sequence of batches does not depend
+on how long each takes. `replay` serves a stream instead: request i is ready from its arrival time,
+each batch lasts what a cost model says (it may depend on the batch's tokens, unique experts and
+expert loads), and the shared cache is evicted online, by LRU or by Belady over the known future
+of the ready items (`known_future`), as the executed server does. Because pre-gated experts are
+aligned, a batch needs the same expert ids in every layer: its trace entry is the union of its
+tokens' paths, and each layer's cache sees the same trace (`policies.simulate` replays it:
+Random, LRU, or Belady over the real future of the trace, known ahead because the queue's routes
+are).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections import Counter
 
 import numpy as np
+
+from mole_jax.offload.policies import victim
 
 POLICIES = ("decode_first", "prefill_first", "expert_aware")
 
@@ -37,6 +44,7 @@ class Request:
     paths: tuple[int, ...]  # the route of every token: prompt, then the generated ones
     prompt: int  # P
     new: int  # N >= 1
+    arrival: float = 0.0  # seconds; `replay` only (`schedule` queues everything at time 0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,15 +72,7 @@ def item(r: Request, step: int) -> Item:
 
 def schedule(requests: list[Request], budget: int, policy: str) -> list[list[Item]]:
     """The batches, in order, that serve every request's prefill and decodes once."""
-    if policy not in POLICIES:
-        raise ValueError(f"policy {policy!r} is not one of {POLICIES}")
-    if any(r.prompt > budget for r in requests):
-        raise ValueError(f"a prompt is longer than the token budget {budget}")
-    bad = [
-        r.rid for r in requests if min(r.prompt, r.new) < 1 or len(r.paths) < r.prompt + r.new - 1
-    ]
-    if bad:
-        raise ValueError(f"requests {bad}: prompt and new must be >= 1, with a path per token")
+    _check(requests, budget, policy)
     waiting = list(requests)
     running: dict[int, int] = {}  # rid -> the next decode step
     by_id = {r.rid: r for r in requests}
@@ -84,6 +84,18 @@ def schedule(requests: list[Request], budget: int, policy: str) -> list[list[Ite
         advance(batch, waiting, running, by_id)
         batches.append(batch)
     return batches
+
+
+def _check(requests: list[Request], budget: int, policy: str) -> None:
+    if policy not in POLICIES:
+        raise ValueError(f"policy {policy!r} is not one of {POLICIES}")
+    if any(r.prompt > budget for r in requests):
+        raise ValueError(f"a prompt is longer than the token budget {budget}")
+    bad = [
+        r.rid for r in requests if min(r.prompt, r.new) < 1 or len(r.paths) < r.prompt + r.new - 1
+    ]
+    if bad:
+        raise ValueError(f"requests {bad}: prompt and new must be >= 1, with a path per token")
 
 
 def advance(batch: list[Item], waiting: list, running: dict[int, int], by_id: dict) -> None:
@@ -151,6 +163,74 @@ def expert_aware(ready: list[Item], budget: int) -> list[Item]:
                 used += it.tokens
         break
     return batch
+
+
+def replay(
+    requests: list[Request],
+    budget: int,
+    policy: str,
+    seconds,
+    capacity: int,
+    eviction: str = "belady",
+) -> dict:
+    """The queue served in time. Request r is ready from `r.arrival`; each batch starts when the
+    one before it ends (or at the next arrival when nothing is ready) and lasts
+    `seconds(tokens, unique_experts, loads)`. One shared cache of `capacity` experts (the same ids
+    in every layer) takes each batch's missing experts (`loads`) and is then brought back to
+    `capacity` by `eviction`: "lru", or "belady" over the known future (`known_future` of the
+    items ready then: online, as the executed server). Returns the batches, their trace, loads,
+    start and end times, and each request's latency per token, (done - arrival) / new."""
+    _check(requests, budget, policy)
+    if eviction not in ("lru", "belady"):
+        raise ValueError(f"eviction {eviction!r} is not lru or belady")
+    by_id = {r.rid: r for r in requests}
+    pending = sorted(requests, key=lambda r: (r.arrival, r.rid))
+    waiting, running, resident, done = [], {}, {}, {}
+    out = dict(batches=[], trace=[], loads=[], start=[], end=[])
+    clock = 0.0
+
+    def admit():
+        while pending and pending[0].arrival <= clock:
+            waiting.append(pending.pop(0))
+
+    def ready():
+        return [item(r, 0) for r in waiting], [item(by_id[k], s) for k, s in running.items()]
+
+    while pending or waiting or running:
+        admit()
+        if not (waiting or running):
+            clock = pending[0].arrival
+            continue
+        batch = _pick(*ready(), budget, policy)
+        need = trace_of([batch])[0]
+        loads = len(need - resident.keys())
+        out["start"].append(clock)
+        clock += seconds(sum(it.tokens for it in batch), len(need), loads)
+        advance(batch, waiting, running, by_id)
+        admit()
+        t = len(out["batches"])
+        resident.update(dict.fromkeys(need, t))  # lru's key: the last use
+        if eviction == "belady":
+            resident = next_uses_of(known_future(*ready(), budget, policy), resident)
+        while len(resident) > capacity:
+            del resident[victim(resident, eviction)]
+        for it in batch:
+            if it.step == by_id[it.rid].new - 1:
+                done[it.rid] = clock
+        for k, v in (("batches", batch), ("trace", need), ("loads", loads), ("end", clock)):
+            out[k].append(v)
+    out["latency_s"] = np.array([(done[r.rid] - r.arrival) / r.new for r in requests])
+    return out
+
+
+def next_uses_of(future: list[set[int]], experts) -> dict[int, float]:
+    """Each of `experts` -> the first batch of `future` that needs it (1-based; inf if none)."""
+    out = dict.fromkeys(experts, math.inf)
+    for t, need in enumerate(future, start=1):
+        for e in need:
+            if e in out:
+                out[e] = min(out[e], t)
+    return out
 
 
 def trace_of(batches: list[list[Item]]) -> list[set[int]]:
