@@ -205,12 +205,17 @@ def test_queue_server_generates_as_in_memory_with_the_policys_cache(pregated_run
         best = simulate(out["trace"], 2, "belady")
         assert out["loads"] == best["step_loads"] and best["loads"] > len(out["trace"][0])
     assert len(set().union(*out["trace"])) == 4  # every path is used: the cache has work
-    # a stream: nothing is served before it arrives, and the tokens are the same
+    # a stream: nothing is served before it arrives, and the tokens are the same; every shape
+    # its batches form was compiled before (`compile_batches`: a timed server compiles nothing)
+    eng.compile_batches(8)
+    compiled = eng._apply._cache_size()
+    assert compiled == len(eng.moe_layers) * 4 * 3  # tokens 1, 2, 4, 8 x experts 1, 2, 4
     at = [0.0, 0.0, 0.3, 0.3, 0.6, 0.6]
     out = serve(eng, prompts, news, budget=8, policy="expert_aware", arrivals=at)
     assert [out["tokens"][i] for i in range(6)] == want
     starts = zip(out["batches"], out["start"], strict=True)
     assert all(t >= at[it.rid] for b, t in starts for it in b)
     assert out["start"][-1] >= 0.6 and (out["latency_s"] > 0).all()
+    assert eng._apply._cache_size() == compiled
     with pytest.raises(UserError, match="prompt of 1..8"):
         serve(eng, [prompts[0][:0]], [2], budget=8, policy="decode_first")
