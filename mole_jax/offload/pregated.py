@@ -114,8 +114,8 @@ class LookaheadEngine(MoeOffloadEngine):
                                         router=r["rkv"])) for r in rows]  # fmt: skip
 
     def compile_batches(self, max_tokens: int) -> None:
-        """Compiles block i's expert call for every token count (padded) up to `max_tokens` and
-        every expert count (padded), so that a timed server compiles nothing as batches vary."""
+        """Compiles each pre-gated block's expert call for every token count (padded) up to
+        `max_tokens` and every expert count (padded): a timed server compiles nothing."""
         s, k = self.staged, self.model_config.ffn.topk
         sizes = [1 << j for j in range(bucket(self.model_config.ffn.experts).bit_length())]
         h = s.embed_ids(np.zeros((1, 1), np.int32))
