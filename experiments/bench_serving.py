@@ -14,8 +14,9 @@ every request in it at time 0, is scheduled into batches of at most `--budget` t
 (offload/serving.py) and the batch sequence is replayed through each cache (exact counts).
 
 Modelled latency (`serving.replay`, one row per `--load` x batching): requests arrive as a
-Poisson stream in queue order, at `--load` times the rate FIFO sustains on this queue (load 0:
-all at time 0; Read-ME replays Chatbot Arena arrivals); the shared cache of `--latency_capacity`
+Poisson stream in queue order, at `--load` times the rate FIFO sustains on this queue (its
+requests / its busy time with every request queued at time 0; load inf: all at time 0, a
+backlog; Read-ME replays Chatbot Arena arrivals); the shared cache of `--latency_capacity`
 experts is evicted online by Belady over the known future; each batch lasts what a cost model says,
 with constants measured here in the same run: `compute(n, k)`, the median time of one jitted
 forward over n held-out tokens (n rounded up to a power of two) routed onto k experts: the router,
@@ -75,14 +76,25 @@ flags.DEFINE_integer("latency_capacity", 4, "Cache size of the latency rows.")
 flags.DEFINE_integer("seed", 0, "Prompt lengths and queue order.")
 flags.DEFINE_list(
     "load",
-    ["0", "0.5", "0.8", "0.95"],
-    "Offered loads of the modelled stream (x the requests/s FIFO sustains; 0: all "
-    "requests at time 0).",
+    ["0.5", "0.95", "1.5", "3", "inf"],
+    "Offered loads of the modelled stream: x the requests/s FIFO sustains on the queue "
+    "(inf: every request at time 0).",
 )
-flags.DEFINE_list("executed_load", ["0", "0.8"], "Offered loads of the executed stream.")
+flags.DEFINE_list("executed_load", ["1.5", "inf"], "Offered loads of the executed stream.")
 flags.DEFINE_integer("rounds", 2, "Executed runs per batching x eviction (0: the model only).")
 flags.DEFINE_string("json", "experiments/results/bench_serving.json", "Rows go here.")
 FLAGS = flags.FLAGS
+
+
+def _loads_ok(values) -> bool:
+    try:
+        return all(float(v) > 0 for v in values)
+    except ValueError:
+        return False
+
+
+for _name in ("load", "executed_load"):
+    flags.register_validator(_name, _loads_ok, message="loads are numbers > 0 (inf: time 0)")
 
 
 def make_requests(engine, rng, windows) -> tuple[list[serving.Request], list[np.ndarray]]:
@@ -102,11 +114,13 @@ def make_requests(engine, rng, windows) -> tuple[list[serving.Request], list[np.
     return out, prompts
 
 
-def arrivals(n: int, mean_gap: float) -> np.ndarray:
-    """The stream's arrival times: Poisson at 1/mean_gap, the first at 0 (0 gap: all at 0)."""
-    if not mean_gap:
+def arrivals(n: int, busy_s: float, load: str) -> np.ndarray:
+    """The stream's arrival times: Poisson at `load` x n / busy_s requests per second, the first
+    at 0 (load inf: all at 0)."""
+    rho = float(load)  # > 0: checked when the flags are parsed
+    if rho == float("inf"):
         return np.zeros(n)
-    gaps = np.random.default_rng([FLAGS.seed, 1]).exponential(mean_gap, n)
+    gaps = np.random.default_rng([FLAGS.seed, 1]).exponential(busy_s / n / rho, n)
     return np.concatenate([[0.0], np.cumsum(gaps[1:])])
 
 
@@ -125,8 +139,8 @@ def executed(requests, prompts, store_dir) -> list[dict]:
     fifo_s = sum(serve(eng, prompts, news, FLAGS.budget, "decode_first")["seconds"])
     runs = {}
     for _ in range(FLAGS.rounds):
-        for rho in map(float, FLAGS.executed_load):
-            at = arrivals(len(requests), fifo_s / len(requests) / rho if rho else 0.0)
+        for rho in FLAGS.executed_load:
+            at = arrivals(len(requests), fifo_s, rho)
             for policy in serving.POLICIES:
                 for ev in EVICTIONS:
                     eng.reset_stats()
@@ -234,8 +248,8 @@ def modelled(requests, cost) -> list[dict]:
 
     fifo_s = run(requests, "decode_first")["end"][-1]  # its busy time on the time-0 queue
     rows = []
-    for rho in map(float, FLAGS.load):
-        at = arrivals(len(requests), fifo_s / len(requests) / rho if rho else 0.0)
+    for rho in FLAGS.load:
+        at = arrivals(len(requests), fifo_s, rho)
         reqs = [dataclasses.replace(r, arrival=float(a)) for r, a in zip(requests, at, strict=True)]
         for policy in serving.POLICIES:
             out = run(reqs, policy)
@@ -281,7 +295,7 @@ def report(rows, model, compute, load, requests, served):
           "batches | unique experts / batch | hit ratio | busy s | mean ms / token | p95 ms / "
           "token |\n|---|---|---|---|---|---|---|---|")  # fmt: skip
     for r in model:
-        print(f"| {r['load']:g} | {r['batching']} | {r['batches']} | {r['unique_experts']:.2f} | "
+        print(f"| {r['load']} | {r['batching']} | {r['batches']} | {r['unique_experts']:.2f} | "
               f"{r['hit_rate']:.3f} | {r['busy_s']:.3f} | {r['mean_ms']:.2f} | "
               f"{r['p95_ms']:.2f} |")  # fmt: skip
     print("\n| batching (time 0) | batches | unique experts / batch |\n|---|---|---|")
@@ -300,7 +314,7 @@ def report(rows, model, compute, load, requests, served):
             "token | p95 ms / token | busy s (planning) |\n" + "|---" * 10 + "|"
         )
         for r in served:
-            print(f"| {r['load']:g} | {r['batching']} | {r['eviction']} | {r['batches']:.0f} | "
+            print(f"| {r['load']} | {r['batching']} | {r['eviction']} | {r['batches']:.0f} | "
                   f"{r['unique_experts']:.2f} | {r['hit_rate']:.3f} "
                   f"({r['offline_belady_hit']:.3f}) | {r['loads']:.0f} | {r['mean_ms']:.2f} | "
                   f"{r['p95_ms']:.2f} | {r['busy_s']:.2f} ({r['plan_s']:.2f}) |")  # fmt: skip
