@@ -92,16 +92,18 @@ class LookaheadEngine(MoeOffloadEngine):
 
     def forward_batch(self, calls):
         """[(ids [1, L_r], cache_r)] -> [(logits [1, L_r, V], advanced cache_r)], the calls run
-        as one batch (module docstring); equals `forward` on each call alone."""
+        as one batch (module docstring); equals `forward` on each call alone. The token-wise
+        pieces (embedding, experts, head) run once over all the calls' tokens."""
         self._new_call()
         s, rows = self.staged, []
-        for ids, cache in calls:
-            ids = jnp.asarray(self.check(ids))
+        ids = [self.check(x) for x, _ in calls]
+        h = _split(self._together(s.embed_ids, np.concatenate(ids, axis=1)), ids)
+        for x, (_, cache), h_r in zip(ids, calls, h, strict=True):
             index = cache["index"]
-            pos = index + jnp.arange(ids.shape[1], dtype=jnp.int32)
-            routes, rkv = s.router(ids, pos, cache["router"], index)
-            rows.append(dict(n=ids.shape[1], index=index, pos=pos, routes=routes, rkv=rkv,
-                             h=s.embed_ids(ids), cache=cache, kvs=[]))  # fmt: skip
+            pos = index + jnp.arange(x.shape[1], dtype=jnp.int32)
+            routes, rkv = s.router(jnp.asarray(x), pos, cache["router"], index)
+            rows.append(dict(n=x.shape[1], index=index, pos=pos, routes=routes, rkv=rkv, h=h_r,
+                             cache=cache, kvs=[]))  # fmt: skip
         self.prefetch_all(np.concatenate([np.asarray(r["routes"].experts_TxK) for r in rows]))
         for i, block in enumerate(s.blocks):
             if i in self.moe_layers:
@@ -110,20 +112,32 @@ class LookaheadEngine(MoeOffloadEngine):
             for r in rows:
                 r["h"], _, kv = block(r["h"], None, r["pos"], r["cache"]["layers"][i], r["index"])
                 r["kvs"].append(kv)
-        return [(s.logits(r["h"]), dict(index=r["index"] + r["n"], layers=r["kvs"],
-                                        router=r["rkv"])) for r in rows]  # fmt: skip
+        logits = self._together(s.logits, np.concatenate([np.asarray(r["h"]) for r in rows], 1))
+        return [(y, dict(index=r["index"] + r["n"], layers=r["kvs"], router=r["rkv"]))
+                for y, r in zip(_split(logits, ids), rows, strict=True)]  # fmt: skip
+
+    @staticmethod
+    def _together(fn, x_1xT):
+        """fn over the row's T positions padded to a power of two (token-wise pieces only)."""
+        t = x_1xT.shape[1]
+        pad = [(0, 0), (0, bucket(t) - t)] + [(0, 0)] * (x_1xT.ndim - 2)
+        return np.asarray(fn(np.pad(x_1xT, pad)))[:, :t]
 
     def compile_batches(self, max_tokens: int) -> None:
-        """Compiles each pre-gated block's expert call for every token count (padded) up to
+        """Compiles `forward_batch`'s token-wise pieces for every token count (padded) up to
         `max_tokens` and every expert count (padded): a timed server compiles nothing."""
         s, k = self.staged, self.model_config.ffn.topk
+        counts = [1 << j for j in range(bucket(max_tokens).bit_length())]
         sizes = [1 << j for j in range(bucket(self.model_config.ffn.experts).bit_length())]
         h = s.embed_ids(np.zeros((1, 1), np.int32))
+        for t in counts:
+            self._together(s.embed_ids, np.zeros((1, t), np.int32))
+            self._together(s.logits, np.zeros((t, h.shape[-1]), h.dtype)[None])
         for i in sorted(self.moe_layers):
             a, x, _ = self._attend(s.params, s.rest, i, h, jnp.zeros(1, jnp.int32), None, None)
             a, x = np.asarray(a), np.asarray(x)
             one = tuple(self._to_device(t) for t in self.store.start_read(i, 0).result())
-            for t in (1 << j for j in range(bucket(max_tokens).bit_length())):
+            for t in counts:
                 pad = ((0, 0), (0, t - 1), (0, 0))
                 w, local = np.zeros((t, k), np.float32), np.zeros((t, k), np.int32)
                 for n in sizes:
@@ -150,9 +164,8 @@ class LookaheadEngine(MoeOffloadEngine):
             i, np.concatenate([np.asarray(r["routes"].experts_TxK) for r in rows]), None
         )
         y = np.asarray(self._apply(s.params, s.rest, i, a, x, w, np.pad(local, pad[1:]), up, down))
-        ends = np.cumsum([r["n"] for r in rows])
-        for r, o, hi in zip(rows, att, ends, strict=True):
-            r["h"] = y[:, hi - r["n"] : hi]
+        for r, o, y_r in zip(rows, att, _split(y[:, :t], [o[0] for o in att]), strict=True):
+            r["h"] = y_r
             r["kvs"].append(o[2])
 
     def prefetch_all(self, experts_TxK) -> None:
@@ -165,6 +178,12 @@ class LookaheadEngine(MoeOffloadEngine):
                 if e not in self.cache[j] and e not in pending:
                     pending[e] = self.store.start_read(j, e)
             self._guessed[j] = set(need)  # the "guess" is the truth: recall 1
+
+
+def _split(x_1xT, like: list) -> list:
+    """x's positions cut into consecutive pieces as long as each of `like` ([1, L_r] arrays)."""
+    ends = np.cumsum([a.shape[1] for a in like])
+    return [x_1xT[:, hi - a.shape[1] : hi] for a, hi in zip(like, ends, strict=True)]
 
 
 class _LookaheadBlock:

@@ -31,6 +31,7 @@ import numpy as np
 
 from mole_jax.errors import UserError
 from mole_jax.offload import serving
+from mole_jax.offload.moe import bucket
 
 EVICTIONS = ("lru", "belady")
 
@@ -65,10 +66,11 @@ def serve(
     if min(news) < 1 or not all(1 <= len(p) <= budget for p in prompts):
         raise UserError(f"every request needs >= 1 new token and a prompt of 1..{budget} tokens")
     route = _router(engine, max(len(p) + n for p, n in zip(prompts, news, strict=True)))
-    live = {}
-    for rid, (p, n) in enumerate(zip(prompts, news, strict=True)):
-        ids = [int(t) for t in p]
-        live[rid] = _Live(ids, len(ids), int(n), route(ids), engine.init_cache(1, len(ids) + n))
+    seqs = [[int(t) for t in p] for p in prompts]
+    live = {
+        rid: _Live(ids, len(ids), int(n), paths, engine.init_cache(1, len(ids) + n))
+        for rid, (ids, n, paths) in enumerate(zip(seqs, news, route(seqs), strict=True))
+    }
     at = np.zeros(len(live)) if arrivals is None else np.asarray(arrivals, float)
     by_id = {rid: serving.Request(rid, (), r.prompt, r.new, at[rid]) for rid, r in live.items()}
     pending, waiting, running = sorted(by_id.values(), key=lambda r: (r.arrival, r.rid)), [], {}
@@ -122,10 +124,11 @@ def _run_batch(engine, batch, need: set[int], live: dict, route, loads: int) -> 
         outs = engine.forward_batch(
             [(np.asarray([x], np.int32), r.cache) for x, r in zip(xs, rows, strict=True)]
         )
-        for r, it, (logits, r.cache) in zip(rows, batch, outs, strict=True):
+        for r, (logits, r.cache) in zip(rows, outs, strict=True):
             r.ids.append(int(np.asarray(logits[0, -1]).argmax()))
-            if it.step + 1 < r.new:  # the new token is fed next: its route is needed
-                r.paths = route(r.ids)
+        more = [r for r, it in zip(rows, batch, strict=True) if it.step + 1 < r.new]
+        for r, paths in zip(more, route([r.ids for r in more]), strict=True):
+            r.paths = paths  # the new token is fed next: its route is needed
     except BaseException:
         engine.end_batch()
         raise
@@ -138,14 +141,18 @@ def _run_batch(engine, batch, need: set[int], live: dict, route, loads: int) -> 
 
 
 def _router(engine, length: int):
-    """ids -> the path of every token, from the pre-gating router alone (padded on the right to
-    one length, so that it compiles once; the router is causal, so padding changes nothing)."""
+    """[ids] -> the path of every token of each, from the pre-gating router alone, in one call
+    (padded on the right to one length and the rows to a power of two, so that few shapes
+    compile; the router is causal, so padding changes nothing)."""
     pos = jnp.arange(length)
 
-    def route(ids: list[int]) -> list[int]:
-        x = np.zeros((1, length), np.int32)
-        x[0, : len(ids)] = ids
-        routes = engine.staged.router(x, pos)[0]
-        return np.asarray(routes.experts_TxK[: len(ids), 0]).tolist()
+    def route(seqs: list[list[int]]) -> list[list[int]]:
+        if not seqs:
+            return []
+        x = np.zeros((bucket(len(seqs)), length), np.int32)
+        for row, ids in zip(x, seqs, strict=False):
+            row[: len(ids)] = ids
+        experts = np.asarray(engine.staged.router(x, pos)[0].experts_TxK[:, 0]).reshape(len(x), -1)
+        return [experts[j, : len(ids)].tolist() for j, ids in enumerate(seqs)]
 
     return route
