@@ -18,7 +18,8 @@ same expert-tuning rounds (it has no router to tune), so the only difference is 
 per domain on each corpus's validation split (`--eval_batches` batches), the dense model's beside
 them. `--expert_lr` / `--router_lr` override the config's Read-ME learning rates (5e-5 / 5e-4,
 set for a 7B model whose pretraining peaked at 3e-4: about a sixth of it for the experts); a tiny
-model pretrained at 3e-3 gets the same ratio with `--expert_lr=5e-4`.
+model pretrained at 3e-3 gets the same ratio with `--expert_lr=5e-4`. `--seed` sets both
+conversions' seed (their calibration windows and tuning batches; the same for the two).
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ flags.DEFINE_integer("expert_steps", 100, "Expert tuning steps per round.")
 flags.DEFINE_float("expert_lr", 0.0, "Expert tuning LR (0: configs/pregated.py's, Read-ME's 5e-5).")
 flags.DEFINE_float("router_lr", 0.0, "Router tuning LR (0: configs/pregated.py's, Read-ME's 5e-4).")
 flags.DEFINE_integer("eval_batches", 20, "Validation batches per domain.")
+flags.DEFINE_integer("seed", 0, "The conversions' seed: calibration windows, tuning batches.")
 flags.DEFINE_string("json", "experiments/results/convert_vs_pruned.json", "Rows go here.")
 FLAGS = flags.FLAGS
 
@@ -56,7 +58,8 @@ def convert(name: str, arg: str, domains: str, router: int, expert: int) -> str:
                f"--config=configs/pregated.py:{arg}", f"--config.convert.domains={domains}",
                f"--config.convert.rounds={FLAGS.rounds}",
                f"--config.convert.router_steps={router}",
-               f"--config.convert.expert_steps={expert}"]  # fmt: skip
+               f"--config.convert.expert_steps={expert}",
+               f"--config.seed={FLAGS.seed}"]  # fmt: skip
         cmd += [f"--config.convert.{k}={v}" for k, v in _lrs().items()]
         subprocess.run(cmd, check=True)
     return w
@@ -94,8 +97,9 @@ def main(_):
     wins = [d for d in DOMAINS if conv[d] < pruned[d]]
     print(f"\nconverted below pruned on {len(wins)} of {len(DOMAINS)} domains ({', '.join(wins)})")
     Path(FLAGS.json).parent.mkdir(parents=True, exist_ok=True)
-    flag = dict(dense=FLAGS.dense, rounds=FLAGS.rounds, router_steps=r, expert_steps=e,
-                eval_batches=FLAGS.eval_batches, **_lrs())  # fmt: skip
+    flag = dict(dense=FLAGS.dense, size=size, seed=FLAGS.seed, rounds=FLAGS.rounds,
+                router_steps=r, expert_steps=e, eval_batches=FLAGS.eval_batches,
+                **_lrs())  # fmt: skip
     Path(FLAGS.json).write_text(json.dumps(dict(flags=flag, rows=rows), indent=1))
     print(f"wrote {FLAGS.json}")
 
