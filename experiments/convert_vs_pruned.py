@@ -53,7 +53,11 @@ DOMAINS = ("shakespeare", "linux-doc", "pydoc")
 
 def convert(name: str, arg: str, domains: str, router: int, expert: int) -> str:
     w = os.path.join(FLAGS.out, name)
-    if not os.path.exists(os.path.join(w, "convert.json")):
+    if os.path.exists(os.path.join(w, "convert.json")):
+        seed = json.load(open(os.path.join(w, "config.json")))["seed"]
+        if seed != FLAGS.seed:
+            raise SystemExit(f"error: {w} was converted with seed {seed}, not --seed={FLAGS.seed}")
+    else:
         cmd = [sys.executable, "launch.py", "convert", f"--from={FLAGS.dense}", f"--workdir={w}",
                f"--config=configs/pregated.py:{arg}", f"--config.convert.domains={domains}",
                f"--config.convert.rounds={FLAGS.rounds}",

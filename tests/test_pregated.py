@@ -199,6 +199,9 @@ def test_queue_server_generates_as_in_memory_with_the_policys_cache(pregated_run
             assert all(len(c) <= 2 for c in eng.cache.values())
             if eviction == "lru":
                 assert out["loads"] == simulate(out["trace"], 2, "lru")["step_loads"]
+            # the cost-model replay's online cache loads what the executed server loads
+            replayed = serving.replay(requests, 8, policy, lambda *_: 1.0, 2, eviction)
+            assert replayed["loads"] == out["loads"]
         # every route known up front (one new token each): online Belady = the offline optimum
         eng.reset_stats()
         out = serve(eng, prompts, [1] * 6, budget=8, policy=policy, eviction="belady")

@@ -94,6 +94,8 @@ class LookaheadEngine(MoeOffloadEngine):
         """[(ids [1, L_r], cache_r)] -> [(logits [1, L_r, V], advanced cache_r)], the calls run
         as one batch (module docstring); equals `forward` on each call alone. The token-wise
         pieces (embedding, experts, head) run once over all the calls' tokens."""
+        if any(np.shape(x)[0] != 1 or c is None for x, c in calls):
+            raise ValueError("forward_batch: each call is one row [1, L] with its KV cache")
         self._new_call()
         s, rows = self.staged, []
         ids = [self.check(x) for x, _ in calls]
@@ -124,8 +126,9 @@ class LookaheadEngine(MoeOffloadEngine):
         return np.asarray(fn(np.pad(x_1xT, pad)))[:, :t]
 
     def compile_batches(self, max_tokens: int) -> None:
-        """Compiles `forward_batch`'s token-wise pieces for every token count (padded) up to
-        `max_tokens` and every expert count (padded): a timed server compiles nothing."""
+        """Compiles `forward_batch`'s token-wise pieces (embedding, experts, head) for every token
+        count (padded) up to `max_tokens` and every expert count (padded). The per-request pieces
+        (router, attention) compile once per prompt length: a first, untimed run compiles them."""
         s, k = self.staged, self.model_config.ffn.topk
         counts = [1 << j for j in range(bucket(max_tokens).bit_length())]
         sizes = [1 << j for j in range(bucket(self.model_config.ffn.experts).bit_length())]

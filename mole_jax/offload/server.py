@@ -16,9 +16,10 @@ runs on token ids only), so the queue's ready items are always known with their 
    queue's known future: the batches the ready items would form next (`serving.known_future`;
    decodes whose tokens do not exist yet are not in it).
 
-Wall-clock time is measured (the router passes and Belady's planning included; `plan_s` says how
-much of it was planning): a request's latency per token is the time its last token is produced /
-its generated tokens (Read-ME's metric).
+Wall-clock time is measured from the start of serving (the prompts' first router pass and their
+KV caches are set up before it; every later router pass and Belady's planning are included, and
+`plan_s` says how much of it was planning): a request's latency per token is the time from its
+arrival to its last token / its generated tokens (Read-ME's metric).
 """
 
 from __future__ import annotations
@@ -75,7 +76,8 @@ def serve(
     by_id = {rid: serving.Request(rid, (), r.prompt, r.new, at[rid]) for rid, r in live.items()}
     pending, waiting, running = sorted(by_id.values(), key=lambda r: (r.arrival, r.rid)), [], {}
     out = dict(batches=[], trace=[], loads=[], seconds=[], start=[], plan_s=0.0)
-    last_use, done, start = {}, {}, time.perf_counter()
+    last_use = {e: -1 for c in engine.cache.values() for e in c}  # lru keys of what is resident
+    done, start = {}, time.perf_counter()
 
     def ready():
         while pending and pending[0].arrival <= time.perf_counter() - start:
