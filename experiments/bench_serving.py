@@ -146,7 +146,9 @@ def executed(requests, prompts, store_dir) -> list[dict]:
                     eng.reset_stats()
                     drop_page_cache(store_dir)
                     out = serve(eng, prompts, news, FLAGS.budget, policy, ev, arrivals=at)
-                    runs.setdefault((rho, policy, ev), []).append(_served_row(out))
+                    best = simulate(out["trace"], FLAGS.latency_capacity, "belady")["hit_rate"]
+                    row = dict(_row(out), plan_s=out["plan_s"], offline_belady_hit=best)
+                    runs.setdefault((rho, policy, ev), []).append(row)
     return [
         dict(
             load=rho,
@@ -158,15 +160,14 @@ def executed(requests, prompts, store_dir) -> list[dict]:
     ]
 
 
-def _served_row(out) -> dict:
+def _row(out) -> dict:
+    """What a served stream (`server.serve` or `serving.replay`) measured."""
     need = sum(len(t) for t in out["trace"])
     return dict(batches=len(out["batches"]), unique_experts=need / len(out["trace"]),
                 hit_rate=1 - sum(out["loads"]) / need, loads=sum(out["loads"]),
                 mean_ms=1e3 * float(out["latency_s"].mean()),
                 p95_ms=1e3 * float(np.percentile(out["latency_s"], 95)),
-                busy_s=float(sum(out["seconds"])), plan_s=out["plan_s"],
-                offline_belady_hit=simulate(out["trace"], FLAGS.latency_capacity,
-                                            "belady")["hit_rate"])  # fmt: skip
+                busy_s=float(sum(out["seconds"])))  # fmt: skip
 
 
 def compute_seconds(store: str, sizes, n_experts: int, windows) -> dict[int, dict[int, float]]:
@@ -252,14 +253,7 @@ def modelled(requests, cost) -> list[dict]:
         at = arrivals(len(requests), fifo_s, rho)
         reqs = [dataclasses.replace(r, arrival=float(a)) for r, a in zip(requests, at, strict=True)]
         for policy in serving.POLICIES:
-            out = run(reqs, policy)
-            lat, need = out["latency_s"], sum(len(t) for t in out["trace"])
-            busy = float(np.sum(np.subtract(out["end"], out["start"])))
-            rows.append(dict(load=rho, batching=policy, batches=len(out["batches"]),
-                             unique_experts=need / len(out["trace"]),
-                             hit_rate=1 - sum(out["loads"]) / need, busy_s=busy,
-                             mean_ms=1e3 * float(lat.mean()),
-                             p95_ms=1e3 * float(np.percentile(lat, 95))))  # fmt: skip
+            rows.append(dict(load=rho, batching=policy, **_row(run(reqs, policy))))
     return rows
 
 

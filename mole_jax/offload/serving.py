@@ -179,14 +179,15 @@ def replay(
     in every layer) takes each batch's missing experts (`loads`) and is then brought back to
     `capacity` by `eviction`: "lru", or "belady" over the known future (`known_future` of the
     items ready then: online, as the executed server). Returns the batches, their trace, loads,
-    start and end times, and each request's latency per token, (done - arrival) / new."""
+    start and end times and seconds, and each request's latency per token, (done - arrival) /
+    new: the keys `server.serve` returns."""
     _check(requests, budget, policy)
     if eviction not in ("lru", "belady"):
         raise ValueError(f"eviction {eviction!r} is not lru or belady")
     by_id = {r.rid: r for r in requests}
     pending = sorted(requests, key=lambda r: (r.arrival, r.rid))
     waiting, running, resident, done = [], {}, {}, {}
-    out = dict(batches=[], trace=[], loads=[], start=[], end=[])
+    out = dict(batches=[], trace=[], loads=[], start=[], end=[], seconds=[])
     clock = 0.0
 
     def admit():
@@ -217,7 +218,8 @@ def replay(
         for it in batch:
             if it.step == by_id[it.rid].new - 1:
                 done[it.rid] = clock
-        for k, v in (("batches", batch), ("trace", need), ("loads", loads), ("end", clock)):
+        for k, v in (("batches", batch), ("trace", need), ("loads", loads), ("end", clock),
+                     ("seconds", clock - out["start"][-1])):  # fmt: skip
             out[k].append(v)
     out["latency_s"] = np.array([(done[r.rid] - r.arrival) / r.new for r in requests])
     return out
