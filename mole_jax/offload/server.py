@@ -73,28 +73,28 @@ def serve(
         for rid, (ids, n, paths) in enumerate(zip(seqs, news, route(seqs), strict=True))
     }
     at = np.zeros(len(live)) if arrivals is None else np.asarray(arrivals, float)
-    by_id = {rid: serving.Request(rid, (), r.prompt, r.new, at[rid]) for rid, r in live.items()}
-    pending, waiting, running = sorted(by_id.values(), key=lambda r: (r.arrival, r.rid)), [], {}
+    queue = serving.Stream(
+        [serving.Request(rid, (), r.prompt, r.new, at[rid]) for rid, r in live.items()],
+        lambda rid, step: live[rid].item(rid, step),
+    )
     out = dict(batches=[], trace=[], loads=[], seconds=[], start=[], plan_s=0.0)
     last_use = {e: -1 for c in engine.cache.values() for e in c}  # lru keys of what is resident
     done, start = {}, time.perf_counter()
 
     def ready():
-        while pending and pending[0].arrival <= time.perf_counter() - start:
-            waiting.append(pending.pop(0))
-        return ([live[r.rid].item(r.rid, 0) for r in waiting],
-                [live[rid].item(rid, s) for rid, s in running.items()])  # fmt: skip
+        queue.admit(time.perf_counter() - start)
+        return queue.ready()
 
-    while pending or waiting or running:
+    while not queue.done:
         if not any(ready()):
-            time.sleep(max(0.0, pending[0].arrival - (time.perf_counter() - start)))
+            time.sleep(max(0.0, queue.next_arrival() - (time.perf_counter() - start)))
             continue
         batch = serving.pick(*ready(), budget, policy)
         need = serving.trace_of([batch])[0]
         resident = set(next(iter(engine.cache.values()), {}))
         t0 = time.perf_counter()
         _run_batch(engine, batch, need, live, route, len(need - resident))
-        serving.advance(batch, waiting, running, by_id)
+        queue.advance(batch)
         last_use.update(dict.fromkeys(need, len(out["batches"])))
         t1 = time.perf_counter()
         keys = last_use if eviction == "lru" else serving.next_uses_of(serving.known_future(
@@ -104,7 +104,7 @@ def serve(
         now = time.perf_counter()
         for it in batch:
             if it.step == live[it.rid].new - 1:
-                done[it.rid] = now - start - by_id[it.rid].arrival
+                done[it.rid] = now - start - at[it.rid]
         for k, v in (("batches", batch), ("trace", need), ("loads", len(need - resident)),
                      ("seconds", now - t0), ("start", t0 - start)):  # fmt: skip
             out[k].append(v)

@@ -18,11 +18,11 @@ running request) by a policy:
 on how long each takes. `replay` serves a stream instead: request i is ready from its arrival time,
 each batch lasts what a cost model says (it may depend on the batch's tokens, unique experts and
 expert loads), and the shared cache is evicted online, by LRU or by Belady over the known future
-of the ready items (`known_future`), as the executed server does. Because pre-gated experts are
-aligned, a batch needs the same expert ids in every layer: its trace entry is the union of its
-tokens' paths, and each layer's cache sees the same trace (`policies.simulate` replays it:
-Random, LRU, or Belady over the real future of the trace, known ahead because the queue's routes
-are).
+of the ready items (`known_future`), as the executed server does; both, and the server, keep the
+queue in a `Stream`. Because pre-gated experts are aligned, a batch needs the same expert ids in
+every layer: its trace entry is the union of its tokens' paths, and each layer's cache sees the
+same trace (`policies.simulate` replays it: Random, LRU, or Belady over the real future of the
+trace, known ahead because the queue's routes are).
 """
 
 from __future__ import annotations
@@ -71,19 +71,59 @@ def item(r: Request, step: int) -> Item:
 
 
 def schedule(requests: list[Request], budget: int, policy: str) -> list[list[Item]]:
-    """The batches, in order, that serve every request's prefill and decodes once."""
+    """The batches, in order, that serve every request's prefill and decodes once (every request
+    queued at time 0, whatever its `arrival`)."""
     _check(requests, budget, policy)
-    waiting = list(requests)
-    running: dict[int, int] = {}  # rid -> the next decode step
-    by_id = {r.rid: r for r in requests}
-    batches = []
-    while waiting or running:
-        prefills = [item(r, 0) for r in waiting]
-        decodes = [item(by_id[rid], s) for rid, s in running.items()]
-        batch = _pick(prefills, decodes, budget, policy)
-        advance(batch, waiting, running, by_id)
+    queue, batches = Stream([dataclasses.replace(r, arrival=0.0) for r in requests]), []
+    while not queue.done:
+        queue.admit(0.0)
+        batch = _pick(*queue.ready(), budget, policy)
+        queue.advance(batch)
         batches.append(batch)
     return batches
+
+
+class Stream:
+    """A request stream's queue: a request waits until its arrival, then its prefill is ready;
+    after it, one decode at a time until its `new` tokens are out. `item_of(rid, step)` gives
+    the ready work with its experts (default: from the requests' own paths)."""
+
+    def __init__(self, requests: list[Request], item_of=None):
+        self.by_id = {r.rid: r for r in requests}
+        self.pending = sorted(requests, key=lambda r: (r.arrival, r.rid))
+        self.waiting: list[Request] = []
+        self.running: dict[int, int] = {}  # rid -> the next decode step
+        self.item_of = item_of or (lambda rid, step: item(self.by_id[rid], step))
+
+    @property
+    def done(self) -> bool:
+        return not (self.pending or self.waiting or self.running)
+
+    def admit(self, now: float) -> None:
+        """The requests that have arrived by `now` join the queue."""
+        while self.pending and self.pending[0].arrival <= now:
+            self.waiting.append(self.pending.pop(0))
+
+    def ready(self) -> tuple[list[Item], list[Item]]:
+        """(prefills, decodes) ready now."""
+        prefills = [self.item_of(r.rid, 0) for r in self.waiting]
+        return prefills, [self.item_of(rid, s) for rid, s in self.running.items()]
+
+    def next_arrival(self) -> float:
+        return self.pending[0].arrival
+
+    def advance(self, batch: list[Item]) -> None:
+        """Moves the queue past `batch`: its prefills leave the waiting list, each request's
+        next decode step becomes ready until its `new` tokens are out."""
+        assert batch, "an item always fits: prompts <= budget, decodes are 1 token"
+        for it in batch:
+            r = self.by_id[it.rid]
+            if it.step == 0:
+                self.waiting.remove(r)
+            if it.step + 1 < r.new:
+                self.running[r.rid] = it.step + 1
+            else:
+                self.running.pop(r.rid, None)
 
 
 def _check(requests: list[Request], budget: int, policy: str) -> None:
@@ -96,21 +136,6 @@ def _check(requests: list[Request], budget: int, policy: str) -> None:
     ]
     if bad:
         raise ValueError(f"requests {bad}: prompt and new must be >= 1, with a path per token")
-
-
-def advance(batch: list[Item], waiting: list, running: dict[int, int], by_id: dict) -> None:
-    """Moves the queue past `batch`: its prefills leave `waiting`, each request's next decode
-    step enters `running` (rid -> step) until its `new` tokens are out."""
-    assert batch, "an item always fits: prompts <= budget, decodes are 1 token"
-    for it in batch:
-        r = by_id[it.rid]
-        if it.step == 0:
-            waiting.remove(r)
-        nxt = it.step + 1
-        if nxt < r.new:
-            running[r.rid] = nxt
-        else:
-            running.pop(r.rid, None)
 
 
 def known_future(prefills: list[Item], decodes: list[Item], budget: int, policy: str):
@@ -184,39 +209,28 @@ def replay(
     _check(requests, budget, policy)
     if eviction not in ("lru", "belady"):
         raise ValueError(f"eviction {eviction!r} is not lru or belady")
-    by_id = {r.rid: r for r in requests}
-    pending = sorted(requests, key=lambda r: (r.arrival, r.rid))
-    waiting, running, resident, done = [], {}, {}, {}
+    queue, resident, done = Stream(requests), {}, {}
     out = dict(batches=[], trace=[], loads=[], start=[], end=[], seconds=[])
     clock = 0.0
-
-    def admit():
-        while pending and pending[0].arrival <= clock:
-            waiting.append(pending.pop(0))
-
-    def ready():
-        return [item(r, 0) for r in waiting], [item(by_id[k], s) for k, s in running.items()]
-
-    while pending or waiting or running:
-        admit()
-        if not (waiting or running):
-            clock = pending[0].arrival
+    while not queue.done:
+        queue.admit(clock)
+        if not any(queue.ready()):
+            clock = queue.next_arrival()
             continue
-        batch = _pick(*ready(), budget, policy)
+        batch = _pick(*queue.ready(), budget, policy)
         need = trace_of([batch])[0]
         loads = len(need - resident.keys())
         out["start"].append(clock)
         clock += seconds(sum(it.tokens for it in batch), len(need), loads)
-        advance(batch, waiting, running, by_id)
-        admit()
-        t = len(out["batches"])
-        resident.update(dict.fromkeys(need, t))  # lru's key: the last use
+        queue.advance(batch)
+        queue.admit(clock)
+        resident.update(dict.fromkeys(need, len(out["batches"])))  # lru's key: the last use
         if eviction == "belady":
-            resident = next_uses_of(known_future(*ready(), budget, policy), resident)
+            resident = next_uses_of(known_future(*queue.ready(), budget, policy), resident)
         while len(resident) > capacity:
             del resident[victim(resident, eviction)]
         for it in batch:
-            if it.step == by_id[it.rid].new - 1:
+            if it.step == queue.by_id[it.rid].new - 1:
                 done[it.rid] = clock
         for k, v in (("batches", batch), ("trace", need), ("loads", loads), ("end", clock),
                      ("seconds", clock - out["start"][-1])):  # fmt: skip
