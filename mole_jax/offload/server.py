@@ -86,10 +86,11 @@ def serve(
         return queue.ready()
 
     while not queue.done:
-        if not any(ready()):
+        prefills, decodes = ready()
+        if not (prefills or decodes):
             time.sleep(max(0.0, queue.next_arrival() - (time.perf_counter() - start)))
             continue
-        batch = serving.pick(*ready(), budget, policy)
+        batch = serving.pick(prefills, decodes, budget, policy)
         need = serving.trace_of([batch])[0]
         resident = set(next(iter(engine.cache.values()), {}))
         t0 = time.perf_counter()

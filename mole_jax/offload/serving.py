@@ -214,10 +214,11 @@ def replay(
     clock = 0.0
     while not queue.done:
         queue.admit(clock)
-        if not any(queue.ready()):
+        prefills, decodes = queue.ready()
+        if not (prefills or decodes):
             clock = queue.next_arrival()
             continue
-        batch = _pick(*queue.ready(), budget, policy)
+        batch = _pick(prefills, decodes, budget, policy)
         need = trace_of([batch])[0]
         loads = len(need - resident.keys())
         out["start"].append(clock)
