@@ -29,9 +29,9 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from mole_jax import commands
+from mole_jax.cli import commands
 from mole_jax.errors import UserError
-from mole_jax.preempt import Preempted
+from mole_jax.train.preempt import Preempted
 
 DISK_FULL = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
 

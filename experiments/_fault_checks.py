@@ -6,16 +6,16 @@ from pathlib import Path
 
 
 def curve(w: Path) -> dict[int, float]:
-    from mole_jax.metrics import read_metrics
+    from mole_jax.train.metrics import read_metrics
 
     return {r["step"]: r["loss"] for r in read_metrics(str(w)) if "loss" in r}
 
 
 def verified_checkpoints(w: Path) -> set[int]:
     """The checkpoint steps that restore whole, with their digests (read only: nothing moved)."""
-    from mole_jax.checkpoint import Checkpointer
     from mole_jax.errors import CheckpointError, ConfigError
-    from mole_jax.trainer import setup
+    from mole_jax.train.checkpoint import Checkpointer
+    from mole_jax.train.trainer import setup
     from mole_jax.workdir import Workdir
 
     try:
@@ -37,8 +37,8 @@ def verified_checkpoints(w: Path) -> set[int]:
 
 def store_ok(w: Path, name: str) -> bool:
     """Whether a store opens with every checksum verified."""
-    from mole_jax import store
     from mole_jax.errors import StoreError
+    from mole_jax.stores import store
 
     kind = "moe_experts" if name.startswith("experts") else "mole_lut"
     try:

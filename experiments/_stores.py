@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import os
 
-from mole_jax.checkpoint import Checkpointer, params_id
 from mole_jax.errors import StoreError
+from mole_jax.train.checkpoint import Checkpointer, params_id
 
 
 def fresh(store_cls, workdir: str, name: str, export) -> None:

@@ -13,8 +13,8 @@ Method: the trained MoE-10E of bench_offload (`runs/bench_offload/moe`, top-2 of
 each of 4 layers, its float16 expert store) decodes validation text teacher-forced, `--batch`
 sequences at a time, one token per step, recording each layer's set of needed experts per step
 (the routes do not depend on the cache). Each layer's trace is replayed through a cache of each
-capacity under each policy (`mole_jax/offload/policies.py`, whose LRU replay equals the offload
-engine's own hit count, tested); Random is the mean of 5 seeds.
+capacity under each policy (`mole_jax/infer/offload/policies.py`, whose LRU replay equals the
+offload engine's own hit count, tested); Random is the mean of 5 seeds.
 Caveat: these are this MoE's own per-layer routes; a Read-ME model's pre-gating router (one route
 per token for all layers) would produce different ones. Per-layer caches, not Read-ME's shared one.
 
@@ -31,9 +31,10 @@ import _paths  # noqa: F401
 import numpy as np
 from absl import app, flags, logging
 
-from mole_jax.engine import build_engine
-from mole_jax.evaluate import val_batches
-from mole_jax.offload.policies import POLICIES, simulate
+from mole_jax.eval.validation import val_batches
+from mole_jax.infer.engine import build_engine
+from mole_jax.infer.offload.policies import POLICIES, simulate
+from mole_jax.model.config import model_config
 from mole_jax.workdir import Workdir
 
 flags.DEFINE_string("workdir", "runs/bench_offload/moe", "A trained MoE with an expert store.")
@@ -74,7 +75,7 @@ def replay(trace: dict[int, list[set[int]]], capacity: int, policy: str) -> dict
 def main(_):
     logging.set_verbosity(logging.WARNING)
     # Every expert stays cached (capacity = all): the trace is the same, with fewer reads.
-    n_experts = Workdir(FLAGS.workdir).model_config.ffn.experts
+    n_experts = model_config(Workdir(FLAGS.workdir).config).ffn.experts
     engine = build_engine(
         FLAGS.workdir, "moe_offload", store=FLAGS.store, capacity=n_experts, record=True
     )

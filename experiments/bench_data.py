@@ -7,7 +7,7 @@ grows, where holding the text and the tokens in Python lists grew with it.
     python experiments/bench_data.py [--sizes=50,200] [--repos=.,/path/to/other/checkout]
 
 Method: a generated corpus of English-like sentences in 1 MB files (`--sizes` MB); each
-checkout in `--repos` prepares it in a fresh subprocess with a fresh cache (`data.prepare` of
+checkout in `--repos` prepares it in a fresh subprocess with a fresh cache (`pipeline.prepare` of
 configs/dense.py:size=tiny with data.vocab_size=8192), which reports its peak RSS
 (getrusage ru_maxrss) and wall time. Checkouts run one after another, sizes in order.
 """
@@ -40,12 +40,12 @@ CHILD = """
 import json, resource, sys, time
 sys.path.insert(0, {repo!r})
 from configs import dense
-from mole_jax import data
+from mole_jax.data import pipeline
 cfg = dense.get_config("size=tiny")
 cfg.data.corpus = "files:{corpus}/*.txt"
 cfg.data.cache_dir = {cache!r}
 t0 = time.perf_counter()
-td = data.prepare(cfg)
+td = pipeline.prepare(cfg)
 print(json.dumps(dict(seconds=time.perf_counter() - t0,
                       peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                       train_tokens=int(td.train.size), val_tokens=int(td.val.size))))

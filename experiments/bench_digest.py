@@ -24,7 +24,8 @@ import numpy as np
 from _kinds import KINDS
 from absl import app, flags
 
-from mole_jax import checkpoint, digest, trainer
+from mole_jax.stores import digest
+from mole_jax.train import checkpoint, trainer
 
 flags.DEFINE_list("sizes", ["small", "160m"], "Model sizes.")
 flags.DEFINE_list("kinds", ["dense", "mole-4e"], "Rows.")

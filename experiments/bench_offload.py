@@ -44,14 +44,14 @@ from _stores import drop_page_cache, fresh
 from absl import app, flags, logging
 
 from configs import dense, moe, mole
-from mole_jax import train
-from mole_jax.engine import build_engine
-from mole_jax.evaluate import val_batches
-from mole_jax.export import export_experts, export_lut
-from mole_jax.generate import generate, generate_steps
-from mole_jax.offload.expert_store import ExpertStore
-from mole_jax.offload.lut_store import LutStore
-from mole_jax.offload.rows import read_bytes
+from mole_jax.eval.validation import val_batches
+from mole_jax.infer.engine import build_engine
+from mole_jax.infer.export import export_experts, export_lut
+from mole_jax.infer.generate import generate, generate_steps
+from mole_jax.infer.offload.rows import read_bytes
+from mole_jax.stores.experts import ExpertStore
+from mole_jax.stores.lut import LutStore
+from mole_jax.train import loop
 
 flags.DEFINE_string("size", "small", "Model size of all three models.")
 flags.DEFINE_integer("train_steps", 200, "Training steps for models not yet trained under --root.")
@@ -79,7 +79,7 @@ def ensure_models(root: Path, size: str, steps: int) -> dict[str, str]:
         cfg = module.get_config(f"size={size}{extra}")
         cfg.train.steps, cfg.train.progress = steps, False
         print(f"[{kind}] training {size} for {steps} steps in {w} (resumes if present)", flush=True)
-        train.run(cfg, w)
+        loop.run(cfg, w)
         dirs[kind] = w
     for dtype in ("float16", "nf4"):
         fresh(

@@ -25,11 +25,11 @@ import numpy as np
 from _stores import fresh
 from absl import app, flags
 
-from mole_jax.engine import build_engine
-from mole_jax.evaluate import val_batches
-from mole_jax.export import export_experts
-from mole_jax.generate import generate_steps
-from mole_jax.offload.expert_store import ExpertStore
+from mole_jax.eval.validation import val_batches
+from mole_jax.infer.engine import build_engine
+from mole_jax.infer.export import export_experts
+from mole_jax.infer.generate import generate_steps
+from mole_jax.stores.experts import ExpertStore
 
 flags.DEFINE_string("workdir", "runs/zero_shot/moe-10e-s0", "A trained MoE workdir.")
 flags.DEFINE_integer("capacity", 2, "Experts cached per layer (LRU).")

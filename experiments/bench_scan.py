@@ -27,7 +27,8 @@ import numpy as np
 from _kinds import KINDS
 from absl import app, flags, logging
 
-from mole_jax import data, trainer
+from mole_jax.data import pipeline
+from mole_jax.train import trainer
 
 flags.DEFINE_list("sizes", ["small", "160m"], "Model sizes.")
 flags.DEFINE_list("kinds", ["dense", "moe-10e", "mole-4e"], "Rows.")
@@ -50,8 +51,8 @@ def config(kind: str, size: str, scan: bool):
 
 def measure(cfg) -> dict:
     tr = trainer.setup(cfg)
-    td = data.prepare(cfg)
-    batches = [data.train_batch(td.train, cfg.seed, s, FLAGS.batch, FLAGS.seq_len)
+    td = pipeline.prepare(cfg)
+    batches = [pipeline.train_batch(td.train, cfg.seed, s, FLAGS.batch, FLAGS.seq_len)
                for s in range(max(FLAGS.steps, 1))]  # fmt: skip
     t0 = time.perf_counter()
     lowered = tr.step_fn.lower(tr.abstract_state, *tr.put_batch(batches[0]))

@@ -55,15 +55,15 @@ from _stores import drop_page_cache, fresh
 from absl import app, flags
 from flax import nnx
 
-from mole_jax.engine import build_engine
-from mole_jax.evaluate import val_batches
-from mole_jax.export import export_experts
-from mole_jax.generate import generate
-from mole_jax.offload import serving
-from mole_jax.offload.expert_store import ExpertStore
-from mole_jax.offload.policies import POLICIES as CACHES
-from mole_jax.offload.policies import simulate
-from mole_jax.offload.server import EVICTIONS, serve
+from mole_jax.eval.validation import val_batches
+from mole_jax.infer.engine import build_engine
+from mole_jax.infer.export import export_experts
+from mole_jax.infer.generate import generate
+from mole_jax.infer.offload import serving
+from mole_jax.infer.offload.policies import POLICIES as CACHES
+from mole_jax.infer.offload.policies import simulate
+from mole_jax.infer.offload.server import EVICTIONS, serve
+from mole_jax.stores.experts import ExpertStore
 
 flags.DEFINE_string("workdir", "runs/pregated-8e", "A trained pre-gated workdir.")
 flags.DEFINE_integer("requests", 48, "Requests in the queue.")

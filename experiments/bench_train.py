@@ -31,9 +31,10 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from mole_jax import accounting, data, trainer
 from mole_jax.config import apply_overrides
-from mole_jax.layers import compute_dtype
+from mole_jax.data import pipeline
+from mole_jax.model.layers import compute_dtype
+from mole_jax.train import accounting, trainer
 
 config_flags.DEFINE_config_file("config", None, "Config to benchmark: path.py:arg.")
 flags.DEFINE_integer("steps", 10, "Timed steps.")
@@ -63,10 +64,10 @@ def _timed(fn) -> float:
 def bench(cfg, steps: int = 10, warmup: int = 2, peak: float | None = None) -> dict:
     """Times `steps` train steps of `cfg` after compilation and `warmup` steps."""
     tr = trainer.setup(cfg)
-    td = data.prepare(cfg)
+    td = pipeline.prepare(cfg)
     t = cfg.train
     batches = [
-        data.train_batch(td.train, cfg.seed, s, t.batch_size, cfg.data.seq_len)
+        pipeline.train_batch(td.train, cfg.seed, s, t.batch_size, cfg.data.seq_len)
         for s in range(steps + warmup)
     ]
     state, step, put = tr.init_state(), tr.step_fn, tr.put_batch

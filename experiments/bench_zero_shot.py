@@ -20,9 +20,9 @@ import _paths  # noqa: F401
 from _stores import fresh
 from absl import app, flags
 
-from mole_jax.export import export_lut
-from mole_jax.offload.lut_store import LutStore
-from mole_jax.zero_shot import run_tasks
+from mole_jax.eval.zero_shot import run_tasks
+from mole_jax.infer.export import export_lut
+from mole_jax.stores.lut import LutStore
 
 flags.DEFINE_string("workdir", "runs/zero_shot/mole-4e-s0", "A trained MoLE workdir.")
 flags.DEFINE_list("luts", ["float16", "nf4"], "LUT dtypes read from storage.")

@@ -33,7 +33,7 @@ from pathlib import Path
 import _paths  # noqa: F401
 from absl import app, flags
 
-from mole_jax.evaluate import evaluate
+from mole_jax.eval.validation import evaluate
 
 flags.DEFINE_string("dense", "runs/num_experts/dense-s0", "A trained dense workdir.")
 flags.DEFINE_string("out", "runs/convert", "Where the two converted workdirs go.")

@@ -12,12 +12,13 @@ import _paths  # noqa: F401
 from absl import app, flags, logging
 
 from configs import mole
-from mole_jax import data, train
-from mole_jax.engine import build_engine
-from mole_jax.evaluate import evaluate
-from mole_jax.export import export_lut
-from mole_jax.generate import generate
-from mole_jax.metrics import read_metrics
+from mole_jax.data import pipeline
+from mole_jax.eval.validation import evaluate
+from mole_jax.infer.engine import build_engine
+from mole_jax.infer.export import export_lut
+from mole_jax.infer.generate import generate
+from mole_jax.train import loop
+from mole_jax.train.metrics import read_metrics
 from mole_jax.workdir import Workdir
 
 flags.DEFINE_string("workdir", "runs/demo-mole", "Where the run writes its files.")
@@ -30,7 +31,7 @@ def train_and_report(w: str) -> dict:
     cfg = mole.get_config("size=tiny,experts=4")
     cfg.train.steps = FLAGS.steps
     print(f"[1/4] training mole:size=tiny,experts=4 for {FLAGS.steps} steps on Shakespeare -> {w}")
-    out = train.run(cfg, w)
+    out = loop.run(cfg, w)
     rows = read_metrics(w)
     curve = [r for r in rows if "loss" in r]
     print("\n step   train loss")
@@ -73,8 +74,8 @@ def main(_):
     print(f"\n[4/4] greedy generation with the LUT offloaded, prompt {FLAGS.prompt!r}:")
     tok = Workdir(w).tokenizer()
     engine = build_engine(w, "offload")
-    out = generate(engine, [data.tokenize(tok, FLAGS.prompt)], 48)
-    print(FLAGS.prompt + data.detokenize(tok, out["tokens"][0]))
+    out = generate(engine, [pipeline.tokenize(tok, FLAGS.prompt)], 48)
+    print(FLAGS.prompt + pipeline.detokenize(tok, out["tokens"][0]))
     print(f"\nfiles: {w}/metrics.jsonl, {w}/tb, {w}/checkpoints, {w}/lut, {w}/eval")
 
 

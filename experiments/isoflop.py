@@ -34,8 +34,8 @@ import itertools
 import re
 
 from experiments._study import by_group, claim, knobs, mean, run
-from mole_jax import accounting
 from mole_jax.config import apply_overrides, load_file
+from mole_jax.train import accounting
 
 KINDS = {  # name: (configs/<kind>.py, its arguments)
     "dense": ("dense", {}),

@@ -12,7 +12,7 @@ equal float32 to within their rounding.
 """
 
 from experiments._study import knobs, run, val
-from mole_jax.quant import DTYPES
+from mole_jax.stores.quant import DTYPES
 
 
 def get_config(arg=None):

@@ -25,7 +25,7 @@ import _paths  # noqa: F401
 from absl import app, flags
 
 from configs import dense, moe, mole
-from mole_jax import memory
+from mole_jax.train import memory
 
 flags.DEFINE_list("devices", ["8", "64"], "Mesh sizes (all on the fsdp axis).")
 flags.DEFINE_float("budget_gb", 80.0, "Bytes per device to fit, in GiB.")

@@ -3,7 +3,7 @@ r"""Zero-shot accuracy on the offline task pack, in memory and offloaded (the pa
 Question: do dense, MoE-10E and MoLE-4E (equal activated parameters; MoE-10E and MoLE-4E equal
 training parameters) order the same way on accuracy as on validation loss, and does MoLE keep its
 accuracy when its LUT is read from storage in float16 and in nf4 — beyond the seed spread?
-Tasks: `mole_offline` (`mole_jax/tasks/`: next-line choice among 4, last word, rolling
+Tasks: `mole_offline` (`mole_jax/eval/tasks/`: next-line choice among 4, last word, rolling
 perplexity, from the corpus' held-out plays). Each kind is trained with `seeds` seeds.
 Expected (MoLE paper, Tables 2 and 8): MoLE >= MoE > dense; offloaded fp16 equal to in memory,
 nf4 within noise. At CPU scale (300 steps) accuracies sit near chance, so differences inside the

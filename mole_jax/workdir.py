@@ -99,15 +99,9 @@ class Workdir:
         """A mutable copy of `config`."""
         return from_dict(json.loads(to_json(self.config)))
 
-    @functools.cached_property
-    def model_config(self):
-        """The typed model config of `config` (model_config.ModelConfig)."""
-        from mole_jax.model_config import model_config
-
-        return model_config(self.config)
-
     def tokenizer(self):
-        from mole_jax import data
+        """The run's tokenizer, checked against `checksums.json` before it is read."""
+        from tokenizers import Tokenizer
 
         if not self.tokenizer_path.exists():
             raise UserError(
@@ -115,12 +109,11 @@ class Workdir:
                 "`launch.py train`?"
             )
         self._check(self.tokenizer_path)
-        return data.load_tokenizer(str(self.tokenizer_path))
+        return Tokenizer.from_file(str(self.tokenizer_path))
 
     def save_config(self, cfg: ml_collections.ConfigDict) -> None:
         self.write_checked(self.config_path, to_json(cfg))
         self.__dict__.pop("config", None)
-        self.__dict__.pop("model_config", None)
 
     def write_checked(self, path: Path, text: str) -> None:
         """Writes one of the workdir's text files atomically and records its SHA-256."""

@@ -80,13 +80,13 @@ def tiny_overrides(cfg, corpus_dir, cache_dir, **train):
 
 def trained_workdir(tmp_path_factory, cfg, corpus_dir, cache_dir, steps: int = 20) -> str:
     """A workdir holding a tiny run of `cfg` for `steps` steps, checkpointed at the end."""
-    from mole_jax import train
+    from mole_jax.train import loop
 
     w = str(tmp_path_factory.mktemp(cfg.model.ffn.kind) / "w")
     cfg = tiny_overrides(
         cfg, corpus_dir, cache_dir, steps=steps, eval_every=steps, ckpt_every=steps
     )
-    train.run(cfg, w)
+    loop.run(cfg, w)
     return w
 
 

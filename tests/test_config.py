@@ -3,10 +3,11 @@
 import pytest
 
 from configs import dense, moe, mole, peer
-from mole_jax import accounting
-from mole_jax.config import SIZES, parse_arg, validate
+from mole_jax.config import SIZES, parse_arg
 from mole_jax.errors import ConfigError
-from mole_jax.ffn import layer_indices
+from mole_jax.model.ffn import layer_indices
+from mole_jax.train import accounting
+from mole_jax.train.validate import validate
 
 # Paper Table 2 "params in training" for dense (V = 50,304).
 PAPER_DENSE = {"160m": 0.16e9, "410m": 0.41e9, "1b": 1.01e9}

@@ -13,9 +13,9 @@ from conftest import ROOT, trained_workdir
 from flax import nnx
 
 from configs import dense, pregated
-from mole_jax.convert import converted_params, select_channels
-from mole_jax.model import build_model
-from mole_jax.model_config import model_config
+from mole_jax.model.backbone import build_model
+from mole_jax.model.config import model_config
+from mole_jax.train.convert import converted_params, select_channels
 
 
 def small(module, arg):

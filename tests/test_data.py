@@ -3,16 +3,16 @@
 import numpy as np
 import pytest
 
-from mole_jax import corpora, data
+from mole_jax.data import corpora, pipeline
 from mole_jax.errors import DataError
 
 
 def test_batches_are_a_pure_function_of_seed_and_step():
     tokens = np.arange(10_000, dtype=np.uint16)
-    a = data.train_batch(tokens, seed=3, step=17, batch_size=4, seq_len=16)
-    b = data.train_batch(tokens, seed=3, step=17, batch_size=4, seq_len=16)
-    c = data.train_batch(tokens, seed=3, step=18, batch_size=4, seq_len=16)
-    d = data.train_batch(tokens, seed=4, step=17, batch_size=4, seq_len=16)
+    a = pipeline.train_batch(tokens, seed=3, step=17, batch_size=4, seq_len=16)
+    b = pipeline.train_batch(tokens, seed=3, step=17, batch_size=4, seq_len=16)
+    c = pipeline.train_batch(tokens, seed=3, step=18, batch_size=4, seq_len=16)
+    d = pipeline.train_batch(tokens, seed=4, step=17, batch_size=4, seq_len=16)
     assert a.shape == (4, 17) and a.dtype == np.int32
     np.testing.assert_array_equal(a, b)
     assert not np.array_equal(a, c) and not np.array_equal(a, d)
@@ -22,20 +22,20 @@ def test_batches_are_a_pure_function_of_seed_and_step():
 
 def test_val_windows_are_fixed_consecutive_windows():
     tokens = np.arange(1000, dtype=np.uint16)
-    batches = list(data.val_windows(tokens, batch_size=2, seq_len=10, n_batches=3))
+    batches = list(pipeline.val_windows(tokens, batch_size=2, seq_len=10, n_batches=3))
     assert len(batches) == 3
     np.testing.assert_array_equal(batches[0][1], np.arange(10, 21))
     with pytest.raises(DataError, match="fewer than one batch"):
-        list(data.val_windows(tokens[:30], batch_size=4, seq_len=10, n_batches=1))
+        list(pipeline.val_windows(tokens[:30], batch_size=4, seq_len=10, n_batches=1))
 
 
 def test_prepare_caches_tokenizer_and_tokens(tiny_cfg, corpus_dir):
-    td = data.prepare(tiny_cfg)
+    td = pipeline.prepare(tiny_cfg)
     assert td.tokenizer.get_vocab_size() <= tiny_cfg.model.vocab_size
     assert td.train.max() < td.tokenizer.get_vocab_size()
     text = "The noble king loves the fair crown."
-    assert data.detokenize(td.tokenizer, data.tokenize(td.tokenizer, text)) == text
-    again = data.prepare(tiny_cfg)
+    assert pipeline.detokenize(td.tokenizer, pipeline.tokenize(td.tokenizer, text)) == text
+    again = pipeline.prepare(tiny_cfg)
     assert again.key == td.key
     np.testing.assert_array_equal(again.train, td.train)
     assert td.train.filename == again.train.filename  # a memmap of the cached file
@@ -94,26 +94,26 @@ def test_jsonl_single_file_is_split_by_row(tmp_path, cache_dir):
 def test_missing_corpus_is_one_clear_error(tiny_cfg, tmp_path):
     tiny_cfg.data.corpus = f"files:{tmp_path}/nothing/*.txt"
     with pytest.raises(DataError, match="no file matches"):
-        data.prepare(tiny_cfg)
+        pipeline.prepare(tiny_cfg)
     tiny_cfg.data.corpus = "wikipedia"
     with pytest.raises(DataError, match="is not one of shakespeare"):
-        data.prepare(tiny_cfg)
+        pipeline.prepare(tiny_cfg)
 
 
 def test_user_tokenizer_file_is_loaded_and_checked(tiny_cfg, tmp_path):
-    tok = data.prepare(tiny_cfg).tokenizer
+    tok = pipeline.prepare(tiny_cfg).tokenizer
     n = tok.get_vocab_size()  # the tiny corpus runs out of merges before 512
     path = tmp_path / "tokenizer.json"
     path.write_text(tok.to_str())
     tiny_cfg.data.tokenizer = str(path)
-    assert data.prepare(tiny_cfg).tokenizer.get_vocab_size() == n
+    assert pipeline.prepare(tiny_cfg).tokenizer.get_vocab_size() == n
     tiny_cfg.model.vocab_size = n - 1
     tiny_cfg.data.vocab_size = n - 1
     with pytest.raises(DataError, match=f"the tokenizer has {n} tokens"):
-        data.prepare(tiny_cfg)
+        pipeline.prepare(tiny_cfg)
     tiny_cfg.data.tokenizer = str(tmp_path / "missing.json")
     with pytest.raises(DataError, match="does not exist"):
-        data.prepare(tiny_cfg)
+        pipeline.prepare(tiny_cfg)
 
 
 def write_megatron(prefix, docs, dtype=np.uint16):
@@ -143,7 +143,7 @@ def write_megatron(prefix, docs, dtype=np.uint16):
 
 @pytest.mark.parametrize("dtype", [np.uint16, np.int32])
 def test_megatron_reader_returns_the_reference_writers_tokens(tmp_path, dtype):
-    from mole_jax import megatron
+    from mole_jax.data import megatron
 
     rng = np.random.default_rng(0)
     docs = [rng.integers(0, 500, rng.integers(1, 300)) for _ in range(40)]
@@ -156,23 +156,23 @@ def test_megatron_reader_returns_the_reference_writers_tokens(tmp_path, dtype):
 
 
 def test_megatron_corpus_trains_batches_from_the_memory_map(tiny_cfg, tmp_path):
-    tok = data.prepare(tiny_cfg).tokenizer
+    tok = pipeline.prepare(tiny_cfg).tokenizer
     (tmp_path / "tok.json").write_text(tok.to_str())
     docs = [np.arange(i, i + 200) % 500 for i in range(20)]
     write_megatron(str(tmp_path / "m"), docs)
     tiny_cfg.data.corpus = f"megatron:{tmp_path}/m"
     with pytest.raises(DataError, match="set data.tokenizer"):
-        data.prepare(tiny_cfg)
+        pipeline.prepare(tiny_cfg)
     tiny_cfg.data.tokenizer = str(tmp_path / "tok.json")
-    td = data.prepare(tiny_cfg)
+    td = pipeline.prepare(tiny_cfg)
     assert isinstance(td.train, np.memmap) and td.train.size == 16 * 200
-    batch = data.train_batch(td.train, 0, 0, 4, 32)
+    batch = pipeline.train_batch(td.train, 0, 0, 4, 32)
     assert np.all((np.diff(batch, axis=1) == 1) | (np.diff(batch, axis=1) == -499))
 
 
 def test_long_documents_are_tokenized_in_pieces(monkeypatch):
-    monkeypatch.setattr(data, "PIECE_CHARS", 10)
-    pieces = list(data._pieces(iter(["one two three four five", "short"])))
+    monkeypatch.setattr(pipeline, "PIECE_CHARS", 10)
+    pieces = list(pipeline._pieces(iter(["one two three four five", "short"])))
     assert "".join(p for p, _ in pieces[:-1]) == "one two three four five"
     assert all(len(p) <= 10 for p, _ in pieces) and [last for _, last in pieces].count(True) == 2
 
@@ -236,14 +236,14 @@ PREPARE = """
 import resource, sys
 sys.path.insert(0, {root!r})
 from configs import dense
-from mole_jax import data
+from mole_jax.data import pipeline
 cfg = dense.get_config("size=tiny")
 cfg.data.corpus = "files:{corpus}/*.txt"
 cfg.data.cache_dir = {cache!r}
 cfg.data.vocab_size = 512
 cfg.model.vocab_size = 512
 cfg.data.seq_len = 32
-data.prepare(cfg)
+pipeline.prepare(cfg)
 print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)
 """
 

@@ -11,7 +11,8 @@ import pytest
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from mole_jax import checkpoint, digest
+from mole_jax.stores import digest
+from mole_jax.train import checkpoint
 
 
 def _tree():

@@ -10,16 +10,17 @@ import pytest
 from conftest import tiny_overrides, trained_workdir
 
 from configs import dense, mole
-from mole_jax import export as export_lib
-from mole_jax import train
-from mole_jax.engine import build_engine
 from mole_jax.errors import DataError, StoreError, UserError
-from mole_jax.evaluate import evaluate
-from mole_jax.export import export_experts
-from mole_jax.generate import generate
-from mole_jax.metrics import read_metrics
-from mole_jax.offload.lut_store import LutStore
-from mole_jax.offload.rows import read_bytes
+from mole_jax.eval.validation import evaluate
+from mole_jax.infer import export as export_lib
+from mole_jax.infer.engine import build_engine
+from mole_jax.infer.export import export_experts
+from mole_jax.infer.generate import generate
+from mole_jax.infer.offload.rows import read_bytes
+from mole_jax.model.config import model_config
+from mole_jax.stores.lut import LutStore
+from mole_jax.train import loop
+from mole_jax.train.metrics import read_metrics
 
 pytestmark = pytest.mark.slow
 
@@ -168,7 +169,7 @@ def test_store_from_another_checkpoint_is_refused(mole_run, corpus_dir, cache_di
         eval_every=20,
         ckpt_every=20,
     )
-    train.run(cfg, w)  # a newer checkpoint (step 24); lut/ still holds step 20's tables
+    loop.run(cfg, w)  # a newer checkpoint (step 24); lut/ still holds step 20's tables
     with pytest.raises(StoreError, match="does not match the checkpoint: its params_digest"):
         build_engine(w, "offload")
     assert abs(evaluate(w, "offload", step=20)["loss"] - evaluate(w, step=20)["loss"]) <= 1e-5
@@ -183,7 +184,7 @@ def test_export_refuses_non_mole_and_hidden_input(corpus_dir, cache_dir, tmp_pat
         cfg = tiny_overrides(
             module.get_config(arg), corpus_dir, cache_dir, steps=2, eval_every=2, ckpt_every=2
         )
-        train.run(cfg, w)
+        loop.run(cfg, w)
         with pytest.raises(UserError, match=match):
             export_lib.export_lut(w)
         with pytest.raises(UserError, match="only MoE experts are offloaded"):
@@ -202,7 +203,7 @@ def test_a_bfloat16_run_exports_its_lut_computed_in_float32(
     import jax.numpy as jnp
     from flax import nnx
 
-    from mole_jax.checkpoint import restore_model
+    from mole_jax.train.checkpoint import restore_model
     from mole_jax.workdir import Workdir
 
     cfg = mole.get_config("size=tiny,experts=4")
@@ -212,7 +213,7 @@ def test_a_bfloat16_run_exports_its_lut_computed_in_float32(
     ids = np.arange(64, dtype=np.int32)
     layer = m["layers"][0]
     got = LutStore.open(Path(w, "lut")).read_rows(ids)[layer]["values"]
-    mcfg = Workdir(w).model_config
+    mcfg = model_config(Workdir(w).config)
     tables = {}
     for dt in ("float32", "bfloat16"):
         r = restore_model(w, dataclasses.replace(mcfg, dtype=dt))

@@ -9,9 +9,9 @@ import pytest
 from conftest import tiny_overrides
 
 from configs import dense, moe, mole, peer, pkm, pregated
-from mole_jax import train
-from mole_jax.evaluate import evaluate
-from mole_jax.metrics import read_metrics
+from mole_jax.eval.validation import evaluate
+from mole_jax.train import loop
+from mole_jax.train.metrics import read_metrics
 
 pytestmark = pytest.mark.slow
 
@@ -32,7 +32,7 @@ def test_kind_trains_on_text(kind, tmp_path, corpus_dir, cache_dir):
         module.get_config(arg), corpus_dir, cache_dir, steps=30, eval_every=30, ckpt_every=30
     )
     w = str(tmp_path / kind)
-    train.run(cfg, w)
+    loop.run(cfg, w)
     rows = [r for r in read_metrics(w) if "loss" in r]
     first, last = rows[0]["loss"], np.mean([r["loss"] for r in rows[-5:]])
     assert last < first - 1.0, (first, last)
@@ -54,9 +54,9 @@ def test_kind_trains_on_text(kind, tmp_path, corpus_dir, cache_dir):
 
 
 def _check_usage_over_the_evaluation(w, out):
-    from mole_jax.engine import build_engine
-    from mole_jax.evaluate import val_batches
-    from mole_jax.ffn.peer import usage_from_mass
+    from mole_jax.eval.validation import val_batches
+    from mole_jax.infer.engine import build_engine
+    from mole_jax.model.ffn.peer import usage_from_mass
 
     engine = build_engine(w)
     (layer,) = engine.model_config.ffn_layers  # the middle block

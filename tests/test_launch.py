@@ -11,8 +11,8 @@ import pytest
 from conftest import ROOT, tiny_overrides
 
 from configs import dense
-from mole_jax import train
-from mole_jax.metrics import read_metrics
+from mole_jax.train import loop
+from mole_jax.train.metrics import read_metrics
 
 pytestmark = pytest.mark.slow
 
@@ -90,7 +90,7 @@ def test_sigkill_mid_training_resumes_on_the_same_curve(corpus_dir, cache_dir, t
     cfg = tiny_overrides(
         dense.get_config("size=tiny"), corpus_dir, cache_dir, steps=60, ckpt_every=10, eval_every=20
     )
-    train.run(cfg, ref)
+    loop.run(cfg, ref)
     a = {r["step"]: r["loss"] for r in read_metrics(ref) if "loss" in r}
     b = {r["step"]: r["loss"] for r in read_metrics(killed) if "loss" in r}
     assert sorted(b) == list(range(1, 61)) and a == b

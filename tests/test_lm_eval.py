@@ -16,10 +16,10 @@ from conftest import ROOT, synthetic_text, trained_workdir
 pytest.importorskip("lm_eval")  # the [eval] extra; `make test` installs it
 
 from configs import mole  # noqa: E402
-from mole_jax import data  # noqa: E402
-from mole_jax.engine import build_engine  # noqa: E402
-from mole_jax.evaluate import evaluate_engine  # noqa: E402
-from mole_jax.export import export_lut  # noqa: E402
+from mole_jax.data import pipeline  # noqa: E402
+from mole_jax.eval.validation import evaluate_engine  # noqa: E402
+from mole_jax.infer.engine import build_engine  # noqa: E402
+from mole_jax.infer.export import export_lut  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -82,7 +82,7 @@ def _evaluate(workdir, include: Path, mode="experts", batch_size=16):
     import lm_eval
     from lm_eval.tasks import TaskManager
 
-    from mole_jax.lm_eval import MoleJaxLM
+    from mole_jax.eval.harness import MoleJaxLM
 
     lm = MoleJaxLM(workdir, mode=mode, batch_size=batch_size)
     manager = TaskManager(include_path=str(include), include_defaults=False)
@@ -94,8 +94,8 @@ def _evaluate(workdir, include: Path, mode="experts", batch_size=16):
 
 def _direct_loglik(engine, tok, context: str, continuation: str) -> float:
     """log p(continuation | context) from one unpadded forward of the engine."""
-    ctx = data.tokenize(tok, context)
-    whole = data.tokenize(tok, context + continuation)
+    ctx = pipeline.tokenize(tok, context)
+    whole = pipeline.tokenize(tok, context + continuation)
     ids = np.asarray([whole[:-1]], np.int32)
     logits, _ = engine.forward(ids)
     z = np.asarray(logits[0], np.float64)
@@ -131,14 +131,14 @@ class _Request:
 
 
 def test_rolling_loglikelihood_equals_the_eval_loss_times_tokens(mole_run):
-    from mole_jax.lm_eval import MoleJaxLM
+    from mole_jax.eval.harness import MoleJaxLM
 
     lm = MoleJaxLM(mole_run)
     tok, L = lm.tokenizer_, lm.max_length
-    full = data.tokenize(tok, synthetic_text(7, 60))
+    full = pipeline.tokenize(tok, synthetic_text(7, 60))
     for k in range(6, 2, -1):  # a text that tokenizes to exactly k windows of L tokens
-        text = data.detokenize(tok, full[: k * L])
-        tokens = data.tokenize(tok, text)
+        text = pipeline.detokenize(tok, full[: k * L])
+        tokens = pipeline.tokenize(tok, text)
         if len(tokens) == k * L:
             break
     else:
@@ -148,7 +148,7 @@ def test_rolling_loglikelihood_equals_the_eval_loss_times_tokens(mole_run):
     # L + 1 tokens, L predicted; one window at a time, so that each window's sum keeps its digits
     stream = np.asarray([lm.eot_token_id, *tokens])
     engine = build_engine(mole_run)
-    per_window = [evaluate_engine(engine, [w]) for w in data.val_windows(stream, 1, L, k)]
+    per_window = [evaluate_engine(engine, [w]) for w in pipeline.val_windows(stream, 1, L, k)]
     assert sum(r["tokens"] for r in per_window) == k * L
     total = -sum(r["loss"] * r["tokens"] for r in per_window)
     assert abs(rolling - total) <= 1e-4 * k, (rolling, total)
@@ -166,7 +166,7 @@ def test_offloaded_fp32_lut_scores_equal_in_memory(mole_run, local_tasks):
 
 
 def test_greedy_generate_until_equals_launch_generate(mole_run):
-    from mole_jax.lm_eval import MoleJaxLM
+    from mole_jax.eval.harness import MoleJaxLM
 
     prompt = "The bold king"
     proc = subprocess.run(
@@ -211,7 +211,7 @@ def test_launch_eval_tasks_writes_scores_and_the_lm_eval_cli_runs(mole_run, tmp_
     assert rec["mode"] == "offload" and rec["lut_dtype"] == "float32"
     assert rec["bytes_read_per_token"] > 0 and rec["requests"] == 6 * 4 + 6 + 6
     cli = subprocess.run(
-        [sys.executable, "-m", "mole_jax.lm_eval_cli", "run", "--model", "mole_jax",
+        [sys.executable, "-m", "mole_jax.eval.harness_cli", "run", "--model", "mole_jax",
          "--model_args", f"workdir={mole_run}", "--tasks", "mole_next_line", "--limit", "4",
          "--output_path", str(tmp_path / "out")],
         capture_output=True, text=True, cwd=ROOT,

@@ -5,9 +5,9 @@ import jax
 import numpy as np
 import pytest
 
-from mole_jax import quant
-from mole_jax.offload.lut_store import LutStore
-from mole_jax.offload.rows import LutRows, read_bytes
+from mole_jax.infer.offload.rows import LutRows, read_bytes
+from mole_jax.stores import quant
+from mole_jax.stores.lut import LutStore
 
 V, E, D, LAYERS = 2048, 2, 64, (0, 1, 3)
 

@@ -6,10 +6,10 @@ import jax.numpy as jnp
 import pytest
 
 from configs import dense, moe, mole
-from mole_jax import memory
-from mole_jax.accounting import summarize
-from mole_jax.config import validate
-from mole_jax.trainer import setup
+from mole_jax.train import memory
+from mole_jax.train.accounting import summarize
+from mole_jax.train.trainer import setup
+from mole_jax.train.validate import validate
 
 CONFIGS = {
     "dense": (dense, ""),

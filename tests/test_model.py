@@ -7,10 +7,10 @@ import pytest
 from flax import nnx
 
 from configs import dense, moe, mole, peer, pkm, pregated
-from mole_jax.model import build_model, new_cache
-from mole_jax.model_config import model_config
-from mole_jax.optim import make_optimizer
-from mole_jax.trainer import init_state, make_train_step
+from mole_jax.model.backbone import build_model, new_cache
+from mole_jax.model.config import model_config
+from mole_jax.train.optim import make_optimizer
+from mole_jax.train.trainer import init_state, make_train_step
 
 
 def tiny_model_cfg(kind_module=dense, arg="size=tiny", **model):

@@ -7,13 +7,13 @@ import pytest
 from flax import nnx
 
 from configs import moe as moe_cfg
-from mole_jax.config import validate
-from mole_jax.engine import require_causal
 from mole_jax.errors import ConfigError, UserError
-from mole_jax.ffn import moe, routing
-from mole_jax.ffn.base import Ctx
-from mole_jax.layers import ACTIVATIONS, Mlp
-from mole_jax.model_config import model_config
+from mole_jax.infer.engine import require_causal
+from mole_jax.model.config import model_config
+from mole_jax.model.ffn import moe, routing
+from mole_jax.model.ffn.base import Ctx
+from mole_jax.model.layers import ACTIVATIONS, Mlp
+from mole_jax.train.validate import validate
 
 GELU = ACTIVATIONS["gelu"]
 

@@ -10,10 +10,10 @@ import pytest
 from conftest import trained_workdir
 
 from configs import moe
-from mole_jax.engine import build_engine
 from mole_jax.errors import StoreError, UserError
-from mole_jax.export import export_experts
-from mole_jax.generate import generate
+from mole_jax.infer.engine import build_engine
+from mole_jax.infer.export import export_experts
+from mole_jax.infer.generate import generate
 
 pytestmark = pytest.mark.slow
 
@@ -124,7 +124,7 @@ def test_bad_expert_stores_are_refused(moe_run, tmp_path):
 
 @pytest.mark.parametrize("capacity", [2, 4])
 def test_recorded_trace_replays_to_the_engines_own_lru_hits(moe_run, capacity):
-    from mole_jax.offload.policies import simulate
+    from mole_jax.infer.offload.policies import simulate
 
     eng = build_engine(moe_run, "moe_offload", capacity=capacity, record=True)
     ids = np.random.default_rng(2).integers(0, eng.cfg.model.vocab_size, (1, 6))
@@ -139,7 +139,7 @@ def test_recorded_trace_replays_to_the_engines_own_lru_hits(moe_run, capacity):
 def test_quantised_expert_store_equals_the_model_with_dequantised_experts(moe_run, dtype):
     """An int4/3/2 store read by the offload engine gives the logits of the in-memory model whose
     routed experts are replaced by their quantise -> dequantise round trip; bytes as stored."""
-    from mole_jax import quant
+    from mole_jax.stores import quant
 
     m = export_experts(moe_run, dtype=dtype, out=f"experts_{dtype}")
     bits, g = quant.GROUP_DTYPES[dtype]

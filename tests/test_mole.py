@@ -8,7 +8,7 @@ import pytest
 from flax import nnx
 
 from configs import mole as mole_cfg
-from mole_jax.dedup import (
+from mole_jax.data.dedup import (
     check_ids,
     dedup_bucket,
     dedup_ids,
@@ -17,10 +17,10 @@ from mole_jax.dedup import (
     unique_inverse,
 )
 from mole_jax.errors import DataError
-from mole_jax.model import build_model
-from mole_jax.model_config import model_config
-from mole_jax.optim import make_optimizer
-from mole_jax.trainer import init_state, make_train_step
+from mole_jax.model.backbone import build_model
+from mole_jax.model.config import model_config
+from mole_jax.train.optim import make_optimizer
+from mole_jax.train.trainer import init_state, make_train_step
 
 V = 256
 

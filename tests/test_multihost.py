@@ -12,8 +12,8 @@ import pytest
 from conftest import ROOT, tiny_overrides
 
 from configs import moe
-from mole_jax import train
-from mole_jax.metrics import read_metrics
+from mole_jax.train import loop
+from mole_jax.train.metrics import read_metrics
 
 pytestmark = pytest.mark.slow
 
@@ -74,7 +74,7 @@ def _reference(corpus_dir, cache_dir, steps, workdir):
     cfg = tiny_overrides(cfg, corpus_dir, cache_dir, steps=steps, eval_every=5, ckpt_every=5)
     cfg.unlock()
     cfg.mesh.update(MESH)
-    train.run(cfg, workdir)  # one process, the 8 devices of the test process
+    loop.run(cfg, workdir)  # one process, the 8 devices of the test process
     return {r["step"]: r["loss"] for r in read_metrics(workdir) if "loss" in r}
 
 

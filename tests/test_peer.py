@@ -8,10 +8,10 @@ import pytest
 from flax import nnx
 
 from configs import peer as peer_cfg
-from mole_jax.ffn import peer
-from mole_jax.ffn.base import Ctx
-from mole_jax.layers import ACTIVATIONS
-from mole_jax.model_config import model_config
+from mole_jax.model.config import model_config
+from mole_jax.model.ffn import peer
+from mole_jax.model.ffn.base import Ctx
+from mole_jax.model.layers import ACTIVATIONS
 
 
 def brute_force_topk(q_TxHxDk, keys1, keys2, k):

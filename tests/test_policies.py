@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from mole_jax.offload.policies import next_uses, simulate
+from mole_jax.infer.offload.policies import next_uses, simulate
 
 
 def optimal_loads(trace, capacity) -> int:

@@ -10,11 +10,11 @@ import pytest
 from flax import nnx
 
 from configs import pregated
-from mole_jax import accounting
-from mole_jax.ffn.base import Ctx
-from mole_jax.layers import ACTIVATIONS
-from mole_jax.model import build_model
-from mole_jax.model_config import model_config
+from mole_jax.model.backbone import build_model
+from mole_jax.model.config import model_config
+from mole_jax.model.ffn.base import Ctx
+from mole_jax.model.layers import ACTIVATIONS
+from mole_jax.train import accounting
 
 GELU = ACTIVATIONS["gelu"]
 
@@ -94,7 +94,7 @@ def test_accounting_is_exact_and_active_params_equal_dense():
 def pregated_run(tmp_path_factory, corpus_dir, cache_dir):
     from conftest import trained_workdir
 
-    from mole_jax.export import export_experts
+    from mole_jax.infer.export import export_experts
 
     cfg = pregated.get_config("size=tiny,experts=4,permanent=1")
     w = trained_workdir(tmp_path_factory, cfg, corpus_dir, cache_dir, steps=4)
@@ -104,14 +104,14 @@ def pregated_run(tmp_path_factory, corpus_dir, cache_dir):
 
 @pytest.mark.slow
 def test_expert_store_of_a_trained_pregated_model(pregated_run):
-    from mole_jax.checkpoint import restore_model
-    from mole_jax.offload.expert_store import ExpertStore
+    from mole_jax.stores.experts import ExpertStore
+    from mole_jax.train.checkpoint import restore_model
     from mole_jax.workdir import Workdir
 
     w = pregated_run
     manifest = json.load(open(f"{w}/experts/manifest.json"))
     assert manifest["layers"] == [0, 1] and manifest["experts"] == 4
-    params = restore_model(w, Workdir(w).model_config).params
+    params = restore_model(w, model_config(Workdir(w).config)).params
     store = ExpertStore.open(f"{w}/experts")
     for layer, e in ((0, 3), (1, 0)):
         up, down = store.start_read(layer, e).result()
@@ -122,8 +122,8 @@ def test_expert_store_of_a_trained_pregated_model(pregated_run):
 @pytest.mark.slow
 @pytest.mark.parametrize("capacity", [0, 2])
 def test_lookahead_engine_equals_in_memory(pregated_run, capacity):
-    from mole_jax.engine import build_engine
-    from mole_jax.generate import generate
+    from mole_jax.infer.engine import build_engine
+    from mole_jax.infer.generate import generate
 
     ref = build_engine(pregated_run, "experts")
     eng = build_engine(pregated_run, "lookahead", capacity=capacity)
@@ -144,7 +144,7 @@ def test_lookahead_engine_equals_in_memory(pregated_run, capacity):
 def test_forward_batch_equals_each_call_alone(pregated_run):
     """Prefills and decodes of different requests at different KV positions, run as one batch
     (each block's experts once over all their tokens), give each call's own logits and cache."""
-    from mole_jax.engine import build_engine
+    from mole_jax.infer.engine import build_engine
 
     ref = build_engine(pregated_run, "experts")
     eng = build_engine(pregated_run, "lookahead", capacity=4)
@@ -164,12 +164,12 @@ def test_forward_batch_equals_each_call_alone(pregated_run):
 
 @pytest.mark.slow
 def test_queue_server_generates_as_in_memory_with_the_policys_cache(pregated_run):
-    from mole_jax.engine import build_engine
     from mole_jax.errors import UserError
-    from mole_jax.generate import generate
-    from mole_jax.offload import serving
-    from mole_jax.offload.policies import simulate
-    from mole_jax.offload.server import serve
+    from mole_jax.infer.engine import build_engine
+    from mole_jax.infer.generate import generate
+    from mole_jax.infer.offload import serving
+    from mole_jax.infer.offload.policies import simulate
+    from mole_jax.infer.offload.server import serve
 
     ref = build_engine(pregated_run, "experts")
     eng = build_engine(pregated_run, "lookahead", capacity=2)

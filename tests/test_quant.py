@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from mole_jax import quant
+from mole_jax.stores import quant
 
 # QLoRA's published NF4 levels (Dettmers et al. 2023, Appendix E).
 QLORA_NF4 = [

@@ -14,10 +14,10 @@ from conftest import ROOT, tiny_overrides
 from test_launch import cli_flags, launch, train_until
 
 from configs import dense, mole
-from mole_jax import train
-from mole_jax.checkpoint import Checkpointer
-from mole_jax.export import export_lut
-from mole_jax.metrics import read_metrics
+from mole_jax.infer.export import export_lut
+from mole_jax.train import loop
+from mole_jax.train.checkpoint import Checkpointer
+from mole_jax.train.metrics import read_metrics
 from mole_jax.workdir import Workdir
 
 pytestmark = pytest.mark.slow
@@ -36,7 +36,7 @@ def mole_run(tmp_path_factory, corpus_dir, cache_dir):
     """A tiny MoLE trained to step 20 (checkpoints 10 and 20), its LUT exported from step 20."""
     w = str(tmp_path_factory.mktemp("mole") / "w")
     cfg = tiny_overrides(mole.get_config("size=tiny,experts=2"), corpus_dir, cache_dir, steps=20)
-    train.run(cfg, w)
+    loop.run(cfg, w)
     export_lut(w, dtype="float32")
     return w
 
@@ -97,7 +97,7 @@ def test_sigterm_checkpoints_the_current_step_and_resumes_on_the_curve(
     ref = str(tmp_path / "ref")
     cfg = tiny_overrides(dense.get_config("size=tiny"), corpus_dir, cache_dir, steps=60,
                          ckpt_every=50, eval_every=20)  # fmt: skip
-    train.run(cfg, ref)
+    loop.run(cfg, ref)
     curve = lambda d: {r["step"]: r["loss"] for r in read_metrics(d) if "loss" in r}
     assert curve(w) == curve(ref)
 
@@ -105,7 +105,7 @@ def test_sigterm_checkpoints_the_current_step_and_resumes_on_the_curve(
 def test_a_second_signal_ends_the_process_at_once(tmp_path):
     code = (
         "import os, signal, time\n"
-        "from mole_jax.preempt import PreemptionGuard\n"
+        "from mole_jax.train.preempt import PreemptionGuard\n"
         "with PreemptionGuard() as g:\n"
         "    os.kill(os.getpid(), signal.SIGINT)\n"
         "    assert g.signum == signal.SIGINT\n"
@@ -126,7 +126,7 @@ def test_a_corrupt_newest_checkpoint_is_moved_aside_once_and_for_all(
     line, without a traceback, and training retrains into its step without tripping over it."""
     w = _copy(mole_run, tmp_path)
     cfg = tiny_overrides(mole.get_config("size=tiny,experts=2"), corpus_dir, cache_dir, steps=30)
-    train.run(cfg, w)  # checkpoints 10, 20, 30
+    loop.run(cfg, w)  # checkpoints 10, 20, 30
     _flip(_largest(Path(w) / "checkpoints" / "30" / part))
     proc = launch("eval", f"--workdir={w}", "--max_tokens=1024", check=False)
     assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
@@ -137,7 +137,7 @@ def test_a_corrupt_newest_checkpoint_is_moved_aside_once_and_for_all(
         proc = launch("train", *_mole_flags(cfg), f"--workdir={w}", check=False)
         assert "moved to" in proc.stdout and "resuming from step 20" in proc.stdout
     assert (Path(w) / "checkpoints" / "30.corrupt").is_dir()
-    train.run(cfg, w)  # retrains into step 30 (it used to fail with StepAlreadyExistsError)
+    loop.run(cfg, w)  # retrains into step 30 (it used to fail with StepAlreadyExistsError)
     assert Checkpointer(w).steps()[-1] == 30
     assert "eval of step 30" in launch("eval", f"--workdir={w}", "--max_tokens=1024").stdout
 

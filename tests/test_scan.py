@@ -8,10 +8,10 @@ import pytest
 from test_sharding import KINDS, MESHES, config, train_losses
 
 from configs import dense, moe, mole
-from mole_jax import model as model_lib
-from mole_jax.dedup import dedup_ids
-from mole_jax.model_config import model_config
-from mole_jax.scan import runs_of_identical
+from mole_jax.data.dedup import dedup_ids
+from mole_jax.model import backbone as model_lib
+from mole_jax.model.config import model_config
+from mole_jax.model.scan import runs_of_identical
 
 
 def scanned(cfg, **model):

@@ -7,8 +7,8 @@ import dataclasses
 import numpy as np
 import pytest
 
-from mole_jax.offload import serving
-from mole_jax.offload.policies import simulate
+from mole_jax.infer.offload import serving
+from mole_jax.infer.offload.policies import simulate
 
 
 def random_requests(seed, n=12, experts=6):

@@ -8,12 +8,13 @@ from conftest import tiny_overrides
 from jax.sharding import PartitionSpec as P
 
 from configs import dense, moe, mole, peer, pkm, pregated
-from mole_jax import data, train
-from mole_jax.config import validate
+from mole_jax.data import pipeline
 from mole_jax.errors import ConfigError
-from mole_jax.metrics import read_metrics
-from mole_jax.sharding import logical_spec, make_mesh, mesh_shape
-from mole_jax.trainer import setup
+from mole_jax.parallel.sharding import logical_spec, make_mesh, mesh_shape
+from mole_jax.train import loop
+from mole_jax.train.metrics import read_metrics
+from mole_jax.train.trainer import setup
+from mole_jax.train.validate import validate
 
 KINDS = {
     "dense": (dense, "size=tiny"),
@@ -39,12 +40,12 @@ def config(kind, corpus_dir, cache_dir, mesh=None):
 def train_losses(cfg, devices, steps=10):
     """Per-step losses and the final state of `steps` steps on a mesh over `devices`."""
     tr = setup(cfg, mesh=make_mesh(cfg.mesh, devices))
-    td = data.prepare(cfg)
+    td = pipeline.prepare(cfg)
     t = cfg.train
     state, losses = tr.init_state(), []
     rows = tr.process_rows(t.batch_size)
     for s in range(steps):
-        batch = data.train_batch(td.train, cfg.seed, s, t.batch_size, cfg.data.seq_len, rows)
+        batch = pipeline.train_batch(td.train, cfg.seed, s, t.batch_size, cfg.data.seq_len, rows)
         state, mets = tr.step_fn(state, *tr.put_batch(batch))
         losses.append(float(mets["loss"]))
     return np.array(losses), state
@@ -83,15 +84,15 @@ def test_resumed_sharded_run_continues_the_same_curve(corpus_dir, cache_dir, tmp
     cfg = config("moe", corpus_dir, cache_dir, MESHES["fsdp2-tensor2-expert2"])
     cfg.train.update(dict(steps=12, ckpt_every=4, eval_every=6))
     full, broken = str(tmp_path / "full"), str(tmp_path / "broken")
-    train.run(cfg, full)
+    loop.run(cfg, full)
 
     def crash(step, row):
         if step == 7:
             raise KeyboardInterrupt("simulated kill")
 
     with pytest.raises(KeyboardInterrupt):
-        train.run(cfg, broken, on_row=(crash,))
-    train.run(cfg, broken)
+        loop.run(cfg, broken, on_row=(crash,))
+    loop.run(cfg, broken)
     curve = lambda w: {r["step"]: r["loss"] for r in read_metrics(w) if "loss" in r}
     assert curve(broken) == curve(full)
 

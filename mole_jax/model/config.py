@@ -1,0 +1,106 @@
+"""The typed model config: a frozen dataclass made once from the ml_collections config.
+
+`build_model` and every module take a `ModelConfig`; none reads the config tree. The FFN kind's
+own fields arrive as the kind's frozen `Settings` (`m.ffn`), so `ffn/moe.py` reads
+`m.ffn.experts`, never `cfg.model.ffn.moe.experts`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax.numpy as jnp
+
+from mole_jax.errors import require
+from mole_jax.model.ffn import KINDS, layer_indices
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    vocab_size: int
+    d_model: int
+    n_layers: int
+    n_heads: int
+    d_ff: int
+    max_seq_len: int
+    rope_theta: float
+    init_std: float
+    norm_eps: float
+    activation: str
+    dtype: str  # compute dtype; parameters are float32
+    remat: str = "none"  # none | full | dots: what a block saves for the backward (model.REMAT)
+    # output projections (attention out, FFN and expert down) drawn with std init_std/sqrt(2L),
+    # as the official MoLE code (Megatron) does; False (configs written before it): init_std
+    scaled_out_init: bool = False
+    scan_layers: bool = False  # runs of identical blocks as one lax.scan (scan.py)
+    kind: str = "dense"  # the configured FFN kind, placed in `ffn_layers`; dense elsewhere
+    ffn_layers: tuple[int, ...] = ()
+    ffn: Any = None  # the kind's frozen Settings (None for dense)
+
+    @property
+    def compute_dtype(self) -> jnp.dtype:
+        return jnp.dtype(self.dtype)
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    @property
+    def causal(self) -> bool:
+        """Whether position t's logits depend only on tokens <= t (what decoding and lm-eval's
+        scoring need); a kind module may say otherwise through `causal(settings)`."""
+        return getattr(KINDS[self.kind], "causal", lambda s: True)(self.ffn)
+
+    def kind_of_layer(self, layer_idx: int) -> str:
+        """The FFN kind of block `layer_idx`: the configured kind where placed, dense elsewhere."""
+        return self.kind if layer_idx in self.ffn_layers else "dense"
+
+
+# The backbone's fields, read straight from `cfg.model` (OPTIONAL ones may be absent from
+# configs written before they existed).
+BACKBONE = tuple(
+    f.name for f in dataclasses.fields(ModelConfig) if f.default is dataclasses.MISSING
+)
+OPTIONAL = ("remat", "scan_layers", "scaled_out_init")
+
+
+def model_config(cfg) -> ModelConfig:
+    """The typed config of `cfg.model` (pass the whole run config or its `model` section).
+
+    Raises ConfigError for an unknown kind, a missing `model.ffn.<kind>` section or required
+    field, or a bad `model.ffn.layers`. Fields the kind does not know (from older configs) are
+    ignored; fields added after a config was written take their Settings default.
+    """
+    m = cfg.model if "model" in cfg else cfg
+    kind = m.ffn.kind
+    require(kind in KINDS, f"model.ffn.kind={kind!r} is not one of {', '.join(KINDS)}")
+    settings_cls = getattr(KINDS[kind], "Settings", None)
+    settings = None
+    if settings_cls is not None:
+        require(
+            kind in m.ffn,
+            f"model.ffn.kind={kind!r} needs a model.ffn.{kind} section (use configs/{kind}.py)",
+        )
+        raw = m.ffn[kind]
+        fields = dataclasses.fields(settings_cls)
+        names = [f.name for f in fields if f.name in raw]
+        missing = [f.name for f in fields if f.name not in raw and _required(f)]
+        require(not missing, f"model.ffn.{kind} lacks field(s) {missing} (use configs/{kind}.py)")
+        settings = settings_cls(**{n: _frozen(raw[n]) for n in names})
+    return ModelConfig(
+        **{name: m[name] for name in BACKBONE},
+        **{name: m[name] for name in OPTIONAL if name in m},
+        kind=kind,
+        ffn_layers=layer_indices(m.ffn.layers, m.n_layers),
+        ffn=settings,
+    )
+
+
+def _required(field: dataclasses.Field) -> bool:
+    """A Settings field without a default (fields added later carry one, for older configs)."""
+    return field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING
+
+
+def _frozen(value):
+    return tuple(value) if isinstance(value, list) else value

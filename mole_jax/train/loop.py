@@ -1,0 +1,293 @@
+"""`launch.py train`: run(cfg, workdir), the pretraining loop.
+
+The loop is the only long function: periodic work (evaluation, checkpoints, profiling) are
+`Hook`s with an `every=` (levanter's pattern), and per-step metrics go through `StepLog`, which
+pulls them to the host one step late so dispatch stays asynchronous, stops the run on a
+non-finite loss before any checkpoint of the diverged state is written, and hands each logged
+row to the `on_row` callbacks (tests use one to stop a run as a crash would).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import sys
+import time
+from collections.abc import Callable, Sequence
+
+import jax
+import numpy as np
+
+from mole_jax.data import pipeline
+from mole_jax.errors import ConfigError, TrainingDiverged
+from mole_jax.files import write_text_atomic
+from mole_jax.parallel import distributed
+from mole_jax.train import accounting
+from mole_jax.train.checkpoint import Checkpointer
+from mole_jax.train.metrics import MetricsWriter, aux_stats, read_metrics
+from mole_jax.train.preempt import Preempted, PreemptionGuard
+from mole_jax.train.trainer import Trainer, setup
+from mole_jax.train.validate import validate
+from mole_jax.workdir import Workdir, as_workdir
+
+
+@dataclasses.dataclass
+class Hook:
+    """fn(step, state) after the steps that are multiples of `every` (0: never) or listed in
+    `at`, and after the last step when `at_end`."""
+
+    fn: Callable[[int, dict], None]
+    every: int = 0
+    at: tuple[int, ...] = ()
+    at_end: bool = True
+
+    def due(self, step: int, last: int) -> bool:
+        periodic = bool(self.every and step % self.every == 0)
+        return periodic or step in self.at or (self.at_end and step == last)
+
+
+def evaluate_tokens(trainer: Trainer, params, rest, tokens) -> dict:
+    """Validation loss and perplexity over `train.eval_batches` fixed windows of `tokens`."""
+    cfg, t = trainer.cfg, trainer.cfg.train
+    batch = t.batch_size // t.microbatches
+    rows = trainer.process_rows(batch, micro=False)
+    windows = pipeline.val_windows(tokens, batch, cfg.data.seq_len, t.eval_batches, rows)
+    losses = [float(trainer.eval_fn(params, rest, trainer.put_eval(b, batch))) for b in windows]
+    loss = float(np.mean(losses))
+    return {
+        "val_loss": loss,
+        "val_ppl": float(np.exp(loss)),
+        "val_tokens": len(losses) * batch * cfg.data.seq_len,
+    }
+
+
+RESUME_FIELDS = (("model", None), ("data", ("corpus", "vocab_size", "seq_len")))
+
+
+def run_digest(cfg) -> str:
+    """SHA-256 of what a resumed run must keep: the model section and the data's identity."""
+    import hashlib
+
+    parts = []
+    for section, fields in RESUME_FIELDS:
+        d = json.loads(cfg[section].to_json())
+        parts.append({k: d.get(k) for k in (fields or sorted(d))})
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+
+
+def _check_resume_compatible(cfg, wd: Workdir) -> None:
+    """A workdir with checkpoints resumes only with the same model and data. If its config.json
+    is corrupt, the newest checkpoint's record of them decides (and train rewrites the file)."""
+    if not wd.config_path.exists() or not wd.has_checkpoints():
+        return
+    try:
+        old = wd.config
+    except ConfigError as e:
+        ckpt = Checkpointer(wd)
+        try:
+            recorded = ckpt.meta().get("run_sha256")
+        finally:
+            ckpt.close()
+        if recorded != run_digest(cfg):
+            raise ConfigError(
+                f"{e}; this config's model and data differ from the checkpoints'"
+            ) from None
+        print(f"warning: {wd.config_path} is corrupt; the checkpoints match this config, so it "
+              "is written again")  # fmt: skip
+        return
+    for section, fields in RESUME_FIELDS:
+        a, b = json.loads(old[section].to_json()), json.loads(cfg[section].to_json())
+        for k in fields or sorted(set(a) | set(b)):
+            if a.get(k) != b.get(k):
+                raise ConfigError(
+                    f"{wd} holds a run with {section}.{k}={a.get(k)!r}, not {b.get(k)!r}; "
+                    "use a new --workdir or the original config"
+                )
+
+
+class StepLog:
+    """Per-step metrics, pulled one step late: `pend` a step's device metrics, `flush` them."""
+
+    def __init__(self, cfg, wd: Workdir, start: int, ckpt: Checkpointer, on_row: Sequence):
+        from tqdm import tqdm
+
+        self.cfg, self.ckpt, self.on_row = cfg, ckpt, on_row
+        primary = distributed.is_primary()  # the one process that writes metrics
+        self.writer = MetricsWriter(str(wd), start) if primary else None
+        on = cfg.train.progress and sys.stderr.isatty() and primary
+        self.bar = tqdm(total=cfg.train.steps, initial=start, disable=not on, unit="step")
+        self.tokens_per_step = cfg.train.batch_size * cfg.data.seq_len
+        self.last: dict = {"step": start}
+        self.pending = None
+        self.restart_clock()
+
+    def restart_clock(self) -> None:
+        self.t_ref = time.perf_counter()
+
+    def pend(self, step: int, mets) -> None:
+        self.pending = (step, mets)
+
+    def flush(self) -> None:
+        if self.pending is None:
+            return
+        (step, mets), self.pending = self.pending, None
+        mets = jax.device_get(mets)
+        now = time.perf_counter()
+        dt, self.t_ref = now - self.t_ref, now
+        row = {k: float(v) for k, v in mets.items() if k != "per_layer"}
+        row.update(aux_stats(mets["per_layer"]))
+        row.update(step_time_s=dt, tokens_per_s=self.tokens_per_step / dt)
+        bad = next((k for k in ("loss", "param_norm") if not np.isfinite(row[k])), None)
+        if bad:
+            good = (self.ckpt.steps() or ["none"])[-1]
+            raise TrainingDiverged(
+                f"{bad} is {row[bad]} at step {step}: stopped; the last good checkpoint ({good}) "
+                "is kept; lower train.lr or raise train.warmup_frac"
+            )
+        t = self.cfg.train
+        if self.writer and (step % t.log_every == 0 or step == t.steps):
+            self.writer.write(step, row)
+        self.last.update(row, step=step)
+        self.bar.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{row['tokens_per_s']:.0f}")
+        self.bar.update(1)
+        for fn in self.on_row:
+            fn(step, row)
+
+    def record(self, step: int, row: dict) -> None:
+        if self.writer:
+            self.writer.write(step, row)
+        self.last.update(row)
+
+    def close(self) -> None:
+        if self.writer:
+            self.writer.close()
+        self.bar.close()
+
+
+def _hooks(cfg, wd: Workdir, trainer: Trainer, td, log: StepLog, ckpt) -> list[Hook]:
+    t = cfg.train
+
+    def evaluate(step, state):
+        log.record(step, evaluate_tokens(trainer, state["params"], state["rest"], td.val))
+
+    hooks = [Hook(evaluate, t.eval_every), Hook(lambda step, state: ckpt.save(state), t.ckpt_every)]
+    if t.profile_at:
+        hooks.append(_profile_hook(wd, t.profile_at, t.profile_steps))
+    return hooks
+
+
+def _profile_hook(wd: Workdir, first: int, n: int) -> Hook:
+    """A jax.profiler trace of steps first+1 .. first+n into W/profile (TensorBoard's profile
+    plugin or Perfetto read it)."""
+
+    def profile(step, state):
+        if step == first:
+            jax.profiler.start_trace(str(wd.path / "profile"))
+        else:
+            jax.block_until_ready(state)
+            jax.profiler.stop_trace()
+
+    return Hook(profile, at=(first, first + n), at_end=False)
+
+
+def run(cfg, workdir, on_row: Sequence[Callable[[int, dict], None]] = ()) -> dict:
+    """Trains `cfg` in `workdir`, resuming from its newest good checkpoint. Returns a summary.
+
+    `on_row` callbacks get (step, metrics row) after each logged step.
+    """
+    wd = as_workdir(workdir)
+    validate(cfg)
+    _check_resume_compatible(cfg, wd)
+    if not distributed.is_primary():
+        distributed.barrier("data prepared")  # process 0 prepares it first; the others reuse it
+    # Before writing anything: a missing corpus leaves the workdir as it was.
+    td = pipeline.prepare(cfg)
+    lock = wd.writer_lock("train") if distributed.is_primary() else contextlib.nullcontext()
+    with lock, PreemptionGuard() as guard:
+        summary = _write_workdir(cfg, wd, td)
+        trainer = setup(cfg)
+        ckpt = Checkpointer(wd, cfg.train.keep_ckpts, cfg.train.async_ckpt, run_digest(cfg))
+        try:
+            restored = ckpt.restore(trainer.abstract_state)
+            state = trainer.init_state() if restored is None else restored[0]
+            start = int(state["step"])
+            _say_where(start, cfg.train.steps)
+            log = StepLog(cfg, wd, start, ckpt, on_row)
+            try:
+                hooks = _hooks(cfg, wd, trainer, td, log, ckpt)
+                _loop(trainer, td, state, start, hooks, log, _preemption(guard, log, ckpt))
+            finally:
+                log.close()
+        finally:
+            ckpt.close()
+    last = log.last
+    result = {
+        "workdir": str(wd),
+        "step": last["step"],
+        "loss": last.get("loss"),
+        "val_loss": last.get("val_loss"),
+        "tokens_per_s": last.get("tokens_per_s"),
+        "params_total": summary["params_total"],
+    }
+    return _recorded(result, wd) if start == cfg.train.steps else result
+
+
+def _say_where(start: int, steps: int) -> None:
+    if distributed.is_primary():
+        where = f"resuming from step {start} (of {steps})" if start else "starting fresh"
+        print(where + (": nothing left to train" if start >= steps else ""), flush=True)
+
+
+def _preemption(guard: PreemptionGuard, log: StepLog, ckpt: Checkpointer) -> Hook:
+    """After every step: on a signal, checkpoint this step (unless a hook just did) and stop."""
+
+    def check(step, state):
+        if guard.signum is None:
+            return
+        log.flush()
+        if step not in ckpt.steps():
+            ckpt.save(state)
+        ckpt.close()  # waits for the write to finish
+        raise Preempted(guard.signum, step)
+
+    return Hook(check, every=1, at_end=False)
+
+
+def _write_workdir(cfg, wd: Workdir, td) -> dict:
+    """The workdir's files, written by process 0 once the data is known to be there (after
+    the others have prepared theirs); returns the accounting summary."""
+    summary = accounting.summarize(cfg, jax.device_count())
+    if distributed.is_primary():
+        distributed.barrier("data prepared")
+        wd.path.mkdir(parents=True, exist_ok=True)
+        wd.save_config(cfg)
+        wd.write_checked(wd.tokenizer_path, td.tokenizer.to_str())  # eval/generate read it
+        write_text_atomic(wd.summary_path, json.dumps(summary, indent=2))
+    distributed.barrier("workdir written")
+    return summary
+
+
+def _loop(trainer: Trainer, td, state, start: int, hooks: list[Hook], log: StepLog, stop: Hook):
+    cfg = trainer.cfg
+    t = cfg.train
+    rows = trainer.process_rows(t.batch_size)
+    for s in range(start, t.steps):
+        batch = pipeline.train_batch(td.train, cfg.seed, s, t.batch_size, cfg.data.seq_len, rows)
+        state, mets = trainer.step_fn(state, *trainer.put_batch(batch))
+        log.flush()  # the previous step's metrics, while this step runs
+        log.pend(s + 1, mets)
+        for hook in hooks:
+            if hook.due(s + 1, t.steps):
+                log.flush()  # never evaluate or checkpoint a state not seen to be finite
+                hook.fn(s + 1, state)
+                log.restart_clock()
+        stop.fn(s + 1, state)
+    log.flush()
+
+
+def _recorded(result: dict, wd: Workdir) -> dict:
+    """A run that was already complete trains nothing: report its last recorded metrics."""
+    for row in read_metrics(str(wd)):
+        result.update({k: row[k] for k in ("loss", "val_loss", "tokens_per_s") if k in row})
+    return result
