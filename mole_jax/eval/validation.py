@@ -24,9 +24,18 @@ from mole_jax.errors import UserError
 from mole_jax.files import write_text_atomic
 from mole_jax.infer.engine import Engine, build_engine
 from mole_jax.infer.offload.rows import Prefetcher
+from mole_jax.progress import Progress
 from mole_jax.workdir import Workdir, as_workdir
 
 EVAL_NAMES = {"experts": "val", "offload": "val_offload", "lut_memory": "val_lut"}
+# What each engine mode is called where a person reads it.
+MODE_NAMES = {
+    "experts": "in memory",
+    "lut_memory": "LUT in memory",
+    "offload": "LUT offloaded",
+    "moe_offload": "MoE experts offloaded",
+    "lookahead": "pre-gated, experts offloaded",
+}
 
 
 def val_batches(workdir, corpus=None, n_batches: int | None = None, max_tokens: int | None = None):
@@ -61,10 +70,13 @@ def evaluate_engine(engine: Engine, batches) -> dict:
     t0 = time.perf_counter()
     pre = Prefetcher(lambda b: (b, engine.prepare(np.asarray(b[:, :-1], np.int32))))
     losses, tokens = [], 0
+    total = len(batches) if hasattr(batches, "__len__") else None
     try:
-        for b, prepared in pre.map(batches):
-            losses.append(engine.loss(b, prepared))
-            tokens += b[:, 1:].size
+        with Progress(f"eval ({MODE_NAMES.get(engine.mode, engine.mode)})", total, 0, "batch") as p:
+            for b, prepared in pre.map(batches):
+                losses.append(engine.loss(b, prepared))
+                tokens += b[:, 1:].size
+                p.update(1, loss=float(np.mean(losses)))
     finally:
         pre.close()
     loss = float(np.mean(losses))

@@ -5,7 +5,7 @@
   run's compute dtype, in chunks of rows so memory is bounded by the chunk; stored in
   `quant.DTYPES` (`offload/lut_store.py`).
 - MoE (`export_experts`): each layer's expert weights as they are (float dtypes) or group-wise
-  quantised (int4/int3/int2), one chunk per expert (`offload/expert_store.py`), for the
+  quantised (int4/int3/int2), one chunk per expert (`stores/experts.py`), for the
   expert-offloading baseline.
 
 Both write into a staging directory, read back and check against what was written, and publish
@@ -25,6 +25,7 @@ from flax import nnx
 from mole_jax.errors import UserError
 from mole_jax.files import check_space
 from mole_jax.model.config import model_config
+from mole_jax.progress import Progress
 from mole_jax.stores import quant, store
 from mole_jax.stores.experts import ExpertStore, expert_bytes
 from mole_jax.stores.lut import LutStore
@@ -93,19 +94,22 @@ def _export_lut(wd, step, dtype, out, rows_per_chunk) -> dict:
     def tables_fn(p, ids):
         return nnx.merge(model.graphdef, p, model.rest).token_tables(ids, layers)
 
-    for start in range(0, m.vocab_size, rows):
-        ids = jnp.arange(start, min(m.vocab_size, start + rows), dtype=jnp.int32)
-        tables = {i: np.asarray(t, np.float32) for i, t in tables_fn(model.params, ids).items()}
-        lut.write_rows(start, tables)
-    manifest = lut.finalize(
-        dict(
-            checkpoint_step=model.step,
-            params_digest=model.params_digest,
-            d_model=m.d_model,
-            n_layers=m.n_layers,
+    with Progress("export", m.vocab_size, 0, "row") as p:
+        for start in range(0, m.vocab_size, rows):
+            ids = jnp.arange(start, min(m.vocab_size, start + rows), dtype=jnp.int32)
+            tables = {i: np.asarray(t, np.float32) for i, t in tables_fn(model.params, ids).items()}
+            lut.write_rows(start, tables)
+            p.update(len(ids))
+        p.phase("verifying and publishing the store")
+        manifest = lut.finalize(
+            dict(
+                checkpoint_step=model.step,
+                params_digest=model.params_digest,
+                d_model=m.d_model,
+                n_layers=m.n_layers,
+            )
         )
-    )
-    store.publish(tmp, final)
+        store.publish(tmp, final)
     return manifest
 
 

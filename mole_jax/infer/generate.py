@@ -7,6 +7,8 @@ import time
 
 import numpy as np
 
+from mole_jax.progress import Progress
+
 
 def sample(logits_BxV: np.ndarray, temperature: float, top_k: int, rng) -> np.ndarray:
     """Greedy when temperature == 0, else softmax(logits / T) over the top_k (0: all) tokens."""
@@ -31,11 +33,13 @@ def generate(
     blocked)}.
     """
     steps = generate_steps(engine, prompt_BxP, max_new, temperature, top_k, seed, before_step)
-    while True:
-        try:
-            next(steps)
-        except StopIteration as done:
-            return done.value
+    with Progress("generate", max_new, 0, "token") as progress:
+        while True:
+            try:
+                tokens = next(steps)
+            except StopIteration as done:
+                return done.value
+            progress.update(len(tokens) - progress.n)
 
 
 def generate_steps(

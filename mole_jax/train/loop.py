@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import sys
 import time
 from collections.abc import Callable, Sequence
 
@@ -23,6 +22,7 @@ from mole_jax.data import pipeline
 from mole_jax.errors import ConfigError, TrainingDiverged
 from mole_jax.files import write_text_atomic
 from mole_jax.parallel import distributed
+from mole_jax.progress import Progress
 from mole_jax.train import accounting
 from mole_jax.train.checkpoint import Checkpointer
 from mole_jax.train.metrics import MetricsWriter, aux_stats, read_metrics
@@ -41,6 +41,7 @@ class Hook:
     every: int = 0
     at: tuple[int, ...] = ()
     at_end: bool = True
+    name: str = ""  # shown as a phase of the progress while it runs ("" for per-step checks)
 
     def due(self, step: int, last: int) -> bool:
         periodic = bool(self.every and step % self.every == 0)
@@ -110,13 +111,11 @@ class StepLog:
     """Per-step metrics, pulled one step late: `pend` a step's device metrics, `flush` them."""
 
     def __init__(self, cfg, wd: Workdir, start: int, ckpt: Checkpointer, on_row: Sequence):
-        from tqdm import tqdm
-
         self.cfg, self.ckpt, self.on_row = cfg, ckpt, on_row
         primary = distributed.is_primary()  # the one process that writes metrics
         self.writer = MetricsWriter(str(wd), start) if primary else None
-        on = cfg.train.progress and sys.stderr.isatty() and primary
-        self.bar = tqdm(total=cfg.train.steps, initial=start, disable=not on, unit="step")
+        on = bool(cfg.train.progress and primary and start < cfg.train.steps)
+        self.progress = Progress("train", cfg.train.steps, start, "step", enabled=on)
         self.tokens_per_step = cfg.train.batch_size * cfg.data.seq_len
         self.last: dict = {"step": start}
         self.pending = None
@@ -149,8 +148,7 @@ class StepLog:
         if self.writer and (step % t.log_every == 0 or step == t.steps):
             self.writer.write(step, row)
         self.last.update(row, step=step)
-        self.bar.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{row['tokens_per_s']:.0f}")
-        self.bar.update(1)
+        self.progress.update(1, loss=round(row["loss"], 3), **{"tokens/s": row["tokens_per_s"]})
         for fn in self.on_row:
             fn(step, row)
 
@@ -162,7 +160,7 @@ class StepLog:
     def close(self) -> None:
         if self.writer:
             self.writer.close()
-        self.bar.close()
+        self.progress.close()
 
 
 def _hooks(cfg, wd: Workdir, trainer: Trainer, td, log: StepLog, ckpt) -> list[Hook]:
@@ -171,7 +169,10 @@ def _hooks(cfg, wd: Workdir, trainer: Trainer, td, log: StepLog, ckpt) -> list[H
     def evaluate(step, state):
         log.record(step, evaluate_tokens(trainer, state["params"], state["rest"], td.val))
 
-    hooks = [Hook(evaluate, t.eval_every), Hook(lambda step, state: ckpt.save(state), t.ckpt_every)]
+    hooks = [
+        Hook(evaluate, t.eval_every, name="eval"),
+        Hook(lambda step, state: ckpt.save(state), t.ckpt_every, name="checkpoint"),
+    ]
     if t.profile_at:
         hooks.append(_profile_hook(wd, t.profile_at, t.profile_steps))
     return hooks
@@ -188,7 +189,7 @@ def _profile_hook(wd: Workdir, first: int, n: int) -> Hook:
             jax.block_until_ready(state)
             jax.profiler.stop_trace()
 
-    return Hook(profile, at=(first, first + n), at_end=False)
+    return Hook(profile, at=(first, first + n), at_end=False, name="profile")
 
 
 def run(cfg, workdir, on_row: Sequence[Callable[[int, dict], None]] = ()) -> dict:
@@ -272,6 +273,7 @@ def _loop(trainer: Trainer, td, state, start: int, hooks: list[Hook], log: StepL
     cfg = trainer.cfg
     t = cfg.train
     rows = trainer.process_rows(t.batch_size)
+    log.progress.phase("compiling the train step")
     for s in range(start, t.steps):
         batch = pipeline.train_batch(td.train, cfg.seed, s, t.batch_size, cfg.data.seq_len, rows)
         state, mets = trainer.step_fn(state, *trainer.put_batch(batch))
@@ -280,6 +282,8 @@ def _loop(trainer: Trainer, td, state, start: int, hooks: list[Hook], log: StepL
         for hook in hooks:
             if hook.due(s + 1, t.steps):
                 log.flush()  # never evaluate or checkpoint a state not seen to be finite
+                final = "final " if s + 1 == t.steps else ""
+                log.progress.phase(f"{final}{hook.name} at step {s + 1}")
                 hook.fn(s + 1, state)
                 log.restart_clock()
         stop.fn(s + 1, state)
