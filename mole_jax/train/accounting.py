@@ -104,26 +104,3 @@ def lut_bytes(values: int, d: int, dtype: str, m) -> int:
         block = lut_block(m, dtype)
         size += -(-values // block) * 2
     return int(size)
-
-
-def format_summary(s: dict) -> str:
-    skip = ("layer_kinds", "mesh")
-    rows = [(k, s[k]) for k in s if k not in skip and not isinstance(s[k], dict)]
-    rows += [
-        (f"{k}[{dt}]", b)
-        for k in s
-        if isinstance(s[k], dict) and k not in skip
-        for dt, b in s[k].items()
-    ]
-    if "mesh" in s:
-        rows.append(("mesh", " ".join(f"{a}={n}" for a, n in s["mesh"].items())))
-    width = max(len(k) for k, _ in rows)
-    return "\n".join(f"{k:<{width}}  {_fmt(k, v)}" for k, v in rows)
-
-
-def _fmt(key: str, v) -> str:
-    if key.startswith(("bytes_per_device", "lut_bytes")) and isinstance(v, int):
-        return f"{v:,}  ({v / 2**30:.3f} GiB)"
-    if isinstance(v, int) and v >= 10_000:
-        return f"{v:,}  ({v / 1e9:.3f} B)" if v >= 1e8 else f"{v:,}"
-    return str(v)

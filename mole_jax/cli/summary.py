@@ -1,0 +1,81 @@
+"""What `launch.py summary` prints: the accounting in human units, the assumptions the memory
+plan made (devices, micro-batches, remat, backend), and — when the step does not fit a device —
+the fewest micro-batches, or else the smallest FSDP mesh, that would (`memory.fit`)."""
+
+from __future__ import annotations
+
+import copy
+
+from mole_jax.train import memory
+
+MESHES = (8, 16, 32, 64, 128, 256, 512, 1024)
+
+
+def count(v: int) -> str:
+    """1,068,347,136 (1.07 B)."""
+    for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if v >= size:
+            return f"{v:,} ({v / size:.3g} {unit})"
+    return f"{v:,}"
+
+
+def nbytes(v: float) -> str:
+    """3.98 GiB, 288 KiB."""
+    for unit, size in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if v >= size:
+            return f"{v / size:,.2f} {unit}"
+    return f"{v:.0f} B"
+
+
+def render(cfg, s: dict, budget_gib: float, backend: str) -> str:
+    width = 26
+    rows = [("kind", s["kind"])]
+    for key in ("params_total", "params_resident", "params_active_per_token", "flops_per_token",
+                "train_flops_per_token"):  # fmt: skip
+        rows.append((key, count(s[key])))
+    rows += [("seq_len", s["seq_len"]), ("vocab_size", f"{s['vocab_size']:,}")]
+    if "lut_values" in s:
+        rows.append(("lut_values", count(s["lut_values"])))
+        rows.append(("lut_values_per_token", count(s["lut_values_per_token"])))
+        for dt, b in s["lut_bytes"].items():
+            per = s["lut_bytes_per_token"][dt]
+            rows.append((f"lut[{dt}]", f"{nbytes(b)} in all, {nbytes(per)} per token"))
+    lines = [f"{k:<{width}}{v}" for k, v in rows]
+    if "bytes_per_device" in s:
+        lines += ["", *memory_lines(cfg, s, budget_gib, backend)]
+    return "\n".join(lines)
+
+
+def memory_lines(cfg, s: dict, budget_gib: float, backend: str) -> list[str]:
+    sizes, plan, t = s["mesh"], s["bytes_per_device"], cfg.train
+    devices = 1
+    for n in sizes.values():
+        devices *= n
+    parts = ", ".join(f"{k} {nbytes(v)}" for k, v in plan.items() if k != "total")
+    mesh = " ".join(f"{a}={n}" for a, n in sizes.items())
+    micro = f"{t.microbatches} micro-batch" + ("es" if t.microbatches > 1 else "")
+    lines = [
+        f"memory per device (closed-form plan): {nbytes(plan['total'])} ({parts})",
+        f"  assumed: {devices} device{'s' if devices > 1 else ''}, mesh {mesh}; batch "
+        f"{t.batch_size} x {cfg.data.seq_len} tokens in {micro}; remat={cfg.model.remat}, "
+        f"dtype={cfg.model.dtype}, backend={backend}",
+    ]
+    budget = budget_gib * 2**30
+    if plan["total"] <= budget:
+        return [*lines, f"  fits in {budget_gib:g} GiB per device"]
+    lines.append(f"  does not fit in {budget_gib:g} GiB per device (--budget_gib sets the budget)")
+    fitted, micro = memory.fit(cfg, sizes, budget, backend)
+    if micro:
+        return [*lines, f"  fits with --config.train.microbatches={micro} "
+                        f"({nbytes(fitted['total'])} per device)"]  # fmt: skip
+    for n in MESHES:
+        trial = copy.deepcopy(cfg)
+        trial.mesh.update(data=1, fsdp=n, expert=1, tensor=1)
+        if t.batch_size % n:
+            continue
+        fitted, micro = memory.fit(trial, memory.mesh_sizes(trial.mesh), budget, backend)
+        if micro:
+            flags = f"--config.mesh.data=1 --config.mesh.fsdp={n} --config.train.microbatches="
+            flags += str(micro)
+            return [*lines, f"  fits on {n} devices with {flags} ({nbytes(fitted['total'])} each)"]
+    return [*lines, f"  fits no FSDP mesh up to {MESHES[-1]} devices at any micro-batch count"]
