@@ -29,6 +29,7 @@ import os
 
 import _paths  # noqa: F401
 import numpy as np
+from _tables.bench import cache_table
 from absl import app, flags, logging
 
 from mole_jax.eval.validation import val_batches
@@ -89,27 +90,11 @@ def main(_):
                 row[p] = r["hit_rate"]
                 row[f"{p}_loads_per_token"] = r["loads"] / (FLAGS.tokens * b)
             rows.append(row)
-    print(table(rows, n_experts))
+    print(cache_table(rows, n_experts))
     if FLAGS.json:
         os.makedirs(os.path.dirname(FLAGS.json) or ".", exist_ok=True)
         with open(FLAGS.json, "w") as f:
             json.dump(dict(workdir=FLAGS.workdir, experts=n_experts, rows=rows), f, indent=2)
-
-
-def table(rows: list[dict], n_experts: int) -> str:
-    head = (
-        "| batch | capacity / layer | Random | LRU | Belady | expert loads per token "
-        "(Random / LRU / Belady) |"
-    )
-    lines = [head, "|---|---|---|---|---|---|"]
-    for r in rows:
-        loads = " / ".join(f"{r[f'{p}_loads_per_token']:.2f}" for p in POLICIES)
-        lines.append(
-            f"| {r['batch']} | {r['capacity']} of {n_experts} "
-            f"| {100 * r['random']:.1f}% | {100 * r['lru']:.1f}% | {100 * r['belady']:.1f}% "
-            f"| {loads} |"
-        )
-    return "\n".join(lines)
 
 
 if __name__ == "__main__":

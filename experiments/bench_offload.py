@@ -41,6 +41,7 @@ from pathlib import Path
 import _paths  # noqa: F401
 import numpy as np
 from _stores import drop_page_cache, fresh
+from _tables.bench import offload_markdown
 from absl import app, flags, logging
 
 from configs import dense, moe, mole
@@ -231,28 +232,6 @@ def _line(r: dict) -> str:
     )
 
 
-def markdown(results: list[dict], meta: dict) -> str:
-    head = (
-        "| model | batch | decode ms median | p95 | prefill ms | bytes/token read (decode) | "
-        "measured I/O bytes/token (decode) | bytes/token read (prefill) | resident MiB | "
-        "val loss |\n"
-        "|---|---|---|---|---|---|---|---|---|---|\n"
-    )
-    body = "".join(
-        f"| {r['model']} | {r['batch']} | {r['decode_ms_median']:.2f} | {r['decode_ms_p95']:.2f} "
-        f"| {r['prefill_s'] * 1e3:.1f} | {r['bytes_per_token']:,.0f} "
-        f"| {r['io_bytes_per_token']:,.0f} | {r['prefill_bytes_per_token']:,.0f} "
-        f"| {r['resident_bytes'] / 2**20:.1f} | {r['val_loss']:.4f} |\n"
-        for r in results
-    )
-    note = (
-        f"\nsize={meta['size']}, prompt {meta['prompt']} tokens, {meta['new']} new tokens, "
-        f"{meta['rounds']} lockstep rounds, "
-        f"page cache {meta['page_cache']}, {meta['machine']}.\n"
-    )
-    return head + body + note
-
-
 def plot(results: list[dict], path: str) -> None:
     import matplotlib
 
@@ -299,7 +278,7 @@ def main(_):
     os.makedirs(os.path.dirname(FLAGS.out) or ".", exist_ok=True)
     with open(FLAGS.out + ".json", "w") as f:
         json.dump(dict(meta=meta, results=results), f, indent=2)
-    md = markdown(results, meta)
+    md = offload_markdown(results, meta)
     Path(FLAGS.out + ".md").write_text(md)
     plot(results, FLAGS.out + ".png")
     print("\n" + md + f"\nwrote {FLAGS.out}.json, .md, .png")

@@ -25,6 +25,7 @@ import _paths  # noqa: F401
 import jax
 import numpy as np
 from _kinds import KINDS
+from _tables.guide import scan_table
 from absl import app, flags, logging
 
 from mole_jax.data import pipeline
@@ -75,21 +76,6 @@ def measure(cfg) -> dict:
     return row
 
 
-def table(rows: list[dict]) -> str:
-    lines = ["| size | kind | layers | compile loop (s) | compile scan (s) | step loop (s) "
-             "| step scan (s) | temp loop (MB) | temp scan (MB) | loss loop / scan |",
-             "|" + "---|" * 10]  # fmt: skip
-    for r in rows:
-        lo, sc = r["loop"], r["scan"]
-        step = [f"{x['step_s']:.3f}" if "step_s" in x else "-" for x in (lo, sc)]
-        loss = f"{lo['final_loss']:.6f} / {sc['final_loss']:.6f}" if "final_loss" in lo else "-"
-        mb = [f"{x['temp_bytes'] / 2**20:.0f}" for x in (lo, sc)]
-        lines.append(f"| {r['size']} | {r['kind']} | {lo['n_layers']} | {lo['compile_s']:.1f} "
-                     f"| {sc['compile_s']:.1f} | {step[0]} | {step[1]} | {mb[0]} | {mb[1]} "
-                     f"| {loss} |")  # fmt: skip
-    return "\n".join(lines)
-
-
 def main(_):
     logging.set_verbosity(logging.WARNING)
     measure(config("dense", "tiny", False))  # jax's own start-up, outside the first row
@@ -101,7 +87,7 @@ def main(_):
                 row[name] = measure(config(kind, size, scan))
                 print(f"  {size} {kind} {name}: {row[name]}", flush=True)
             rows.append(row)
-    print(table(rows))
+    print(scan_table(rows))
     print(f"batch {FLAGS.batch} x {FLAGS.seq_len} tokens, vocabulary 8192, "
           f"{jax.device_count()} {jax.default_backend()} device(s)")  # fmt: skip
     if FLAGS.json:

@@ -28,6 +28,7 @@ import _paths  # noqa: F401
 import jax
 import jax.numpy as jnp
 import numpy as np
+from _tables.bench import train_table
 from absl import app, flags, logging
 from ml_collections import config_flags
 
@@ -109,22 +110,6 @@ def bench(cfg, steps: int = 10, warmup: int = 2, peak: float | None = None) -> d
     }
 
 
-def table(rows: list[dict], ref: dict | None = None) -> str:
-    head = (
-        "| config | active params | tokens/step | step (s) | tokens/s | MFU "
-        "| XLA GFLOP/token | step vs dense |"
-    )
-    lines = [head, "|" + "---|" * 8]
-    for r in rows:
-        ratio = f"{r['step_time_s'] / ref['step_time_s']:.2f}x" if ref else "-"
-        lines.append(
-            f"| {r.get('name', r['kind'])} | {r['params_active_per_token'] / 1e6:.2f} M "
-            f"| {r['tokens_per_step']} | {r['step_time_s']:.3f} | {r['tokens_per_s']:.0f} "
-            f"| {100 * r['mfu']:.1f}% | {r['xla_flops_per_token'] / 1e9:.4f} | {ratio} |"
-        )
-    return "\n".join(lines)
-
-
 def compare_configs(size: str) -> dict:
     from configs import dense, moe, mole, peer
 
@@ -150,7 +135,7 @@ def main(_):
             res = bench(apply_overrides(cfg, FLAGS.set), FLAGS.steps, FLAGS.warmup, peak)
             rows.append(dict(res, name=name))
             print(f"  {name}: {res['step_time_s']:.3f} s/step", flush=True)
-        print(table(rows, rows[0]))
+        print(train_table(rows, rows[0]))
         print(
             f"peak (measured float32 matmul): {peak / 1e9:.1f} GFLOP/s; size={FLAGS.compare}, "
             f"overrides: {FLAGS.set or 'none'}"
@@ -163,7 +148,7 @@ def main(_):
     cfg = FLAGS.config
     res = bench(cfg, FLAGS.steps, FLAGS.warmup)
     res["name"] = f"{cfg.model.ffn.kind}"
-    print(table([res]))
+    print(train_table([res]))
     print(
         f"peak (measured {compute_dtype(cfg.model).name} matmul): {res['peak_flops'] / 1e9:.1f} "
         f"GFLOP/s on {res['devices']} {res['backend']} device(s); compile {res['compile_s']:.1f}s"

@@ -31,6 +31,7 @@ import sys
 from pathlib import Path
 
 import _paths  # noqa: F401
+from _tables.bench import convert_table
 from absl import app, flags
 
 from mole_jax.eval.validation import evaluate
@@ -94,9 +95,7 @@ def main(_):
             out = evaluate(w, corpus=corpus, n_batches=FLAGS.eval_batches, write=False)
             row[d] = out["loss"]
         rows.append(row)
-    print("\n| model | " + " | ".join(DOMAINS) + " |\n|---|" + "---|" * len(DOMAINS))
-    for row in rows:
-        print(f"| {row['model']} | " + " | ".join(f"{row[d]:.4f}" for d in DOMAINS) + " |")
+    print("\n" + convert_table(rows))
     conv, pruned = rows[1], rows[2]
     wins = [d for d in DOMAINS if conv[d] < pruned[d]]
     print(f"\nconverted below pruned on {len(wins)} of {len(DOMAINS)} domains ({', '.join(wins)})")

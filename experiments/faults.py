@@ -35,6 +35,7 @@ import _paths  # noqa: F401
 import numpy as np
 from _fault_checks import curve, store_ok, verified_checkpoints
 from _fault_inputs import invalid_inputs
+from _tables.guide import faults_table
 from absl import app, flags, logging
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -333,26 +334,13 @@ def campaign(root: Path, n: int, seed: int, kinds: list[str]) -> dict[str, list[
     return out
 
 
-def table(out: dict[str, list[dict]]) -> str:
-    lines = [
-        "| fault | injected | recovered | artefacts lost | tracebacks |",
-        "|---|---|---|---|---|",
-    ]
-    for kind, rows in out.items():
-        lines.append(
-            f"| {kind} | {len(rows)} | {sum(r['recovered'] for r in rows)} "
-            f"| {sum(r['lost'] for r in rows)} | {sum(r['tracebacks'] for r in rows)} |"
-        )
-    return "\n".join(lines)
-
-
 def main(_):
     logging.set_verbosity(logging.ERROR)  # orbax logs every checkpoint this process verifies
     kinds = FLAGS.kinds or [*KINDS, "invalid_input"]
     t0 = time.time()
     with tempfile.TemporaryDirectory() as tmp:
         out = campaign(Path(tmp), FLAGS.n, FLAGS.seed, kinds)
-    print("\n" + table(out))
+    print("\n" + faults_table(out))
     print(f"\n{time.time() - t0:.0f} s, seed {FLAGS.seed}")
     if FLAGS.json:
         Path(FLAGS.json).write_text(json.dumps(dict(seed=FLAGS.seed, n=FLAGS.n, faults=out),

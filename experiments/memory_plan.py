@@ -22,6 +22,7 @@ import json
 from pathlib import Path
 
 import _paths  # noqa: F401
+from _tables.guide import memory_table
 from absl import app, flags
 
 from configs import dense, moe, mole
@@ -47,26 +48,10 @@ def rows(devices: int, budget: float) -> list[dict]:
     return out
 
 
-def table(all_rows: list[dict]) -> str:
-    gib = 2**30
-    lines = [
-        "| model | devices | micro-batches | params | grads | AdamW | activations | total (GiB) |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    for r in all_rows:
-        micro = r["microbatches"] or "does not fit"
-        lines.append(
-            f"| {r['size']} {r['model']} | {r['devices']} | {micro} | {r['params'] / gib:.2f} "
-            f"| {r['grads'] / gib:.2f} | {r['opt_state'] / gib:.2f} "
-            f"| {r['activations'] / gib:.2f} | {r['total'] / gib:.2f} |"
-        )
-    return "\n".join(lines)
-
-
 def main(_):
     budget = FLAGS.budget_gb * 2**30
     all_rows = [r for d in map(int, FLAGS.devices) for r in rows(d, budget)]
-    print(table(all_rows))
+    print(memory_table(all_rows))
     if FLAGS.json:
         Path(FLAGS.json).write_text(json.dumps(all_rows, indent=2))
 
