@@ -23,7 +23,7 @@ def get_config(arg=None):
             d_expert=c.model.d_ff // 2,  # paper: F/2, so top-2 activates as many params as dense
             shared_d_ff=a.shared * c.model.d_ff,  # width of an always-on shared expert (0: none)
             router_mode="topk_softmax",  # paper; or softmax_topk (softmax over all, then top-k)
-            routing=a.routing,  # token_choice | expert_choice (not causal: see ffn/moe.py)
+            routing=a.routing,  # token_choice | expert_choice (not causal: model/ffn/moe.py)
             lb_coef=0.01 if a.routing == "token_choice" else 0.0,  # EC is balanced as built
             z_coef=0.001,
             dispatch="dropless",  # dropless | capacity

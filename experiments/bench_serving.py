@@ -11,7 +11,8 @@ Method. `--requests` prompts of `--min_prompt`..`--prompt` tokens from the run's
 (lengths and queue order drawn from `--seed`), each generated greedily for 4..`--new` tokens by the
 in-memory model; the pre-gating router gives every token's path (top-1). Hit ratios: the queue,
 every request in it at time 0, is scheduled into batches of at most `--budget` tokens
-(offload/serving.py) and the batch sequence is replayed through each cache (exact counts).
+(mole_jax/infer/offload/serving.py) and the batch sequence is replayed through each cache
+(exact counts).
 
 Modelled latency (`serving.replay`, one row per `--load` x batching): requests arrive as a
 Poisson stream in queue order, at `--load` times the rate FIFO sustains on this queue (its
@@ -30,13 +31,13 @@ prefetch). Latency per token = (the time a request's last token is produced - it
 generated tokens (Read-ME's metric).
 
 Executed (`--rounds` > 0): the same queue is then served for real by the lookahead engine
-(offload/server.py) over the fp16 expert store at each `--executed_load` (arrival rate from a
-timed time-0 FIFO run, the same Poisson draws), one shared cache of `--latency_capacity` experts
-per layer evicted by LRU or by Belady over the queue's known future, pages dropped before each run,
-every shape compiled by one untimed run first; latency is wall-clock. A batch runs as one
-(`forward_batch`): attention per request (its rows sit at its own KV-cache position), each
-block's experts once over all the batch's tokens, a grouped matmul over the experts it uses.
-Medians over the rounds.
+(mole_jax/infer/offload/server.py) over the fp16 expert store at each `--executed_load` (arrival
+rate from a timed time-0 FIFO run, the same Poisson draws), one shared cache of `--latency_capacity`
+experts per layer evicted by LRU or by Belady over the queue's known future, pages dropped before
+each run, every shape compiled by one untimed run first; latency is wall-clock. A batch runs as one
+(`forward_batch`): attention per request (its rows sit at its own KV-cache position), each block's
+experts once over all the batch's tokens, a grouped matmul over the experts it uses. Medians over
+the rounds.
 """
 
 from __future__ import annotations

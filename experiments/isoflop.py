@@ -5,7 +5,7 @@ when each is trained at its best model size? For each of two budgets and each ki
 backbone widths are trained for steps = budget / (training FLOPs per step), and the minimum of
 each kind's curve is reported.
 Expected (PEER paper, Table 1): PEER < MoE < PKM < dense in perplexity at both budgets. The
-paper's MoE routes by expert choice (`moe-ec`: not causal, see ffn/moe.py); the top-2
+paper's MoE routes by expert choice (`moe-ec`: not causal, see mole_jax/model/ffn/moe.py); the top-2
 token-choice MoE (`moe`, the MoLE paper's baseline) is trained beside it.
 
     python launch.py sweep --config=experiments/isoflop.py:size=tiny,budgets=1e12/3e12 \

@@ -99,6 +99,13 @@ class Progress:
             )
             self.bar.update(n)
 
+    def start_at(self, n: int) -> None:
+        """Where the work begins, once known (a resumed run's step)."""
+        self.n = n
+        if self.bar is not None:
+            self.bar.n = self.bar.last_print_n = n
+            self.bar.refresh()
+
     def phase(self, text: str) -> None:
         """What runs now until the next `update` (announced once, then in every line)."""
         self.phase_text, self.phase_t0 = text, time.perf_counter()

@@ -4,37 +4,21 @@ config), no module over 400 lines, an `__init__` docstring for every package, an
 benchmark code that branches on an engine's type."""
 
 import ast
+import os
 import re
+import sys
 from pathlib import Path
 
 from conftest import ROOT
 
 from mole_jax import LAYERS
 
+# The import graph is built by the docs' renderer of it (docs/development.md), so the page and
+# this test read one graph.
+sys.path.insert(0, os.path.join(ROOT, "experiments"))
+from _tables.code import import_graph  # noqa: E402
+
 PKG = Path(ROOT) / "mole_jax"
-
-
-def _module(path: Path) -> str:
-    parts = path.relative_to(ROOT).with_suffix("").parts
-    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
-
-
-def _imports(path: Path, modules: set[str]) -> set[str]:
-    """The mole_jax modules `path` imports (at module level or inside a function)."""
-    out = set()
-    for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.Import):
-            out |= {a.name for a in node.names if a.name in modules}
-        elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("mole_jax"):
-            for a in node.names:  # `from mole_jax import ffn`: the module, else its package
-                sub = f"{node.module}.{a.name}"
-                out.add(sub if sub in modules else node.module)
-    return out
-
-
-def import_graph() -> dict[str, set[str]]:
-    files = {_module(p): p for p in PKG.rglob("*.py")}
-    return {m: _imports(p, set(files)) - {m} for m, p in files.items()}
 
 
 def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:

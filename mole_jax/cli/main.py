@@ -13,7 +13,6 @@ import sys
 from absl import app, flags, logging
 
 from mole_jax import progress
-from mole_jax.cli import commands
 from mole_jax.cli.flags import COMMANDS, FLAGS
 from mole_jax.cli.help import HELP
 from mole_jax.cli.help import show as show_help
@@ -41,6 +40,8 @@ def main(argv):
         fail(f"error: usage: launch.py {{{'|'.join(COMMANDS)}}} [flags]; got {argv[1:]} "
              "(launch.py --help lists the commands)")  # fmt: skip
     progress.enable()
+    from mole_jax.cli import commands  # after parsing: `--help` and flag mistakes need no jax
+
     try:
         result = getattr(commands, argv[1])(FLAGS)
     except UserError as e:

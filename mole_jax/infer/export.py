@@ -3,7 +3,7 @@
 - MoLE (`export_lut`): LUT_l[v, e, :] = expert_e(RMSNorm_exp_l(Emb[v])) for every vocabulary row
   v, computed by the same `token_tables` code the model trains with, in float32 whatever the
   run's compute dtype, in chunks of rows so memory is bounded by the chunk; stored in
-  `quant.DTYPES` (`offload/lut_store.py`).
+  `quant.DTYPES` (`stores/lut.py`).
 - MoE (`export_experts`): each layer's expert weights as they are (float dtypes) or group-wise
   quantised (int4/int3/int2), one chunk per expert (`stores/experts.py`), for the
   expert-offloading baseline.

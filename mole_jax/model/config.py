@@ -1,7 +1,7 @@
 """The typed model config: a frozen dataclass made once from the ml_collections config.
 
 `build_model` and every module take a `ModelConfig`; none reads the config tree. The FFN kind's
-own fields arrive as the kind's frozen `Settings` (`m.ffn`), so `ffn/moe.py` reads
+own fields arrive as the kind's frozen `Settings` (`m.ffn`), so `model/ffn/moe.py` reads
 `m.ffn.experts`, never `cfg.model.ffn.moe.experts`.
 """
 

@@ -8,8 +8,9 @@ Layout under a store directory:
 Arrays use the `sharding_indexed` codec: shards of `shard_rows` rows, inner chunks of
 `rows_per_chunk` rows, no compression, a crc32c checksum on every inner chunk and on every shard
 index, so a corrupt byte is reported by the read that touches it. The manifest holds the format
-version, the store's kind, the SHA-256 of the checkpoint's parameters the store was built from
-and each array's shape, dtype and SHA-256 (`open_arrays(verify=...)` recomputes them).
+version, the store's kind, the digest of the checkpoint parameters the store was built from
+(`params_digest`) and each array's shape, dtype and SHA-256 (`open_arrays(verify=...)`
+recomputes them).
 
 A store is written into `.<name>.tmp-<pid>` beside its destination (`staging_dir`), its arrays
 read back and compared with digests of what was written (`write_manifest(written=...)`), and

@@ -110,12 +110,11 @@ def _check_resume_compatible(cfg, wd: Workdir) -> None:
 class StepLog:
     """Per-step metrics, pulled one step late: `pend` a step's device metrics, `flush` them."""
 
-    def __init__(self, cfg, wd: Workdir, start: int, ckpt: Checkpointer, on_row: Sequence):
-        self.cfg, self.ckpt, self.on_row = cfg, ckpt, on_row
+    def __init__(self, cfg, wd: Workdir, start: int, ckpt, on_row: Sequence, progress: Progress):
+        self.cfg, self.ckpt, self.on_row, self.progress = cfg, ckpt, on_row, progress
         primary = distributed.is_primary()  # the one process that writes metrics
         self.writer = MetricsWriter(str(wd), start) if primary else None
-        on = bool(cfg.train.progress and primary and start < cfg.train.steps)
-        self.progress = Progress("train", cfg.train.steps, start, "step", enabled=on)
+        progress.start_at(start)
         self.tokens_per_step = cfg.train.batch_size * cfg.data.seq_len
         self.last: dict = {"step": start}
         self.pending = None
@@ -160,7 +159,6 @@ class StepLog:
     def close(self) -> None:
         if self.writer:
             self.writer.close()
-        self.progress.close()
 
 
 def _hooks(cfg, wd: Workdir, trainer: Trainer, td, log: StepLog, ckpt) -> list[Hook]:
@@ -202,11 +200,19 @@ def run(cfg, workdir, on_row: Sequence[Callable[[int, dict], None]] = ()) -> dic
     _check_resume_compatible(cfg, wd)
     if not distributed.is_primary():
         distributed.barrier("data prepared")  # process 0 prepares it first; the others reuse it
-    # Before writing anything: a missing corpus leaves the workdir as it was.
-    td = pipeline.prepare(cfg)
+    on = bool(cfg.train.progress and distributed.is_primary())
+    with Progress("train", cfg.train.steps, 0, "step", enabled=on) as progress:
+        progress.phase("preparing the data")
+        # Before writing anything: a missing corpus leaves the workdir as it was.
+        td = pipeline.prepare(cfg)
+        return _train(cfg, wd, td, on_row, progress)
+
+
+def _train(cfg, wd: Workdir, td, on_row: Sequence, progress: Progress) -> dict:
     lock = wd.writer_lock("train") if distributed.is_primary() else contextlib.nullcontext()
     with lock, PreemptionGuard() as guard:
         summary = _write_workdir(cfg, wd, td)
+        progress.phase("building the model and restoring the newest checkpoint")
         trainer = setup(cfg)
         ckpt = Checkpointer(wd, cfg.train.keep_ckpts, cfg.train.async_ckpt, run_digest(cfg))
         try:
@@ -214,7 +220,7 @@ def run(cfg, workdir, on_row: Sequence[Callable[[int, dict], None]] = ()) -> dic
             state = trainer.init_state() if restored is None else restored[0]
             start = int(state["step"])
             _say_where(start, cfg.train.steps)
-            log = StepLog(cfg, wd, start, ckpt, on_row)
+            log = StepLog(cfg, wd, start, ckpt, on_row, progress)
             try:
                 hooks = _hooks(cfg, wd, trainer, td, log, ckpt)
                 _loop(trainer, td, state, start, hooks, log, _preemption(guard, log, ckpt))

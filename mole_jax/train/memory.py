@@ -141,10 +141,13 @@ def _table_bytes(m, cfg, sizes: dict[str, int]) -> float:
     return layers * tables + (layers if m.remat == "none" else 1) * hidden
 
 
-def plan(cfg, sizes: dict[str, int], backend: str = "cpu") -> dict:
+def plan(cfg, sizes: dict[str, int], backend: str = "cpu", params: int | None = None) -> dict:
     """{'params', 'grads', 'opt_state', 'activations', 'total'}: bytes per device on `backend`
-    ('cpu', or 'gpu' / 'tpu', where a MoE's grouped matmul is ragged_dot: no padded tiles)."""
-    params = param_bytes(model_config(cfg), sizes)
+    ('cpu', or 'gpu' / 'tpu', where a MoE's grouped matmul is ragged_dot: no padded tiles).
+    `params`: the parameter bytes per device when already known (they do not depend on the
+    batch)."""
+    if params is None:
+        params = param_bytes(model_config(cfg), sizes)
     out = dict(params=params, grads=params, opt_state=2 * params)
     out["activations"] = activation_bytes(cfg, sizes, backend)
     out["total"] = sum(out.values())
@@ -170,10 +173,10 @@ def fit(cfg, sizes: dict[str, int], budget: int, backend: str = "gpu") -> tuple[
     options = [m for m in range(1, t.batch_size + 1) if (t.batch_size % m == 0
                and (t.batch_size // m) % ways == 0)]  # fmt: skip
     trial = copy.deepcopy(cfg)
-    best = None
+    best, params = None, param_bytes(model_config(cfg), sizes)
     for m in options:
         trial.train.microbatches = m
-        best = plan(trial, sizes, backend)
+        best = plan(trial, sizes, backend, params)
         if best["total"] <= budget:
             return best, m
     return best, 0

@@ -1,4 +1,4 @@
-"""MoLE's inference engines over an exported LUT store (`offload/lut_store.py`):
+"""MoLE's inference engines over an exported LUT store (`stores/lut.py`):
 
     lut_memory  the whole LUT in device memory, packed; the batch's rows gathered inside jit
     offload     for each call the host reads the rows of the distinct token ids from the store
