@@ -12,6 +12,7 @@ import _paths  # noqa: F401
 from absl import app, flags, logging
 
 from configs import mole
+from mole_jax import progress
 from mole_jax.data import pipeline
 from mole_jax.eval.validation import evaluate
 from mole_jax.infer.engine import build_engine
@@ -49,6 +50,7 @@ def train_and_report(w: str) -> dict:
 
 def main(_):
     logging.set_verbosity(logging.WARNING)
+    progress.enable()  # export, eval and generate report progress as launch.py's commands do
     w = FLAGS.workdir
     train_and_report(w)
     print("\n[2/4] exporting the routed experts as a float16 lookup table")

@@ -86,7 +86,7 @@ def _export_experts(f):
 
 
 def eval(f):  # noqa: A001 - the subcommand's name
-    from mole_jax.eval.validation import evaluate
+    from mole_jax.eval.validation import MODE_NAMES, evaluate
 
     _need(f, "workdir")
     if f.tasks is not None:
@@ -95,7 +95,8 @@ def eval(f):  # noqa: A001 - the subcommand's name
         raise UserError(f"--max_tokens={f.max_tokens} must be positive")
     mode = _mode(f)
     out = evaluate(f.workdir, mode, corpus=f.data, step=f.step, max_tokens=f.max_tokens)
-    line = f"{out['mode']} eval of step {out['step']}: loss {out['loss']:.4f}, ppl {out['ppl']:.2f}"
+    mode_name = MODE_NAMES.get(out["mode"], out["mode"])
+    line = f"{mode_name} eval of step {out['step']}: loss {out['loss']:.4f}, ppl {out['ppl']:.2f}"
     if "lut_dtype" in out:
         line += f", {out['bytes_per_token']} bytes/token ({out['lut_dtype']})"
     if "bytes_read" in out:

@@ -44,6 +44,7 @@ import ml_collections
 from mole_jax.config import apply_overrides, load_file, load_module, to_json, user_code
 from mole_jax.errors import ConfigError, UserError
 from mole_jax.files import write_text_atomic
+from mole_jax.progress import Progress
 from mole_jax.stores import quant
 from mole_jax.sweeps.worker import LOG, RESULT, SPEC, finished_result
 from mole_jax.train.validate import validate
@@ -204,6 +205,7 @@ def execute(runs: list[Run], parallel: int, executor: str = "local", params=None
 def _execute_local(todo: list[Run], parallel: int) -> dict[str, str]:
     status = {}
     active: list[tuple[Run, subprocess.Popen, float, object]] = []
+    progress = Progress("sweep", len(todo), 0, "run")
     try:
         while todo or active:
             while todo and len(active) < max(1, parallel):
@@ -212,7 +214,10 @@ def _execute_local(todo: list[Run], parallel: int) -> dict[str, str]:
             for item in [a for a in active if a[1].poll() is not None]:
                 active.remove(item)
                 status[item[0].name] = _finish(*item)
+                failed = sum(s.startswith("failed") for s in status.values())
+                progress.update(1, running=len(active), failed=failed)
     finally:
+        progress.close()
         for _, proc, _, log in active:  # interrupted: the runs resume next time
             proc.terminate()
             proc.wait()
