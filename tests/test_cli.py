@@ -76,8 +76,8 @@ def test_progress_writes_a_line_per_interval_with_eta_and_phases():
 
 def test_summary_says_its_assumptions_and_the_fewest_microbatches_that_fit():
     cfg = load_file(os.path.join(ROOT, "configs/mole.py:size=160m,experts=16"))
-    s = accounting.summarize(cfg)
-    text = render(cfg, s, 80, "cpu")
+    s = accounting.summarize(cfg, platform="cpu")
+    text = render(cfg, s, 80)
     assert "assumed: 1 device, mesh data=1 fsdp=1 expert=1 tensor=1" in text
     assert f"batch {cfg.train.batch_size} x {cfg.data.seq_len} tokens in 1 micro-batch" in text
     advice = [line for line in text.splitlines() if "--config.train.microbatches=" in line]
@@ -87,4 +87,4 @@ def test_summary_says_its_assumptions_and_the_fewest_microbatches_that_fit():
     assert memory.plan(fewer, s["mesh"], "cpu")["total"] <= 80 * 2**30
     assert "does not fit in 80 GiB per device" in text and "GiB" in text and "(0.000" not in text
     tiny = load_file(os.path.join(ROOT, "configs/mole.py:size=tiny"))
-    assert "fits in 80 GiB per device" in render(tiny, accounting.summarize(tiny), 80, "cpu")
+    assert "fits in 80 GiB per device" in render(tiny, accounting.summarize(tiny), 80)

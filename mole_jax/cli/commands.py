@@ -43,16 +43,16 @@ def convert(f):
 
 
 def summary(f):
-    import jax
-
     from mole_jax.cli.summary import render as render_summary
     from mole_jax.train import accounting
     from mole_jax.train.validate import planned_devices, validate
 
     _need(f, "config")
     validate(f.config, n_devices=planned_devices(f.config.mesh))
-    s = accounting.summarize(f.config)
-    print(render_summary(f.config, s, f.budget_gib, jax.default_backend()))
+    if f.platform not in (None, "cpu", "gpu", "tpu"):
+        raise UserError(f"--platform={f.platform} is not one of cpu, gpu, tpu")
+    s = accounting.summarize(f.config, platform=f.platform)
+    print(render_summary(f.config, s, f.budget_gib))
     return s
 
 

@@ -40,6 +40,7 @@ flags.DEFINE_integer("num_fewshot", None, "With --tasks: examples in each prompt
 flags.DEFINE_string("include_path", None, "With --tasks: a folder of your own lm-eval task YAMLs.")
 flags.DEFINE_bool("allow_hub", False, "With --tasks: allow tasks whose data is on the HF hub.")
 flags.DEFINE_string("from", None, "The trained dense workdir to convert.")
+flags.DEFINE_string("platform", None, "Plan for cpu|gpu|tpu (default: this host's backend).")
 flags.DEFINE_float("budget_gib", 80.0, "Device memory to plan against, GiB (80: H100 / A100-80G).")
 FLAGS = flags.FLAGS
 
@@ -56,7 +57,7 @@ COMMANDS: dict[str, tuple[str, str, tuple[str, ...], str | None]] = {
     "summary": (
         "parameters, FLOPs and bytes per device of a config, without allocating anything",
         "--config=configs/mole.py:size=160m,experts=16 [--config.mesh.fsdp=64] [--json=FILE]",
-        ("config", "budget_gib", "json"),
+        ("config", "platform", "budget_gib", "json"),
         "configs/mole.py",
     ),
     "export": (

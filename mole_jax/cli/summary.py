@@ -27,7 +27,7 @@ def nbytes(v: float) -> str:
     return f"{v:.0f} B"
 
 
-def render(cfg, s: dict, budget_gib: float, backend: str) -> str:
+def render(cfg, s: dict, budget_gib: float) -> str:
     width = 26
     rows = [("kind", s["kind"])]
     for key in ("params_total", "params_resident", "params_active_per_token", "flops_per_token",
@@ -42,12 +42,12 @@ def render(cfg, s: dict, budget_gib: float, backend: str) -> str:
             rows.append((f"lut[{dt}]", f"{nbytes(b)} in all, {nbytes(per)} per token"))
     lines = [f"{k:<{width}}{v}" for k, v in rows]
     if "bytes_per_device" in s:
-        lines += ["", *memory_lines(cfg, s, budget_gib, backend)]
+        lines += ["", *memory_lines(cfg, s, budget_gib)]
     return "\n".join(lines)
 
 
-def memory_lines(cfg, s: dict, budget_gib: float, backend: str) -> list[str]:
-    sizes, plan, t = s["mesh"], s["bytes_per_device"], cfg.train
+def memory_lines(cfg, s: dict, budget_gib: float) -> list[str]:
+    sizes, plan, t, backend = s["mesh"], s["bytes_per_device"], cfg.train, s["platform"]
     devices = 1
     for n in sizes.values():
         devices *= n
@@ -58,7 +58,7 @@ def memory_lines(cfg, s: dict, budget_gib: float, backend: str) -> list[str]:
         f"memory per device (closed-form plan): {nbytes(plan['total'])} ({parts})",
         f"  assumed: {devices} device{'s' if devices > 1 else ''}, mesh {mesh}; batch "
         f"{t.batch_size} x {cfg.data.seq_len} tokens in {micro}; remat={cfg.model.remat}, "
-        f"dtype={cfg.model.dtype}, backend={backend}",
+        f"dtype={cfg.model.dtype}, platform={backend} (--platform)",
     ]
     budget = budget_gib * 2**30
     if plan["total"] <= budget:

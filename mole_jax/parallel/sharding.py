@@ -104,6 +104,16 @@ def current_mesh():
     return None if mesh.empty else mesh
 
 
+def platform() -> str:
+    """'cpu' | 'gpu' | 'tpu': the platform of the mesh the step is traced under (`jax.set_mesh`),
+    else the host's default backend. Every backend-dependent code path reads this, never
+    `jax.default_backend()` alone, so that a step compiled ahead of time for a TPU topology or GPU
+    target from a CPU host takes the target's paths, as it will when it runs there."""
+    mesh = current_mesh()
+    name = mesh.abstract_device.platform if mesh is not None else jax.default_backend()
+    return {"cuda": "gpu", "rocm": "gpu"}.get(name, name)
+
+
 def constrain(x, *names: str | None):
     """`x` constrained to the logical axes `names` when a mesh is set; `x` unchanged otherwise
     (one device, inference engines)."""

@@ -30,10 +30,10 @@ def count_params(m) -> int:
     return int(sum(x.size for x in jax.tree.leaves(nnx.state(abstract_model(m), nnx.Param))))
 
 
-def summarize(cfg, n_devices: int | None = None) -> dict:
+def summarize(cfg, n_devices: int | None = None, platform: str | None = None) -> dict:
     """The accounting of a run config (its model at context `data.seq_len`), with the bytes
     per device of its training step on `cfg.mesh` over `n_devices` (default: the mesh's fixed
-    axes, its -1 axis as 1)."""
+    axes, its -1 axis as 1) on `platform` ('cpu' | 'gpu' | 'tpu'; default: this host's)."""
     m = model_config(cfg)
     d, v, seq = m.d_model, m.vocab_size, cfg.data.seq_len
     attn_params = 4 * d * d
@@ -74,7 +74,8 @@ def summarize(cfg, n_devices: int | None = None) -> dict:
     if "mesh" in cfg:
         sizes = memory.mesh_sizes(cfg.mesh, n_devices)
         out["mesh"] = sizes
-        out["bytes_per_device"] = memory.plan(cfg, sizes, jax.default_backend())
+        out["platform"] = platform or jax.default_backend()
+        out["bytes_per_device"] = memory.plan(cfg, sizes, out["platform"])
     if lut_values:
         out["lut_values"] = lut_values
         out["lut_values_per_token"] = lut_per_token

@@ -40,6 +40,7 @@ from mole_jax.model.ffn import routing
 from mole_jax.model.ffn.base import FFN, Ctx
 from mole_jax.model.ffn.expert_parallel import dropless_sharded, sharded_dispatch_axes
 from mole_jax.model.layers import ACTIVATIONS, Mlp, compute_dtype, normal, out_std, param
+from mole_jax.parallel import sharding
 
 FORMS = ("train", "offload")
 DISPATCH = ("dropless", "capacity")
@@ -202,7 +203,7 @@ class Layer(FFN):
             c.capacity_factor,
         )
         self.n_experts, self.lb_coef, self.z_coef, self.tile = e, c.lb_coef, c.z_coef, c.tile
-        self.grouped = c.grouped if c.grouped != "auto" else _auto_grouped()
+        self.grouped = c.grouped  # 'auto' is resolved when traced, for the mesh's platform
         self.act_name, self.dtype, self.choice = m.activation, m.dtype, c.routing
 
     def route(self, x_BxLxD) -> Routes:
@@ -225,8 +226,8 @@ class Layer(FFN):
                 x_TxD, experts_TxK, weights_TxK, up, down, act, self.factor
             )
         else:
-            y_TxD = dropless(x_TxD, experts_TxK, weights_TxK, up, down, act, self.grouped,
-                             self.tile)  # fmt: skip
+            y_TxD = dropless(x_TxD, experts_TxK, weights_TxK, up, down, act,
+                             resolve_grouped(self.grouped), self.tile)  # fmt: skip
         if self.shared is not None:
             y_TxD = y_TxD + self.shared(x_TxD)
         return y_TxD.reshape(b, n, d), stats
@@ -264,8 +265,12 @@ class Layer(FFN):
         return y, {**stats, **self.aux(r)}
 
 
-def _auto_grouped() -> str:
-    return "ragged" if jax.default_backend() in ("gpu", "tpu") else "blocked"
+def resolve_grouped(grouped: str) -> str:
+    """`model.ffn.<kind>.grouped`, with 'auto' read off the platform the step is traced for:
+    ragged_dot on GPU/TPU, the blocked matmul on CPU (where ragged_dot is emulated)."""
+    if grouped != "auto":
+        return grouped
+    return "ragged" if sharding.platform() in ("gpu", "tpu") else "blocked"
 
 
 def validate(m) -> None:

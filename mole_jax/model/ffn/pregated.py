@@ -105,7 +105,7 @@ class Layer(FFN):
         self.permanent = Mlp(d, c.permanent, m, rngs) if c.permanent else None
         self.counts_router_loss = layer_idx == min(m.ffn_layers)
         self.lb_coef, self.z_coef, self.n_experts, self.tile = c.lb_coef, c.z_coef, n, c.tile
-        self.grouped = c.grouped if c.grouped != "auto" else moe._auto_grouped()
+        self.grouped = c.grouped  # 'auto' is resolved when traced, for the mesh's platform
         self.act_name, self.dtype = m.activation, m.dtype
 
     def apply_experts(self, x_BxLxD, weights_TxK, experts_TxK, up_SxDxF, down_SxFxD):
@@ -115,7 +115,7 @@ class Layer(FFN):
         dt, act = compute_dtype(self), ACTIVATIONS[self.act_name]
         y_TxD = moe.dropless(
             x_BxLxD.reshape(b * n, d), experts_TxK, weights_TxK, up_SxDxF.astype(dt),
-            down_SxFxD.astype(dt), act, self.grouped, self.tile,
+            down_SxFxD.astype(dt), act, moe.resolve_grouped(self.grouped), self.tile,
         )  # fmt: skip
         y = y_TxD.reshape(b, n, d)
         if self.permanent is not None:
