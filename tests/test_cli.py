@@ -11,7 +11,7 @@ from conftest import ROOT
 
 from configs import mole
 from mole_jax import progress
-from mole_jax.cli.flags import COMMANDS
+from mole_jax.cli.help import COMMANDS
 from mole_jax.cli.summary import render
 from mole_jax.config import load_file
 from mole_jax.train import accounting, memory

@@ -115,7 +115,7 @@ def test_sweep_trains_evaluates_skips_and_reports_failures(
     launch("sweep", f"--config={study}", f"--workdir={w}", "--parallel=2", ex)
     if executor != "local":
         assert len(os.listdir(w / "submitit")) >= 1  # submitit's own logs
-    out = json.loads((w / "runner.json").read_text())
+    out = json.loads((w / "sweep.json").read_text())
     assert out["complete"] and [r["name"] for r in out["rows"]] == ["dense", "mole"]
     dense, mole = out["rows"]
     assert dense["steps"] == mole["steps"] == 6 and dense["tokens_trained"] == 6 * 8 * 32
@@ -148,7 +148,7 @@ def test_sweep_trains_evaluates_skips_and_reports_failures(
     assert bad.returncode == 2
     assert bad.stderr.strip().splitlines()[-1].startswith("error: 1 of 2 run(s) failed (dense)")
     assert "dense: FAILED" in bad.stdout and "model.d_model=64" in bad.stdout
-    out = json.loads((w / "runner.json").read_text())
+    out = json.loads((w / "sweep.json").read_text())
     assert not out["complete"] and out["rows"][1]["status"] == "skipped"
     assert "Incomplete" in (w / "results.md").read_text()
     assert not (w / "dense/sweep_result.json").exists()  # the old spec's result is gone

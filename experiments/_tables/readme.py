@@ -9,7 +9,7 @@ from _tables import load, markdown, renderer
 
 @renderer("commands")
 def commands() -> str:
-    from mole_jax.cli.flags import COMMANDS
+    from mole_jax.cli.help import COMMANDS
 
     rows = [  # a | inside a cell, code or not, must be escaped in a markdown table
         [f"`{name}`", what, "`" + usage.replace("|", "\\|") + "`"]

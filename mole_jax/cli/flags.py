@@ -1,4 +1,5 @@
-"""Every flag of `launch.py`, and which commands take which (the per-command help reads it)."""
+"""Every flag of `launch.py` (which command takes which: `help.COMMANDS`). Importing this module
+defines the flags in absl's global registry, so only `launch.py` imports it."""
 
 from __future__ import annotations
 
@@ -43,51 +44,3 @@ flags.DEFINE_string("from", None, "The trained dense workdir to convert.")
 flags.DEFINE_string("platform", None, "Plan for cpu|gpu|tpu (default: this host's backend).")
 flags.DEFINE_float("budget_gib", 80.0, "Device memory to plan against, GiB (80: H100 / A100-80G).")
 FLAGS = flags.FLAGS
-
-MULTIHOST = ("coordinator", "num_processes", "process_id")
-LM_EVAL = ("tasks", "limit", "num_fewshot", "include_path", "allow_hub")
-# command -> (what it does, a usage line, its flags, the config its --help lists when none is given)
-COMMANDS: dict[str, tuple[str, str, tuple[str, ...], str | None]] = {
-    "train": (
-        "pretrain a config in a workdir; resumes from its newest good checkpoint",
-        "--config=configs/mole.py:size=tiny,experts=4 --workdir=runs/m [--config.train.steps=200]",
-        ("config", "workdir", *MULTIHOST),
-        "configs/mole.py",
-    ),
-    "summary": (
-        "parameters, FLOPs and bytes per device of a config, without allocating anything",
-        "--config=configs/mole.py:size=160m,experts=16 [--config.mesh.fsdp=64] [--json=FILE]",
-        ("config", "platform", "budget_gib", "json"),
-        "configs/mole.py",
-    ),
-    "export": (
-        "write a trained model's routed experts to a store: a MoLE LUT, or a MoE's experts",
-        "--workdir=runs/m [--dtype=float16|bfloat16|float32|int8|nf4|nf3] [--experts]",
-        ("workdir", "step", "dtype", "experts", "json"),
-        None,
-    ),
-    "eval": (
-        "validation loss (or lm-eval task scores) of a workdir, in memory or offloaded",
-        "--workdir=runs/m [--offload] [--data=CORPUS|files:GLOB] [--tasks=mole_offline]",
-        ("workdir", "step", "offload", "data", "max_tokens", *LM_EVAL, "json"),
-        None,
-    ),
-    "generate": (
-        "sample text from a workdir, in memory or offloaded",
-        '--workdir=runs/m --prompt="ROMEO:" [--offload] [--temperature=0.8 --top_k=40]',
-        ("workdir", "prompt", "max_new", "temperature", "top_k", "seed", "offload", "step", "json"),
-        None,
-    ),
-    "sweep": (
-        "train, export and evaluate a study's runs, here or as a SLURM job array",
-        "--config=experiments/kinds.py:size=small --workdir=runs/kinds [--parallel=N] [--dry_run]",
-        ("config", "workdir", "parallel", "dry_run", "executor", "slurm"),
-        None,
-    ),
-    "convert": (
-        "turn a trained dense workdir into a pre-gated MoE (Read-ME's conversion)",
-        "--from=runs/dense --workdir=runs/pg --config=configs/pregated.py:size=tiny,convert=1",
-        ("from", "workdir", "config"),
-        "configs/pregated.py:size=tiny,convert=1",
-    ),
-}

@@ -12,9 +12,9 @@ import sys
 
 from absl import app, flags, logging
 
-from mole_jax import progress
-from mole_jax.cli.flags import COMMANDS, FLAGS
-from mole_jax.cli.help import HELP
+from mole_jax import platforms, progress
+from mole_jax.cli.flags import FLAGS
+from mole_jax.cli.help import COMMANDS, HELP
 from mole_jax.cli.help import show as show_help
 from mole_jax.errors import UserError
 from mole_jax.train.preempt import Preempted
@@ -105,6 +105,7 @@ def parse_flags(argv):
 
 
 def cli():
+    platforms.default_to_cpu()  # before the first jax import (in `commands`)
     if any(a in HELP for a in sys.argv[1:]):
         try:
             sys.exit(show_help(sys.argv, parse_flags))
