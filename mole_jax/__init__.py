@@ -3,7 +3,7 @@
 Packages by layer, lowest first; a module imports only its own layer and those below it
 (`tests/test_structure.py` checks the order):
 
-    errors, files, config, workdir, progress   the ground floor
+    errors, files, config, workdir, progress, platforms   the ground floor
     parallel   mesh, logical-axis rules, multi-host runtime
     data       corpora, tokenisation, token cache, batches, Megatron reader, dedup
     model      typed config, backbone, attention, layers, scan, ffn/ (one module per kind)
@@ -20,7 +20,7 @@ __version__ = "0.1.0"
 
 # The layer order, lowest first: the single source for the docstring above and the test.
 LAYERS = (
-    ("errors", "files", "config", "workdir", "progress"),
+    ("errors", "files", "config", "workdir", "progress", "platforms"),
     ("parallel",),
     ("data",),
     ("model",),

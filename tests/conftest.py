@@ -9,6 +9,9 @@ os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 ).strip()
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+# The tests run on the CPU (8 virtual devices) even where the [tpu] / [gpu-aot] compilers are
+# installed: their backends are for `launch.py compile`, never started as devices here.
+os.environ["JAX_PLATFORMS"] = "cpu"
 # One XLA compilation cache for the test session and the launch.py processes it starts: the
 # tests compile the same tiny programs many times over (CI starts from an empty cache).
 os.environ.setdefault(

@@ -1,13 +1,12 @@
 """`summary`'s bytes per device against XLA's memory analysis of the compiled sharded step, and
 the memory plan of the paper configurations."""
 
-import jax
-import jax.numpy as jnp
 import pytest
 
 from configs import dense, moe, mole
 from mole_jax.train import memory
 from mole_jax.train.accounting import summarize
+from mole_jax.train.aot import abstract_inputs
 from mole_jax.train.trainer import setup
 from mole_jax.train.validate import validate
 
@@ -22,19 +21,7 @@ MESHES = {"fsdp8": dict(fsdp=8), "fsdp2-tensor2-expert2": dict(fsdp=2, tensor=2,
 def compiled_bytes(cfg) -> int:
     """Arguments plus temporaries of the compiled train step, per device (XLA's own count)."""
     tr = setup(cfg)
-    t = cfg.train
-    shape = (t.microbatches, t.batch_size // t.microbatches, cfg.data.seq_len + 1)
-    batch = jax.ShapeDtypeStruct(shape, jnp.int32, sharding=tr.batch_sharding)
-    dedup = None
-    if tr.table_layers:
-        groups = tr.local_groups
-        rows = min(cfg.model.vocab_size, t.batch_size * cfg.data.seq_len // groups)
-        uniq = jax.ShapeDtypeStruct((groups, rows), jnp.int32, sharding=tr.group_sharding)
-        inv = jax.ShapeDtypeStruct(
-            shape[:2] + (shape[2] - 1,), jnp.int32, sharding=tr.batch_sharding
-        )
-        dedup = (uniq, inv)
-    ma = tr.step_fn.lower(tr.abstract_state, batch, dedup).compile().memory_analysis()
+    ma = tr.step_fn.lower(*abstract_inputs(tr)).compile().memory_analysis()
     return ma.argument_size_in_bytes + ma.temp_size_in_bytes
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 from mole_jax.errors import UserError
 from mole_jax.model.config import model_config
 
@@ -54,6 +56,21 @@ def summary(f):
     s = accounting.summarize(f.config, platform=f.platform)
     print(render_summary(f.config, s, f.budget_gib))
     return s
+
+
+def compile(f):  # noqa: A001 - the subcommand's name
+    from mole_jax.cli.summary import render_compile
+    from mole_jax.files import write_text_atomic
+    from mole_jax.parallel import targets
+    from mole_jax.train.aot import compile_step
+
+    _need(f, "config", "topology")
+    report = compile_step(f.config, targets.parse(f.topology, f.num_slices))
+    print(render_compile(report))
+    if not f.json:  # (with --json, main writes the report there)
+        write_text_atomic("compile.json", json.dumps(report, indent=2))
+        print("report: compile.json")
+    return report
 
 
 def export(f):

@@ -44,3 +44,7 @@ flags.DEFINE_string("from", None, "The trained dense workdir to convert.")
 flags.DEFINE_string("platform", None, "Plan for cpu|gpu|tpu (default: this host's backend).")
 flags.DEFINE_float("budget_gib", 80.0, "Device memory to plan against, GiB (80: H100 / A100-80G).")
 FLAGS = flags.FLAGS
+flags.DEFINE_string(
+    "topology", None, "v5p:4x4x4 | v6e:4x4 | v5e:2x2 | v4:2x2x2 | h100:1x8x8 | a100:1x2x8."
+)
+flags.DEFINE_integer("num_slices", 1, "TPU slices joined over DCN (multi-slice).")

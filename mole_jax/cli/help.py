@@ -24,6 +24,12 @@ COMMANDS: dict[str, tuple[str, str, tuple[str, ...], str | None]] = {
         ("config", "platform", "budget_gib", "json"),
         "configs/mole.py",
     ),
+    "compile": (
+        "compile the train step for a TPU/GPU target here: memory, fit, collectives, step time",
+        "--config=configs/moe.py:size=1b,experts=34 --topology=h100:1x8x8|v5p:4x4x4",
+        ("config", "topology", "num_slices", "json"),
+        "configs/moe.py",
+    ),
     "export": (
         "write a trained model's routed experts to a store: a MoLE LUT, or a MoE's experts",
         "--workdir=runs/m [--dtype=float16|bfloat16|float32|int8|nf4|nf3] [--experts]",

@@ -105,6 +105,10 @@ def parse_flags(argv):
 
 
 def cli():
+    if sys.argv[1:2] == ["compile"]:  # the target's compiler, with the CPU as the only backend
+        from mole_jax.parallel.targets import compile_env
+
+        compile_env()
     platforms.default_to_cpu()  # before the first jax import (in `commands`)
     if any(a in HELP for a in sys.argv[1:]):
         try:

@@ -1,6 +1,7 @@
 """What `launch.py summary` prints: the accounting in human units, the assumptions the memory
 plan made (devices, micro-batches, remat, backend), and — when the step does not fit a device —
-the fewest micro-batches, or else the smallest FSDP mesh, that would (`memory.fit`)."""
+the fewest micro-batches, or else the smallest FSDP mesh, that would (`memory.fit`). And what
+`launch.py compile` prints of its report (`train.aot`)."""
 
 from __future__ import annotations
 
@@ -79,3 +80,35 @@ def memory_lines(cfg, s: dict, budget_gib: float) -> list[str]:
             flags += str(micro)
             return [*lines, f"  fits on {n} devices with {flags} ({nbytes(fitted['total'])} each)"]
     return [*lines, f"  fits no FSDP mesh up to {MESHES[-1]} devices at any micro-batch count"]
+
+
+def render_compile(r: dict) -> str:
+    """`launch.py compile`'s table: the compiled step per device, its fit and its roofline."""
+    mesh = " ".join(f"{a}={n}" for a, n in r["mesh"].items())
+    lines = [
+        f"{r['topology']}: {r['devices']} x {r['device_kind']} ({r['hosts']} host(s)), mesh {mesh}",
+        f"  batch {r['batch'][0]} x {r['batch'][1]} in {r['microbatches']} micro-batch(es), "
+        f"scan_layers={r['scan_layers']}, remat={r['remat']}",
+        f"  compile: {r['seconds']['compile']} s (lower {r['seconds']['lower']} s), "
+        f"host peak RSS {r.get('host_peak_rss_gib', 0):.2f} GiB",
+    ]
+    if not r["compiled"]:
+        return "\n".join([*lines, f"  does NOT fit: the compiler needs "
+                          f"{nbytes(r['needed_temporaries'])} of temporaries per device "
+                          f"({nbytes(r['device_memory'])} HBM): {r['error']}"])  # fmt: skip
+    m = r["memory_per_device"]
+    verdict = "fits" if r["fits"] else "does NOT fit"
+    lines.append(
+        f"  per device: arguments {nbytes(m['argument_size'])}, outputs {nbytes(m['output_size'])}"
+        f", temporaries {nbytes(m['temp_size'])}, peak {nbytes(m['peak_memory'])}: {verdict} in "
+        f"{nbytes(r['device_memory'])} (closed-form plan: {nbytes(r['planned_bytes_per_device'])})"
+    )
+    c, rf = r["cost_per_device"], r["roofline"]
+    flops = "n/a" if c["flops"] is None else f"{c['flops']:.3e}"
+    lines.append(f"  XLA FLOPs {flops}, model FLOPs {r['model_flops_per_device']:.3e} per device")
+    for op, v in sorted(r["collectives"].items()):
+        lines.append(f"  {op}: {v['count']} op(s), {nbytes(v['bytes'])}")
+    step_ms = 1e3 * rf["step_s"]
+    lines.append(f"  roofline step {step_ms:.4g} ms ({rf['bound']}-bound), estimated MFU "
+                 f"{100 * rf['mfu']:.1f}%")  # fmt: skip
+    return "\n".join(lines)

@@ -270,8 +270,9 @@ def state_specs(abstract_state: dict, mesh: Mesh, param_specs: dict, rest_specs:
 
 
 def setup(cfg, mesh: Mesh | None = None) -> Trainer:
-    """Validates `cfg` and builds its mesh, model, optimiser, state layout and jitted steps."""
-    mcfg = validate(cfg)
+    """Validates `cfg` and builds its mesh (or takes `mesh`: a compile target's, say, whose
+    devices are not this host's), model, optimiser, state layout and jitted steps."""
+    mcfg = validate(cfg, n_devices=None if mesh is None else mesh.size)
     mesh = make_mesh(cfg.mesh) if mesh is None else mesh
     tx = make_optimizer(cfg)
     abstract_net = abstract_model(mcfg)

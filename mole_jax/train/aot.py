@@ -1,0 +1,160 @@
+"""`launch.py compile`: a config's real train step compiled ahead of time for a hardware target
+(a TPU topology or a GPU cluster, `parallel.targets`) on this host, without the devices.
+
+The step is the one `train` runs (`trainer.setup` on the target's mesh, so every backend choice
+reads the target's platform), lowered from abstract inputs at their worst case (MoLE's token
+tables at their bound: every position a distinct id, up to the vocabulary). The report, per
+device: XLA's memory analysis (arguments, outputs, temporaries, peak) against the device's
+memory, its cost analysis (FLOPs, bytes accessed), the collectives of the optimised HLO, host
+seconds and RAM of the compile, and a roofline estimate of the step time:
+
+    time  = max(FLOPs / peak FLOP/s, bytes accessed / HBM bandwidth, collective bytes / link)
+    MFU   = model FLOPs (accounting's 6N + attention, per token x tokens) / (time x peak FLOP/s)
+
+The compiler's FLOPs count a loop body once: with `model.scan_layers`, the scanned blocks are
+counted once per scan (`scanned_loops` lists the trip counts), so the roofline takes the larger
+of the compiler's and the model's FLOPs. A program that does not fit a TPU's memory is refused
+by the compiler itself (RESOURCE_EXHAUSTED); the report then carries what it needed.
+"""
+
+from __future__ import annotations
+
+import re
+import resource
+import time
+
+import jax
+import jax.numpy as jnp
+
+from mole_jax.errors import ConfigError
+from mole_jax.parallel import targets
+from mole_jax.train import accounting, hlo
+from mole_jax.train.trainer import Trainer, setup
+
+MEMORY = ("argument_size_in_bytes", "output_size_in_bytes", "alias_size_in_bytes",
+          "temp_size_in_bytes", "peak_memory_in_bytes")  # fmt: skip
+_OOM = re.compile(r"required for HLO temporaries \(([\d.]+)([KMGT])\).*?available HBM \(([\d.]+)")
+
+
+def abstract_inputs(tr: Trainer) -> tuple:
+    """(state, batch, dedup) of the train step as sharded ShapeDtypeStructs; MoLE's token
+    tables at their largest: min(vocabulary, the tokens of a group) ids per group."""
+    cfg, t = tr.cfg, tr.cfg.train
+    shape = (t.microbatches, t.batch_size // t.microbatches, cfg.data.seq_len + 1)
+    batch = jax.ShapeDtypeStruct(shape, jnp.int32, sharding=tr.batch_sharding)
+    dedup = None
+    if tr.table_layers:
+        groups = tr.local_groups
+        per_micro = t.token_tables == "microbatch"
+        tokens = (shape[1] if per_micro else t.batch_size) * cfg.data.seq_len // groups
+        rows = min(cfg.model.vocab_size, tokens)
+        lead = (t.microbatches,) if per_micro else ()
+        names = ((None,) if per_micro else ()) + ("batch", None)
+        from jax.sharding import NamedSharding
+
+        from mole_jax.parallel.sharding import logical_spec
+
+        sharding = NamedSharding(tr.mesh, logical_spec(names, tr.mesh))
+        uniq = jax.ShapeDtypeStruct((*lead, groups, rows), jnp.int32, sharding=sharding)
+        inv = jax.ShapeDtypeStruct(shape[:2] + (shape[2] - 1,), jnp.int32,
+                                   sharding=tr.batch_sharding)  # fmt: skip
+        dedup = (uniq, inv)
+    return tr.abstract_state, batch, dedup
+
+
+def compile_step(cfg, target: targets.Target) -> dict:
+    """Compiles `cfg`'s train step for `target`; returns the report (see the module doc)."""
+    t0 = time.perf_counter()
+    devs = targets.devices(target)
+    mesh = targets.mesh(target, devs, cfg.mesh)
+    tr = setup(cfg, mesh)
+    args = abstract_inputs(tr)
+    report = _header(cfg, target, devs, mesh)
+    t1 = time.perf_counter()
+    lowered = tr.step_fn.lower(*args)
+    # the target's code paths, read off the program: MoE's grouped matmul as ragged_dot
+    report["ragged_dot_ops"] = lowered.as_text().count("ragged_dot")
+    t2 = time.perf_counter()
+    try:
+        compiled = lowered.compile()
+    except Exception as e:  # noqa: BLE001 - XLA raises its own runtime error type
+        return {**report, **_refused(e, target), "seconds": _seconds(t0, t1, t2)}
+    text = compiled.as_text()
+    ma = compiled.memory_analysis()
+    memory = {k.removesuffix("_in_bytes"): int(getattr(ma, k)) for k in MEMORY}
+    report.update(
+        compiled=True,
+        memory_per_device=memory,
+        fits=memory["peak_memory"] <= target.peak.memory,
+        cost_per_device=hlo.cost(compiled),
+        collectives=hlo.collectives(text),
+        scanned_loops=hlo.while_loops(text),
+        seconds=_seconds(t0, t1, t2),
+        host_peak_rss_gib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+    )
+    report["roofline"] = roofline(report, target)
+    return report
+
+
+def _header(cfg, target: targets.Target, devs, mesh) -> dict:
+    s = accounting.summarize(cfg, len(devs), target.platform)
+    tokens = cfg.train.batch_size * cfg.data.seq_len
+    return {
+        "topology": target.name,
+        "num_slices": target.num_slices,
+        "platform": target.platform,
+        "device_kind": devs[0].device_kind,
+        "devices": len(devs),
+        "hosts": len({d.process_index for d in devs}),
+        "mesh": dict(mesh.shape),
+        "batch": [cfg.train.batch_size, cfg.data.seq_len],
+        "microbatches": cfg.train.microbatches,
+        "scan_layers": bool(cfg.model.scan_layers),
+        "remat": cfg.model.remat,
+        "params_total": s["params_total"],
+        "device_memory": target.peak.memory,
+        "planned_bytes_per_device": s["bytes_per_device"]["total"],
+        "model_flops_per_device": s["train_flops_per_token"] * tokens / len(devs),
+    }
+
+
+def _seconds(t0: float, t1: float, t2: float) -> dict:
+    now = time.perf_counter()
+    return {"setup": round(t1 - t0, 2), "lower": round(t2 - t1, 2), "compile": round(now - t2, 2)}
+
+
+def _refused(e: Exception, target: targets.Target) -> dict:
+    """A compile the target's compiler refused: out of memory (with what it needed), else the
+    error's first line as a ConfigError."""
+    text = str(e)
+    m = _OOM.search(text)
+    if "RESOURCE_EXHAUSTED" not in text or m is None:
+        first = text.strip().splitlines()[0] if text.strip() else type(e).__name__
+        raise ConfigError(f"--topology={target.name}: the compiler refused the step: {first}")
+    scale = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}[m.group(2)]
+    return {
+        "compiled": False,
+        "fits": False,
+        "needed_temporaries": int(float(m.group(1)) * scale),
+        "error": text.strip().splitlines()[0][:300],
+    }
+
+
+def roofline(report: dict, target: targets.Target) -> dict:
+    """Step-time estimate per device from the compiled program and the device's peaks."""
+    peak = target.peak
+    xla_flops = report["cost_per_device"]["flops"] or 0.0
+    flops = max(xla_flops, report["model_flops_per_device"])
+    hbm = report["cost_per_device"]["bytes_accessed"]
+    comm = sum(c["bytes"] for c in report["collectives"].values())
+    times = {"compute_s": flops / peak.flops, "collectives_s": comm / peak.link_bytes_s}
+    if hbm:
+        times["memory_s"] = hbm / peak.hbm_bytes_s
+    step = max(times.values())
+    return {
+        **{k: float(f"{v:.4g}") for k, v in times.items()},
+        "step_s": float(f"{step:.4g}"),
+        "bound": max(times, key=times.get).removesuffix("_s"),
+        "mfu": round(report["model_flops_per_device"] / (step * peak.flops), 3),
+        "assumes": "compute, memory and collectives overlap fully; " + peak.source,
+    }
