@@ -1,0 +1,100 @@
+"""Fit by the compiler's numbers: every paper configuration compiled for 64 H100s and for a TPU
+v5p:4x4x4 slice at the paper batch (1024 x 2048 tokens), each with the fewest micro-batches
+whose compiled step fits the device, beside the closed-form plan.
+
+Question: which paper configurations fit at their shipped defaults, with how many micro-batches,
+and how far is `summary`'s closed-form plan from the compiled program?
+Method: `launch.py compile` (mole_jax/train/aot.py) in its own process per attempt, in .venv-aot
+(`make aot`: the [tpu] and [gpu-aot] compilers), micro-batches 1, 2, 4, ... until the compiled
+peak fits the device (a TPU compile past its memory is refused by the compiler and counted as
+not fitting). Rows already in the JSON are kept (`--redo` compiles them again), so a long plan
+can be filled in over several sittings.
+
+    python experiments/compile_plan.py [--only=1b-moe-34e,160m-mole-16e] [--targets=h100:1x8x8]
+        [--json=experiments/results/compile_plan.json]
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+import _paths
+from absl import app, flags
+
+flags.DEFINE_list("only", [], "Rows to compile (default: all), e.g. 1b-moe-34e.")
+flags.DEFINE_list("targets", ["h100:1x8x8", "v5p:4x4x4"], "Topologies.")
+flags.DEFINE_string("json", "experiments/results/compile_plan.json", "Results (kept and extended).")
+flags.DEFINE_bool("redo", False, "Compile rows that are already in the JSON again.")
+flags.DEFINE_integer("max_micro", 64, "Give up past this many micro-batches.")
+FLAGS = flags.FLAGS
+
+KINDS = {  # name -> config file argument (the papers' configurations)
+    "dense": "configs/dense.py:size={size}",
+    "moe-10e": "configs/moe.py:size={size},experts=10",
+    "moe-34e": "configs/moe.py:size={size},experts=34",
+    "mole-4e": "configs/mole.py:size={size},experts=4",
+    "mole-16e": "configs/mole.py:size={size},experts=16",
+    "peer": "configs/peer.py:size={size}",
+    "pregated": "configs/pregated.py:size={size}",
+}
+SIZES = ("160m", "410m", "1b")
+AOT_PYTHON = os.path.join(_paths.ROOT, ".venv-aot", "bin", "python")
+
+
+def rows() -> list[tuple[str, str]]:
+    names = [(f"{s}-{k}", KINDS[k].format(size=s)) for s in SIZES for k in KINDS]
+    return [(n, c) for n, c in names if not FLAGS.only or n in FLAGS.only]
+
+
+def compile_once(config: str, topology: str, micro: int) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "c.json")
+        cmd = [AOT_PYTHON, os.path.join(_paths.ROOT, "launch.py"), "compile",
+               f"--config={config}", f"--topology={topology}", f"--json={out}",
+               f"--config.train.microbatches={micro}"]  # fmt: skip
+        env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}
+        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=_paths.ROOT, env=env)
+        if proc.returncode != 0:
+            return {"compiled": False, "fits": False, "error": proc.stderr.strip()[-300:]}
+        with open(out) as f:
+            return json.load(f)
+
+
+def fewest_micro(config: str, topology: str) -> dict:
+    """The first of 1, 2, 4, ... micro-batches whose compiled step fits; every attempt kept."""
+    attempts, micro = [], 1
+    while micro <= FLAGS.max_micro:
+        r = compile_once(config, topology, micro)
+        attempts.append({"microbatches": micro, **{k: r.get(k) for k in ("compiled", "fits")}})
+        print(f"  {topology} micro={micro}: {'fits' if r.get('fits') else 'does not fit'}",
+              flush=True)  # fmt: skip
+        if r.get("fits") or "error" in r and "RESOURCE_EXHAUSTED" not in r["error"]:
+            return {**r, "attempts": attempts}
+        micro *= 2
+    return {**r, "attempts": attempts}
+
+
+def main(_):
+    if not os.path.exists(AOT_PYTHON):
+        sys.exit(f"error: no {AOT_PYTHON}: run `make aot` first (the TPU/GPU compilers)")
+    done = {}
+    if os.path.exists(FLAGS.json):
+        with open(FLAGS.json) as f:
+            done = {(r["name"], r["topology"]): r for r in json.load(f)["rows"]}
+    for name, config in rows():
+        for topology in FLAGS.targets:
+            if (name, topology) in done and not FLAGS.redo:
+                continue
+            print(f"{name} on {topology} ({config})", flush=True)
+            r = fewest_micro(config, topology)
+            done[(name, topology)] = {"name": name, "config": config, **r, "topology": topology}
+            with open(FLAGS.json, "w") as f:  # after every row: a stopped plan keeps its rows
+                json.dump({"rows": list(done.values())}, f, indent=1)
+
+
+if __name__ == "__main__":
+    app.run(main)
