@@ -24,7 +24,8 @@ def _row(r: dict) -> list[str]:
         _gib(peak), _gib(r.get("device_memory")), "yes" if r.get("fits") else "no", _gib(plan),
         err, f"{r['seconds']['compile']:.0f}" if r.get("seconds") else "-",
         f"{r['host_peak_rss_gib']:.1f}" if r.get("host_peak_rss_gib") else "-",
-        f"{rf['step_s']:.3g}" if rf else "-", f"{100 * rf['mfu']:.0f}%" if rf else "-",
+        f"{rf['step_s']:.3g} – {rf['serial_s']:.3g}" if rf else "-",
+        f"{100 * rf['mfu_serial']:.0f}% – {100 * rf['mfu']:.0f}%" if rf else "-",
     ]  # fmt: skip
 
 
@@ -34,6 +35,7 @@ def compile_plan(path: str = "compile_plan.json") -> str:
         return "(no compiled rows yet: `python experiments/compile_plan.py`)"
     rows = sorted(load(path)["rows"], key=lambda r: (r["topology"], r["name"]))
     header = ["model", "target", "micro-batches", "peak GiB/device", "device GiB", "fits",
-              "plan GiB", "plan vs peak", "compile s", "host RSS GiB", "roofline step s",
-              "est. MFU"]  # fmt: skip
+              "plan GiB", "plan vs peak", "compile s", "host RSS GiB",
+              "roofline step s (overlapped – serial)",
+              "est. MFU (serial – overlapped)"]  # fmt: skip
     return markdown(header, [_row(r) for r in rows])

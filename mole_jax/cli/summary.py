@@ -108,7 +108,9 @@ def render_compile(r: dict) -> str:
     lines.append(f"  XLA FLOPs {flops}, model FLOPs {r['model_flops_per_device']:.3e} per device")
     for op, v in sorted(r["collectives"].items()):
         lines.append(f"  {op}: {v['count']} op(s), {nbytes(v['bytes'])}")
-    step_ms = 1e3 * rf["step_s"]
-    lines.append(f"  roofline step {step_ms:.4g} ms ({rf['bound']}-bound), estimated MFU "
-                 f"{100 * rf['mfu']:.1f}%")  # fmt: skip
+    lines.append(
+        f"  roofline step {1e3 * rf['step_s']:.4g} ms if compute, memory and collectives overlap "
+        f"({rf['bound']}-bound; MFU at most {100 * rf['mfu']:.1f}%), {1e3 * rf['serial_s']:.4g}"
+        f" ms if they do not (MFU {100 * rf['mfu_serial']:.1f}%)"
+    )
     return "\n".join(lines)

@@ -141,20 +141,29 @@ def _refused(e: Exception, target: targets.Target) -> dict:
 
 
 def roofline(report: dict, target: targets.Target) -> dict:
-    """Step-time estimate per device from the compiled program and the device's peaks."""
+    """Step-time bounds per device from the compiled program and the device's peaks: `step_s`
+    if compute, memory traffic and collectives overlap fully (a lower bound on the time, so its
+    MFU is an upper bound), `serial_s` if none overlap (the other end). Where layers are scanned
+    the compiler counts the loop body once: FLOPs are then the model's, and the bytes accessed
+    are scaled by the same factor (an approximation, flagged by `scaled`)."""
     peak = target.peak
     xla_flops = report["cost_per_device"]["flops"] or 0.0
-    flops = max(xla_flops, report["model_flops_per_device"])
+    model = report["model_flops_per_device"]
+    flops = max(xla_flops, model)
+    scale = flops / xla_flops if xla_flops and report["scanned_loops"] else 1.0
     hbm = report["cost_per_device"]["bytes_accessed"]
     comm = sum(c["bytes"] for c in report["collectives"].values())
     times = {"compute_s": flops / peak.flops, "collectives_s": comm / peak.link_bytes_s}
     if hbm:
-        times["memory_s"] = hbm / peak.hbm_bytes_s
-    step = max(times.values())
+        times["memory_s"] = hbm * scale / peak.hbm_bytes_s
+    step, serial = max(times.values()), sum(times.values())
     return {
         **{k: float(f"{v:.4g}") for k, v in times.items()},
         "step_s": float(f"{step:.4g}"),
+        "serial_s": float(f"{serial:.4g}"),
         "bound": max(times, key=times.get).removesuffix("_s"),
-        "mfu": round(report["model_flops_per_device"] / (step * peak.flops), 3),
-        "assumes": "compute, memory and collectives overlap fully; " + peak.source,
+        "mfu": round(model / (step * peak.flops), 3),
+        "mfu_serial": round(model / (serial * peak.flops), 3),
+        "scaled": scale != 1.0,
+        "assumes": peak.source,
     }
