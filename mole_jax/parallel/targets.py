@@ -86,10 +86,18 @@ def parse(name: str, num_slices: int = 1) -> Target:
     return Target(name, platform, device, shape, num_slices)
 
 
+# XLA's GPU compiler sizes the scratch of CUB's radix sort (MoE dispatch sorts its tokens) by
+# asking the device, which a deviceless compile has not: it fails with "invalid device ordinal".
+# Sorts are then compiled with XLA's own sort emitter; the report names the flag.
+DEVICELESS_XLA_FLAGS = ("--xla_gpu_enable_cub_radix_sort=false",)
+
+
 def compile_env() -> None:
     """What an ahead-of-time compile needs before jax is imported: the CPU as the only started
-    backend, libtpu loadable by several processes at once (test workers), and no libtpu log line
-    about worker hostnames that this host does not have."""
+    backend, libtpu loadable by several processes at once (test workers), no libtpu log line
+    about worker hostnames that this host does not have, and `DEVICELESS_XLA_FLAGS`."""
+    flags = os.environ.get("XLA_FLAGS", "").split()
+    os.environ["XLA_FLAGS"] = " ".join([*flags, *(f for f in DEVICELESS_XLA_FLAGS if f not in flags)])
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")

@@ -19,6 +19,7 @@ by the compiler itself (RESOURCE_EXHAUSTED); the report then carries what it nee
 
 from __future__ import annotations
 
+import os
 import re
 import resource
 import time
@@ -112,6 +113,7 @@ def _header(cfg, target: targets.Target, devs, mesh) -> dict:
         "scan_layers": bool(cfg.model.scan_layers),
         "remat": cfg.model.remat,
         "params_total": s["params_total"],
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
         "device_memory": target.peak.memory,
         "planned_bytes_per_device": s["bytes_per_device"]["total"],
         "model_flops_per_device": s["train_flops_per_token"] * tokens / len(devs),
