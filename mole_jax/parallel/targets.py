@@ -97,7 +97,8 @@ def compile_env() -> None:
     backend, libtpu loadable by several processes at once (test workers), no libtpu log line
     about worker hostnames that this host does not have, and `DEVICELESS_XLA_FLAGS`."""
     flags = os.environ.get("XLA_FLAGS", "").split()
-    os.environ["XLA_FLAGS"] = " ".join([*flags, *(f for f in DEVICELESS_XLA_FLAGS if f not in flags)])
+    flags += [f for f in DEVICELESS_XLA_FLAGS if f not in flags]
+    os.environ["XLA_FLAGS"] = " ".join(flags)
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
