@@ -16,8 +16,11 @@ def base(size: str) -> ConfigDict:
     c.model = _model(s, size)
     c.model.ffn = ConfigDict(dict(kind="dense", layers="all"))
     c.data = _data(s)
-    # Device mesh (sharding.py): sizes of its axes; one may be -1 (the remaining devices).
-    c.mesh = ConfigDict(dict(data=-1, fsdp=1, expert=1, tensor=1))
+    # Device mesh (parallel/sharding.py): sizes of its axes; one may be -1 (the remaining
+    # devices). The paper sizes shard their state over every device (FSDP): replicated on 64
+    # H100s the 1b models' AdamW state alone would not fit (`launch.py compile`).
+    fsdp = size not in CPU_SIZES
+    c.mesh = ConfigDict(dict(data=1 if fsdp else -1, fsdp=-1 if fsdp else 1, expert=1, tensor=1))
     c.train = _train(s, size)
     return c
 
@@ -40,7 +43,11 @@ def _model(s: dict, size: str) -> ConfigDict:
             # compute: float32 | bfloat16 (params, softmax and loss stay fp32)
             dtype="float32" if size in CPU_SIZES else "bfloat16",
             remat="none" if size in CPU_SIZES else "full",  # none | full | dots
-            scan_layers=False,  # identical blocks as one lax.scan: one block compiled
+            # identical blocks as one lax.scan: one block compiled. On for the paper sizes: the
+            # compiled step's memory halves on GPU and a 12-24-layer program compiles in
+            # minutes (docs/scaling.md, "Compiling for the hardware"); off on the CPU sizes,
+            # where the scan compiled slower (docs/scaling.md, "Scanned layers").
+            scan_layers=size not in CPU_SIZES,
         )
     )
 
