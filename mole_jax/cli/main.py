@@ -40,9 +40,9 @@ def main(argv):
         fail(f"error: usage: launch.py {{{'|'.join(COMMANDS)}}} [flags]; got {argv[1:]} "
              "(launch.py --help lists the commands)")  # fmt: skip
     progress.enable()
-    from mole_jax.cli import commands  # after parsing: `--help` and flag mistakes need no jax
+    try:  # the import too: a SIGTERM while jax loads ends as 'interrupted', not a traceback
+        from mole_jax.cli import commands  # after parsing: --help and flag mistakes need no jax
 
-    try:
         result = getattr(commands, argv[1])(FLAGS)
     except UserError as e:
         fail(f"error: {e}")
