@@ -33,16 +33,19 @@ def _terminated(signum, frame):
 
 
 def main(argv):
-    signal.signal(signal.SIGTERM, _terminated)  # (training installs its own: preempt.py)
     if not FLAGS["verbosity"].present:
         logging.set_verbosity(logging.ERROR)  # orbax logs every save, and its own recoveries
     if len(argv) != 2 or argv[1] not in COMMANDS:
         fail(f"error: usage: launch.py {{{'|'.join(COMMANDS)}}} [flags]; got {argv[1:]} "
              "(launch.py --help lists the commands)")  # fmt: skip
     progress.enable()
-    try:  # the import too: a SIGTERM while jax loads ends as 'interrupted', not a traceback
-        from mole_jax.cli import commands  # after parsing: --help and flag mistakes need no jax
+    # Imported after parsing (--help and flag mistakes need no jax), and under the default
+    # SIGTERM: a kill while jax loads ends the process quietly, before anything is written (an
+    # interrupt raised inside an import's finalizers would be printed and swallowed instead).
+    from mole_jax.cli import commands
 
+    signal.signal(signal.SIGTERM, _terminated)  # (training installs its own: preempt.py)
+    try:
         result = getattr(commands, argv[1])(FLAGS)
     except UserError as e:
         fail(f"error: {e}")
