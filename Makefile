@@ -1,6 +1,7 @@
 # `make demo` and `make test` each build their virtual environments from the lock files in
 # requirements/ (exact versions with hashes) first, so both work on a fresh clone and install the
-# same packages on every machine; `make lock` refreshes the lock files from pyproject.toml.
+# same packages on every machine with Python 3.11 (what the locks are resolved for); `make lock`
+# refreshes the lock files from pyproject.toml.
 PY ?= python3
 # glibc's malloc on transparent huge pages: XLA:CPU's large temporaries page-fault less (see
 # docs/benchmarks.md, "Single-device speed"); harmless where unsupported.

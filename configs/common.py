@@ -43,10 +43,10 @@ def _model(s: dict, size: str) -> ConfigDict:
             # compute: float32 | bfloat16 (params, softmax and loss stay fp32)
             dtype="float32" if size in CPU_SIZES else "bfloat16",
             remat="none" if size in CPU_SIZES else "full",  # none | full | dots
-            # identical blocks as one lax.scan: one block compiled. On for the paper sizes: the
-            # compiled step's memory halves on GPU and a 12-24-layer program compiles in
-            # minutes (docs/scaling.md, "Compiling for the hardware"); off on the CPU sizes,
-            # where the scan compiled slower (docs/scaling.md, "Scanned layers").
+            # identical blocks as one lax.scan: one block compiled. On for the paper sizes, whose
+            # scanned steps fit and compile in minutes for 64 H100s / v5p:4x4x4 (docs/scaling.md,
+            # "Compiling for the hardware"); off on the CPU sizes, where the scan compiled
+            # slower (docs/scaling.md, "Scanned layers").
             scan_layers=size not in CPU_SIZES,
         )
     )

@@ -40,7 +40,10 @@ CHILD = """
 import json, resource, sys, time
 sys.path.insert(0, {repo!r})
 from configs import dense
-from mole_jax.data import pipeline
+try:
+    from mole_jax.data import pipeline
+except ImportError:  # a checkout from before the packages by layer
+    from mole_jax import data as pipeline
 cfg = dense.get_config("size=tiny")
 cfg.data.corpus = "files:{corpus}/*.txt"
 cfg.data.cache_dir = {cache!r}

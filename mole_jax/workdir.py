@@ -109,7 +109,10 @@ class Workdir:
                 "`launch.py train`?"
             )
         self._check(self.tokenizer_path)
-        return Tokenizer.from_file(str(self.tokenizer_path))
+        try:
+            return Tokenizer.from_file(str(self.tokenizer_path))
+        except Exception as e:  # noqa: BLE001 - tokenizers raises a bare Exception
+            raise UserError(f"{self.tokenizer_path} is not a tokenizers JSON file ({e})") from None
 
     def save_config(self, cfg: ml_collections.ConfigDict) -> None:
         self.write_checked(self.config_path, to_json(cfg))

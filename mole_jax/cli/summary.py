@@ -108,6 +108,11 @@ def render_compile(r: dict) -> str:
     lines.append(f"  XLA FLOPs {flops}, model FLOPs {r['model_flops_per_device']:.3e} per device")
     for op, v in sorted(r["collectives"].items()):
         lines.append(f"  {op}: {v['count']} op(s), {nbytes(v['bytes'])}")
+    if rf.get("approximate"):
+        lines.append(
+            "  (scanned layers: the compiler counts a loop body once; the roofline below "
+            "scales its bytes by a guess and is not an estimate to plan by)"
+        )
     lines.append(
         f"  roofline step {1e3 * rf['step_s']:.4g} ms if compute, memory and collectives overlap "
         f"({rf['bound']}-bound; MFU at most {100 * rf['mfu']:.1f}%), {1e3 * rf['serial_s']:.4g}"

@@ -3,6 +3,7 @@ the KV cache. `launch.py generate`, the benchmarks and lm-eval's `generate_until
 
 from __future__ import annotations
 
+import sys
 import time
 
 import numpy as np
@@ -33,7 +34,8 @@ def generate(
     blocked)}.
     """
     steps = generate_steps(engine, prompt_BxP, max_new, temperature, top_k, seed, before_step)
-    with Progress("generate", max_new, 0, "token") as progress:
+    # on stderr: stdout carries the generated text
+    with Progress("generate", max_new, 0, "token", stream=sys.stderr) as progress:
         while True:
             try:
                 tokens = next(steps)

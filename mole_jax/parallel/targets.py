@@ -120,11 +120,11 @@ def devices(target: Target) -> list:
                 platform="tpu", topology_name=f"{target.device}:{target.shape}", **kw
             )
     except (ImportError, RuntimeError, ValueError) as e:
-        extra = "gpu-aot" if target.platform == "gpu" else "tpu"
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ConfigError(
             f"--topology={target.name}: no {target.platform.upper()} compiler here ({first}); "
-            f"install the [{extra}] extra: pip install -e '.[{extra}]' (make test installs it)"
+            f"`make aot` installs the [tpu] and [gpu-aot] compilers into .venv-aot: run "
+            "`.venv-aot/bin/python launch.py compile ...`"
         ) from None
     return list(topo.devices)
 

@@ -19,6 +19,7 @@ import subprocess
 import sys
 import time
 
+from mole_jax import platforms
 from mole_jax.errors import UserError
 
 GENERIC = {"timeout_min", "mem_gb", "nodes", "tasks_per_node", "gpus_per_node", "cpus_per_task"}
@@ -34,8 +35,9 @@ class SweepJob:
         log_path = os.path.join(os.path.dirname(spec_path), "sweep.log")
         with open(log_path, "a") as log:
             cmd = [sys.executable, "-m", "mole_jax.sweeps.worker", spec_path]
+            env = platforms.for_another_host(dict(os.environ))  # the job's node picks its own
             self.proc = subprocess.Popen(
-                cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+                cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env
             )
             return self.proc.wait()
 

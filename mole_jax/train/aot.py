@@ -147,14 +147,15 @@ def roofline(report: dict, target: targets.Target) -> dict:
     if compute, memory traffic and collectives overlap fully (a lower bound on the time, so its
     MFU is an upper bound), `serial_s` if none overlap (the other end). Where layers are scanned
     the compiler counts the loop body once: FLOPs are then the model's, and the bytes accessed
-    are scaled by the same factor (an approximation, flagged by `scaled`)."""
+    and collective bytes are scaled by the same factor — a guess, flagged `approximate`."""
     peak = target.peak
     xla_flops = report["cost_per_device"]["flops"] or 0.0
     model = report["model_flops_per_device"]
     flops = max(xla_flops, model)
-    scale = flops / xla_flops if xla_flops and report["scanned_loops"] else 1.0
+    scanned = report["scan_layers"]  # (TPU's HLO does not show the loops' trip counts)
+    scale = flops / xla_flops if xla_flops and scanned else 1.0
     hbm = report["cost_per_device"]["bytes_accessed"]
-    comm = sum(c["bytes"] for c in report["collectives"].values())
+    comm = scale * sum(c["bytes"] for c in report["collectives"].values())
     times = {"compute_s": flops / peak.flops, "collectives_s": comm / peak.link_bytes_s}
     if hbm:
         times["memory_s"] = hbm * scale / peak.hbm_bytes_s
@@ -166,6 +167,8 @@ def roofline(report: dict, target: targets.Target) -> dict:
         "bound": max(times, key=times.get).removesuffix("_s"),
         "mfu": round(model / (step * peak.flops), 3),
         "mfu_serial": round(model / (serial * peak.flops), 3),
-        "scaled": scale != 1.0,
+        # scanned: the compiler counted each loop body once, and the scaling above is a guess
+        # (wrong where XLA's own FLOPs exceed the model's, as a MoE's dispatch makes them)
+        "approximate": scanned,
         "assumes": peak.source,
     }

@@ -20,6 +20,7 @@ from flax import nnx
 
 from mole_jax.model.backbone import abstract_model
 from mole_jax.model.config import model_config
+from mole_jax.model.ffn.moe import resolve_grouped
 from mole_jax.parallel.sharding import BATCH_AXES, MESH_AXES, logical_spec
 
 
@@ -109,7 +110,7 @@ def _moe_activations(m, tokens: int, c: int, sizes: dict[str, int], backend: str
     assigned = tokens * ep * s.topk  # the expert group's tokens are gathered (expert_parallel.py)
     groups = s.experts // ep + (ep > 1)  # the local experts, and the dummy group
     rows, tile_weights = assigned, 0.0
-    grouped = s.grouped if s.grouped != "auto" else ("blocked" if backend == "cpu" else "ragged")
+    grouped = resolve_grouped(s.grouped, backend)
     if grouped == "blocked":
         tile = min(s.tile, 1 << (assigned // groups).bit_length())
         tiles = -(-(assigned + groups * (tile - 1)) // tile)

@@ -265,12 +265,13 @@ class Layer(FFN):
         return y, {**stats, **self.aux(r)}
 
 
-def resolve_grouped(grouped: str) -> str:
-    """`model.ffn.<kind>.grouped`, with 'auto' read off the platform the step is traced for:
-    ragged_dot on GPU/TPU, the blocked matmul on CPU (where ragged_dot is emulated)."""
+def resolve_grouped(grouped: str, platform: str | None = None) -> str:
+    """`model.ffn.<kind>.grouped`, with 'auto' read off `platform` (default: the platform the
+    step is traced for): ragged_dot on GPU/TPU, the blocked matmul on CPU (where ragged_dot is
+    emulated)."""
     if grouped != "auto":
         return grouped
-    return "ragged" if sharding.platform() in ("gpu", "tpu") else "blocked"
+    return "ragged" if (platform or sharding.platform()) in ("gpu", "tpu") else "blocked"
 
 
 def validate(m) -> None:
