@@ -6,6 +6,7 @@ the fewest micro-batches, or else the smallest FSDP mesh, that would (`memory.fi
 from __future__ import annotations
 
 import copy
+import math
 
 from mole_jax.train import memory
 
@@ -49,9 +50,7 @@ def render(cfg, s: dict, budget_gib: float) -> str:
 
 def memory_lines(cfg, s: dict, budget_gib: float) -> list[str]:
     sizes, plan, t, backend = s["mesh"], s["bytes_per_device"], cfg.train, s["platform"]
-    devices = 1
-    for n in sizes.values():
-        devices *= n
+    devices = math.prod(sizes.values())
     parts = ", ".join(f"{k} {nbytes(v)}" for k, v in plan.items() if k != "total")
     mesh = " ".join(f"{a}={n}" for a, n in sizes.items())
     micro = f"{t.microbatches} micro-batch" + ("es" if t.microbatches > 1 else "")
