@@ -11,6 +11,7 @@ Packages by layer, lowest first; a module imports only its own layer and those b
     train      validation, trainer, loop, checkpoints, preemption, optimiser, losses, metrics,
                accounting, memory plan, Read-ME conversion
     infer      engines, export, generation, offload caches/policies, Read-ME serving
+    interop    Hugging Face checkpoints in (import) and out (export --format=hf)
     eval       validation loss, lm-eval adapter, zero-shot, the offline task pack
     sweeps     studies' runs, workers, SLURM, reports
     cli        the subcommands behind launch.py
@@ -27,6 +28,7 @@ LAYERS = (
     ("stores",),
     ("train",),
     ("infer",),
+    ("interop",),
     ("eval",),
     ("sweeps",),
     ("cli",),

@@ -98,19 +98,25 @@ def test_sigkill_mid_training_resumes_on_the_same_curve(corpus_dir, cache_dir, t
 
 def test_train_into_a_log_file_writes_progress_at_least_every_15_s(corpus_dir, cache_dir, tmp_path):
     """`launch.py train ... > log.txt`: a line every ~10 s from the start (while compiling too),
-    watched for 40 s, then SIGTERM: the preemption checkpoint ends the log."""
+    watched until two step lines with an ETA came (however slow the machine), then SIGTERM: the
+    preemption checkpoint ends the log."""
     w, log = str(tmp_path / "w"), tmp_path / "log.txt"
     flags = cli_flags(corpus_dir, cache_dir) + ["--config.train.steps=1000000"]
     cmd = [sys.executable, os.path.join(ROOT, "launch.py"), "train", *flags, f"--workdir={w}"]
+
+    def step_lines():
+        lines = log.read_text().splitlines()
+        return sum(line.startswith("train: step ") and "ETA" in line for line in lines)
+
     seen, start = [(time.time(), 0)], time.time()
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=subprocess.PIPE, text=True)
-        while proc.poll() is None and time.time() - start < 40:
+        while proc.poll() is None and step_lines() < 2 and time.time() - start < 300:
             n = log.read_text().count("\n")
             if n > seen[-1][1]:
                 seen.append((time.time(), n))
             time.sleep(0.2)
-        assert proc.poll() is None, "the run ended before it was watched for 40 s"
+        assert proc.poll() is None, "the run ended while it was watched"
         seen.append((time.time(), None))
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=120)
@@ -118,7 +124,8 @@ def test_train_into_a_log_file_writes_progress_at_least_every_15_s(corpus_dir, c
     lines = log.read_text().splitlines()
     gaps = [b[0] - a[0] for a, b in zip(seen, seen[1:], strict=False)]
     assert max(gaps) <= 15, (gaps, lines)
-    assert sum(line.startswith("train: step ") and "ETA" in line for line in lines) >= 2, lines
+    assert step_lines() >= 2, lines
+    assert any("checkpoint" in line for line in lines[-3:]), lines
 
 
 def test_bad_input_is_one_line_and_nonzero(tmp_path):

@@ -78,6 +78,8 @@ def export(f):
     from mole_jax.stores.store import array_bytes
 
     _need(f, "workdir")
+    if f.format == "hf":
+        return _export_hf(f)
     if f.experts:
         return _export_experts(f)
     m = export_lut(f.workdir, f.step, f.dtype)
@@ -88,6 +90,31 @@ def export(f):
         f"{m['d_model']}, {total / 2**20:.1f} MiB, {m['bytes_per_token']} bytes per token"
     )
     return m
+
+
+def _export_hf(f):
+    from mole_jax.interop.hf_export import export_hf
+
+    _need(f, "to")
+    out = export_hf(f.workdir, f.to, f.step)
+    print(f"exported step {out['step']} of {f.workdir} as {out['architecture']} to {out['to']} "
+          f"({', '.join(out['files'])})")  # fmt: skip
+    return out
+
+
+def import_(f):
+    from mole_jax.cli.help import load_config
+    from mole_jax.interop.hf_import import import_hf, kind_of
+
+    _need(f, "from", "workdir")
+    src = getattr(f, "from")
+    cfg = f.config or load_config(f"configs/{kind_of(src)}.py:size=tiny")
+    out = import_hf(src, f.workdir, cfg, f.tokenizer)
+    print(f"imported {out['architecture']} ({out['tensors']} tensors) from {src} into "
+          f"{f.workdir} as a '{out['kind']}' model at step 0")  # fmt: skip
+    for note in out["notes"]:
+        print(f"note: {note}")
+    return out
 
 
 def _export_experts(f):

@@ -40,7 +40,15 @@ flags.DEFINE_integer("limit", None, "With --tasks: at most this many documents p
 flags.DEFINE_integer("num_fewshot", None, "With --tasks: examples in each prompt (default 0).")
 flags.DEFINE_string("include_path", None, "With --tasks: a folder of your own lm-eval task YAMLs.")
 flags.DEFINE_bool("allow_hub", False, "With --tasks: allow tasks whose data is on the HF hub.")
-flags.DEFINE_string("from", None, "The trained dense workdir to convert.")
+flags.DEFINE_string(
+    "from", None, "convert: the trained dense workdir; import: a Hugging Face model directory."
+)
+flags.DEFINE_string("tokenizer", None, "import: the tokenizer.json, when the directory has none.")
+flags.DEFINE_enum(
+    "format", "store", ["store", "hf"],
+    "export: a store for offloading (LUT or experts), or a Hugging Face directory (--to).",
+)  # fmt: skip
+flags.DEFINE_string("to", None, "export --format=hf: the directory to write.")
 flags.DEFINE_string("platform", None, "Plan for cpu|gpu|tpu (default: this host's backend).")
 flags.DEFINE_float("budget_gib", 80.0, "Device memory to plan against, GiB (80: H100 / A100-80G).")
 FLAGS = flags.FLAGS

@@ -31,9 +31,11 @@ COMMANDS: dict[str, tuple[str, str, tuple[str, ...], str | None]] = {
         "configs/moe.py",
     ),
     "export": (
-        "write a trained model's routed experts to a store: a MoLE LUT, or a MoE's experts",
-        "--workdir=runs/m [--dtype=float16|bfloat16|float32|int8|nf4|nf3] [--experts]",
-        ("workdir", "step", "dtype", "experts", "json"),
+        "write a model's routed experts to a store (a MoLE LUT, a MoE's experts), or the model "
+        "as a Hugging Face directory",
+        "--workdir=runs/m [--dtype=float16|bfloat16|float32|int8|nf4|nf3] [--experts] "
+        "[--format=hf --to=DIR]",
+        ("workdir", "step", "dtype", "experts", "format", "to", "json"),
         None,
     ),
     "eval": (
@@ -59,6 +61,12 @@ COMMANDS: dict[str, tuple[str, str, tuple[str, ...], str | None]] = {
         "--from=runs/dense --workdir=runs/pg --config=configs/pregated.py:size=tiny,convert=1",
         ("from", "workdir", "config"),
         "configs/pregated.py:size=tiny,convert=1",
+    ),
+    "import": (
+        "turn a Hugging Face model directory (the official MoLE release's models) into a workdir",
+        "--from=DIR --workdir=runs/imported [--tokenizer=FILE] [--config=configs/mole.py]",
+        ("from", "workdir", "tokenizer", "config", "json"),
+        None,
     ),
 }
 

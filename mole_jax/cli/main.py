@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import errno
 import json
+import keyword
 import os
 import signal
 import sys
@@ -46,7 +47,7 @@ def main(argv):
 
     signal.signal(signal.SIGTERM, _terminated)  # (training installs its own: preempt.py)
     try:
-        result = getattr(commands, argv[1])(FLAGS)
+        result = getattr(commands, argv[1] + "_" * keyword.iskeyword(argv[1]))(FLAGS)
     except UserError as e:
         fail(f"error: {e}")
     except Preempted as e:

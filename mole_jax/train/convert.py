@@ -42,7 +42,7 @@ from mole_jax.model.backbone import build_model
 from mole_jax.model.config import model_config
 from mole_jax.model.layers import ACTIVATIONS
 from mole_jax.train.checkpoint import Checkpointer, restore_model
-from mole_jax.train.loop import _write_workdir, run_digest
+from mole_jax.train.loop import run_digest, write_workdir
 from mole_jax.train.losses import cross_entropy
 from mole_jax.train.optim import decay_mask, make_optimizer
 from mole_jax.train.validate import validate
@@ -274,7 +274,7 @@ def _write(wd, cfg, params: dict, rest: dict, record: dict) -> None:
         shutil.rmtree(wd.checkpoints_dir, ignore_errors=True)  # a killed conversion's, if any
         td = pipeline.prepare(cfg)  # with the dense run's tokenizer; the workdir keeps its own copy
         cfg.data.tokenizer = str(wd.tokenizer_path.resolve())
-        _write_workdir(cfg, wd, td)
+        write_workdir(cfg, wd, td.tokenizer.to_str())
         state = dict(step=jnp.zeros((), jnp.int32), params=params,
                      opt_state=make_optimizer(cfg).init(params), rest=rest)  # fmt: skip
         ckpt = Checkpointer(wd, cfg.train.keep_ckpts, False, run_digest(cfg))

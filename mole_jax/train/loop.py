@@ -211,7 +211,7 @@ def run(cfg, workdir, on_row: Sequence[Callable[[int, dict], None]] = ()) -> dic
 def _train(cfg, wd: Workdir, td, on_row: Sequence, progress: Progress) -> dict:
     lock = wd.writer_lock("train") if distributed.is_primary() else contextlib.nullcontext()
     with lock, PreemptionGuard() as guard:
-        summary = _write_workdir(cfg, wd, td)
+        summary = write_workdir(cfg, wd, td.tokenizer.to_str())
         progress.phase("building the model and restoring the newest checkpoint")
         trainer = setup(cfg)
         ckpt = Checkpointer(wd, cfg.train.keep_ckpts, cfg.train.async_ckpt, run_digest(cfg))
@@ -261,15 +261,16 @@ def _preemption(guard: PreemptionGuard, log: StepLog, ckpt: Checkpointer) -> Hoo
     return Hook(check, every=1, at_end=False)
 
 
-def _write_workdir(cfg, wd: Workdir, td) -> dict:
-    """The workdir's files, written by process 0 once the data is known to be there (after
-    the others have prepared theirs); returns the accounting summary."""
+def write_workdir(cfg, wd: Workdir, tokenizer_json: str) -> dict:
+    """The workdir's files (config, tokenizer, model summary), written by process 0 once the
+    data is known to be there (after the others have prepared theirs); returns the accounting
+    summary."""
     summary = accounting.summarize(cfg, jax.device_count())
     if distributed.is_primary():
         distributed.barrier("data prepared")
         wd.path.mkdir(parents=True, exist_ok=True)
         wd.save_config(cfg)
-        wd.write_checked(wd.tokenizer_path, td.tokenizer.to_str())  # eval/generate read it
+        wd.write_checked(wd.tokenizer_path, tokenizer_json)  # eval/generate read it
         write_text_atomic(wd.summary_path, json.dumps(summary, indent=2))
     distributed.barrier("workdir written")
     return summary

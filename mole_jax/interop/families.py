@@ -1,0 +1,209 @@
+"""Hugging Face model families: their config.json as mole_jax model fields, and back, and the
+name of every tensor beside the mole_jax parameter it fills.
+
+A family is picked by `config.json`'s `architectures[0]`. The official MoLE release
+(github.com/JieShibo/MoLE: `modeling_dense.py`, `modeling_moe.py`, `modeling_mole.py`) is a
+`LlamaConfig` plus `num_experts`, with non-gated GELU FFNs hard-coded whatever `hidden_act`
+says, pre-norm RMSNorm blocks, NeoX-layout rotary embeddings and an untied LM head:
+- dense: `mlp` is the FFN;
+- MoE: `experts.<e>` and `router`, top-10 of the router's logits hard-coded (softmax over the
+  ten), no shared expert;
+- MoLE: `mlp` (the shared expert, on the block's normed hidden state), `experts.<e>` on
+  `expert_layernorm(token embedding)`, `router` on the normed hidden state (softmax over all).
+
+A torch `Linear` weight is [out, in]; a mole_jax kernel is [in, out]: every matrix is
+transposed on the way in and out. Routed experts are stacked on a leading expert axis.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from mole_jax.errors import UserError
+
+OFFICIAL = {"DenseForCausalLM": "dense", "MoeForCausalLM": "moe", "MoleForCausalLM": "mole"}
+ARCHITECTURES = tuple(OFFICIAL)
+OFFICIAL_TOPK = 10  # modeling_moe.py: torch.topk(router_logits, 10)
+
+
+@dataclasses.dataclass(frozen=True)
+class Tensor:
+    """One checkpoint tensor: `hf` (its name) fills `path` of the parameter tree (at expert
+    `expert` of a stacked leaf when not None), transposed when `transpose`."""
+
+    hf: str
+    path: tuple
+    expert: int | None = None
+    transpose: bool = True
+
+
+def kind_of(hf: dict) -> str:
+    arch = (hf.get("architectures") or [None])[0]
+    if arch not in OFFICIAL:
+        raise UserError(
+            f"config.json's architecture {arch!r} is not supported (supported: "
+            f"{', '.join(ARCHITECTURES)})"
+        )
+    return OFFICIAL[arch]
+
+
+# Fields the official code reads and the values it takes for granted; another value would be
+# ignored by an import (and so silently change the model): refused.
+FIXED = dict(attention_bias=False, rope_scaling=None, tie_word_embeddings=False, mlp_bias=False)
+
+
+def model_fields(hf: dict) -> tuple[dict, dict, list[str]]:
+    """(backbone fields, the kind's ffn fields, notes) of an official-family config.json."""
+    kind = kind_of(hf)
+    for name, want in FIXED.items():
+        if hf.get(name, want) != want:
+            raise UserError(
+                f"config.json sets {name}={hf[name]!r}; the importer supports only "
+                f"{want!r} for {hf['architectures'][0]}"
+            )
+    heads, d = _need(hf, "num_attention_heads"), _need(hf, "hidden_size")
+    if hf.get("num_key_value_heads", heads) != heads:
+        raise UserError(
+            "config.json sets num_key_value_heads != num_attention_heads (grouped-"
+            "query attention), which the official MoLE family does not use"
+        )
+    if hf.get("head_dim", d // heads) != d // heads:
+        raise UserError(f"config.json sets head_dim={hf['head_dim']}, not hidden_size / heads")
+    backbone = dict(
+        vocab_size=_need(hf, "vocab_size"),
+        d_model=d,
+        n_layers=_need(hf, "num_hidden_layers"),
+        n_heads=heads,
+        d_ff=_need(hf, "intermediate_size"),
+        max_seq_len=_need(hf, "max_position_embeddings"),
+        rope_theta=float(hf.get("rope_theta", 10000.0)),
+        norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+        activation="gelu",
+    )
+    notes = (
+        [f"hidden_act={hf.get('hidden_act')!r} is ignored: the official code hard-codes exact GELU"]
+        if hf.get("hidden_act", "gelu") != "gelu"
+        else []
+    )
+    ffn = {}
+    if kind == "moe":
+        experts = _need(hf, "num_experts")
+        topk = int(hf.get("num_experts_per_tok", OFFICIAL_TOPK))
+        if topk > experts:
+            raise UserError(
+                f"top-{topk} routing needs at least {topk} experts, not {experts} "
+                "(modeling_moe.py hard-codes top-10)"
+            )
+        if "num_experts_per_tok" not in hf:
+            notes.append(
+                "top-10 routing, as modeling_moe.py hard-codes (the paper trained "
+                "top-2: set num_experts_per_tok in config.json to choose)"
+            )
+        ffn = dict(
+            experts=experts,
+            topk=topk,
+            d_expert=backbone["d_ff"],
+            shared_d_ff=0,
+            router_mode="topk_softmax",
+            dispatch="dropless",
+        )
+    elif kind == "mole":
+        ffn = dict(
+            experts=_need(hf, "num_experts"), d_expert=backbone["d_ff"], expert_input="embedding"
+        )
+    return backbone, ffn, notes
+
+
+def _need(hf: dict, name: str):
+    if name not in hf:
+        raise UserError(f"config.json lacks {name}")
+    return hf[name]
+
+
+def hf_config(m) -> dict:
+    """config.json for the typed model config `m` (the reverse of `model_fields`)."""
+    arch = {v: k for k, v in OFFICIAL.items()}.get(m.kind)
+    if arch is None or (m.kind != "dense" and m.ffn_layers != tuple(range(m.n_layers))):
+        raise UserError(
+            f"a '{m.kind}' model has no Hugging Face form (the official MoLE family "
+            "is dense, moe or mole in every block)"
+        )
+    if m.activation != "gelu":
+        raise UserError(
+            f"model.activation={m.activation}: the official modeling code hard-codes GELU"
+        )
+    out = dict(
+        architectures=[arch],
+        model_type="llama",
+        vocab_size=m.vocab_size,
+        hidden_size=m.d_model,
+        num_hidden_layers=m.n_layers,
+        num_attention_heads=m.n_heads,
+        num_key_value_heads=m.n_heads,
+        intermediate_size=m.d_ff,
+        max_position_embeddings=m.max_seq_len,
+        rope_theta=m.rope_theta,
+        rms_norm_eps=m.norm_eps,
+        hidden_act="gelu",
+        tie_word_embeddings=False,
+        attention_bias=False,
+        rope_scaling=None,
+        pretraining_tp=1,
+        torch_dtype="float32",
+    )
+    if m.kind == "moe":
+        _check_moe(m)
+        out.update(num_experts=m.ffn.experts, num_experts_per_tok=m.ffn.topk)
+    if m.kind == "mole":
+        if m.ffn.d_expert != m.d_ff or m.ffn.expert_input != "embedding":
+            raise UserError(
+                "the official MoLE code has experts of intermediate_size on the "
+                "token embedding (d_expert == d_ff, expert_input=embedding)"
+            )
+        out.update(num_experts=m.ffn.experts)
+    return out
+
+
+def _check_moe(m) -> None:
+    c = m.ffn
+    if c.d_expert != m.d_ff or c.shared_d_ff or c.router_mode != "topk_softmax":
+        raise UserError(
+            "the official MoE code has experts of intermediate_size, no shared "
+            "expert and softmax over the top-k logits"
+        )
+
+
+def tensors(m) -> list[Tensor]:
+    """Every tensor of the checkpoint of `m`, in the official family's names."""
+    out = [
+        Tensor("model.embed_tokens.weight", ("embed",), transpose=False),
+        Tensor("model.norm.weight", ("norm", "scale"), transpose=False),
+        Tensor("lm_head.weight", ("head",)),
+    ]
+    for i in range(m.n_layers):
+        hf, at = f"model.layers.{i}.", ("blocks", i)
+        for name in "qkvo":
+            out.append(Tensor(f"{hf}self_attn.{name}_proj.weight", (*at, "attn", name, "kernel")))
+        out.append(Tensor(f"{hf}input_layernorm.weight", (*at, "norm_attn", "scale"), None, False))
+        out.append(
+            Tensor(f"{hf}post_attention_layernorm.weight", (*at, "norm_ffn", "scale"), None, False)
+        )
+        out += _ffn_tensors(m, hf, (*at, "ffn"))
+    return out
+
+
+def _ffn_tensors(m, hf: str, at: tuple) -> list[Tensor]:
+    kind = m.kind_of_layer(int(at[1]))
+    mlp = ("mlp",) if kind == "dense" else ("shared",)
+    out = []
+    if kind in ("dense", "mole"):
+        out += [
+            Tensor(f"{hf}mlp.{p}_proj.weight", (*at, *mlp, p, "kernel")) for p in ("up", "down")
+        ]
+    if kind in ("moe", "mole"):
+        out.append(Tensor(f"{hf}router.weight", (*at, "router")))
+        for e in range(m.ffn.experts):
+            out += [Tensor(f"{hf}experts.{e}.{p}_proj.weight", (*at, p), e) for p in ("up", "down")]
+    if kind == "mole":
+        out.append(Tensor(f"{hf}expert_layernorm.weight", (*at, "norm_exp", "scale"), None, False))
+    return out

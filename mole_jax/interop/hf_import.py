@@ -1,0 +1,207 @@
+"""`launch.py import`: a Hugging Face model directory -> an ordinary workdir at step 0.
+
+The workdir holds what `train` writes (config.json, tokenizer.json, model_summary.json,
+checksums) and a verified step-0 checkpoint (the imported parameters, a fresh optimiser state),
+plus `import.json` (the source, its architecture, what the import decided). Every command works
+on it unchanged; `train` fine-tunes from it.
+
+Streaming and sharded: the configured mesh is built first and each parameter is made with
+`jax.make_array_from_callback`, whose callback reads only the slice of the checkpoint tensor
+that a device's shard holds (safetensors memory map), so no host copy of the model exists
+beyond the tensor in flight.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from collections import defaultdict
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mole_jax.data.pipeline import EOS, load_tokenizer
+from mole_jax.errors import UserError
+from mole_jax.files import write_text_atomic
+from mole_jax.interop import families
+from mole_jax.interop.checkpoint_dir import Tensors, _few
+from mole_jax.train.checkpoint import Checkpointer
+from mole_jax.train.loop import run_digest, write_workdir
+from mole_jax.train.trainer import setup
+from mole_jax.workdir import as_workdir
+
+RECORD, PARTIAL = "import.json", "import.partial"
+
+
+def read_config(src: Path) -> dict:
+    path = src / "config.json"
+    if not path.is_file():
+        raise UserError(f"{src} is not a Hugging Face model directory (no config.json)")
+    try:
+        return json.loads(path.read_text())
+    except ValueError as e:
+        raise UserError(f"{path} is not JSON ({e})") from None
+
+
+def kind_of(src) -> str:
+    """The mole_jax FFN kind the model directory `src` imports as (to pick its config file)."""
+    return families.kind_of(read_config(Path(src)))
+
+
+def import_hf(src, workdir, cfg, tokenizer: str | None = None) -> dict:
+    """Imports the model directory `src` into `workdir`; `cfg`: a run config of the model's
+    kind (its data, train and mesh sections are kept; the model's shape comes from `src`).
+    Returns what import.json records."""
+    src, wd = Path(src), as_workdir(workdir)
+    hf = read_config(src)
+    backbone, ffn, notes = families.model_fields(hf)
+    tok_path = Path(tokenizer) if tokenizer else src / "tokenizer.json"
+    tok = _tokenizer(tok_path, backbone["vocab_size"], tokenizer is None)
+    cfg = _configured(cfg, families.kind_of(hf), backbone, ffn, wd)
+    cfg.data.vocab_size = tok.get_vocab_size()  # (the size of the tokenizer it trains without one)
+    record = dict(
+        source=str(src.resolve()),
+        source_sha256=_source_digest(src),
+        architecture=hf["architectures"][0],
+        kind=cfg.model.ffn.kind,
+        tokenizer=str(tok_path.resolve()),
+        notes=notes,
+    )
+    if _already(wd, record):
+        return json.loads((wd.path / RECORD).read_text())
+    trainer = setup(cfg)
+    tensors = Tensors(src)
+    plan = families.tensors(trainer.model_config)
+    _check_names(plan, tensors)
+    with jax.set_mesh(trainer.mesh):
+        params = place(plan, tensors, trainer.abstract_state["params"])
+    record["tensors"] = len(plan)
+    _write(wd, cfg, trainer, params, tok.to_str(), record)
+    return record
+
+
+def _tokenizer(path: Path, vocab_size: int, from_dir: bool):
+    if not path.is_file():
+        hint = " (pass --tokenizer=PATH/tokenizer.json)" if from_dir else ""
+        raise UserError(f"{path} does not exist{hint}")
+    tok = load_tokenizer(str(path))
+    if tok.get_vocab_size() > vocab_size:
+        raise UserError(
+            f"{path} has {tok.get_vocab_size()} tokens, more than the model's "
+            f"vocab_size={vocab_size}"
+        )
+    if tok.token_to_id(EOS) is None:
+        raise UserError(f"{path} has no '{EOS}' token (mole_jax separates documents with it)")
+    return tok
+
+
+def _configured(cfg, kind: str, backbone: dict, ffn: dict, wd):
+    if cfg.model.ffn.kind != kind or kind != "dense" and kind not in cfg.model.ffn:
+        raise UserError(f"the model is '{kind}'; pass --config=configs/{kind}.py (or none)")
+    cfg = cfg.copy_and_resolve_references()
+    cfg.unlock()
+    cfg.model.update(backbone)
+    cfg.model.ffn.layers = "all"
+    if ffn:
+        cfg.model.ffn[kind].update(ffn)
+    cfg.data.tokenizer = str(wd.tokenizer_path.resolve())
+    cfg.data.seq_len = min(cfg.data.seq_len, backbone["max_seq_len"])
+    return cfg
+
+
+def _check_names(plan, tensors: Tensors) -> None:
+    want = {t.hf for t in plan}
+    missing, extra = sorted(want - tensors.names), sorted(tensors.names - want)
+    if missing:
+        raise UserError(f"the checkpoint lacks {len(missing)} tensor(s): {_few(missing)}")
+    if extra:
+        raise UserError(
+            f"the checkpoint has {len(extra)} tensor(s) the model has no place for: {_few(extra)}"
+        )
+
+
+def place(plan, tensors: Tensors, abstract_params: dict) -> dict:
+    """The parameter tree, each leaf made on its sharding from the slices its shards hold."""
+    by_path = defaultdict(list)
+    for t in plan:
+        by_path[t.path].append(t)
+
+    def leaf(path, a):
+        key = tuple(getattr(k, "key", getattr(k, "idx", None)) for k in path)
+        parts = sorted(by_path.pop(key), key=lambda t: t.expert or 0)
+        for t in parts:
+            want = a.shape[1:] if t.expert is not None else a.shape
+            got = tensors.shape(t.hf)
+            if (got[::-1] if t.transpose else got) != want:
+                raise UserError(
+                    f"tensor {t.hf} has shape {list(got)}; the config implies "
+                    f"{list(want[::-1] if t.transpose else want)}"
+                )
+        return jax.make_array_from_callback(a.shape, a.sharding, _reader(parts, tensors))
+
+    params = jax.tree_util.tree_map_with_path(leaf, abstract_params)
+    assert not by_path, f"tensors without a parameter: {sorted(by_path)}"  # families.tensors
+    return params
+
+
+def _reader(parts, tensors: Tensors):
+    def one(t, index):
+        if t.transpose:
+            return tensors.read(t.hf, tuple(reversed(index))).T
+        return tensors.read(t.hf, tuple(index))
+
+    def read(index):
+        if parts[0].expert is None:
+            out = one(parts[0], index)
+        else:
+            chosen = range(len(parts))[index[0]]
+            out = np.stack([one(parts[e], index[1:]) for e in chosen])
+        return np.ascontiguousarray(out, dtype=np.float32)
+
+    return read
+
+
+def _source_digest(src: Path) -> str:
+    h = hashlib.sha256((src / "config.json").read_bytes())
+    for p in sorted(src.glob("*.safetensors")):
+        h.update(f"{p.name}:{p.stat().st_size}".encode())
+    return h.hexdigest()
+
+
+def _already(wd, record: dict) -> bool:
+    """True when `wd` holds this very import; refused when it holds anything else."""
+    d = wd.checkpoints_dir
+    steps = {p.name for p in d.iterdir() if p.name.isdigit()} if d.is_dir() else set()
+    if not steps or (wd.path / PARTIAL).exists():
+        return False
+    try:
+        done = json.loads((wd.path / RECORD).read_text())
+    except (OSError, ValueError):
+        done = {}
+    if done.get("source_sha256") == record["source_sha256"]:
+        return True
+    raise UserError(f"{wd} already holds another run; import into a new workdir")
+
+
+def _write(wd, cfg, trainer, params, tokenizer_json: str, record: dict) -> None:
+    with wd.writer_lock("import"):
+        wd.path.mkdir(parents=True, exist_ok=True)
+        (wd.path / PARTIAL).touch()
+        shutil.rmtree(wd.checkpoints_dir, ignore_errors=True)  # a killed import's, if any
+        write_workdir(cfg, wd, tokenizer_json)
+        a = trainer.abstract_state
+        shard = jax.tree.map(lambda x: x.sharding, a["opt_state"])
+        with jax.set_mesh(trainer.mesh):
+            opt_state = jax.jit(trainer.tx.init, out_shardings=shard)(params)
+        rest = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), a["rest"])
+        state = dict(step=jnp.zeros((), jnp.int32), params=params, opt_state=opt_state, rest=rest)
+        ckpt = Checkpointer(wd, cfg.train.keep_ckpts, False, run_digest(cfg))
+        try:
+            ckpt.save(state)
+        finally:
+            ckpt.close()
+        write_text_atomic(wd.path / RECORD, json.dumps(record, indent=1))
+        (wd.path / PARTIAL).unlink()

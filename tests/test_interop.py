@@ -1,0 +1,203 @@
+"""Hugging Face models in and out, exact against the reference code's own output.
+
+The fixtures under tests/fixtures/hf/ were written by the official MoLE modeling files with
+random weights (`make_fixtures.py`, run where torch is installed; `versions.json` names the
+versions): their checkpoint, tokenizer and `reference.npz` (logits of a fixed batch, a greedy
+continuation and, for MoLE, the table of the official `reparameterize.py`). No torch here.
+"""
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import tiny_overrides
+from flax import nnx
+from safetensors.numpy import load_file
+
+from configs import dense, moe, mole
+from mole_jax.errors import UserError
+from mole_jax.infer.engine import build_engine
+from mole_jax.infer.export import export_lut
+from mole_jax.infer.generate import generate
+from mole_jax.interop.hf_export import export_hf
+from mole_jax.interop.hf_import import import_hf
+from mole_jax.model.config import model_config
+from mole_jax.stores.lut import LutStore
+from mole_jax.train.checkpoint import restore_model
+from mole_jax.workdir import Workdir
+
+FIXTURES = Path(__file__).parent / "fixtures" / "hf"
+ROOT = Path(__file__).resolve().parents[1]
+KINDS = {"mole-dense": dense, "mole-moe": moe, "mole-mole": mole}
+
+
+def config(name, corpus_dir, cache_dir):
+    return tiny_overrides(KINDS[name].get_config("size=tiny"), corpus_dir, cache_dir)
+
+
+@pytest.fixture(scope="module")
+def imported(tmp_path_factory, corpus_dir, cache_dir):
+    out = {}
+    for name in KINDS:
+        w = str(tmp_path_factory.mktemp(name) / "w")
+        import_hf(FIXTURES / name, w, config(name, corpus_dir, cache_dir))
+        out[name] = w
+    return out
+
+
+def params_of(w):
+    return jax.device_get(restore_model(w, model_config(Workdir(w).config)).params)
+
+
+@pytest.mark.parametrize("name", list(KINDS))
+def test_imported_logits_and_greedy_tokens_equal_the_reference(imported, name):
+    ref = np.load(FIXTURES / name / "reference.npz")
+    w = imported[name]
+    r = restore_model(w, model_config(Workdir(w).config))
+    logits = nnx.merge(r.graphdef, r.params, r.rest)(jnp.asarray(ref["ids"], jnp.int32))
+    assert np.abs(np.asarray(logits.logits_BxLxV) - ref["logits"]).max() <= 1e-5
+    tokens = generate(build_engine(w, "experts"), ref["prompt"], max_new=len(ref["greedy"]))
+    np.testing.assert_array_equal(tokens["tokens"][0], ref["greedy"])
+
+
+def test_mole_lut_equals_the_official_reparameterized_table(imported):
+    """export's float32 LUT, row for row, against reparameterize.py's [V, layers*E*D] table."""
+    w = imported["mole-mole"]
+    manifest = export_lut(w, dtype="float32")
+    ref = np.load(FIXTURES / "mole-mole" / "reference.npz")["table"]
+    v, layers, e = ref.shape[0], len(manifest["layers"]), manifest["experts"]
+    ref = ref.reshape(v, layers, e, -1)
+    rows = LutStore.open(Path(w, "lut")).read_rows(np.arange(v, dtype=np.int32))
+    for i, layer in enumerate(manifest["layers"]):
+        assert np.abs(rows[layer]["values"] - ref[:, i]).max() <= 1e-5
+
+
+@pytest.mark.parametrize("name", list(KINDS))
+def test_hf_export_gives_the_reference_checkpoint_back_and_imports_bit_for_bit(
+    imported, name, tmp_path, corpus_dir, cache_dir
+):
+    out = tmp_path / "hf"
+    export_hf(imported[name], out)
+    ref, got = (
+        load_file(FIXTURES / name / "model.safetensors"),
+        load_file(out / "model.safetensors"),
+    )
+    assert sorted(got) == sorted(ref)
+    for key, value in ref.items():
+        np.testing.assert_array_equal(got[key], value, err_msg=key)
+    cfg_ref = json.loads((FIXTURES / name / "config.json").read_text())
+    cfg_out = json.loads((out / "config.json").read_text())
+    for key in ("architectures", "hidden_size", "num_hidden_layers", "intermediate_size",
+                "num_attention_heads", "vocab_size", "rms_norm_eps", "rope_theta",
+                "max_position_embeddings", "tie_word_embeddings"):  # fmt: skip
+        assert cfg_out[key] == cfg_ref[key], key
+    again = str(tmp_path / "again")
+    import_hf(out, again, config(name, corpus_dir, cache_dir))
+    a, b = params_of(imported[name]), params_of(again)
+    jax.tree.map(np.testing.assert_array_equal, a, b)
+
+
+def test_sharded_checkpoint_imports_equal_to_the_single_file(imported, tmp_path, corpus_dir,
+                                                            cache_dir):  # fmt: skip
+    """export with a small shard size writes model-0000N-of-0000M + the index, as
+    save_pretrained does for large models; importing it gives the same parameters."""
+    out = tmp_path / "sharded"
+    files = export_hf(imported["mole-mole"], out, shard_bytes=64 * 2**10)["files"]
+    assert "model.safetensors.index.json" in files and len(files) > 4
+    w = str(tmp_path / "w")
+    import_hf(out, w, config("mole-mole", corpus_dir, cache_dir))
+    jax.tree.map(np.testing.assert_array_equal, params_of(imported["mole-mole"]), params_of(w))
+
+
+def _copy(name, tmp_path, edit=None, drop=None):
+    d = tmp_path / "src"
+    shutil.copytree(FIXTURES / name, d)
+    if edit:
+        cfg = json.loads((d / "config.json").read_text())
+        cfg.update(edit)
+        (d / "config.json").write_text(json.dumps(cfg))
+    if drop:
+        from safetensors.numpy import save_file
+
+        tensors = load_file(d / "model.safetensors")
+        for key in drop:
+            tensors.pop(key)
+        save_file(tensors, d / "model.safetensors")
+    return d
+
+
+BAD = [
+    (dict(edit={"architectures": ["GPT2LMHeadModel"]}), "not supported (supported: Dense"),
+    (dict(edit={"attention_bias": True}), "attention_bias=True"),
+    (dict(edit={"rope_scaling": {"type": "yarn", "factor": 2.0}}), "rope_scaling"),
+    (dict(edit={"num_key_value_heads": 2}), "num_key_value_heads"),
+    (dict(edit={"num_experts": 5}), "experts.4.down_proj.weight"),  # mismatched tensors
+    (dict(drop=["model.layers.1.router.weight"]), "lacks 1 tensor(s): model.layers.1.router"),
+    (dict(edit={"hidden_size": 48}), "has shape"),
+]
+
+
+@pytest.mark.parametrize("change,message", BAD)
+def test_bad_checkpoints_are_refused_in_one_line_and_write_nothing(
+    tmp_path, corpus_dir, cache_dir, change, message
+):
+    src, w = _copy("mole-mole", tmp_path, **change), tmp_path / "w"
+    with pytest.raises(UserError, match=re.escape(message)):
+        import_hf(src, w, config("mole-mole", corpus_dir, cache_dir))
+    assert not w.exists()
+
+
+def test_missing_tokenizer_and_a_workdir_of_another_run_are_refused(
+    imported, tmp_path, corpus_dir, cache_dir
+):
+    src = _copy("mole-mole", tmp_path)
+    (src / "tokenizer.json").unlink()
+    with pytest.raises(UserError, match="pass --tokenizer"):
+        import_hf(src, tmp_path / "w", config("mole-mole", corpus_dir, cache_dir))
+    with pytest.raises(UserError, match="already holds another run"):
+        import_hf(FIXTURES / "mole-dense", imported["mole-mole"], config("mole-dense", corpus_dir,
+                                                                          cache_dir))  # fmt: skip
+    again = import_hf(FIXTURES / "mole-mole", imported["mole-mole"],
+                      config("mole-mole", corpus_dir, cache_dir))  # fmt: skip
+    assert again["architecture"] == "MoleForCausalLM"  # the same import: nothing to do
+
+
+@pytest.mark.slow
+def test_import_export_and_offloaded_eval_from_the_command_line(tmp_path, corpus_dir, cache_dir):
+    """launch.py import -> export (LUT) -> eval in memory and offloaded (equal) -> export
+    --format=hf; and a bad directory is one `error:` line, exit 2."""
+    w, hf = str(tmp_path / "w"), str(tmp_path / "hf")
+    data = [
+        f"--config.data.corpus=files:{corpus_dir}/*.txt",
+        f"--config.data.cache_dir={cache_dir}",
+        "--config.data.seq_len=32",
+        "--config.data.val_fraction=0.2",
+    ]
+
+    def launch(*args):
+        cmd = [sys.executable, str(ROOT / "launch.py"), *args]
+        return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+
+    out = launch("import", f"--from={FIXTURES / 'mole-mole'}", f"--workdir={w}",
+                 "--config=configs/mole.py:size=tiny", *data)  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "imported MoleForCausalLM" in out.stdout
+    assert launch("export", f"--workdir={w}", "--dtype=float32").returncode == 0
+    losses = []
+    for extra in ([], ["--offload"]):
+        run = launch("eval", f"--workdir={w}", *extra, f"--json={tmp_path}/e{len(losses)}.json")
+        assert run.returncode == 0, run.stderr[-2000:]
+        losses.append(json.loads(Path(tmp_path, f"e{len(losses)}.json").read_text())["loss"])
+    assert abs(losses[0] - losses[1]) <= 1e-5
+    out = launch("export", f"--workdir={w}", "--format=hf", f"--to={hf}")
+    assert out.returncode == 0 and Path(hf, "model.safetensors").is_file(), out.stderr[-2000:]
+    bad = launch("import", f"--from={tmp_path}", f"--workdir={tmp_path}/x")
+    assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0, bad.stderr
+    assert bad.stderr.startswith("error: ") and "config.json" in bad.stderr
