@@ -14,7 +14,7 @@ def base(size: str) -> ConfigDict:
     c = ConfigDict()
     c.seed = 0
     c.model = _model(s, size)
-    c.model.ffn = ConfigDict(dict(kind="dense", layers="all"))
+    c.model.ffn = ConfigDict(dict(kind="dense", layers="all", gated=False))  # gated: SwiGLU
     c.data = _data(s)
     # Device mesh (parallel/sharding.py): sizes of its axes; one may be -1 (the remaining
     # devices). The paper sizes shard their state over every device (FSDP): replicated on 64
@@ -48,6 +48,11 @@ def _model(s: dict, size: str) -> ConfigDict:
             # "Compiling for the hardware"); off on the CPU sizes, where the scan compiled
             # slower (docs/scaling.md, "Scanned layers").
             scan_layers=size not in CPU_SIZES,
+            # Llama-family fields (`launch.py import` sets them from config.json): key/value
+            # heads (0: n_heads), an LM head tied to the embedding, Llama 3.1's RoPE rescaling
+            n_kv_heads=0,
+            tie_embeddings=False,
+            rope_scaling="",  # "" | "llama3:factor=8,low_freq_factor=1,high_freq_factor=4,..."
         )
     )
 

@@ -1,9 +1,11 @@
 """Hugging Face models in and out, exact against the reference code's own output.
 
-The fixtures under tests/fixtures/hf/ were written by the official MoLE modeling files with
-random weights (`make_fixtures.py`, run where torch is installed; `versions.json` names the
-versions): their checkpoint, tokenizer and `reference.npz` (logits of a fixed batch, a greedy
-continuation and, for MoLE, the table of the official `reparameterize.py`). No torch here.
+The fixtures under tests/fixtures/hf/ were written by the reference code with random weights:
+the official MoLE modeling files (mole-*) and transformers' LlamaForCausalLM (llama: grouped-
+query attention, llama3 RoPE scaling, tied head, SwiGLU), by `make_fixtures.py` where torch is
+installed (each `versions.json` names the versions): their checkpoint, tokenizer and
+`reference.npz` (logits of a fixed batch, a greedy continuation and, for MoLE, the table of the
+official `reparameterize.py`). No torch here.
 """
 
 import json
@@ -35,7 +37,7 @@ from mole_jax.workdir import Workdir
 
 FIXTURES = Path(__file__).parent / "fixtures" / "hf"
 ROOT = Path(__file__).resolve().parents[1]
-KINDS = {"mole-dense": dense, "mole-moe": moe, "mole-mole": mole}
+KINDS = {"mole-dense": dense, "mole-moe": moe, "mole-mole": mole, "llama": dense}
 
 
 def config(name, corpus_dir, cache_dir):
@@ -117,6 +119,7 @@ def test_sharded_checkpoint_imports_equal_to_the_single_file(imported, tmp_path,
 
 
 def _copy(name, tmp_path, edit=None, drop=None):
+    """A copy of fixture `name` with config.json fields changed and tensors dropped."""
     d = tmp_path / "src"
     shutil.copytree(FIXTURES / name, d)
     if edit:
@@ -134,23 +137,27 @@ def _copy(name, tmp_path, edit=None, drop=None):
 
 
 BAD = [
-    (dict(edit={"architectures": ["GPT2LMHeadModel"]}), "not supported (supported: Dense"),
-    (dict(edit={"attention_bias": True}), "attention_bias=True"),
-    (dict(edit={"rope_scaling": {"type": "yarn", "factor": 2.0}}), "rope_scaling"),
-    (dict(edit={"num_key_value_heads": 2}), "num_key_value_heads"),
-    (dict(edit={"num_experts": 5}), "experts.4.down_proj.weight"),  # mismatched tensors
-    (dict(drop=["model.layers.1.router.weight"]), "lacks 1 tensor(s): model.layers.1.router"),
-    (dict(edit={"hidden_size": 48}), "has shape"),
+    ("mole-mole", dict(edit={"architectures": ["GPT2LMHeadModel"]}), "not supported (supported"),
+    ("mole-mole", dict(edit={"attention_bias": True}), "attention_bias=True"),
+    ("mole-mole", dict(edit={"rope_scaling": {"type": "linear", "factor": 2.0}}), "rope_scaling"),
+    ("mole-mole", dict(edit={"num_key_value_heads": 2}), "num_key_value_heads=2"),
+    ("mole-mole", dict(edit={"num_experts": 5}), "experts.4.down_proj.weight"),  # mismatched
+    ("mole-mole", dict(drop=["model.layers.1.router.weight"]), "lacks 1 tensor(s): model.layer"),
+    ("mole-mole", dict(edit={"hidden_size": 48}), "has shape"),
+    ("llama", dict(edit={"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}), "'llama3'"),
+    ("llama", dict(edit={"sliding_window": 4096}), "sliding_window=4096"),
+    ("llama", dict(edit={"hidden_act": "gelu_new"}), "hidden_act='gelu_new'"),
+    ("llama", dict(edit={"tie_word_embeddings": False}), "lacks 1 tensor(s): lm_head.weight"),
 ]
 
 
-@pytest.mark.parametrize("change,message", BAD)
+@pytest.mark.parametrize("name,change,message", BAD)
 def test_bad_checkpoints_are_refused_in_one_line_and_write_nothing(
-    tmp_path, corpus_dir, cache_dir, change, message
+    tmp_path, corpus_dir, cache_dir, name, change, message
 ):
-    src, w = _copy("mole-mole", tmp_path, **change), tmp_path / "w"
+    src, w = _copy(name, tmp_path, **change), tmp_path / "w"
     with pytest.raises(UserError, match=re.escape(message)):
-        import_hf(src, w, config("mole-mole", corpus_dir, cache_dir))
+        import_hf(src, w, config(name, corpus_dir, cache_dir))
     assert not w.exists()
 
 

@@ -122,7 +122,7 @@ def test_top1_moe_with_one_expert_equals_dense():
     cfg = moe_cfg.get_config("size=tiny,experts=1,topk=1")
     cfg.model.ffn.moe.d_expert = cfg.model.d_ff
     layer = moe.Layer(model_config(cfg), 0, rngs=nnx.Rngs(params=0))
-    mlp = Mlp(64, cfg.model.d_ff, cfg.model, nnx.Rngs(params=3))
+    mlp = Mlp(64, cfg.model.d_ff, model_config(cfg), nnx.Rngs(params=3))
     layer.up[...] = mlp.up.kernel[...][None]
     layer.down[...] = mlp.down.kernel[...][None]
     y, aux = run_layer(layer, X)

@@ -22,8 +22,12 @@ import dataclasses
 from mole_jax.errors import UserError
 
 OFFICIAL = {"DenseForCausalLM": "dense", "MoeForCausalLM": "moe", "MoleForCausalLM": "mole"}
-ARCHITECTURES = tuple(OFFICIAL)
+LLAMA = {"LlamaForCausalLM": "dense"}
+ARCHITECTURES = (*OFFICIAL, *LLAMA)
 OFFICIAL_TOPK = 10  # modeling_moe.py: torch.topk(router_logits, 10)
+# transformers' hidden_act -> model.activation ('gelu' is the exact erf GELU in both)
+ACTIVATIONS = {"silu": "silu", "gelu": "gelu", "gelu_pytorch_tanh": "gelu_tanh", "relu": "relu"}
+ROPE_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,53 +42,66 @@ class Tensor:
 
 
 def kind_of(hf: dict) -> str:
+    return {**OFFICIAL, **LLAMA}[_arch(hf)]
+
+
+def _arch(hf: dict) -> str:
     arch = (hf.get("architectures") or [None])[0]
-    if arch not in OFFICIAL:
+    if arch not in ARCHITECTURES:
         raise UserError(
             f"config.json's architecture {arch!r} is not supported (supported: "
             f"{', '.join(ARCHITECTURES)})"
         )
-    return OFFICIAL[arch]
+    return arch
 
 
-# Fields the official code reads and the values it takes for granted; another value would be
-# ignored by an import (and so silently change the model): refused.
-FIXED = dict(attention_bias=False, rope_scaling=None, tie_word_embeddings=False, mlp_bias=False)
+# Fields each family's code takes for granted; another value would be ignored by an import
+# (and so silently change the model): refused.
+FIXED = dict(attention_bias=False, mlp_bias=False, sliding_window=None)
+OFFICIAL_FIXED = dict(rope_scaling=None, tie_word_embeddings=False)
 
 
 def model_fields(hf: dict) -> tuple[dict, dict, list[str]]:
-    """(backbone fields, the kind's ffn fields, notes) of an official-family config.json."""
-    kind = kind_of(hf)
-    for name, want in FIXED.items():
+    """(backbone fields, the kind's ffn fields, notes) of a config.json; backbone's `gated`
+    is model.ffn.gated."""
+    arch, kind = _arch(hf), kind_of(hf)
+    official = arch in OFFICIAL
+    for name, want in {**FIXED, **(OFFICIAL_FIXED if official else {})}.items():
         if hf.get(name, want) != want:
             raise UserError(
                 f"config.json sets {name}={hf[name]!r}; the importer supports only "
-                f"{want!r} for {hf['architectures'][0]}"
+                f"{want!r} for {arch}"
             )
     heads, d = _need(hf, "num_attention_heads"), _need(hf, "hidden_size")
-    if hf.get("num_key_value_heads", heads) != heads:
+    kv = hf.get("num_key_value_heads") or heads
+    if official and kv != heads:
         raise UserError(
-            "config.json sets num_key_value_heads != num_attention_heads (grouped-"
-            "query attention), which the official MoLE family does not use"
+            f"config.json sets num_key_value_heads={kv} != num_attention_heads; "
+            f"{arch} has no grouped-query attention"
         )
     if hf.get("head_dim", d // heads) != d // heads:
         raise UserError(f"config.json sets head_dim={hf['head_dim']}, not hidden_size / heads")
+    act = hf.get("hidden_act", "silu")
+    if not official and act not in ACTIVATIONS:
+        raise UserError(f"config.json sets hidden_act={act!r}; supported: {', '.join(ACTIVATIONS)}")
     backbone = dict(
         vocab_size=_need(hf, "vocab_size"),
         d_model=d,
         n_layers=_need(hf, "num_hidden_layers"),
         n_heads=heads,
+        n_kv_heads=0 if kv == heads else kv,
         d_ff=_need(hf, "intermediate_size"),
         max_seq_len=_need(hf, "max_position_embeddings"),
         rope_theta=float(hf.get("rope_theta", 10000.0)),
         norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
-        activation="gelu",
+        activation="gelu" if official else ACTIVATIONS[act],
+        tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        rope_scaling=_rope_scaling(hf.get("rope_scaling")),
+        gated=not official,
     )
-    notes = (
-        [f"hidden_act={hf.get('hidden_act')!r} is ignored: the official code hard-codes exact GELU"]
-        if hf.get("hidden_act", "gelu") != "gelu"
-        else []
-    )
+    notes = []
+    if official and act != "gelu":
+        notes.append(f"hidden_act={act!r} is ignored: the official code hard-codes exact GELU")
     ffn = {}
     if kind == "moe":
         experts = _need(hf, "num_experts")
@@ -120,15 +137,38 @@ def _need(hf: dict, name: str):
     return hf[name]
 
 
+def _rope_scaling(rs) -> str:
+    """config.json's rope_scaling as model.rope_scaling ("" or "llama3:factor=...,...")."""
+    if rs is None:
+        return ""
+    kind = rs.get("rope_type", rs.get("type"))
+    if kind != "llama3" or any(k not in rs for k in ROPE_KEYS):
+        raise UserError(
+            f"config.json sets rope_scaling={rs}; the importer supports only "
+            f"rope_type 'llama3' with {', '.join(ROPE_KEYS)}"
+        )
+    return "llama3:" + ",".join(f"{k}={rs[k]}" for k in ROPE_KEYS)
+
+
+def _llama_form(m) -> bool:
+    """Whether `m` exports as LlamaForCausalLM (else as the official MoLE family)."""
+    return m.gated or bool(m.n_kv_heads) or m.tie_embeddings or bool(m.rope_scaling)
+
+
 def hf_config(m) -> dict:
     """config.json for the typed model config `m` (the reverse of `model_fields`)."""
-    arch = {v: k for k, v in OFFICIAL.items()}.get(m.kind)
-    if arch is None or (m.kind != "dense" and m.ffn_layers != tuple(range(m.n_layers))):
+    llama = _llama_form(m)
+    arch = "LlamaForCausalLM" if llama else {v: k for k, v in OFFICIAL.items()}.get(m.kind)
+    if arch is None or (m.kind != "dense" and (llama or m.ffn_layers != tuple(range(m.n_layers)))):
         raise UserError(
-            f"a '{m.kind}' model has no Hugging Face form (the official MoLE family "
-            "is dense, moe or mole in every block)"
+            f"a '{m.kind}' model of these fields has no Hugging Face form (the "
+            "official MoLE family: dense, moe or mole in every block, non-gated; "
+            "Llama: dense, gated)"
         )
-    if m.activation != "gelu":
+    if llama and not m.gated:
+        raise UserError("LlamaForCausalLM's FFN is gated: set model.ffn.gated")
+    act = {v: k for k, v in ACTIVATIONS.items()}[m.activation]
+    if not llama and act != "gelu":
         raise UserError(
             f"model.activation={m.activation}: the official modeling code hard-codes GELU"
         )
@@ -139,15 +179,16 @@ def hf_config(m) -> dict:
         hidden_size=m.d_model,
         num_hidden_layers=m.n_layers,
         num_attention_heads=m.n_heads,
-        num_key_value_heads=m.n_heads,
+        num_key_value_heads=m.kv_heads,
         intermediate_size=m.d_ff,
         max_position_embeddings=m.max_seq_len,
         rope_theta=m.rope_theta,
         rms_norm_eps=m.norm_eps,
-        hidden_act="gelu",
-        tie_word_embeddings=False,
+        hidden_act=act,
+        tie_word_embeddings=m.tie_embeddings,
         attention_bias=False,
-        rope_scaling=None,
+        mlp_bias=False,
+        rope_scaling=_hf_rope_scaling(m.rope_scaling),
         pretraining_tp=1,
         torch_dtype="float32",
     )
@@ -164,6 +205,15 @@ def hf_config(m) -> dict:
     return out
 
 
+def _hf_rope_scaling(spec: str):
+    if not spec:
+        return None
+    args = dict(a.split("=") for a in spec.partition(":")[2].split(","))
+    out = {k: float(v) for k, v in args.items()}
+    out["original_max_position_embeddings"] = int(out["original_max_position_embeddings"])
+    return {"rope_type": "llama3", **out}
+
+
 def _check_moe(m) -> None:
     c = m.ffn
     if c.d_expert != m.d_ff or c.shared_d_ff or c.router_mode != "topk_softmax":
@@ -178,8 +228,9 @@ def tensors(m) -> list[Tensor]:
     out = [
         Tensor("model.embed_tokens.weight", ("embed",), transpose=False),
         Tensor("model.norm.weight", ("norm", "scale"), transpose=False),
-        Tensor("lm_head.weight", ("head",)),
     ]
+    if not m.tie_embeddings:  # (tied: save_pretrained writes no lm_head)
+        out.append(Tensor("lm_head.weight", ("head",)))
     for i in range(m.n_layers):
         hf, at = f"model.layers.{i}.", ("blocks", i)
         for name in "qkvo":
@@ -196,6 +247,8 @@ def _ffn_tensors(m, hf: str, at: tuple) -> list[Tensor]:
     kind = m.kind_of_layer(int(at[1]))
     mlp = ("mlp",) if kind == "dense" else ("shared",)
     out = []
+    if m.gated:
+        out.append(Tensor(f"{hf}mlp.gate_proj.weight", (*at, *mlp, "gate", "kernel")))
     if kind in ("dense", "mole"):
         out += [
             Tensor(f"{hf}mlp.{p}_proj.weight", (*at, *mlp, p, "kernel")) for p in ("up", "down")

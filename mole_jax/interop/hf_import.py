@@ -103,6 +103,7 @@ def _configured(cfg, kind: str, backbone: dict, ffn: dict, wd):
         raise UserError(f"the model is '{kind}'; pass --config=configs/{kind}.py (or none)")
     cfg = cfg.copy_and_resolve_references()
     cfg.unlock()
+    cfg.model.ffn.gated = backbone.pop("gated")
     cfg.model.update(backbone)
     cfg.model.ffn.layers = "all"
     if ffn:

@@ -10,16 +10,37 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from mole_jax.model.layers import linear, out_std
 
 
-def rope(x_BxQxHxK, pos_Q, theta: float):
+def rope_frequencies(head_dim: int, theta: float, scaling: str = "") -> np.ndarray:
+    """float32 [K/2]: theta^(-2i/K), or Llama 3.1's rescaling of them (`scaling`:
+    "llama3:factor=F,low_freq_factor=L,high_freq_factor=H,original_max_position_embeddings=N":
+    wavelengths above N/L divided by F, below N/H kept, a smooth blend in between)."""
+    half = head_dim // 2
+    freq = 1.0 / theta ** (np.arange(half, dtype=np.float64) / half)
+    if not scaling:
+        return freq.astype(np.float32)
+    kind, _, args = scaling.partition(":")
+    p = {k: float(v) for k, v in (a.split("=") for a in args.split(","))}
+    assert kind == "llama3", kind  # train/validate.py refuses anything else
+    n, lo, hi = p["original_max_position_embeddings"], p["low_freq_factor"], p["high_freq_factor"]
+    wavelen = 2 * np.pi / freq
+    scaled = np.where(wavelen > n / lo, freq / p["factor"], freq)
+    smooth = (n / wavelen - lo) / (hi - lo)
+    blend = (1 - smooth) * scaled / p["factor"] + smooth * scaled
+    medium = (wavelen >= n / hi) & (wavelen <= n / lo)
+    return np.where(medium, blend, scaled).astype(np.float32)
+
+
+def rope(x_BxQxHxK, pos_Q, theta: float, scaling: str = ""):
     """Rotary embedding over the full head dim (NeoX rotate-half layout), in float32."""
     k = x_BxQxHxK.shape[-1]
     half = k // 2
-    freq = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
+    freq = jnp.asarray(rope_frequencies(k, theta, scaling))
     ang_QxK = pos_Q.astype(jnp.float32)[:, None] * freq[None, :]
     sin, cos = jnp.sin(ang_QxK)[None, :, None, :], jnp.cos(ang_QxK)[None, :, None, :]
     x = x_BxQxHxK.astype(jnp.float32)
@@ -31,7 +52,9 @@ def rope(x_BxQxHxK, pos_Q, theta: float):
 def causal_attention(q_BxQxHxK, k_BxSxHxK, v_BxSxHxK, pos_Q=None, pos_S=None):
     """softmax(q.k / sqrt(K)) v with key position <= query position, scores and softmax in
     float32, through `jax.nn.dot_product_attention` (cuDNN's fused kernel on GPU where it
-    applies, XLA elsewhere). Without positions, query i attends to keys 0..i (training)."""
+    applies, XLA elsewhere). Without positions, query i attends to keys 0..i (training).
+    Keys and values may have fewer heads than the queries (grouped-query attention: each
+    serves H / H_kv consecutive query heads)."""
     if pos_Q is None:
         return jax.nn.dot_product_attention(q_BxQxHxK, k_BxSxHxK, v_BxSxHxK, is_causal=True)
     mask_1x1xQxS = (pos_S[None, :] <= pos_Q[:, None])[None, None]
@@ -42,15 +65,19 @@ class Attention(nnx.Module):
     def __init__(self, m, rngs: nnx.Rngs):
         d = m.d_model
         self.n_heads, self.head_dim, self.theta = m.n_heads, d // m.n_heads, m.rope_theta
-        self.q, self.k, self.v = (linear(d, d, m, rngs, ("embed", "heads")) for _ in range(3))
+        self.kv_heads = m.kv_heads
+        self.scaling = m.rope_scaling
+        d_kv = self.kv_heads * self.head_dim
+        self.q = linear(d, d, m, rngs, ("embed", "heads"))
+        self.k, self.v = (linear(d, d_kv, m, rngs, ("embed", "heads")) for _ in range(2))
         self.o = linear(d, d, m, rngs, ("heads", "embed"), std=out_std(m))
 
     def __call__(self, x_BxQxD, pos_Q, kv=None, index=None):
         """Returns (y_BxQxD, new_kv). With `kv`, keys/values are written at `index` first."""
         b, q_len, _ = x_BxQxD.shape
-        split = lambda t: t.reshape(b, q_len, self.n_heads, self.head_dim)
-        q = rope(split(self.q(x_BxQxD)), pos_Q, self.theta)
-        k = rope(split(self.k(x_BxQxD)), pos_Q, self.theta)
+        split = lambda t: t.reshape(b, q_len, -1, self.head_dim)
+        q = rope(split(self.q(x_BxQxD)), pos_Q, self.theta, self.scaling)
+        k = rope(split(self.k(x_BxQxD)), pos_Q, self.theta, self.scaling)
         v = split(self.v(x_BxQxD))
         if kv is None:
             y = causal_attention(q, k, v)
@@ -64,5 +91,5 @@ class Attention(nnx.Module):
 
 
 def init_kv(batch: int, max_len: int, m, dtype) -> dict:
-    shape = (batch, max_len, m.n_heads, m.d_model // m.n_heads)
+    shape = (batch, max_len, m.kv_heads, m.d_model // m.n_heads)
     return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}

@@ -70,7 +70,8 @@ class Transformer(nnx.Module):
         self.embed = param(rngs, init, (m.vocab_size, m.d_model), ("vocab", "embed"))
         self.blocks = nnx.List([Block(m, i, form=form, rngs=rngs) for i in range(m.n_layers)])
         self.norm = RMSNorm(m.d_model, m.norm_eps)
-        self.head = param(rngs, init, (m.d_model, m.vocab_size), ("embed", "vocab"))
+        if not m.tie_embeddings:  # (tied: the head is the embedding table, transposed)
+            self.head = param(rngs, init, (m.d_model, m.vocab_size), ("embed", "vocab"))
         self.table_layers = tuple(i for i, b in enumerate(self.blocks) if b.ffn.uses_token_table)
         if (kind := ffn_lib.router_module(m.kind)) is not None:
             self.router = kind.Router(m, rngs)
@@ -91,8 +92,12 @@ class Transformer(nnx.Module):
         return {i: layer_table(self.blocks[i].ffn, emb) for i in layers}
 
     def logits(self, h_BxLxD):
-        """float32 [B, L, V]: the final norm and the LM head."""
-        out = jnp.einsum("bld,dv->blv", self.norm(h_BxLxD), self.head[...].astype(h_BxLxD.dtype))
+        """float32 [B, L, V]: the final norm and the LM head (the embedding table when tied)."""
+        x = self.norm(h_BxLxD)
+        if hasattr(self, "head"):
+            out = jnp.einsum("bld,dv->blv", x, self.head[...].astype(x.dtype))
+        else:
+            out = jnp.einsum("bld,vd->blv", x, self.embed[...].astype(x.dtype))
         return constrain(out.astype(jnp.float32), "batch", "length", "vocab")
 
     def __call__(self, ids_BxL, **kwargs) -> Output:

@@ -34,6 +34,11 @@ class ModelConfig:
     # as the official MoLE code (Megatron) does; False (configs written before it): init_std
     scaled_out_init: bool = False
     scan_layers: bool = False  # runs of identical blocks as one lax.scan (scan.py)
+    # Llama-family fields (each off by default, as the MoLE paper's models have them):
+    n_kv_heads: int = 0  # key/value heads (grouped-query attention); 0: n_heads
+    tie_embeddings: bool = False  # the LM head is the embedding table, transposed
+    rope_scaling: str = ""  # "" or "llama3:factor=8,low_freq_factor=1,high_freq_factor=4,..."
+    gated: bool = False  # model.ffn.gated: down(act(gate(x)) * up(x)) (SwiGLU with silu)
     kind: str = "dense"  # the configured FFN kind, placed in `ffn_layers`; dense elsewhere
     ffn_layers: tuple[int, ...] = ()
     ffn: Any = None  # the kind's frozen Settings (None for dense)
@@ -45,6 +50,10 @@ class ModelConfig:
     @property
     def head_dim(self) -> int:
         return self.d_model // self.n_heads
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_heads or self.n_heads
 
     @property
     def causal(self) -> bool:
@@ -62,7 +71,29 @@ class ModelConfig:
 BACKBONE = tuple(
     f.name for f in dataclasses.fields(ModelConfig) if f.default is dataclasses.MISSING
 )
-OPTIONAL = ("remat", "scan_layers", "scaled_out_init")
+OPTIONAL = (
+    "remat",
+    "scan_layers",
+    "scaled_out_init",
+    "n_kv_heads",
+    "tie_embeddings",
+    "rope_scaling",
+)
+
+
+# Fields added after runs were written, at the values that reproduce those runs: a model section
+# without them is the same model as one that has them at these values (resume checks, digests).
+LATER_DEFAULTS = {"n_kv_heads": 0, "tie_embeddings": False, "rope_scaling": ""}
+LATER_FFN_DEFAULTS = {"gated": False}
+
+
+def comparable(model_section: dict) -> dict:
+    """A model section (as JSON) without the later-added fields at their defaults."""
+    out = {k: v for k, v in model_section.items() if LATER_DEFAULTS.get(k, ...) != v}
+    if isinstance(out.get("ffn"), dict):
+        ffn = out["ffn"]
+        out["ffn"] = {k: v for k, v in ffn.items() if LATER_FFN_DEFAULTS.get(k, ...) != v}
+    return out
 
 
 def model_config(cfg) -> ModelConfig:
@@ -91,6 +122,7 @@ def model_config(cfg) -> ModelConfig:
     return ModelConfig(
         **{name: m[name] for name in BACKBONE},
         **{name: m[name] for name in OPTIONAL if name in m},
+        gated=bool(m.ffn.get("gated", False)),
         kind=kind,
         ffn_layers=layer_indices(m.ffn.layers, m.n_layers),
         ffn=settings,

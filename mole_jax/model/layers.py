@@ -71,12 +71,17 @@ class RMSNorm(nnx.Module):
 
 
 class Mlp(nnx.Module):
-    """down(act(up(x))): the non-gated, bias-free FFN of the MoLE paper. [..., D] -> [..., D]."""
+    """down(act(up(x))): the non-gated, bias-free FFN of the MoLE paper; with `model.ffn.gated`
+    down(act(gate(x)) * up(x)) (Llama's SwiGLU when act is silu). [..., D] -> [..., D]."""
 
     def __init__(self, d_model: int, d_ff: int, m, rngs: nnx.Rngs):
+        if m.gated:
+            self.gate = linear(d_model, d_ff, m, rngs, ("embed", "mlp"))
         self.up = linear(d_model, d_ff, m, rngs, ("embed", "mlp"))
         self.down = linear(d_ff, d_model, m, rngs, ("mlp", "embed"), std=out_std(m))
         self.act = ACTIVATIONS[m.activation]
 
     def __call__(self, x_xD):
+        if hasattr(self, "gate"):
+            return self.down(self.act(self.gate(x_xD)) * self.up(x_xD))
         return self.down(self.act(self.up(x_xD)))

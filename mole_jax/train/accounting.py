@@ -36,7 +36,7 @@ def summarize(cfg, n_devices: int | None = None, platform: str | None = None) ->
     axes, its -1 axis as 1) on `platform` ('cpu' | 'gpu' | 'tpu'; default: this host's)."""
     m = model_config(cfg)
     d, v, seq = m.d_model, m.vocab_size, cfg.data.seq_len
-    attn_params = 4 * d * d
+    attn_params = 2 * d * d + 2 * d * m.kv_heads * m.head_dim  # q, o; k, v (fewer with GQA)
     attn_flops = 2 * attn_params + 4 * seq * d
     tot = dict(params=0, params_resident=0, params_active=0, flops=0, train_flops=0)
     lut_values = lut_per_token = 0
@@ -53,7 +53,7 @@ def summarize(cfg, n_devices: int | None = None, platform: str | None = None) ->
         tot["train_flops"] += attn_flops + a.get("train_flops", a["flops"])
         lut_values += a.get("lut_values", 0)
         lut_per_token += a.get("lut_values_per_token", 0)
-    embed_head = 2 * v * d + d  # untied embedding + head, final norm
+    embed_head = (1 if m.tie_embeddings else 2) * v * d + d  # embedding (+ head), final norm
     if (kind := ffn_lib.router_module(m.kind)) is not None:  # a model-level router (pregated)
         r = kind.account_model(m, seq)
         embed_head += r["params"]

@@ -21,6 +21,7 @@ import numpy as np
 from mole_jax.data import pipeline
 from mole_jax.errors import ConfigError, TrainingDiverged
 from mole_jax.files import write_text_atomic
+from mole_jax.model.config import comparable
 from mole_jax.parallel import distributed
 from mole_jax.progress import Progress
 from mole_jax.train import accounting
@@ -72,9 +73,13 @@ def run_digest(cfg) -> str:
 
     parts = []
     for section, fields in RESUME_FIELDS:
-        d = json.loads(cfg[section].to_json())
+        d = _comparable(section, json.loads(cfg[section].to_json()))
         parts.append({k: d.get(k) for k in (fields or sorted(d))})
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+
+
+def _comparable(section: str, d: dict) -> dict:
+    return comparable(d) if section == "model" else d
 
 
 def _check_resume_compatible(cfg, wd: Workdir) -> None:
@@ -98,7 +103,7 @@ def _check_resume_compatible(cfg, wd: Workdir) -> None:
               "is written again")  # fmt: skip
         return
     for section, fields in RESUME_FIELDS:
-        a, b = json.loads(old[section].to_json()), json.loads(cfg[section].to_json())
+        a, b = (_comparable(section, json.loads(c[section].to_json())) for c in (old, cfg))
         for k in fields or sorted(set(a) | set(b)):
             if a.get(k) != b.get(k):
                 raise ConfigError(

@@ -59,8 +59,36 @@ def validate(cfg: ml_collections.ConfigDict, n_devices: int | None = None):
     _validate_train(t)
     _validate_mesh(cfg, n_devices)
     mcfg = model_config(cfg)
+    _validate_llama_fields(mcfg)
     ffn.KINDS[mcfg.kind].validate(mcfg)
     return mcfg
+
+
+ROPE_SCALING = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+
+
+def _validate_llama_fields(m) -> None:
+    require(
+        m.n_kv_heads >= 0 and m.n_heads % m.kv_heads == 0,
+        f"model.n_kv_heads={m.n_kv_heads} must divide model.n_heads={m.n_heads} (0: n_heads)",
+    )
+    require(
+        not m.gated or m.kind == "dense",
+        f"model.ffn.gated is built for dense models; a gated '{m.kind}' expert is not yet",
+    )
+    if m.rope_scaling:
+        kind, _, args = m.rope_scaling.partition(":")
+        keys = [a.partition("=")[0] for a in args.split(",")]
+        require(
+            kind == "llama3" and sorted(keys) == sorted(ROPE_SCALING),
+            f"model.rope_scaling={m.rope_scaling!r}: only 'llama3:' with "
+            f"{'=…,'.join(ROPE_SCALING)}=… is supported",
+        )
+        try:
+            values = [float(a.partition("=")[2]) for a in args.split(",")]
+        except ValueError:
+            values = [0.0]
+        require(min(values) > 0, f"model.rope_scaling={m.rope_scaling!r}: values must be > 0")
 
 
 def _validate_train(t: ml_collections.ConfigDict) -> None:

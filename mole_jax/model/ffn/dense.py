@@ -24,5 +24,5 @@ def validate(m) -> None:
 
 def account(m) -> dict:
     """Per-layer accounting (Table 1 row 'dense'): FLOPs count a multiply-add as 2."""
-    p = 2 * m.d_model * m.d_ff
+    p = (3 if m.gated else 2) * m.d_model * m.d_ff  # (gated: gate, up, down)
     return dict(params=p, params_resident=p, params_active=p, flops=2 * p)

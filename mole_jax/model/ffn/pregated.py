@@ -57,7 +57,8 @@ def router_config(m):
     c = m.ffn
     return dataclasses.replace(
         m, d_model=c.router_d, n_heads=c.router_heads, d_ff=c.router_d, n_layers=1,
-        kind="dense", ffn_layers=(), ffn=None, scan_layers=False,
+        kind="dense", ffn_layers=(), ffn=None, scan_layers=False, n_kv_heads=0, gated=False,
+        tie_embeddings=False,
     )  # fmt: skip
 
 
