@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from conftest import tiny_overrides
 
-from configs import dense, mole
+from configs import dense, moe, mole, peer, pregated
 from mole_jax.errors import ConfigError
 from mole_jax.model.attention import rope_frequencies
 from mole_jax.model.backbone import build_model, new_cache
@@ -74,11 +74,32 @@ def test_bad_llama_fields_name_themselves(fields, message):
         validate(cfg, n_devices=1)
 
 
-def test_gated_experts_are_refused_until_built():
-    cfg = mole.get_config("size=tiny,experts=4")
+def test_gated_peer_experts_are_refused_until_built():
+    cfg = peer.get_config("size=tiny")
     cfg.model.ffn.gated = True
-    with pytest.raises(ConfigError, match="gated 'mole' expert is not yet"):
+    with pytest.raises(ConfigError, match="gated 'peer' expert is not yet"):
         validate(cfg, n_devices=1)
+
+
+@pytest.mark.parametrize("module,arg", [(moe, "size=tiny"), (mole, "size=tiny,experts=4"),
+                                        (pregated, "size=tiny")])  # fmt: skip
+def test_gated_experts_count_exactly_and_equal_their_loop(module, arg):
+    """A gated routed expert is down(act(gate x) * up x): the stacked [gate | up] layout of
+    every kind against a loop over one expert's halves."""
+    cfg = module.get_config(arg)
+    cfg.model.ffn.gated, cfg.model.activation = True, "silu"
+    m = validate(cfg, n_devices=1)
+    s = accounting.summarize(cfg, 1)
+    assert s["params_total"] == s["params_total_formula"]
+    layer = build_model(m).blocks[0].ffn
+    up, down = np.asarray(layer.up[...]), np.asarray(layer.down[...])
+    f = down.shape[1]
+    assert up.shape[-1] == 2 * f
+    x = np.random.default_rng(0).normal(size=(5, m.d_model)).astype(np.float32)
+    e = 1
+    want = (jax.nn.silu(x @ up[e, :, :f]) * (x @ up[e, :, f:])) @ down[e]
+    got = np.asarray(layer.act(jnp.asarray(x @ up[e])) @ down[e])
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.slow

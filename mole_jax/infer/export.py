@@ -141,7 +141,8 @@ def _export_experts(wd, step, dtype, out) -> dict:
         experts=m.ffn.experts,
         d_model=m.d_model,
         d_expert=m.ffn.d_expert,
-        bytes_per_expert=expert_bytes(dtype, m.d_model, m.ffn.d_expert),
+        gated=m.gated,
+        bytes_per_expert=expert_bytes(dtype, m.d_model, m.ffn.d_expert, m.gated),
     )
     if dtype in quant.GROUP_DTYPES:
         bits, g = quant.GROUP_DTYPES[dtype]

@@ -22,7 +22,7 @@ import dataclasses
 from mole_jax.errors import UserError
 
 OFFICIAL = {"DenseForCausalLM": "dense", "MoeForCausalLM": "moe", "MoleForCausalLM": "mole"}
-LLAMA = {"LlamaForCausalLM": "dense"}
+LLAMA = {"LlamaForCausalLM": "dense", "MixtralForCausalLM": "moe"}  # transformers' own classes
 ARCHITECTURES = (*OFFICIAL, *LLAMA)
 OFFICIAL_TOPK = 10  # modeling_moe.py: torch.topk(router_logits, 10)
 # transformers' hidden_act -> model.activation ('gelu' is the exact erf GELU in both)
@@ -33,12 +33,14 @@ ROPE_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_posi
 @dataclasses.dataclass(frozen=True)
 class Tensor:
     """One checkpoint tensor: `hf` (its name) fills `path` of the parameter tree (at expert
-    `expert` of a stacked leaf when not None), transposed when `transpose`."""
+    `expert` of a stacked leaf when not None, from `offset` on the leaf's last axis: a gated
+    expert's `up` holds [gate | up]), transposed when `transpose`."""
 
     hf: str
     path: tuple
     expert: int | None = None
     transpose: bool = True
+    offset: int = 0
 
 
 def kind_of(hf: dict) -> str:
@@ -103,7 +105,20 @@ def model_fields(hf: dict) -> tuple[dict, dict, list[str]]:
     if official and act != "gelu":
         notes.append(f"hidden_act={act!r} is ignored: the official code hard-codes exact GELU")
     ffn = {}
-    if kind == "moe":
+    if arch == "MixtralForCausalLM":
+        if hf.get("router_jitter_noise"):
+            notes.append(
+                "router_jitter_noise applies in transformers' training mode only; not imported"
+            )
+        ffn = dict(
+            experts=_need(hf, "num_local_experts"),
+            topk=_need(hf, "num_experts_per_tok"),
+            d_expert=backbone["d_ff"],
+            shared_d_ff=0,
+            router_mode="topk_softmax",
+            dispatch="dropless",
+        )
+    elif kind == "moe":
         experts = _need(hf, "num_experts")
         topk = int(hf.get("num_experts_per_tok", OFFICIAL_TOPK))
         if topk > experts:
@@ -158,8 +173,9 @@ def _llama_form(m) -> bool:
 def hf_config(m) -> dict:
     """config.json for the typed model config `m` (the reverse of `model_fields`)."""
     llama = _llama_form(m)
-    arch = "LlamaForCausalLM" if llama else {v: k for k, v in OFFICIAL.items()}.get(m.kind)
-    if arch is None or (m.kind != "dense" and (llama or m.ffn_layers != tuple(range(m.n_layers)))):
+    names = {v: k for k, v in (LLAMA if llama else OFFICIAL).items()}
+    arch = names.get(m.kind)
+    if arch is None or (m.kind != "dense" and m.ffn_layers != tuple(range(m.n_layers))):
         raise UserError(
             f"a '{m.kind}' model of these fields has no Hugging Face form (the "
             "official MoLE family: dense, moe or mole in every block, non-gated; "
@@ -174,7 +190,7 @@ def hf_config(m) -> dict:
         )
     out = dict(
         architectures=[arch],
-        model_type="llama",
+        model_type="mixtral" if arch == "MixtralForCausalLM" else "llama",
         vocab_size=m.vocab_size,
         hidden_size=m.d_model,
         num_hidden_layers=m.n_layers,
@@ -194,7 +210,8 @@ def hf_config(m) -> dict:
     )
     if m.kind == "moe":
         _check_moe(m)
-        out.update(num_experts=m.ffn.experts, num_experts_per_tok=m.ffn.topk)
+        experts = "num_local_experts" if llama else "num_experts"
+        out.update({experts: m.ffn.experts, "num_experts_per_tok": m.ffn.topk})
     if m.kind == "mole":
         if m.ffn.d_expert != m.d_ff or m.ffn.expert_input != "embedding":
             raise UserError(
@@ -245,9 +262,20 @@ def tensors(m) -> list[Tensor]:
 
 def _ffn_tensors(m, hf: str, at: tuple) -> list[Tensor]:
     kind = m.kind_of_layer(int(at[1]))
+    if kind == "moe" and _llama_form(m):  # Mixtral: w1 (gate) and w3 (up) fill [gate | up]
+        hf, f = f"{hf}block_sparse_moe.", m.ffn.d_expert
+        out = [Tensor(f"{hf}gate.weight", (*at, "router"))]
+        for e in range(m.ffn.experts):
+            x = f"{hf}experts.{e}."
+            out += [
+                Tensor(f"{x}w1.weight", (*at, "up"), e),
+                Tensor(f"{x}w2.weight", (*at, "down"), e),
+                Tensor(f"{x}w3.weight", (*at, "up"), e, offset=f),
+            ]
+        return out
     mlp = ("mlp",) if kind == "dense" else ("shared",)
     out = []
-    if m.gated:
+    if m.gated and kind == "dense":
         out.append(Tensor(f"{hf}mlp.gate_proj.weight", (*at, *mlp, "gate", "kernel")))
     if kind in ("dense", "mole"):
         out += [

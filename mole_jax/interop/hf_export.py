@@ -40,7 +40,10 @@ def export_hf(workdir, to, step: int | None = None, shard_bytes: int = 2**31) ->
         for key in t.path:
             value = value[key]
         value = np.asarray(value if t.expert is None else value[t.expert], np.float32)
-        tensors[t.hf] = value.T if t.transpose else value
+        if m.gated and t.path[-1] == "up" and t.expert is not None:  # [gate | up]: one half
+            f = value.shape[-1] // 2
+            value = value[..., t.offset : t.offset + f]
+        tensors[t.hf] = np.ascontiguousarray(value.T if t.transpose else value)
     tmp = to.parent / f".{to.name}.partial"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)

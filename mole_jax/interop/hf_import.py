@@ -132,35 +132,51 @@ def place(plan, tensors: Tensors, abstract_params: dict) -> dict:
 
     def leaf(path, a):
         key = tuple(getattr(k, "key", getattr(k, "idx", None)) for k in path)
-        parts = sorted(by_path.pop(key), key=lambda t: t.expert or 0)
+        parts = by_path.pop(key)
         for t in parts:
-            want = a.shape[1:] if t.expert is not None else a.shape
-            got = tensors.shape(t.hf)
-            if (got[::-1] if t.transpose else got) != want:
-                raise UserError(
-                    f"tensor {t.hf} has shape {list(got)}; the config implies "
-                    f"{list(want[::-1] if t.transpose else want)}"
-                )
-        return jax.make_array_from_callback(a.shape, a.sharding, _reader(parts, tensors))
+            _check_shape(t, tensors, a.shape[1:] if t.expert is not None else a.shape)
+        return jax.make_array_from_callback(a.shape, a.sharding, _reader(parts, tensors, a.shape))
 
     params = jax.tree_util.tree_map_with_path(leaf, abstract_params)
     assert not by_path, f"tensors without a parameter: {sorted(by_path)}"  # families.tensors
     return params
 
 
-def _reader(parts, tensors: Tensors):
-    def one(t, index):
-        if t.transpose:
-            return tensors.read(t.hf, tuple(reversed(index))).T
-        return tensors.read(t.hf, tuple(index))
+def _oriented(t, shape: tuple) -> tuple:
+    return tuple(shape[::-1]) if t.transpose else tuple(shape)
+
+
+def _check_shape(t, tensors: Tensors, want: tuple) -> None:
+    got = _oriented(t, tensors.shape(t.hf))
+    fits = got[:-1] == want[:-1] and t.offset + got[-1] <= want[-1]
+    if not fits or (t.offset == 0 and got[-1] not in (want[-1], want[-1] // 2)):
+        raise UserError(
+            f"tensor {t.hf} has shape {list(tensors.shape(t.hf))}; the config "
+            f"implies {list(_oriented(t, want))}"
+        )
+
+
+def _reader(parts, tensors: Tensors, shape: tuple):
+    """The callback that fills one shard (`index`: a slice per axis) from the parts' slices."""
+    stacked = parts[0].expert is not None
 
     def read(index):
-        if parts[0].expert is None:
-            out = one(parts[0], index)
-        else:
-            chosen = range(len(parts))[index[0]]
-            out = np.stack([one(parts[e], index[1:]) for e in chosen])
-        return np.ascontiguousarray(out, dtype=np.float32)
+        index = tuple(slice(*sl.indices(n)[:2]) for sl, n in zip(index, shape, strict=True))
+        out = np.empty([sl.stop - sl.start for sl in index], np.float32)
+        experts = range(index[0].start, index[0].stop) if stacked else None
+        sub = index[1:] if stacked else index
+        for t in parts:
+            if stacked and t.expert not in experts:
+                continue
+            width = _oriented(t, tensors.shape(t.hf))[-1]
+            lo, hi = max(sub[-1].start, t.offset), min(sub[-1].stop, t.offset + width)
+            if lo >= hi:
+                continue
+            src = (*sub[:-1], slice(lo - t.offset, hi - t.offset))
+            value = tensors.read(t.hf, src[::-1]).T if t.transpose else tensors.read(t.hf, src)
+            at = (slice(None),) * (len(sub) - 1) + (slice(lo - sub[-1].start, hi - sub[-1].start),)
+            out[(experts.index(t.expert), *at) if stacked else at] = value
+        return out
 
     return read
 

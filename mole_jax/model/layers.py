@@ -19,6 +19,26 @@ ACTIVATIONS = {
 }
 
 
+def expert_activation(m):
+    """The activation of stacked routed experts: act, or with `model.ffn.gated`
+    h -> act(h[..., :F]) * h[..., F:], their `up` holding [gate | up] (2F wide, see `up_width`),
+    so every dispatch path computes a gated expert as it computes a plain one."""
+    act = ACTIVATIONS[m.activation]
+    if not m.gated:
+        return act
+
+    def gated(h):
+        f = h.shape[-1] // 2
+        return act(h[..., :f]) * h[..., f:]
+
+    return gated
+
+
+def up_width(m, f: int) -> int:
+    """Width of a stacked expert's `up` for F channels: 2F when gated ([gate | up])."""
+    return 2 * f if m.gated else f
+
+
 def compute_dtype(m) -> jnp.dtype:
     """The activation/matmul dtype of a model config; parameters are always float32."""
     return jnp.dtype(m.dtype)

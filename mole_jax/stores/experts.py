@@ -73,11 +73,13 @@ def _stored(w: np.ndarray, name: str, dtype: str) -> dict[str, np.ndarray]:
     return {name: q["codes"], f"{name}_scales": q["scales"], f"{name}_zeros": q["zeros"]}
 
 
-def expert_bytes(dtype: str, d: int, f: int) -> int:
-    """Stored bytes of one expert (up [D, F] and down [F, D]), scales and zeros included."""
+def expert_bytes(dtype: str, d: int, f: int, gated: bool = False) -> int:
+    """Stored bytes of one expert (up [D, F] and down [F, D]; gated: up [D, 2F] holding
+    [gate | up]), scales and zeros included."""
+    fu = 2 * f if gated else f
     if dtype in quant.FLOAT_DTYPES:
-        return 2 * d * f * np.dtype(quant.FLOAT_DTYPES[dtype]).itemsize
-    return d * quant.group_bytes(dtype, f) + f * quant.group_bytes(dtype, d)
+        return (fu + f) * d * np.dtype(quant.FLOAT_DTYPES[dtype]).itemsize
+    return d * quant.group_bytes(dtype, fu) + f * quant.group_bytes(dtype, d)
 
 
 class _PendingExpert:

@@ -64,6 +64,7 @@ def validate(cfg: ml_collections.ConfigDict, n_devices: int | None = None):
     return mcfg
 
 
+GATED_KINDS = ("dense", "moe", "mole", "pregated")
 ROPE_SCALING = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
 
 
@@ -73,8 +74,9 @@ def _validate_llama_fields(m) -> None:
         f"model.n_kv_heads={m.n_kv_heads} must divide model.n_heads={m.n_heads} (0: n_heads)",
     )
     require(
-        not m.gated or m.kind == "dense",
-        f"model.ffn.gated is built for dense models; a gated '{m.kind}' expert is not yet",
+        not m.gated or m.kind in GATED_KINDS,
+        f"model.ffn.gated is built for {', '.join(GATED_KINDS)}; a gated '{m.kind}' expert is "
+        "not yet",
     )
     if m.rope_scaling:
         kind, _, args = m.rope_scaling.partition(":")

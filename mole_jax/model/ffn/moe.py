@@ -39,7 +39,15 @@ from mole_jax.errors import require, require_one_of
 from mole_jax.model.ffn import routing
 from mole_jax.model.ffn.base import FFN, Ctx
 from mole_jax.model.ffn.expert_parallel import dropless_sharded, sharded_dispatch_axes
-from mole_jax.model.layers import ACTIVATIONS, Mlp, compute_dtype, normal, out_std, param
+from mole_jax.model.layers import (
+    Mlp,
+    compute_dtype,
+    expert_activation,
+    normal,
+    out_std,
+    param,
+    up_width,
+)
 from mole_jax.parallel import sharding
 
 FORMS = ("train", "offload")
@@ -189,7 +197,8 @@ class Layer(FFN):
         init = normal(m.init_std)
         self.router = param(rngs, init, (d, e), ("embed", None))
         has_experts = form != "offload"
-        self.up = param(rngs, init, (e, d, f), ("experts", "embed", "mlp")) if has_experts else None
+        up_shape = (e, d, up_width(m, f))  # (gated: [gate | up])
+        self.up = param(rngs, init, up_shape, ("experts", "embed", "mlp")) if has_experts else None
         self.down = (
             param(rngs, normal(out_std(m)), (e, f, d), ("experts", "mlp", "embed"))
             if has_experts
@@ -204,7 +213,7 @@ class Layer(FFN):
         )
         self.n_experts, self.lb_coef, self.z_coef, self.tile = e, c.lb_coef, c.z_coef, c.tile
         self.grouped = c.grouped  # 'auto' is resolved when traced, for the mesh's platform
-        self.act_name, self.dtype, self.choice = m.activation, m.dtype, c.routing
+        self.act, self.dtype, self.choice = expert_activation(m), m.dtype, c.routing
 
     def route(self, x_BxLxD) -> Routes:
         """The router in float32 over the flattened tokens."""
@@ -218,7 +227,7 @@ class Layer(FFN):
         configured one (the offload engine always runs dropless)."""
         b, n, d = x_BxLxD.shape
         x_TxD = x_BxLxD.reshape(b * n, d)
-        dt, act = compute_dtype(self), ACTIVATIONS[self.act_name]
+        dt, act = compute_dtype(self), self.act
         up, down = up_ExDxF.astype(dt), down_ExFxD.astype(dt)
         stats = {}
         if (dispatch or self.dispatch) == "capacity":
@@ -247,7 +256,7 @@ class Layer(FFN):
         logits_BxLxE = x_BxLxD.astype(jnp.float32) @ self.router[...]
         y, chosen_BxL = expert_choice_ffn(
             x_BxLxD.astype(dt), logits_BxLxE, self.up[...].astype(dt), self.down[...].astype(dt),
-            ACTIVATIONS[self.act_name], self.k,
+            self.act, self.k,
         )  # fmt: skip
         if self.shared is not None:
             y = y + self.shared(x_BxLxD)
@@ -304,8 +313,9 @@ def causal(c: Settings) -> bool:
 def account(m) -> dict:
     """Table 1 rows 'MoE' and 'MoE + expert offload' (per layer)."""
     c, d = m.ffn, m.d_model
-    fixed = d * c.experts + 2 * d * c.shared_d_ff  # router + shared expert
-    return routed_account(2 * d * c.d_expert, c.experts, c.topk, fixed)
+    per = 3 if m.gated else 2  # (gated: gate, up, down)
+    fixed = d * c.experts + per * d * c.shared_d_ff  # router + shared expert
+    return routed_account(per * d * c.d_expert, c.experts, c.topk, fixed)
 
 
 def routed_account(expert: int, experts: int, topk: int, fixed: int) -> dict:

@@ -28,7 +28,16 @@ from flax import nnx
 from mole_jax.errors import require, require_one_of
 from mole_jax.model.ffn import routing
 from mole_jax.model.ffn.base import FFN, Ctx
-from mole_jax.model.layers import ACTIVATIONS, Mlp, RMSNorm, compute_dtype, normal, out_std, param
+from mole_jax.model.layers import (
+    Mlp,
+    RMSNorm,
+    compute_dtype,
+    expert_activation,
+    normal,
+    out_std,
+    param,
+    up_width,
+)
 from mole_jax.parallel.sharding import constrain
 
 FORMS = ("train", "lut")
@@ -62,14 +71,15 @@ class Layer(FFN):
         )
         has_norm = c.expert_input == "embedding" and not lut_form
         self.norm_exp = RMSNorm(d, m.norm_eps) if has_norm else None
-        self.up = None if lut_form else param(rngs, init, (e, d, f), ("experts", "embed", "mlp"))
+        up_shape = (e, d, up_width(m, f))  # (gated: [gate | up])
+        self.up = None if lut_form else param(rngs, init, up_shape, ("experts", "embed", "mlp"))
         self.down = (
             None
             if lut_form
             else param(rngs, normal(out_std(m)), (e, f, d), ("experts", "mlp", "embed"))
         )
         self.uses_token_table = lut_form or (c.impl == "unique" and c.expert_input == "embedding")
-        self.act_name, self.dtype = m.activation, m.dtype
+        self.act, self.dtype = expert_activation(m), m.dtype
         self.lb_coef, self.z_coef = c.lb_coef, c.z_coef
 
     def experts(self, x_xD):
@@ -80,7 +90,7 @@ class Layer(FFN):
         up = constrain(self.up[...], None, None, "mlp").astype(dt)
         down = constrain(self.down[...], None, "mlp", None).astype(dt)
         h = jnp.einsum("...d,edf->...ef", x_xD, up)
-        return jnp.einsum("...ef,efd->...ed", ACTIVATIONS[self.act_name](h), down)
+        return jnp.einsum("...ef,efd->...ed", self.act(h), down)
 
     def token_table(self, emb_UxD):
         """<dtype>[U, E, D]: expert_j(RMSNorm_exp(Emb[id])) for each distinct id (the LUT rows)."""
@@ -135,8 +145,9 @@ def validate(m) -> None:
 def account(m) -> dict:
     """Table 1 row 'MoLE + LUT offload' (per layer); training counts the routed experts."""
     c, d, v = m.ffn, m.d_model, m.vocab_size
-    shared_router = 2 * d * m.d_ff + d * c.experts
-    experts = c.experts * 2 * d * c.d_expert
+    per = 3 if m.gated else 2  # (gated: gate, up, down)
+    shared_router = per * d * m.d_ff + d * c.experts
+    experts = c.experts * per * d * c.d_expert
     out = dict(
         params=shared_router + experts,
         norm_params=d if c.expert_input == "embedding" else 0,

@@ -31,7 +31,16 @@ from mole_jax.errors import require, require_one_of
 from mole_jax.model.attention import Attention, init_kv
 from mole_jax.model.ffn import moe, routing
 from mole_jax.model.ffn.base import FFN, Ctx
-from mole_jax.model.layers import ACTIVATIONS, Mlp, RMSNorm, compute_dtype, normal, out_std, param
+from mole_jax.model.layers import (
+    Mlp,
+    RMSNorm,
+    compute_dtype,
+    expert_activation,
+    normal,
+    out_std,
+    param,
+    up_width,
+)
 
 FORMS = ("train", "offload")  # offload: the blocks hold no routed experts (offload/pregated.py)
 
@@ -99,7 +108,7 @@ class Layer(FFN):
         c = m.ffn
         d, n, f = m.d_model, c.experts, c.d_expert
         stored = form == "offload"
-        self.up = None if stored else param(rngs, normal(m.init_std), (n, d, f),
+        self.up = None if stored else param(rngs, normal(m.init_std), (n, d, up_width(m, f)),
                                             ("experts", "embed", "mlp"))  # fmt: skip
         self.down = None if stored else param(rngs, normal(out_std(m)), (n, f, d),
                                               ("experts", "mlp", "embed"))  # fmt: skip
@@ -107,13 +116,13 @@ class Layer(FFN):
         self.counts_router_loss = layer_idx == min(m.ffn_layers)
         self.lb_coef, self.z_coef, self.n_experts, self.tile = c.lb_coef, c.z_coef, n, c.tile
         self.grouped = c.grouped  # 'auto' is resolved when traced, for the mesh's platform
-        self.act_name, self.dtype = m.activation, m.dtype
+        self.act, self.dtype = expert_activation(m), m.dtype
 
     def apply_experts(self, x_BxLxD, weights_TxK, experts_TxK, up_SxDxF, down_SxFxD):
         """The routed experts (ids index `up`/`down`, which may hold a subset of the layer's
         experts: the offload engine hands in those it loaded) plus the permanent expert."""
         b, n, d = x_BxLxD.shape
-        dt, act = compute_dtype(self), ACTIVATIONS[self.act_name]
+        dt, act = compute_dtype(self), self.act
         y_TxD = moe.dropless(
             x_BxLxD.reshape(b * n, d), experts_TxK, weights_TxK, up_SxDxF.astype(dt),
             down_SxFxD.astype(dt), act, moe.resolve_grouped(self.grouped), self.tile,
@@ -158,7 +167,8 @@ def validate(m) -> None:
 def account(m) -> dict:
     """Per pre-gated block: N experts, K of them active, plus the permanent expert."""
     c, d = m.ffn, m.d_model
-    return moe.routed_account(2 * d * c.d_expert, c.experts, c.topk, 2 * d * c.permanent)
+    per = 3 if m.gated else 2  # (gated: gate, up, down)
+    return moe.routed_account(per * d * c.d_expert, c.experts, c.topk, per * d * c.permanent)
 
 
 def account_model(m, seq: int) -> dict:
