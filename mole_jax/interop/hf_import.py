@@ -1,7 +1,8 @@
 """`launch.py import`: a Hugging Face model directory -> an ordinary workdir at step 0.
 
 The workdir holds what `train` writes (config.json, tokenizer.json, model_summary.json,
-checksums) and a verified step-0 checkpoint (the imported parameters, a fresh optimiser state),
+checksums) and a verified step-0 checkpoint of the imported parameters (without an optimiser
+state: `train` makes a fresh one when it starts from it),
 plus `import.json` (the source, its architecture, what the import decided). Every command works
 on it unchanged; `train` fine-tunes from it.
 
@@ -209,12 +210,10 @@ def _write(wd, cfg, trainer, params, tokenizer_json: str, record: dict) -> None:
         (wd.path / PARTIAL).touch()
         shutil.rmtree(wd.checkpoints_dir, ignore_errors=True)  # a killed import's, if any
         write_workdir(cfg, wd, tokenizer_json)
-        a = trainer.abstract_state
-        shard = jax.tree.map(lambda x: x.sharding, a["opt_state"])
-        with jax.set_mesh(trainer.mesh):
-            opt_state = jax.jit(trainer.tx.init, out_shardings=shard)(params)
-        rest = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), a["rest"])
-        state = dict(step=jnp.zeros((), jnp.int32), params=params, opt_state=opt_state, rest=rest)
+        rest = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), trainer.abstract_state["rest"])
+        # no optimiser state: `train` makes a fresh one on resuming step 0 (an import's RSS is
+        # the model's own bytes, not three times them)
+        state = dict(step=jnp.zeros((), jnp.int32), params=params, rest=rest)
         ckpt = Checkpointer(wd, cfg.train.keep_ckpts, False, run_digest(cfg))
         try:
             ckpt.save(state)

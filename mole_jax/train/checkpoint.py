@@ -99,6 +99,9 @@ def _abstract(tree):
     return jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
 
 
+OPT, FRESH = "opt_state", "fresh"
+
+
 class Checkpointer:
     """The checkpoints of a workdir (a path or a `workdir.Workdir`)."""
 
@@ -116,7 +119,9 @@ class Checkpointer:
         return sorted(self.mgr.all_steps())
 
     def save(self, state: dict) -> None:
-        """Saves {'step', 'params', 'opt_state', 'rest'} at state['step'] (async when enabled)."""
+        """Saves {'step', 'params', 'opt_state', 'rest'} at state['step'] (async when enabled).
+        Without 'opt_state' the checkpoint says so (meta 'optimizer': 'fresh'): `restore` then
+        returns opt_state None, for the trainer to make a fresh one (`launch.py import`'s)."""
         step = int(state["step"])
         size = sum(x.nbytes for x in jax.tree.leaves(state))
         check_space(self.directory, size + 2**20, size, f"the checkpoint of step {step}")
@@ -129,6 +134,7 @@ class Checkpointer:
             "leaf_digest": leaves,
             "train_digest": digest.digests(train)[0],  # optimiser state, step, model state
             "run_sha256": self.run_sha256,
+            **({} if OPT in state else {"optimizer": FRESH}),
         }
         self.mgr.save(
             step,
@@ -141,7 +147,8 @@ class Checkpointer:
         )
 
     def _restore_state(self, step: int, like: dict):
-        train = {k: v for k, v in like.items() if k != "params"}
+        fresh = self._read_meta(step).get("optimizer") == FRESH  # saved without one (import)
+        train = {k: v for k, v in like.items() if k != "params" and not (fresh and k == OPT)}
         got = self.mgr.restore(
             step,
             args=ocp.args.Composite(
@@ -152,7 +159,7 @@ class Checkpointer:
         )
         meta = got["meta"]
         _verify(meta, got["params"], got["train"])
-        return {"params": got["params"], **got["train"]}, meta
+        return {"params": got["params"], OPT: None, **got["train"]}, meta
 
     def restore(self, like: dict, step: int | None = None):
         """(state, meta) of `step`, or of the newest readable step; None if there is none.

@@ -223,6 +223,8 @@ def _train(cfg, wd: Workdir, td, on_row: Sequence, progress: Progress) -> dict:
         try:
             restored = ckpt.restore(trainer.abstract_state)
             state = trainer.init_state() if restored is None else restored[0]
+            if state["opt_state"] is None:  # an imported model's step 0: a fresh optimiser
+                state["opt_state"] = trainer.init_optimizer(state["params"])
             start = int(state["step"])
             _say_where(start, cfg.train.steps)
             log = StepLog(cfg, wd, start, ckpt, on_row, progress)

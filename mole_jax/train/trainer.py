@@ -183,6 +183,12 @@ class Trainer:
     step_fn: Callable  # jitted, state donated: (state, batch, dedup) -> (state, metrics)
     eval_fn: Callable  # jitted: (params, rest, batch) -> mean cross-entropy
 
+    def init_optimizer(self, params):
+        """A fresh optimiser state for `params`, made in place on its shardings (a checkpoint
+        saved without one: `launch.py import`'s)."""
+        shard = jax.tree.map(lambda a: a.sharding, self.abstract_state["opt_state"])
+        return _on_mesh(self.mesh, jax.jit(self.tx.init, out_shardings=shard))(params)
+
     @property
     def batch_sharding(self) -> NamedSharding:
         """[M, B, L+1] batches: B split over the batch axes of the mesh."""
