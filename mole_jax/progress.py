@@ -16,11 +16,14 @@ library stays quiet for tests and benchmarks that call it.
 
 from __future__ import annotations
 
+import os
 import sys
 import threading
 import time
 
-EVERY_S = 10.0
+# Seconds between progress lines without a TTY (MOLE_JAX_PROGRESS_EVERY_S overrides: a test
+# watching a log need not wait for 10 s lines).
+EVERY_S = float(os.environ.get("MOLE_JAX_PROGRESS_EVERY_S", 10.0))
 _ENABLED = False
 
 

@@ -65,7 +65,7 @@ def test_a_sharded_leaf_is_digested_where_it_lives():
     it never gathers the leaf."""
     mesh = Mesh(np.array(jax.devices()), ("a",))
     x = jax.device_put(jnp.ones((64, 32)), NamedSharding(mesh, P("a")))
-    hlo = digest._tree_lanes.lower([x]).compile().as_text()
+    hlo = digest._leaf_lanes.lower(x).compile().as_text()
     assert "all-reduce" in hlo and "all-gather" not in hlo
 
 

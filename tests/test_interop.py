@@ -213,6 +213,9 @@ def test_import_export_and_offloaded_eval_from_the_command_line(tmp_path, corpus
     bad = launch("import", f"--from={tmp_path}", f"--workdir={tmp_path}/x")
     assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0, bad.stderr
     assert bad.stderr.startswith("error: ") and "config.json" in bad.stderr
+    hub = launch("import", "--from=hf:JieShibo/MoLE-160M-4E", f"--workdir={tmp_path}/y")
+    assert hub.returncode == 2 and "add --allow_hub" in hub.stderr, hub.stderr
+    assert not Path(tmp_path, "y").exists()
 
 
 def test_mixtral_experts_offloaded_with_lru_and_prefetch_generate_as_in_memory(imported):

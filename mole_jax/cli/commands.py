@@ -97,8 +97,10 @@ def _export_hf(f):
 
     _need(f, "to")
     out = export_hf(f.workdir, f.to, f.step)
-    print(f"exported step {out['step']} of {f.workdir} as {out['architecture']} to {out['to']} "
-          f"({', '.join(out['files'])})")  # fmt: skip
+    print(
+        f"exported step {out['step']} of {f.workdir} as {out['architecture']} to {out['to']} "
+        f"({', '.join(out['files'])})"
+    )
     return out
 
 
@@ -108,13 +110,35 @@ def import_(f):
 
     _need(f, "from", "workdir")
     src = getattr(f, "from")
+    if src.startswith("hf:"):
+        src = _hub_snapshot(src[3:], f.allow_hub)
     cfg = f.config or load_config(f"configs/{kind_of(src)}.py:size=tiny")
     out = import_hf(src, f.workdir, cfg, f.tokenizer)
-    print(f"imported {out['architecture']} ({out['tensors']} tensors) from {src} into "
-          f"{f.workdir} as a '{out['kind']}' model at step 0")  # fmt: skip
+    print(
+        f"imported {out['architecture']} ({out['tensors']} tensors) from {src} into "
+        f"{f.workdir} as a '{out['kind']}' model at step 0"
+    )
     for note in out["notes"]:
         print(f"note: {note}")
     return out
+
+
+def _hub_snapshot(repo_id: str, allowed: bool) -> str:
+    """A Hugging Face hub model's files (config, safetensors, tokenizer) in the local hub cache;
+    only with --allow_hub (offline is the default)."""
+    if not allowed:
+        raise UserError(
+            f"--from=hf:{repo_id} downloads from the Hugging Face hub: add "
+            "--allow_hub, or pass a local model directory"
+        )
+    from huggingface_hub import snapshot_download
+
+    try:
+        return snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors"])
+    except Exception as e:  # noqa: BLE001 - network, authentication, a missing repository
+        raise UserError(
+            f"could not download hf:{repo_id} ({type(e).__name__}: {str(e).splitlines()[0][:200]})"
+        ) from None
 
 
 def _export_experts(f):
@@ -153,9 +177,15 @@ def _eval_tasks(f):
     from mole_jax.eval.zero_shot import run_tasks, summary_line
 
     out = run_tasks(
-        f.workdir, f.tasks, _mode(f), f.step, limit=f.limit, num_fewshot=f.num_fewshot,
-        include_path=f.include_path, allow_hub=f.allow_hub,
-    )  # fmt: skip
+        f.workdir,
+        f.tasks,
+        _mode(f),
+        f.step,
+        limit=f.limit,
+        num_fewshot=f.num_fewshot,
+        include_path=f.include_path,
+        allow_hub=f.allow_hub,
+    )
     line = f"{out['mode']} tasks of step {out['step']}: {summary_line(out)}"
     if "bytes_read_per_token" in out:
         line += f"; {out['bytes_read_per_token']:.0f} bytes read per token"
@@ -190,7 +220,7 @@ def generate(f):
     if not f.temperature >= 0:
         raise UserError(f"--temperature={f.temperature} must be >= 0 (0 is greedy)")
     tok = wd.tokenizer()
-    ids = pipeline.tokenize(tok, f.prompt) or [tok.token_to_id(pipeline.EOS)]
+    ids = pipeline.tokenize(tok, f.prompt) or [tok.token_to_id(pipeline.eos_token(tok))]
     engine = build_engine(wd, _mode(f), f.step)
     out = generate_tokens(engine, [ids], f.max_new, f.temperature, f.top_k, f.seed)
     text = pipeline.detokenize(tok, out["tokens"][0])

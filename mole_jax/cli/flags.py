@@ -39,7 +39,9 @@ flags.DEFINE_list("tasks", None, "lm-eval tasks to score (e.g. mole_offline) ins
 flags.DEFINE_integer("limit", None, "With --tasks: at most this many documents per task.")
 flags.DEFINE_integer("num_fewshot", None, "With --tasks: examples in each prompt (default 0).")
 flags.DEFINE_string("include_path", None, "With --tasks: a folder of your own lm-eval task YAMLs.")
-flags.DEFINE_bool("allow_hub", False, "With --tasks: allow tasks whose data is on the HF hub.")
+flags.DEFINE_bool(
+    "allow_hub", False, "Allow downloads from the HF hub: lm-eval tasks' data, import --from=hf:."
+)
 flags.DEFINE_string(
     "from", None, "convert: the trained dense workdir; import: a Hugging Face model directory."
 )

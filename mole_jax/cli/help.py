@@ -63,9 +63,9 @@ COMMANDS: dict[str, tuple[str, str, tuple[str, ...], str | None]] = {
         "configs/pregated.py:size=tiny,convert=1",
     ),
     "import": (
-        "turn a Hugging Face model directory (the official MoLE release's models) into a workdir",
-        "--from=DIR --workdir=runs/imported [--tokenizer=FILE] [--config=configs/mole.py]",
-        ("from", "workdir", "tokenizer", "config", "json"),
+        "turn a Hugging Face model (the MoLE release, Llama, Mixtral) into a workdir",
+        "--from=DIR|hf:REPO --workdir=runs/imported [--tokenizer=FILE] [--allow_hub]",
+        ("from", "workdir", "tokenizer", "config", "allow_hub", "json"),
         None,
     ),
 }

@@ -27,7 +27,17 @@ from mole_jax.data import corpora, megatron
 from mole_jax.errors import DataError
 from mole_jax.files import write_text_atomic
 
-EOS = "<|endoftext|>"
+EOS = "<|endoftext|>"  # the end-of-text token of the BPE this pipeline trains
+# A given tokenizer's end-of-text token: the first of these it has (GPT-2/NeoX, Llama 1-2,
+# Llama 3, Gemma); documents are separated by it.
+EOS_TOKENS = (EOS, "</s>", "<|end_of_text|>", "<eos>")
+
+
+def eos_token(tok) -> str | None:
+    """The end-of-text token of `tok` (EOS_TOKENS), or None when it has none."""
+    return next((t for t in EOS_TOKENS if tok.token_to_id(t) is not None), None)
+
+
 TOKENIZER_VERSION = 1  # bump when the BPE recipe changes, to invalidate cached tokenizers
 TOKENIZER_SAMPLE_BYTES = 64 * 2**20  # characters of training text a BPE is learnt from
 PIECE_CHARS = 2**20  # longer documents are tokenized in pieces of at most this many characters
@@ -95,8 +105,8 @@ def prepare(cfg) -> TokenData:
             f"the tokenizer has {n_vocab} tokens but model.vocab_size={cfg.model.vocab_size}; "
             "raise model.vocab_size or use a smaller data.vocab_size"
         )
-    if tok.token_to_id(EOS) is None:
-        raise DataError(f"the tokenizer has no '{EOS}' token to separate documents")
+    if eos_token(tok) is None:
+        raise DataError(f"the tokenizer has none of {', '.join(EOS_TOKENS)} to separate documents")
     key = _sha(fp, d.val_fraction, hashlib.sha256(tok.to_str().encode()).hexdigest())
     tdir = root / "tokens" / key
     _check_token_cache(tdir)
@@ -212,7 +222,7 @@ def _encode_split(docs: Iterator[str], tok: Tokenizer, path: Path) -> int:
     """Streams documents through the tokenizer into `path`, a batch of at most
     ENCODE_BATCH_CHARS characters at a time: memory is bounded by the batch, not the corpus.
     Each document ends with the end-of-text id. Returns the number of documents."""
-    eos, dtype, n = tok.token_to_id(EOS), _token_dtype(tok), 0
+    eos, dtype, n = tok.token_to_id(eos_token(tok)), _token_dtype(tok), 0
     with open(path, "wb") as f:
         batch, size = [], 0
         for piece, last in _pieces(docs):

@@ -64,7 +64,8 @@ class MoleJaxLM(TemplateLM):
         options = {"store": lut} if lut else {}
         self.engine = build_engine(wd, mode, None if step in (None, "") else int(step), **options)
         self.tokenizer_ = wd.tokenizer()
-        self.eot = self.tokenizer_.token_to_id(pipeline.EOS)
+        self.eos = pipeline.eos_token(self.tokenizer_)
+        self.eot = self.tokenizer_.token_to_id(self.eos)
         self._max_length = int(max_length or wd.config.data.seq_len)
         limit = model_config(wd.config).max_seq_len
         if not 1 < self._max_length <= limit:
@@ -165,7 +166,7 @@ class MoleJaxLM(TemplateLM):
 
     def _generate(self, context: str, gen_kwargs: dict) -> str:
         kw = dict(gen_kwargs)
-        until = kw.pop("until", None) or [pipeline.EOS]
+        until = kw.pop("until", None) or [self.eos]
         until = [until] if isinstance(until, str) else list(until)
         max_new = int(kw.pop("max_gen_toks", kw.pop("max_new_tokens", 256)))
         temperature = float(kw.pop("temperature", 0.0)) if kw.pop("do_sample", False) else 0.0

@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mole_jax.data.pipeline import EOS, load_tokenizer
+from mole_jax.data.pipeline import EOS_TOKENS, eos_token, load_tokenizer
 from mole_jax.errors import UserError
 from mole_jax.files import write_text_atomic
 from mole_jax.interop import families
@@ -94,8 +94,11 @@ def _tokenizer(path: Path, vocab_size: int, from_dir: bool):
             f"{path} has {tok.get_vocab_size()} tokens, more than the model's "
             f"vocab_size={vocab_size}"
         )
-    if tok.token_to_id(EOS) is None:
-        raise UserError(f"{path} has no '{EOS}' token (mole_jax separates documents with it)")
+    if eos_token(tok) is None:
+        raise UserError(
+            f"{path} has none of {', '.join(EOS_TOKENS)} (mole_jax separates "
+            "documents with its end-of-text token)"
+        )
     return tok
 
 

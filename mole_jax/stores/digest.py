@@ -65,7 +65,7 @@ def _lanes(x) -> jax.Array:
     return jnp.stack(lanes)
 
 
-_tree_lanes = jax.jit(lambda tree: jax.tree.map(_lanes, tree))
+_leaf_lanes = jax.jit(_lanes)  # one leaf at a time: a step's temporaries are one leaf's
 
 
 def _host(lanes) -> np.ndarray:
@@ -92,7 +92,7 @@ def digests(tree) -> tuple[str, dict[str, str]]:
     flat = jax.tree_util.tree_flatten_with_path(tree)[0]
     if not flat:
         return hashlib.sha256(ALGORITHM.encode()).hexdigest(), {}
-    lanes = jax.tree.leaves(_tree_lanes([_as_32_bit(leaf) for _, leaf in flat]))
+    lanes = [_leaf_lanes(_as_32_bit(leaf)).block_until_ready() for _, leaf in flat]
     total, leaves = hashlib.sha256(ALGORITHM.encode()), {}
     for (path, leaf), value in zip(flat, lanes, strict=True):
         name = jax.tree_util.keystr(path)
