@@ -183,8 +183,9 @@ def test_missing_tokenizer_and_a_workdir_of_another_run_are_refused(
 
 @pytest.mark.slow
 def test_import_export_and_offloaded_eval_from_the_command_line(tmp_path, corpus_dir, cache_dir):
-    """launch.py import -> export (LUT) -> eval in memory and offloaded (equal) -> export
-    --format=hf; and a bad directory is one `error:` line, exit 2."""
+    """launch.py import -> export (LUT) -> eval and lm-eval tasks in memory and offloaded
+    (equal) -> export --format=hf; a bad directory, or hf: without --allow_hub, is one `error:`
+    line, exit 2."""
     w, hf = str(tmp_path / "w"), str(tmp_path / "hf")
     data = [
         f"--config.data.corpus=files:{corpus_dir}/*.txt",
@@ -208,6 +209,15 @@ def test_import_export_and_offloaded_eval_from_the_command_line(tmp_path, corpus
         assert run.returncode == 0, run.stderr[-2000:]
         losses.append(json.loads(Path(tmp_path, f"e{len(losses)}.json").read_text())["loss"])
     assert abs(losses[0] - losses[1]) <= 1e-5
+    scores = []
+    for extra in ([], ["--offload"]):  # lm-eval's scoring, in memory and from the LUT
+        run = launch("eval", f"--workdir={w}", "--tasks=mole_offline", "--limit=4", *extra)
+        assert run.returncode == 0, run.stderr[-2000:]
+        name = "tasks_offload.json" if extra else "tasks.json"
+        scores.append(json.loads(Path(w, "eval", name).read_text())["tasks"])
+    for task, row in scores[0].items():
+        for metric, value in row.items():
+            assert abs(scores[1][task][metric] - value) <= 1e-5, (task, metric)
     out = launch("export", f"--workdir={w}", "--format=hf", f"--to={hf}")
     assert out.returncode == 0 and Path(hf, "model.safetensors").is_file(), out.stderr[-2000:]
     bad = launch("import", f"--from={tmp_path}", f"--workdir={tmp_path}/x")
