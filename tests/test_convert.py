@@ -34,11 +34,18 @@ def test_selection_by_hand():
     assert experts[0, 0].tolist() == [2, 5] and experts[1, 0].tolist() == [1, 3]
 
 
-@pytest.mark.parametrize("permanent", [0, 64])
-def test_experts_holding_every_channel_reproduce_the_dense_logits(permanent):
-    md = model_config(small(dense, "size=tiny"))
+def gated(cfg):
+    cfg.model.ffn.gated, cfg.model.activation = True, "silu"
+    return cfg
+
+
+@pytest.mark.parametrize("permanent,swiglu", [(0, False), (64, False), (64, True)])
+def test_experts_holding_every_channel_reproduce_the_dense_logits(permanent, swiglu):
+    """(swiglu: a Llama-style gated dense FFN becomes SwiGLU experts, gate sliced with up.)"""
+    shape = gated if swiglu else (lambda c: c)
+    md = model_config(shape(small(dense, "size=tiny")))
     d_params = nnx.to_pure_dict(nnx.state(build_model(md, seed=4), nnx.Param))
-    cfg = small(pregated, "size=tiny,convert=1,topk=1")
+    cfg = shape(small(pregated, "size=tiny,convert=1,topk=1"))
     cfg.model.ffn.pregated.update(dict(permanent=permanent, d_expert=256 - permanent))
     m = model_config(cfg)
     imp = np.random.default_rng(0).random((3, md.n_layers, 256))

@@ -99,9 +99,19 @@ def test_hf_export_gives_the_reference_checkpoint_back_and_imports_bit_for_bit(
     cfg_out = json.loads((out / "config.json").read_text())
     # every field the reference's config.json has, but its bookkeeping (and, for the official
     # family, hidden_act: its code hard-codes GELU whatever the field says)
-    ignored = {"transformers_version", "torch_dtype", "initializer_range", "bos_token_id",
-               "eos_token_id", "use_cache", "attention_dropout", "output_router_logits",
-               "router_aux_loss_coef", "router_jitter_noise", "head_dim"}  # fmt: skip
+    ignored = {
+        "transformers_version",
+        "torch_dtype",
+        "initializer_range",
+        "bos_token_id",
+        "eos_token_id",
+        "use_cache",
+        "attention_dropout",
+        "output_router_logits",
+        "router_aux_loss_coef",
+        "router_jitter_noise",
+        "head_dim",
+    }
     ignored |= {"hidden_act"} if name.startswith("mole-") else set()
     for key in sorted(set(cfg_ref) - ignored):
         assert cfg_out.get(key) == cfg_ref[key], key
@@ -111,8 +121,9 @@ def test_hf_export_gives_the_reference_checkpoint_back_and_imports_bit_for_bit(
     jax.tree.map(np.testing.assert_array_equal, a, b)
 
 
-def test_sharded_checkpoint_imports_equal_to_the_single_file(imported, tmp_path, corpus_dir,
-                                                            cache_dir):  # fmt: skip
+def test_sharded_checkpoint_imports_equal_to_the_single_file(
+    imported, tmp_path, corpus_dir, cache_dir
+):
     """export with a small shard size writes model-0000N-of-0000M + the index, as
     save_pretrained does for large models; importing it gives the same parameters."""
     out = tmp_path / "sharded"
@@ -174,10 +185,14 @@ def test_missing_tokenizer_and_a_workdir_of_another_run_are_refused(
     with pytest.raises(UserError, match="pass --tokenizer"):
         import_hf(src, tmp_path / "w", config("mole-mole", corpus_dir, cache_dir))
     with pytest.raises(UserError, match="already holds another run"):
-        import_hf(FIXTURES / "mole-dense", imported["mole-mole"], config("mole-dense", corpus_dir,
-                                                                          cache_dir))  # fmt: skip
-    again = import_hf(FIXTURES / "mole-mole", imported["mole-mole"],
-                      config("mole-mole", corpus_dir, cache_dir))  # fmt: skip
+        import_hf(
+            FIXTURES / "mole-dense",
+            imported["mole-mole"],
+            config("mole-dense", corpus_dir, cache_dir),
+        )
+    again = import_hf(
+        FIXTURES / "mole-mole", imported["mole-mole"], config("mole-mole", corpus_dir, cache_dir)
+    )
     assert again["architecture"] == "MoleForCausalLM"  # the same import: nothing to do
 
 
@@ -198,8 +213,13 @@ def test_import_export_and_offloaded_eval_from_the_command_line(tmp_path, corpus
         cmd = [sys.executable, str(ROOT / "launch.py"), *args]
         return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
 
-    out = launch("import", f"--from={FIXTURES / 'mole-mole'}", f"--workdir={w}",
-                 "--config=configs/mole.py:size=tiny", *data)  # fmt: skip
+    out = launch(
+        "import",
+        f"--from={FIXTURES / 'mole-mole'}",
+        f"--workdir={w}",
+        "--config=configs/mole.py:size=tiny",
+        *data,
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     assert "imported MoleForCausalLM" in out.stdout
     assert launch("export", f"--workdir={w}", "--dtype=float32").returncode == 0
@@ -248,8 +268,9 @@ def test_mixtral_experts_offloaded_with_lru_and_prefetch_generate_as_in_memory(i
     for i in m["layers"]:
         ffn = mem.params["blocks"][i]["ffn"]
         for name in ("up", "down"):
-            ffn[name] = quant.group_dequantize(quant.group_quantize(np.asarray(ffn[name]), "int2"),
-                                               "int2")  # fmt: skip
+            ffn[name] = quant.group_dequantize(
+                quant.group_quantize(np.asarray(ffn[name]), "int2"), "int2"
+            )
     eng = build_engine(w, "moe_offload", store="experts_int2", capacity=2, prefetch=True)
     want, _ = mem.forward(ref["ids"])
     got, _ = eng.forward(ref["ids"])
@@ -269,3 +290,46 @@ def test_train_fine_tunes_an_imported_model_from_its_step_0(tmp_path, corpus_dir
     out = loop.run(Workdir(w).editable_config(), w)
     losses = [r["loss"] for r in read_metrics(w) if "loss" in r]
     assert out["step"] == 20 and len(losses) == 20 and losses[-1] < losses[0]
+
+
+@pytest.mark.slow
+def test_read_me_converts_an_imported_llama_into_a_pre_gated_moe_with_swiglu_experts(
+    imported, tmp_path, corpus_dir, cache_dir
+):
+    """Read-ME's pipeline on imported weights: Llama (gated, GQA, tied) -> convert -> a
+    pre-gated MoE whose experts are SwiGLU slices of the dense FFN -> eval, and queue serving
+    equal to the in-memory model."""
+    from configs import pregated
+    from mole_jax.eval.validation import evaluate
+    from mole_jax.train.convert import convert
+
+    cfg = pregated.get_config("size=tiny,convert=1,experts=2,permanent=1")
+    cfg.unlock()
+    for name in ("vocab_size", "d_model", "n_layers", "n_heads", "d_ff", "activation"):
+        cfg.model[name] = Workdir(imported["llama"]).config.model[name]
+    c = cfg.model.ffn.pregated
+    c.update(dict(permanent=16, d_expert=24, router_d=32, router_heads=4))
+    domains = [f"files:{corpus_dir}/doc0[0-5].txt", f"files:{corpus_dir}/doc0[6-9].txt"]
+    cfg.convert.update(
+        dict(domains=",".join(domains), rounds=1, router_steps=4, expert_steps=2, calib_windows=2)
+    )
+    cfg.train.batch_size = 8
+    w = str(tmp_path / "pg")
+    rec = convert(imported["llama"], w, cfg)
+    assert rec["permanent_channels"] == 16 and rec["expert_channels"] == 24
+    m = model_config(Workdir(w).config)
+    assert m.gated and m.kind == "pregated" and m.n_kv_heads == 2 and m.tie_embeddings
+    assert np.isfinite(evaluate(w, n_batches=1)["loss"])
+    from mole_jax.infer.export import export_experts
+    from mole_jax.infer.offload.server import serve
+
+    export_experts(w, dtype="float32")
+    ref = build_engine(w, "experts")
+    prompts = [np.array([5, 9, 11, 3]), np.array([7, 2]), np.array([40, 41, 42])]
+    news = [4, 3, 5]
+    want = [
+        generate(ref, p[None], n)["tokens"][0].tolist() for p, n in zip(prompts, news, strict=True)
+    ]
+    eng = build_engine(w, "lookahead", capacity=2)
+    out = serve(eng, prompts, news, budget=8, policy="expert_aware", eviction="lru")
+    assert [out["tokens"][i] for i in range(3)] == want

@@ -70,11 +70,15 @@ def convert(dense_dir, workdir, cfg) -> dict:
     params = converted_params(nnx.to_pure_dict(params), dense, perm, experts)
     log = _tune(graphdef, params, nnx.to_pure_dict(rest), dense, md, experts, streams, cfg)
     record = dict(
-        source=str(src.path), domains=str(cfg.convert.domains).split(","),
-        permanent_channels=int(perm.shape[-1]), expert_channels=int(experts.shape[-1]),
-        channels_covered=[len(set(perm[i].tolist()) | set(experts[:, i].ravel().tolist()))
-                          for i in range(m.n_layers)],
-    )  # fmt: skip
+        source=str(src.path),
+        domains=str(cfg.convert.domains).split(","),
+        permanent_channels=int(perm.shape[-1]),
+        expert_channels=int(experts.shape[-1]),
+        channels_covered=[
+            len(set(perm[i].tolist()) | set(experts[:, i].ravel().tolist()))
+            for i in range(m.n_layers)
+        ],
+    )
     params, record["rounds"] = log
     _write(wd, cfg, params, nnx.to_pure_dict(rest), record)
     return record
@@ -96,18 +100,23 @@ def _checked_config(src, cfg):
             f"--from={src.path} holds a '{model_config(src.config).kind}' model, not dense"
         )
     if cfg.model.ffn.kind != "pregated" or cfg.model.ffn.pregated.gate != "one":
-        raise UserError("convert makes a pre-gated model with hard routing: use "
-                        "--config=configs/pregated.py:size=<the dense size>,convert=1")  # fmt: skip
+        raise UserError(
+            "convert makes a pre-gated model with hard routing: use "
+            "--config=configs/pregated.py:size=<the dense size>,convert=1"
+        )
     cfg = cfg.copy_and_resolve_references()
     cfg.unlock()
     for name in BACKBONE:
         if cfg.model[name] != src.config.model[name]:
-            raise UserError(f"model.{name}={cfg.model[name]} differs from the dense model's "
-                            f"{src.config.model[name]}")  # fmt: skip
+            raise UserError(
+                f"model.{name}={cfg.model[name]} differs from the dense model's "
+                f"{src.config.model[name]}"
+            )
     source = src.editable_config()
     for name in source.model:  # every backbone field as the dense model was trained
         if name != "ffn":
             cfg.model[name] = source.model[name]
+    cfg.model.ffn.gated = bool(source.model.ffn.get("gated", False))  # SwiGLU experts
     cfg.data = source.data
     cfg.data.tokenizer = str(src.tokenizer_path)
     n = len(str(cfg.convert.domains).split(","))
@@ -115,8 +124,10 @@ def _checked_config(src, cfg):
         raise UserError(f"{n} domains for {cfg.model.ffn.pregated.experts} experts: one each")
     m = validate(cfg)
     if m.ffn_layers != tuple(range(m.n_layers)) or m.ffn.topk != 1:
-        raise UserError("convert makes every block pre-gated with top-1 paths: use "
-                        "model.ffn.layers=all and topk=1")  # fmt: skip
+        raise UserError(
+            "convert makes every block pre-gated with top-1 paths: use "
+            "model.ffn.layers=all and topk=1"
+        )
     return cfg
 
 
@@ -135,7 +146,9 @@ def _windows(tokens, n: int, seq: int, seed) -> np.ndarray:
 
 
 def dense_activations(dense, md):
-    """A jitted fn ids_BxL -> per layer W1 x [L, T, F] of the dense model (float32)."""
+    """A jitted fn ids_BxL -> per layer W1 x [L, T, F] of the dense model (float32); for a gated
+    FFN the channels' values act(gate x) * up x (what W2 reads; `channel_values` maps either
+    to the values)."""
     graphdef, params, rest = nnx.split(build_model(md), nnx.Param, ...)
 
     def run(p, ids):
@@ -146,12 +159,22 @@ def dense_activations(dense, md):
         for block in model.blocks:
             a, x, _ = block.attend(h, pos)
             mlp = block.ffn.mlp
+            if md.gated:
+                pre = mlp.act(mlp.gate(x)) * mlp.up(x)
+                out.append(pre.reshape(-1, pre.shape[-1]).astype(jnp.float32))
+                h = a + mlp.down(pre)
+                continue
             pre = mlp.up(x)
             out.append(pre.reshape(-1, pre.shape[-1]).astype(jnp.float32))
             h = a + mlp.down(mlp.act(pre))
         return jnp.stack(out)
 
     return jax.jit(lambda ids: run(dense, ids))
+
+
+def channel_values(md):
+    """What `dense_activations` gives -> the channels' values: act(W1 x), or (gated) as is."""
+    return (lambda v: v) if md.gated else ACTIVATIONS[md.activation]
 
 
 def _importance(dense, md, streams, cfg) -> np.ndarray:
@@ -184,8 +207,9 @@ def select_channels(importance_NxLxF: np.ndarray, permanent: int, width: int):
 def converted_params(params: dict, dense: dict, perm, experts) -> dict:
     """The pre-gated model's parameters: the dense model's backbone copied, its FFNs sliced."""
     out = jax.tree.map(lambda x: x, params)
-    for name in ("embed", "norm", "head"):
-        out[name] = dense[name]
+    for name in ("embed", "norm", "head"):  # (no head when tied to the embedding)
+        if name in dense:
+            out[name] = dense[name]
     r = out["router"]["embed"].shape[-1]
     out["router"]["embed"] = dense["embed"][:, :r]
     for layer, block in out["blocks"].items():
@@ -195,11 +219,20 @@ def converted_params(params: dict, dense: dict, perm, experts) -> dict:
         mlp = src["ffn"]["mlp"]
         w1, w2 = mlp["up"]["kernel"], mlp["down"]["kernel"]  # [D, F], [F, D]
         idx = experts[:, layer]  # [N, width]
-        block["ffn"]["up"] = jnp.transpose(w1[:, idx], (1, 0, 2))  # [N, D, width]
+        up = jnp.transpose(w1[:, idx], (1, 0, 2))  # [N, D, width]
+        if "gate" in mlp:  # a gated expert's up is [gate | up] (layers.up_width)
+            up = jnp.concatenate([jnp.transpose(mlp["gate"]["kernel"][:, idx], (1, 0, 2)), up], -1)
+        block["ffn"]["up"] = up
         block["ffn"]["down"] = w2[idx]  # [N, width, D]
         if perm.shape[-1]:
-            block["ffn"]["permanent"] = {"up": {"kernel": w1[:, perm[layer]]},
-                                         "down": {"kernel": w2[perm[layer]]}}  # fmt: skip
+            block["ffn"]["permanent"] = {
+                "up": {"kernel": w1[:, perm[layer]]},
+                "down": {"kernel": w2[perm[layer]]},
+            }
+            if "gate" in mlp:
+                block["ffn"]["permanent"]["gate"] = {
+                    "kernel": mlp["gate"]["kernel"][:, perm[layer]]
+                }
     return out
 
 
@@ -213,7 +246,7 @@ def _tune(graphdef, params, rest, dense, md, experts, streams, cfg):
         for layer in range(n_layers):
             member[layer, experts[i, layer], i] = 1.0
     member = jnp.asarray(member)
-    act = ACTIVATIONS[md.activation]
+    act = channel_values(md)
 
     def merged(router, others):
         return nnx.merge(graphdef, {**others, "router": router}, rest)
@@ -234,10 +267,12 @@ def _tune(graphdef, params, rest, dense, md, experts, streams, cfg):
     rounds = []
     for r in range(c.rounds):
         decay = c.round_decay**r
-        router, d = _round(distill, router, others, c.router_steps, c.router_lr * decay, cfg,
-                           streams, (r, 0))  # fmt: skip
-        others, e = _round(lm, others, router, c.expert_steps,
-                           c.expert_lr * decay, cfg, streams, (r, 1))  # fmt: skip
+        router, d = _round(
+            distill, router, others, c.router_steps, c.router_lr * decay, cfg, streams, (r, 0)
+        )
+        others, e = _round(
+            lm, others, router, c.expert_steps, c.expert_lr * decay, cfg, streams, (r, 1)
+        )
         rounds.append(dict(round=r, distill=d, lm=e))
     return {**others, "router": router}, rounds
 
@@ -246,8 +281,11 @@ def _round(loss_fn, trainable, frozen, steps: int, lr: float, cfg, streams, tag)
     """`steps` AdamW steps on `trainable` (cosine decay from lr); (trainable, first/last loss)."""
     if steps <= 0:
         return trainable, None
-    tx = optax.adamw(optax.cosine_decay_schedule(lr, steps), weight_decay=cfg.convert.weight_decay,
-                     mask=decay_mask)  # no decay on norms, as in training  # fmt: skip
+    tx = optax.adamw(
+        optax.cosine_decay_schedule(lr, steps),
+        weight_decay=cfg.convert.weight_decay,
+        mask=decay_mask,
+    )  # no decay on norms, as in training
 
     @jax.jit
     def step(tr, opt, fr, ids):
@@ -275,8 +313,12 @@ def _write(wd, cfg, params: dict, rest: dict, record: dict) -> None:
         td = pipeline.prepare(cfg)  # with the dense run's tokenizer; the workdir keeps its own copy
         cfg.data.tokenizer = str(wd.tokenizer_path.resolve())
         write_workdir(cfg, wd, td.tokenizer.to_str())
-        state = dict(step=jnp.zeros((), jnp.int32), params=params,
-                     opt_state=make_optimizer(cfg).init(params), rest=rest)  # fmt: skip
+        state = dict(
+            step=jnp.zeros((), jnp.int32),
+            params=params,
+            opt_state=make_optimizer(cfg).init(params),
+            rest=rest,
+        )
         ckpt = Checkpointer(wd, cfg.train.keep_ckpts, False, run_digest(cfg))
         try:
             ckpt.save(state)
