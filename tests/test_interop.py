@@ -333,3 +333,15 @@ def test_read_me_converts_an_imported_llama_into_a_pre_gated_moe_with_swiglu_exp
     eng = build_engine(w, "lookahead", capacity=2)
     out = serve(eng, prompts, news, budget=8, policy="expert_aware", eviction="lru")
     assert [out["tokens"][i] for i in range(3)] == want
+
+
+def test_released_study_plans_the_eight_checkpoints_without_the_network():
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "experiments" / "released.py"), "--dry_run"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    rows = [line for line in out.stdout.splitlines() if line.startswith(("Dense", "MoE", "MoLE"))]
+    assert len(rows) == 8 and "lambada_openai" in out.stdout
