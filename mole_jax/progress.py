@@ -21,9 +21,17 @@ import sys
 import threading
 import time
 
+
 # Seconds between progress lines without a TTY (MOLE_JAX_PROGRESS_EVERY_S overrides: a test
 # watching a log need not wait for 10 s lines).
-EVERY_S = float(os.environ.get("MOLE_JAX_PROGRESS_EVERY_S", 10.0))
+def _every_s() -> float:
+    try:
+        return max(0.1, float(os.environ.get("MOLE_JAX_PROGRESS_EVERY_S", 10.0)))
+    except ValueError:  # a bad value: the default, not a traceback at import
+        return 10.0
+
+
+EVERY_S = _every_s()
 _ENABLED = False
 
 

@@ -121,6 +121,47 @@ def test_hf_export_gives_the_reference_checkpoint_back_and_imports_bit_for_bit(
     jax.tree.map(np.testing.assert_array_equal, a, b)
 
 
+def test_export_refuses_a_model_the_reference_code_would_compute_differently(
+    tmp_path, corpus_dir, cache_dir
+):
+    """modeling_moe.py hard-codes top-10: a top-2 MoE is refused, not exported as another
+    model; so are capacity dispatch and expert-choice routing."""
+    src = _copy("mole-moe", tmp_path, edit={"num_experts_per_tok": 2})
+    w = str(tmp_path / "w")
+    import_hf(src, w, config("mole-moe", corpus_dir, cache_dir))
+    assert model_config(Workdir(w).config).ffn.topk == 2
+    with pytest.raises(UserError, match="hard-codes top-10"):
+        export_hf(w, tmp_path / "hf")
+    assert not (tmp_path / "hf").exists()
+
+
+def test_a_changed_tokenizer_is_refused_after_the_first_checkpoint(
+    imported, tmp_path, corpus_dir, cache_dir
+):
+    """Training an imported model with another tokenizer (as a config that retrains the BPE
+    would give): refused in one line before anything is written, not trained on new ids."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    from mole_jax.errors import ConfigError
+    from mole_jax.train import loop
+
+    w = str(tmp_path / "w")
+    shutil.copytree(imported["llama"], w)
+    cfg = Workdir(w).editable_config()
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.train_from_iterator(
+        ["another text entirely, another vocabulary"] * 4,
+        trainers.BpeTrainer(vocab_size=100, special_tokens=["<|endoftext|>", "<unk>"]),
+    )
+    tok.save(str(tmp_path / "other.json"))
+    cfg.data.tokenizer = str(tmp_path / "other.json")
+    before = Path(w, "tokenizer.json").read_bytes()
+    with pytest.raises(ConfigError, match="a run keeps its tokenizer"):
+        loop.run(cfg, w)
+    assert Path(w, "tokenizer.json").read_bytes() == before
+
+
 def test_sharded_checkpoint_imports_equal_to_the_single_file(
     imported, tmp_path, corpus_dir, cache_dir
 ):
@@ -164,6 +205,9 @@ BAD = [
     ("llama", dict(edit={"sliding_window": 4096}), "sliding_window=4096"),
     ("llama", dict(edit={"hidden_act": "gelu_new"}), "hidden_act='gelu_new'"),
     ("llama", dict(edit={"tie_word_embeddings": False}), "lacks 1 tensor(s): lm_head.weight"),
+    # GQA k/v of half width with num_key_value_heads left out: refused, never half-filled
+    ("llama", dict(edit={"num_key_value_heads": None}), "self_attn.k_proj.weight has shape"),
+    ("llama", dict(edit={"rope_scaling": "llama3"}), "rope_scaling=llama3"),
 ]
 
 
@@ -190,10 +234,22 @@ def test_missing_tokenizer_and_a_workdir_of_another_run_are_refused(
             imported["mole-mole"],
             config("mole-dense", corpus_dir, cache_dir),
         )
+    before = params_of(imported["mole-mole"])
     again = import_hf(
         FIXTURES / "mole-mole", imported["mole-mole"], config("mole-mole", corpus_dir, cache_dir)
     )
     assert again["architecture"] == "MoleForCausalLM"  # the same import: nothing to do
+    jax.tree.map(np.testing.assert_array_equal, before, params_of(imported["mole-mole"]))
+    # other weights of the same shape (and so the same file sizes) are another run
+    from safetensors.numpy import save_file
+
+    other = tmp_path / "other"
+    shutil.copytree(FIXTURES / "mole-mole", other)
+    tensors = load_file(other / "model.safetensors")
+    tensors["model.norm.weight"] = tensors["model.norm.weight"] + 1
+    save_file(tensors, other / "model.safetensors", {"format": "pt"})
+    with pytest.raises(UserError, match="already holds another run"):
+        import_hf(other, imported["mole-mole"], config("mole-mole", corpus_dir, cache_dir))
 
 
 @pytest.mark.slow

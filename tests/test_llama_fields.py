@@ -81,25 +81,54 @@ def test_gated_peer_experts_are_refused_until_built():
         validate(cfg, n_devices=1)
 
 
-@pytest.mark.parametrize("module,arg", [(moe, "size=tiny"), (mole, "size=tiny,experts=4"),
-                                        (pregated, "size=tiny")])  # fmt: skip
-def test_gated_experts_count_exactly_and_equal_their_loop(module, arg):
-    """A gated routed expert is down(act(gate x) * up x): the stacked [gate | up] layout of
-    every kind against a loop over one expert's halves."""
+@pytest.mark.parametrize("module,arg", [(mole, "size=tiny,experts=4"), (pregated, "size=tiny")])
+def test_gated_experts_count_exactly(module, arg):
     cfg = module.get_config(arg)
     cfg.model.ffn.gated, cfg.model.activation = True, "silu"
-    m = validate(cfg, n_devices=1)
+    validate(cfg, n_devices=1)
     s = accounting.summarize(cfg, 1)
     assert s["params_total"] == s["params_total_formula"]
-    layer = build_model(m).blocks[0].ffn
+
+
+@pytest.mark.parametrize(
+    "dispatch,grouped", [("dropless", "blocked"), ("dropless", "ragged"), ("capacity", "auto")]
+)
+def test_gated_moe_equals_a_loop_over_tokens_and_their_experts(dispatch, grouped):
+    """A gated MoE layer, through each dispatch path, against a per-token loop that applies
+    down(silu(gate x) * up x) of each chosen expert with its weight (capacity: large enough that
+    nothing drops)."""
+    from flax import nnx
+
+    from mole_jax.model.ffn import moe as moe_ffn
+    from mole_jax.model.ffn.base import Ctx
+
+    cfg = moe.get_config("size=tiny")
+    cfg.model.ffn.gated, cfg.model.activation = True, "silu"
+    cfg.model.ffn.moe.update(dict(dispatch=dispatch, grouped=grouped, capacity_factor=8.0))
+    m = validate(cfg, n_devices=1)
+    layer = moe_ffn.Layer(m, 0, rngs=nnx.Rngs(params=0))
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 5, m.d_model)), jnp.float32)
+    y, aux = layer(x, Ctx(None, None))
+    assert "dropped" not in aux or float(aux["dropped"]) == 0
+    r = layer.route(x)
     up, down = np.asarray(layer.up[...]), np.asarray(layer.down[...])
     f = down.shape[1]
-    assert up.shape[-1] == 2 * f
-    x = np.random.default_rng(0).normal(size=(5, m.d_model)).astype(np.float32)
-    e = 1
-    want = (jax.nn.silu(x @ up[e, :, :f]) * (x @ up[e, :, f:])) @ down[e]
-    got = np.asarray(layer.act(jnp.asarray(x @ up[e])) @ down[e])
-    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    xs, want = np.asarray(x).reshape(-1, m.d_model), []
+    for t, xt in enumerate(xs):
+        out = 0
+        for w, e in zip(np.asarray(r.weights_TxK[t]), np.asarray(r.experts_TxK[t]), strict=True):
+            h = np.asarray(jax.nn.silu(xt @ up[e, :, :f])) * (xt @ up[e, :, f:])
+            out = out + w * (h @ down[e])
+        want.append(out)
+    np.testing.assert_allclose(np.asarray(y).reshape(-1, m.d_model), want, rtol=2e-5, atol=2e-6)
+
+
+def test_gated_experts_with_a_tensor_split_are_refused_until_built():
+    cfg = moe.get_config("size=tiny")
+    cfg.model.ffn.gated = True
+    cfg.mesh.update(dict(data=1, tensor=2))
+    with pytest.raises(ConfigError, match="mesh.tensor > 1"):
+        validate(cfg, n_devices=2)
 
 
 @pytest.mark.slow

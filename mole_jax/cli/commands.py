@@ -18,9 +18,10 @@ def train(f):
     from mole_jax.parallel import distributed
     from mole_jax.train import loop as train_lib
 
-    _need(f, "config", "workdir")
+    _need(f, "workdir")
+    cfg = f.config or _workdir_config(f.workdir)
     distributed.initialize(f.coordinator, f.num_processes, f.process_id)
-    out = train_lib.run(f.config, f.workdir)
+    out = train_lib.run(cfg, f.workdir)
     if not distributed.is_primary():
         return out
     print(
@@ -28,6 +29,17 @@ def train(f):
         f"{out['tokens_per_s']:.0f} tokens/s; logs in {f.workdir}/metrics.jsonl and {f.workdir}/tb"
     )
     return out
+
+
+def _workdir_config(workdir: str):
+    """`train --workdir=W` without --config: W's own config (an imported or converted model's,
+    or a run to continue as it was)."""
+    from mole_jax.workdir import Workdir
+
+    wd = Workdir(workdir)
+    if not wd.config_path.exists():
+        raise UserError(f"--config is required: {workdir} holds no config.json yet")
+    return wd.editable_config()
 
 
 def convert(f):

@@ -13,7 +13,8 @@ LM_EVAL = ("tasks", "limit", "num_fewshot", "include_path", "allow_hub")
 # command -> (what it does, a usage line, its flags, the config its --help lists when none is given)
 COMMANDS: dict[str, tuple[str, str, tuple[str, ...], str | None]] = {
     "train": (
-        "pretrain a config in a workdir; resumes from its newest good checkpoint",
+        "pretrain a config in a workdir (or fine-tune one: --workdir alone takes its config); "
+        "resumes from its newest good checkpoint",
         "--config=configs/mole.py:size=tiny,experts=4 --workdir=runs/m [--config.train.steps=200]",
         ("config", "workdir", *MULTIHOST),
         "configs/mole.py",

@@ -81,7 +81,7 @@ def model_fields(hf: dict) -> tuple[dict, dict, list[str]]:
             f"config.json sets num_key_value_heads={kv} != num_attention_heads; "
             f"{arch} has no grouped-query attention"
         )
-    if hf.get("head_dim", d // heads) != d // heads:
+    if (hf.get("head_dim") or d // heads) != d // heads:
         raise UserError(f"config.json sets head_dim={hf['head_dim']}, not hidden_size / heads")
     act = hf.get("hidden_act", "silu")
     if not official and act not in ACTIVATIONS:
@@ -117,6 +117,7 @@ def model_fields(hf: dict) -> tuple[dict, dict, list[str]]:
             shared_d_ff=0,
             router_mode="topk_softmax",
             dispatch="dropless",
+            routing="token_choice",
         )
     elif kind == "moe":
         experts = _need(hf, "num_experts")
@@ -138,6 +139,7 @@ def model_fields(hf: dict) -> tuple[dict, dict, list[str]]:
             shared_d_ff=0,
             router_mode="topk_softmax",
             dispatch="dropless",
+            routing="token_choice",
         )
     elif kind == "mole":
         ffn = dict(
@@ -156,7 +158,7 @@ def _rope_scaling(rs) -> str:
     """config.json's rope_scaling as model.rope_scaling ("" or "llama3:factor=...,...")."""
     if rs is None:
         return ""
-    kind = rs.get("rope_type", rs.get("type"))
+    kind = rs.get("rope_type", rs.get("type")) if isinstance(rs, dict) else None
     if kind != "llama3" or any(k not in rs for k in ROPE_KEYS):
         raise UserError(
             f"config.json sets rope_scaling={rs}; the importer supports only "
@@ -209,7 +211,7 @@ def hf_config(m) -> dict:
         torch_dtype="float32",
     )
     if m.kind == "moe":
-        _check_moe(m)
+        _check_moe(m, llama)
         experts = "num_local_experts" if llama else "num_experts"
         out.update({experts: m.ffn.experts, "num_experts_per_tok": m.ffn.topk})
     if m.kind == "mole":
@@ -231,12 +233,21 @@ def _hf_rope_scaling(spec: str):
     return {"rope_type": "llama3", **out}
 
 
-def _check_moe(m) -> None:
+def _check_moe(m, llama: bool) -> None:
+    """A MoE the reference code computes as mole_jax does: experts of intermediate_size, no
+    shared expert, softmax over the top-k logits, every token routed (token choice, dropless);
+    the official file's hard-coded top-10."""
     c = m.ffn
-    if c.d_expert != m.d_ff or c.shared_d_ff or c.router_mode != "topk_softmax":
+    same = c.d_expert == m.d_ff and not c.shared_d_ff and c.router_mode == "topk_softmax"
+    if not same or c.routing != "token_choice" or c.dispatch != "dropless":
         raise UserError(
-            "the official MoE code has experts of intermediate_size, no shared "
-            "expert and softmax over the top-k logits"
+            "the reference MoE code has experts of intermediate_size, no shared expert, softmax "
+            "over the top-k logits and dropless token-choice routing; this model differs"
+        )
+    if not llama and c.topk != OFFICIAL_TOPK:
+        raise UserError(
+            f"modeling_moe.py hard-codes top-{OFFICIAL_TOPK} routing (it ignores "
+            f"num_experts_per_tok); this model routes top-{c.topk}, which it would not compute"
         )
 
 

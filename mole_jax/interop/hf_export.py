@@ -1,9 +1,10 @@
 """`launch.py export --format=hf --to=DIR`: a workdir's model as a Hugging Face directory.
 
 The directory (config.json, model.safetensors or shards with their index, tokenizer.json) is
-what the reference code loads: the official MoLE modeling files for dense / MoE / MoLE
-(`architectures` names their class). Tensors are float32, as mole_jax keeps its parameters, so
-`import` of the export gives the workdir's parameters bit for bit. The directory is written
+what the reference code loads: the official MoLE modeling files for dense / MoE / MoLE, or
+transformers' LlamaForCausalLM / MixtralForCausalLM (`architectures` names the class).
+Tensors are float32, as mole_jax keeps its parameters, so `import` of the export gives the
+workdir's parameters bit for bit. The directory is written
 beside its destination and renamed into place: a killed export leaves no half directory.
 """
 
@@ -30,8 +31,8 @@ def export_hf(workdir, to, step: int | None = None, shard_bytes: int = 2**31) ->
     wd, to = as_workdir(workdir), Path(to)
     m = model_config(wd.config)
     config = families.hf_config(m)  # refuses kinds the family cannot express, before reading
-    if to.exists() and any(to.iterdir()):
-        raise UserError(f"{to} exists and is not empty; export into a new directory")
+    if to.exists() and (not to.is_dir() or any(to.iterdir())):
+        raise UserError(f"{to} exists and is not an empty directory; export into a new one")
     restored = restore_model(wd, m, step=step)
     params = jax.device_get(restored.params)
     tensors = {}

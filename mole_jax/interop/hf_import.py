@@ -8,8 +8,8 @@ on it unchanged; `train` fine-tunes from it.
 
 Streaming and sharded: the configured mesh is built first and each parameter is made with
 `jax.make_array_from_callback`, whose callback reads only the slice of the checkpoint tensor
-that a device's shard holds (safetensors memory map), so no host copy of the model exists
-beyond the tensor in flight.
+that a device's shard holds (read with os.pread, checkpoint_dir.py), so no host copy of the
+model exists beyond the tensor in flight.
 """
 
 from __future__ import annotations
@@ -42,9 +42,12 @@ def read_config(src: Path) -> dict:
     if not path.is_file():
         raise UserError(f"{src} is not a Hugging Face model directory (no config.json)")
     try:
-        return json.loads(path.read_text())
+        config = json.loads(path.read_text())
     except ValueError as e:
         raise UserError(f"{path} is not JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise UserError(f"{path} holds a {type(config).__name__}, not a JSON object")
+    return config
 
 
 def kind_of(src) -> str:
@@ -65,7 +68,7 @@ def import_hf(src, workdir, cfg, tokenizer: str | None = None) -> dict:
     cfg.data.vocab_size = tok.get_vocab_size()  # (the size of the tokenizer it trains without one)
     record = dict(
         source=str(src.resolve()),
-        source_sha256=_source_digest(src),
+        source_sha256=_source_digest(src, cfg),
         architecture=hf["architectures"][0],
         kind=cfg.model.ffn.kind,
         tokenizer=str(tok_path.resolve()),
@@ -137,8 +140,9 @@ def place(plan, tensors: Tensors, abstract_params: dict) -> dict:
     def leaf(path, a):
         key = tuple(getattr(k, "key", getattr(k, "idx", None)) for k in path)
         parts = by_path.pop(key)
+        per_slot = len(parts) // (a.shape[0] if parts[0].expert is not None else 1)
         for t in parts:
-            _check_shape(t, tensors, a.shape[1:] if t.expert is not None else a.shape)
+            _check_shape(t, tensors, a.shape[1:] if t.expert is not None else a.shape, per_slot)
         return jax.make_array_from_callback(a.shape, a.sharding, _reader(parts, tensors, a.shape))
 
     params = jax.tree_util.tree_map_with_path(leaf, abstract_params)
@@ -150,10 +154,12 @@ def _oriented(t, shape: tuple) -> tuple:
     return tuple(shape[::-1]) if t.transpose else tuple(shape)
 
 
-def _check_shape(t, tensors: Tensors, want: tuple) -> None:
+def _check_shape(t, tensors: Tensors, want: tuple, parts: int) -> None:
+    """`t` must be exactly its share of the leaf: the leaf's last axis split evenly among the
+    `parts` tensors that fill one slot (Mixtral's w1 and w3: half each; otherwise the whole)."""
     got = _oriented(t, tensors.shape(t.hf))
-    fits = got[:-1] == want[:-1] and t.offset + got[-1] <= want[-1]
-    if not fits or (t.offset == 0 and got[-1] not in (want[-1], want[-1] // 2)):
+    width = want[-1] // parts if want else 0
+    if got != (*want[:-1], width) or t.offset % max(width, 1) or t.offset + width > want[-1]:
         raise UserError(
             f"tensor {t.hf} has shape {list(tensors.shape(t.hf))}; the config "
             f"implies {list(_oriented(t, want))}"
@@ -166,7 +172,7 @@ def _reader(parts, tensors: Tensors, shape: tuple):
 
     def read(index):
         index = tuple(slice(*sl.indices(n)[:2]) for sl, n in zip(index, shape, strict=True))
-        out = np.empty([sl.stop - sl.start for sl in index], np.float32)
+        out = np.full([sl.stop - sl.start for sl in index], np.nan, np.float32)
         experts = range(index[0].start, index[0].stop) if stacked else None
         sub = index[1:] if stacked else index
         for t in parts:
@@ -185,10 +191,17 @@ def _reader(parts, tensors: Tensors, shape: tuple):
     return read
 
 
-def _source_digest(src: Path) -> str:
-    h = hashlib.sha256((src / "config.json").read_bytes())
+def _source_digest(src: Path, cfg) -> str:
+    """Of the source (its path, config.json, each safetensors file's header, size and mtime:
+    not its contents, which may be tens of GB) and of the run config it is imported with."""
+    h = hashlib.sha256(f"{src.resolve()}|{run_digest(cfg)}".encode())
+    h.update((src / "config.json").read_bytes())
     for p in sorted(src.glob("*.safetensors")):
-        h.update(f"{p.name}:{p.stat().st_size}".encode())
+        with open(p, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            h.update(f.read(min(n, 2**26)))
+        st = p.stat()
+        h.update(f"{p.name}:{st.st_size}:{st.st_mtime_ns}".encode())
     return h.hexdigest()
 
 

@@ -55,17 +55,34 @@ def _position(shape) -> jax.Array:
     return pos
 
 
-def _lanes(x) -> jax.Array:
-    x = jnp.asarray(x)
+def _terms(x):
     bits, where = _bits(x), _fmix(_position(x.shape) + jnp.uint32(1))
-    lanes = [
-        jnp.sum(_fmix(bits * jnp.uint32(mul) + (where ^ jnp.uint32(key))), dtype=jnp.uint32)
-        for mul, key in _LANES
-    ]
-    return jnp.stack(lanes)
+    return [_fmix(bits * jnp.uint32(mul) + (where ^ jnp.uint32(key))) for mul, key in _LANES]
+
+
+def _lanes(x) -> jax.Array:
+    """The four lanes as four sums: on a sharded leaf each device sums its shard and XLA
+    all-reduces four scalars (the leaf is never gathered)."""
+    return jnp.stack([jnp.sum(t, dtype=jnp.uint32) for t in _terms(jnp.asarray(x))])
+
+
+def _lanes_fused(x) -> jax.Array:
+    """The same lanes as one variadic reduction, into which XLA fuses the per-element terms: no
+    leaf-sized temporary (the four sums keep ~4x the leaf: 824 MB for a 206 MB embedding). The
+    SPMD partitioner gathers a sharded operand of it, so it serves leaves on one device."""
+    x = jnp.asarray(x)
+    add = lambda a, b: tuple(p + q for p, q in zip(a, b, strict=True))  # noqa: E731
+    zeros = [jnp.uint32(0)] * len(_LANES)
+    return jnp.stack(jax.lax.reduce(_terms(x), zeros, add, tuple(range(x.ndim))))
 
 
 _leaf_lanes = jax.jit(_lanes)  # one leaf at a time: a step's temporaries are one leaf's
+_leaf_lanes_fused = jax.jit(_lanes_fused)
+
+
+def _one_leaf(leaf) -> jax.Array:
+    on_many = isinstance(leaf, jax.Array) and len(leaf.sharding.device_set) > 1
+    return (_leaf_lanes if on_many else _leaf_lanes_fused)(leaf).block_until_ready()
 
 
 def _host(lanes) -> np.ndarray:
@@ -92,7 +109,7 @@ def digests(tree) -> tuple[str, dict[str, str]]:
     flat = jax.tree_util.tree_flatten_with_path(tree)[0]
     if not flat:
         return hashlib.sha256(ALGORITHM.encode()).hexdigest(), {}
-    lanes = [_leaf_lanes(_as_32_bit(leaf)).block_until_ready() for _, leaf in flat]
+    lanes = [_one_leaf(_as_32_bit(leaf)) for _, leaf in flat]
     total, leaves = hashlib.sha256(ALGORITHM.encode()), {}
     for (path, leaf), value in zip(flat, lanes, strict=True):
         name = jax.tree_util.keystr(path)

@@ -273,6 +273,7 @@ def write_workdir(cfg, wd: Workdir, tokenizer_json: str) -> dict:
     data is known to be there (after the others have prepared theirs); returns the accounting
     summary."""
     summary = accounting.summarize(cfg, jax.device_count())
+    _check_same_tokenizer(wd, tokenizer_json)  # (every process: none waits on a refusal)
     if distributed.is_primary():
         distributed.barrier("data prepared")
         wd.path.mkdir(parents=True, exist_ok=True)
@@ -281,6 +282,27 @@ def write_workdir(cfg, wd: Workdir, tokenizer_json: str) -> dict:
         write_text_atomic(wd.summary_path, json.dumps(summary, indent=2))
     distributed.barrier("workdir written")
     return summary
+
+
+def _check_same_tokenizer(wd: Workdir, tokenizer_json: str) -> None:
+    """A run's tokenizer never changes after its first checkpoint: new token ids under the old
+    weights would train on silently (a corpus cache that changed retrains the BPE, say)."""
+    if not (wd.has_checkpoints() and wd.tokenizer_path.exists()):
+        return
+    old = wd.tokenizer_path.read_text()
+    if old == tokenizer_json:
+        return
+    from tokenizers import Tokenizer
+
+    a, b = (Tokenizer.from_str(t).get_vocab() for t in (old, tokenizer_json))
+    moved = sum(1 for tok, i in a.items() if b.get(tok) != i)
+    raise ConfigError(
+        f"{wd.tokenizer_path} differs from the tokenizer this run would use ({len(a)} vs "
+        f"{len(b)} tokens, {moved} of the run's ids map elsewhere); a run keeps its tokenizer "
+        f"after its first checkpoint: pass --config.data.tokenizer={wd.tokenizer_path} (or "
+        "train from the workdir's own config: launch.py train --workdir=...), or use a new "
+        "--workdir"
+    )
 
 
 def _loop(trainer: Trainer, td, state, start: int, hooks: list[Hook], log: StepLog, stop: Hook):
