@@ -104,22 +104,22 @@ def model_fields(hf: dict) -> tuple[dict, dict, list[str]]:
     notes = []
     if official and act != "gelu":
         notes.append(f"hidden_act={act!r} is ignored: the official code hard-codes exact GELU")
-    ffn = {}
+    return backbone, _ffn_fields(hf, arch, kind, backbone["d_ff"], notes), notes
+
+
+def _ffn_fields(hf: dict, arch: str, kind: str, d_ff: int, notes: list[str]) -> dict:
+    """The kind's `model.ffn.<kind>` fields of a config.json (notes: what the import decided)."""
+    if kind == "mole":
+        return dict(experts=_need(hf, "num_experts"), d_expert=d_ff, expert_input="embedding")
+    if kind != "moe":
+        return {}
     if arch == "MixtralForCausalLM":
+        experts, topk = _need(hf, "num_local_experts"), _need(hf, "num_experts_per_tok")
         if hf.get("router_jitter_noise"):
             notes.append(
                 "router_jitter_noise applies in transformers' training mode only; not imported"
             )
-        ffn = dict(
-            experts=_need(hf, "num_local_experts"),
-            topk=_need(hf, "num_experts_per_tok"),
-            d_expert=backbone["d_ff"],
-            shared_d_ff=0,
-            router_mode="topk_softmax",
-            dispatch="dropless",
-            routing="token_choice",
-        )
-    elif kind == "moe":
+    else:
         experts = _need(hf, "num_experts")
         topk = int(hf.get("num_experts_per_tok", OFFICIAL_TOPK))
         if topk > experts:
@@ -129,23 +129,19 @@ def model_fields(hf: dict) -> tuple[dict, dict, list[str]]:
             )
         if "num_experts_per_tok" not in hf:
             notes.append(
-                "top-10 routing, as modeling_moe.py hard-codes (the paper trained "
-                "top-2: set num_experts_per_tok in config.json to choose)"
+                "top-10 routing, as modeling_moe.py hard-codes (the paper trained top-2: "
+                "set num_experts_per_tok in config.json to choose)"
             )
-        ffn = dict(
-            experts=experts,
-            topk=topk,
-            d_expert=backbone["d_ff"],
-            shared_d_ff=0,
-            router_mode="topk_softmax",
-            dispatch="dropless",
-            routing="token_choice",
-        )
-    elif kind == "mole":
-        ffn = dict(
-            experts=_need(hf, "num_experts"), d_expert=backbone["d_ff"], expert_input="embedding"
-        )
-    return backbone, ffn, notes
+    # every token to its top-k experts, softmax over their logits, nothing dropped (both codes)
+    return dict(
+        experts=experts,
+        topk=topk,
+        d_expert=d_ff,
+        shared_d_ff=0,
+        router_mode="topk_softmax",
+        dispatch="dropless",
+        routing="token_choice",
+    )
 
 
 def _need(hf: dict, name: str):
