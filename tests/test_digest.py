@@ -61,14 +61,17 @@ def test_one_changed_element_changes_its_leaf_and_the_whole():
 
 
 def test_a_sharded_leaf_is_digested_where_it_lives():
-    """The compiled digest of an 8-way sharded leaf reduces per shard and all-reduces the lanes;
-    it never gathers the leaf."""
-    mesh = Mesh(np.array(jax.devices()), ("a",))
-    x = jax.device_put(jnp.ones((64, 32)), NamedSharding(mesh, P("a")))
-    hlo = digest._leaf_lanes.lower(x).compile().as_text()
+    """The compiled digest of a sharded leaf reduces each shard in one fused pass (no
+    shard-sized temporary) and all-reduces the lanes; it never gathers the leaf."""
+    mesh = Mesh(np.array(jax.devices()).reshape(4, 2), ("a", "b"))
+    x = jax.device_put(jnp.ones((1024, 256)), NamedSharding(mesh, P(("a", "b"))))
+    compiled = digest._leaf_sharded_lanes.lower(x, mesh, (("a", "b"),)).compile()
+    hlo = compiled.as_text()
     assert "all-reduce" in hlo and "all-gather" not in hlo
-    # the fused form (for leaves on one device) gives the same lanes with no leaf-sized temporary
+    assert compiled.memory_analysis().temp_size_in_bytes < 2**16  # a shard is 128 KiB
+    # the same lanes as the four plain sums, and as the fused form on one device
     y = np.asarray(x)
+    np.testing.assert_array_equal(digest._one_leaf(x), digest._leaf_lanes(x))
     np.testing.assert_array_equal(digest._leaf_lanes_fused(y), digest._leaf_lanes(x))
     big = jnp.ones((1024, 1024))
     assert (

@@ -9,6 +9,7 @@ installed (each `versions.json` names the versions): their checkpoint, tokenizer
 official `reparameterize.py`). No torch here.
 """
 
+import importlib.util
 import json
 import re
 import shutil
@@ -173,6 +174,52 @@ def test_sharded_checkpoint_imports_equal_to_the_single_file(
     w = str(tmp_path / "w")
     import_hf(out, w, config("mole-mole", corpus_dir, cache_dir))
     jax.tree.map(np.testing.assert_array_equal, params_of(imported["mole-mole"]), params_of(w))
+
+
+def _as_pytorch_bin(name, tmp_path, shards: int) -> Path:
+    """Fixture `name` with its weights as PyTorch .bin files (`shards` > 1: with the index)."""
+    import torch
+
+    d = tmp_path / f"bin{shards}"
+    shutil.copytree(FIXTURES / name, d)
+    tensors = load_file(d / "model.safetensors")
+    (d / "model.safetensors").unlink()
+    names = sorted(tensors)
+    files = {}
+    for i in range(shards):
+        file = (
+            "pytorch_model.bin" if shards == 1 else f"pytorch_model-{i + 1:05d}-of-{shards:05d}.bin"
+        )
+        part = {k: torch.from_numpy(tensors[k].copy()) for k in names[i::shards]}
+        torch.save(part, d / file)
+        files.update(dict.fromkeys(part, file))
+    if shards > 1:
+        (d / "pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": files}))
+    return d
+
+
+def test_pytorch_bin_weights_import_equal_to_safetensors(imported, tmp_path, corpus_dir, cache_dir):
+    """Read through torch when it is installed (one file, and shards with their index)."""
+    pytest.importorskip("torch")
+    for shards in (1, 3):
+        w = str(tmp_path / f"w{shards}")
+        import_hf(
+            _as_pytorch_bin("llama", tmp_path, shards), w, config("llama", corpus_dir, cache_dir)
+        )
+        jax.tree.map(np.testing.assert_array_equal, params_of(imported["llama"]), params_of(w))
+
+
+def test_pytorch_bin_weights_without_torch_are_refused_saying_how_to_convert(
+    tmp_path, corpus_dir, cache_dir
+):
+    if importlib.util.find_spec("torch") is not None:
+        pytest.skip("torch is installed: .bin weights are read (the test above)")
+    src = _copy("llama", tmp_path)
+    (src / "model.safetensors").rename(src / "pytorch_model.bin")  # never opened without torch
+    w = tmp_path / "w"
+    with pytest.raises(UserError, match=r"read with torch \(not installed here\).*save_pretrained"):
+        import_hf(src, w, config("llama", corpus_dir, cache_dir))
+    assert not w.exists()
 
 
 def _copy(name, tmp_path, edit=None, drop=None):

@@ -3,9 +3,10 @@
 Reading parses the safetensors header (8 bytes of length, then JSON: each tensor's dtype, shape
 and byte range) and reads the rows a slice needs with `os.pread`, not a memory map: mapped file
 pages stay in the process's resident set once touched (a whole checkpoint's worth by the end of
-an import), whereas read bytes are freed with the slice. `read(name, index)` therefore holds at
-most one tensor's rows. A directory holds `model.safetensors`, or
-`model-0000N-of-0000M.safetensors` files named by `model.safetensors.index.json`'s `weight_map`.
+an import), whereas read bytes are freed once copied. `read_into` reads a slice into the
+caller's buffer a chunk of rows at a time. A directory holds `model.safetensors`, or
+`model-0000N-of-0000M.safetensors` files named by `model.safetensors.index.json`'s `weight_map`
+(or, read through torch when it is installed, PyTorch's `pytorch_model.bin` files, likewise).
 Writing goes through `safetensors.numpy.save_file`.
 """
 
@@ -20,6 +21,8 @@ import numpy as np
 from mole_jax.errors import UserError
 
 SINGLE, INDEX = "model.safetensors", "model.safetensors.index.json"
+TORCH_SINGLE, TORCH_INDEX = "pytorch_model.bin", "pytorch_model.bin.index.json"
+CHUNK = 2**25  # bytes read at a time
 
 
 DTYPES = {
@@ -37,33 +40,32 @@ DTYPES = {
 
 
 class Tensors:
-    """The tensors of a model directory, by name."""
+    """The tensors of a model directory, by name: safetensors files, or PyTorch `.bin` files
+    (`pytorch_model.bin`, or shards named by `pytorch_model.bin.index.json`) when torch is
+    installed (read with `torch.load(mmap=True, weights_only=True)`: no code runs)."""
 
     def __init__(self, directory: str | os.PathLike):
         d = Path(directory)
-        if (d / INDEX).is_file():
-            try:
-                weight_map = json.loads((d / INDEX).read_text())["weight_map"]
-            except (ValueError, KeyError, TypeError) as e:
-                raise UserError(f"{d / INDEX} is not a safetensors index ({e})") from None
-        elif (d / SINGLE).is_file():
-            weight_map = None
-        elif any(d.glob("*.bin")):
-            raise UserError(_TORCH_BIN.format(d=d))
+        self._torch = None  # {path: state dict} of .bin files, loaded when first read
+        if (d / INDEX).is_file() or (d / SINGLE).is_file():
+            files, index = _files(d, INDEX, SINGLE)
+            self._entries = {}  # name -> (path, dtype, shape, first byte)
+            for path in files:
+                self._entries.update(_header(path))
+        elif (d / TORCH_INDEX).is_file() or (d / TORCH_SINGLE).is_file():
+            files, index = _files(d, TORCH_INDEX, TORCH_SINGLE)
+            self._torch = {path: _torch_load(path, d) for path in files}
+            self._entries = {
+                name: (path, None, tuple(t.shape), None)
+                for path, tensors in self._torch.items()
+                for name, t in tensors.items()
+            }
         else:
-            raise UserError(f"{d} holds no {SINGLE} (nor {INDEX})")
-        self._entries = {}  # name -> (path, dtype, shape, first byte)
-        for name in sorted(set(weight_map.values())) if weight_map else [SINGLE]:
-            path = d / name
-            if not path.is_file():
-                raise UserError(f"{path} is named by {INDEX} but does not exist")
-            self._entries.update(_header(path))
-        if weight_map:
-            lost = sorted(
-                k for k, f in weight_map.items() if self._entries.get(k, [None])[0] != d / f
-            )
+            raise UserError(f"{d} holds no {SINGLE} (nor {INDEX}, nor {TORCH_SINGLE})")
+        if index:
+            lost = sorted(k for k, f in index.items() if self._entries.get(k, [None])[0] != d / f)
             if lost:
-                raise UserError(f"{INDEX} names tensors its files lack: {_few(lost)}")
+                raise UserError(f"{d} names tensors in its index that its files lack: {_few(lost)}")
 
     @property
     def names(self) -> set[str]:
@@ -72,22 +74,71 @@ class Tensors:
     def shape(self, name: str) -> tuple[int, ...]:
         return self._entries[name][2]
 
-    def read(self, name: str, index: tuple = ()) -> np.ndarray:
-        """The slice `index` (a tuple of slices) of tensor `name`, as stored (dtype included):
-        the rows of its first axis that the slice spans are read, then sliced."""
-        path, dtype, shape, start = self._entries[name]
+    def read_into(self, out: np.ndarray, name: str, index: tuple, transpose: bool = False):
+        """Fills `out` with the slice `index` (contiguous slices, one per axis) of tensor `name`
+        (with `transpose`, `out` holds it with its axes reversed), cast to `out`'s dtype; the
+        rows of the slice's first axis are read CHUNK bytes at a time, so that what is held
+        beyond `out` is one chunk."""
+        shape = self.shape(name)
+        if not shape:
+            out[...] = self._rows(name, 0, 1).reshape(())
+            return
         index = tuple(index) + (slice(None),) * (len(shape) - len(index))
-        rows = range(*index[0].indices(shape[0])) if shape else range(1)
+        first, rest = slice(*index[0].indices(shape[0])[:2]), index[1:]
+        row = 4 * int(np.prod(shape[1:], dtype=np.int64))
+        per = max(1, CHUNK // max(row, 1))
+        for lo in range(first.start, first.stop, per):
+            hi = min(lo + per, first.stop)
+            block = self._rows(name, lo, hi)[(slice(None), *rest)]
+            at = slice(lo - first.start, hi - first.start)
+            if transpose:
+                out[..., at] = block.T
+            else:
+                out[at] = block
+
+    def _rows(self, name: str, lo: int, hi: int) -> np.ndarray:
+        """Rows lo:hi of tensor `name`'s first axis (a scalar's one value: 0:1), as stored."""
+        path, dtype, shape, start = self._entries[name]
+        if self._torch is not None:
+            import torch
+
+            t = self._torch[path][name]
+            t = t.reshape(1) if not shape else t[lo:hi]
+            return (t.float() if t.dtype == torch.bfloat16 else t).numpy()
         row = dtype.itemsize * int(np.prod(shape[1:], dtype=np.int64))
-        lo, hi = (rows.start, rows.stop) if len(rows) else (0, 0)
         with open(path, "rb") as f:
             raw = os.pread(f.fileno(), (hi - lo) * row, start + lo * row)
         if len(raw) != (hi - lo) * row:
             raise UserError(f"{path} is truncated (tensor {name})")
-        block = np.frombuffer(raw, dtype).reshape((hi - lo, *shape[1:]) if shape else ())
-        if not shape:
-            return block.copy()
-        return np.ascontiguousarray(block[(slice(None, None, index[0].step), *index[1:])])
+        return np.frombuffer(raw, dtype).reshape((hi - lo, *shape[1:]))
+
+
+def _files(d: Path, index_name: str, single: str) -> tuple[list[Path], dict]:
+    """The weight files of `d` (one, or those its index names) and the index's weight map."""
+    if not (d / index_name).is_file():
+        return [d / single], {}
+    try:
+        weight_map = json.loads((d / index_name).read_text())["weight_map"]
+        files = sorted({d / f for f in weight_map.values()})
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise UserError(f"{d / index_name} is not a weight index ({e})") from None
+    for path in files:
+        if not path.is_file():
+            raise UserError(f"{path} is named by {index_name} but does not exist")
+    return files, weight_map
+
+
+def _torch_load(path: Path, d: Path) -> dict:
+    try:
+        import torch
+    except ImportError:
+        raise UserError(_TORCH_BIN.format(d=d)) from None
+    for mmap in (True, False):  # files of torch's legacy (pre-zip) format cannot be mapped
+        try:
+            return torch.load(path, map_location="cpu", mmap=mmap, weights_only=True)
+        except Exception as e:  # noqa: BLE001 - torch raises many kinds for a bad file
+            error = e
+    raise UserError(f"{path} is not a readable PyTorch checkpoint ({error})") from None
 
 
 def _header(path: Path) -> dict:
@@ -115,10 +166,10 @@ def _header(path: Path) -> dict:
 
 
 _TORCH_BIN = (
-    "{d} holds PyTorch .bin weights, not safetensors; convert them once where torch is "
-    'installed: python -c "import transformers as t; m = t.AutoModelForCausalLM.'
-    "from_pretrained('{d}', trust_remote_code=True); m.save_pretrained('{d}-st')\" and import "
-    "{d}-st"
+    "{d} holds PyTorch .bin weights, which are read with torch (not installed here): install "
+    'torch, or convert them once where it is installed: python -c "import transformers as t; '
+    "m = t.AutoModelForCausalLM.from_pretrained('{d}', trust_remote_code=True); "
+    "m.save_pretrained('{d}-st')\" and import {d}-st"
 )
 
 

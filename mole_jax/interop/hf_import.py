@@ -172,7 +172,7 @@ def _reader(parts, tensors: Tensors, shape: tuple):
 
     def read(index):
         index = tuple(slice(*sl.indices(n)[:2]) for sl, n in zip(index, shape, strict=True))
-        out = np.full([sl.stop - sl.start for sl in index], np.nan, np.float32)
+        out = _nan_buffer([sl.stop - sl.start for sl in index])
         experts = range(index[0].start, index[0].stop) if stacked else None
         sub = index[1:] if stacked else index
         for t in parts:
@@ -183,23 +183,37 @@ def _reader(parts, tensors: Tensors, shape: tuple):
             if lo >= hi:
                 continue
             src = (*sub[:-1], slice(lo - t.offset, hi - t.offset))
-            value = tensors.read(t.hf, src[::-1]).T if t.transpose else tensors.read(t.hf, src)
             at = (slice(None),) * (len(sub) - 1) + (slice(lo - sub[-1].start, hi - sub[-1].start),)
-            out[(experts.index(t.expert), *at) if stacked else at] = value
+            view = out[(experts.index(t.expert), *at) if stacked else at]
+            tensors.read_into(view, t.hf, src[::-1] if t.transpose else src, t.transpose)
         return out
 
     return read
 
 
+def _nan_buffer(shape: list) -> np.ndarray:
+    """A float32 array of NaN (a part no tensor filled could never pass for weights) on a
+    64-byte boundary: jax's CPU client then adopts it as the device buffer instead of copying
+    it, so that a tensor is never held twice."""
+    n = int(np.prod(shape, dtype=np.int64))
+    raw = np.empty(4 * n + 64, np.uint8)
+    at = -raw.ctypes.data % 64
+    out = raw[at : at + 4 * n].view(np.float32).reshape(shape)
+    out.fill(np.nan)
+    return out
+
+
 def _source_digest(src: Path, cfg) -> str:
-    """Of the source (its path, config.json, each safetensors file's header, size and mtime:
-    not its contents, which may be tens of GB) and of the run config it is imported with."""
+    """Of the source (its path, config.json, each weight file's size and mtime and each
+    safetensors file's header: not their contents, which may be tens of GB) and of the run
+    config it is imported with."""
     h = hashlib.sha256(f"{src.resolve()}|{run_digest(cfg)}".encode())
     h.update((src / "config.json").read_bytes())
-    for p in sorted(src.glob("*.safetensors")):
-        with open(p, "rb") as f:
-            n = int.from_bytes(f.read(8), "little")
-            h.update(f.read(min(n, 2**26)))
+    for p in sorted([*src.glob("*.safetensors"), *src.glob("*.bin")]):
+        if p.suffix == ".safetensors":
+            with open(p, "rb") as f:
+                n = int.from_bytes(f.read(8), "little")
+                h.update(f.read(min(n, 2**26)))
         st = p.stat()
         h.update(f"{p.name}:{st.st_size}:{st.st_mtime_ns}".encode())
     return h.hexdigest()
@@ -230,7 +244,8 @@ def _write(wd, cfg, trainer, params, tokenizer_json: str, record: dict) -> None:
         # no optimiser state: `train` makes a fresh one on resuming step 0 (an import's RSS is
         # the model's own bytes, not three times them)
         state = dict(step=jnp.zeros((), jnp.int32), params=params, rest=rest)
-        ckpt = Checkpointer(wd, cfg.train.keep_ckpts, False, run_digest(cfg))
+        largest = max(x.nbytes for x in jax.tree.leaves(params))
+        ckpt = Checkpointer(wd, cfg.train.keep_ckpts, False, run_digest(cfg), largest + 2**20)
         try:
             ckpt.save(state)
         finally:

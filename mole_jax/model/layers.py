@@ -39,6 +39,11 @@ def up_width(m, f: int) -> int:
     return 2 * f if m.gated else f
 
 
+def ffn_params(m, d: int, f: int) -> int:
+    """Parameters of one d -> f -> d FFN without biases: 3df when gated (gate, up, down)."""
+    return (3 if m.gated else 2) * d * f
+
+
 def compute_dtype(m) -> jnp.dtype:
     """The activation/matmul dtype of a model config; parameters are always float32."""
     return jnp.dtype(m.dtype)

@@ -19,6 +19,8 @@ import hashlib
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 ALGORITHM = "fmix32x4-sum/1"
 _LANES = (  # (odd multiplier, key) per lane
@@ -47,16 +49,19 @@ def _bits(x) -> jax.Array:
     return jax.lax.bitcast_convert_type(x, width).astype(jnp.uint32)
 
 
-def _position(shape) -> jax.Array:
-    """Flat index (mod 2^32) of every element, built from per-axis iotas (sharded like them)."""
+def _position(shape, offsets=None, whole=None) -> jax.Array:
+    """Flat index (mod 2^32) of every element, built from per-axis iotas (sharded like them);
+    of a block at `offsets` in an array of shape `whole`, when given."""
+    offsets, whole = offsets or (0,) * len(shape), whole or shape
     pos = jnp.zeros(shape, jnp.uint32)
-    for axis, size in enumerate(shape):
-        pos = pos * jnp.uint32(size) + jax.lax.broadcasted_iota(jnp.uint32, shape, axis)
+    for axis, size in enumerate(whole):
+        at = jax.lax.broadcasted_iota(jnp.uint32, shape, axis) + jnp.uint32(offsets[axis])
+        pos = pos * jnp.uint32(size) + at
     return pos
 
 
-def _terms(x):
-    bits, where = _bits(x), _fmix(_position(x.shape) + jnp.uint32(1))
+def _terms(x, offsets=None, whole=None):
+    bits, where = _bits(x), _fmix(_position(x.shape, offsets, whole) + jnp.uint32(1))
     return [_fmix(bits * jnp.uint32(mul) + (where ^ jnp.uint32(key))) for mul, key in _LANES]
 
 
@@ -66,23 +71,55 @@ def _lanes(x) -> jax.Array:
     return jnp.stack([jnp.sum(t, dtype=jnp.uint32) for t in _terms(jnp.asarray(x))])
 
 
-def _lanes_fused(x) -> jax.Array:
+def _lanes_fused(x, offsets=None, whole=None) -> jax.Array:
     """The same lanes as one variadic reduction, into which XLA fuses the per-element terms: no
     leaf-sized temporary (the four sums keep ~4x the leaf: 824 MB for a 206 MB embedding). The
-    SPMD partitioner gathers a sharded operand of it, so it serves leaves on one device."""
+    SPMD partitioner gathers a sharded operand of it: `_sharded_lanes` runs it per shard."""
     x = jnp.asarray(x)
     add = lambda a, b: tuple(p + q for p, q in zip(a, b, strict=True))  # noqa: E731
     zeros = [jnp.uint32(0)] * len(_LANES)
-    return jnp.stack(jax.lax.reduce(_terms(x), zeros, add, tuple(range(x.ndim))))
+    terms = _terms(x, offsets, whole)
+    return jnp.stack(jax.lax.reduce(terms, zeros, add, tuple(range(x.ndim))))
+
+
+def _axes(entry) -> tuple:
+    return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+
+
+def _sharded_lanes(x: jax.Array, mesh, spec: tuple) -> jax.Array:
+    """`_lanes_fused` of each device's shard of `x` (laid out by `spec` on `mesh`; at its place
+    in the leaf: per-axis offsets from the mesh coordinates) and a sum of the lanes over the
+    mesh axes the leaf is split on."""
+    spec += (None,) * (x.ndim - len(spec))
+    split = tuple(a for entry in spec for a in _axes(entry))
+
+    def local(block):
+        offsets = []
+        for size, entry in zip(block.shape, spec, strict=True):
+            index = jnp.uint32(0)
+            for a in _axes(entry):  # the first named axis is the major one
+                index = index * jnp.uint32(mesh.shape[a]) + jax.lax.axis_index(a).astype(jnp.uint32)
+            offsets.append(index * jnp.uint32(size))
+        lanes = _lanes_fused(block, offsets, x.shape)
+        return jax.lax.psum(lanes, split) if split else lanes
+
+    run = jax.shard_map(local, mesh=mesh, in_specs=P(*spec), out_specs=P(), check_vma=False)
+    return run(x)
 
 
 _leaf_lanes = jax.jit(_lanes)  # one leaf at a time: a step's temporaries are one leaf's
 _leaf_lanes_fused = jax.jit(_lanes_fused)
+_leaf_sharded_lanes = jax.jit(_sharded_lanes, static_argnums=(1, 2))
 
 
 def _one_leaf(leaf) -> jax.Array:
-    on_many = isinstance(leaf, jax.Array) and len(leaf.sharding.device_set) > 1
-    return (_leaf_lanes if on_many else _leaf_lanes_fused)(leaf).block_until_ready()
+    if not isinstance(leaf, jax.Array) or len(leaf.sharding.device_set) == 1:
+        lanes = _leaf_lanes_fused(leaf)
+    elif isinstance(leaf.sharding, NamedSharding):
+        lanes = _leaf_sharded_lanes(leaf, leaf.sharding.mesh, tuple(leaf.sharding.spec))
+    else:
+        lanes = _leaf_lanes(leaf)
+    return lanes.block_until_ready()
 
 
 def _host(lanes) -> np.ndarray:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from flax import nnx
 
 from mole_jax.model.ffn.base import FFN, Ctx
-from mole_jax.model.layers import Mlp
+from mole_jax.model.layers import Mlp, ffn_params
 
 FORMS = ("train",)
 
@@ -24,5 +24,5 @@ def validate(m) -> None:
 
 def account(m) -> dict:
     """Per-layer accounting (Table 1 row 'dense'): FLOPs count a multiply-add as 2."""
-    p = (3 if m.gated else 2) * m.d_model * m.d_ff  # (gated: gate, up, down)
+    p = ffn_params(m, m.d_model, m.d_ff)
     return dict(params=p, params_resident=p, params_active=p, flops=2 * p)

@@ -43,6 +43,7 @@ from mole_jax.model.layers import (
     Mlp,
     compute_dtype,
     expert_activation,
+    ffn_params,
     normal,
     out_std,
     param,
@@ -313,9 +314,8 @@ def causal(c: Settings) -> bool:
 def account(m) -> dict:
     """Table 1 rows 'MoE' and 'MoE + expert offload' (per layer)."""
     c, d = m.ffn, m.d_model
-    per = 3 if m.gated else 2  # (gated: gate, up, down)
-    fixed = d * c.experts + per * d * c.shared_d_ff  # router + shared expert
-    return routed_account(per * d * c.d_expert, c.experts, c.topk, fixed)
+    fixed = d * c.experts + ffn_params(m, d, c.shared_d_ff)  # router + shared expert
+    return routed_account(ffn_params(m, d, c.d_expert), c.experts, c.topk, fixed)
 
 
 def routed_account(expert: int, experts: int, topk: int, fixed: int) -> dict:

@@ -33,6 +33,7 @@ from mole_jax.model.layers import (
     RMSNorm,
     compute_dtype,
     expert_activation,
+    ffn_params,
     normal,
     out_std,
     param,
@@ -145,9 +146,8 @@ def validate(m) -> None:
 def account(m) -> dict:
     """Table 1 row 'MoLE + LUT offload' (per layer); training counts the routed experts."""
     c, d, v = m.ffn, m.d_model, m.vocab_size
-    per = 3 if m.gated else 2  # (gated: gate, up, down)
-    shared_router = per * d * m.d_ff + d * c.experts
-    experts = c.experts * per * d * c.d_expert
+    shared_router = ffn_params(m, d, m.d_ff) + d * c.experts
+    experts = c.experts * ffn_params(m, d, c.d_expert)
     out = dict(
         params=shared_router + experts,
         norm_params=d if c.expert_input == "embedding" else 0,

@@ -36,6 +36,7 @@ from mole_jax.model.layers import (
     RMSNorm,
     compute_dtype,
     expert_activation,
+    ffn_params,
     normal,
     out_std,
     param,
@@ -167,8 +168,8 @@ def validate(m) -> None:
 def account(m) -> dict:
     """Per pre-gated block: N experts, K of them active, plus the permanent expert."""
     c, d = m.ffn, m.d_model
-    per = 3 if m.gated else 2  # (gated: gate, up, down)
-    return moe.routed_account(per * d * c.d_expert, c.experts, c.topk, per * d * c.permanent)
+    expert, permanent = ffn_params(m, d, c.d_expert), ffn_params(m, d, c.permanent)
+    return moe.routed_account(expert, c.experts, c.topk, permanent)
 
 
 def account_model(m, seq: int) -> dict:
