@@ -21,6 +21,7 @@ from mole_jax.model.config import model_config
 from mole_jax.stores.lut import LutStore
 from mole_jax.train import loop
 from mole_jax.train.metrics import read_metrics
+from mole_jax.workdir import Workdir
 
 pytestmark = pytest.mark.slow
 
@@ -125,6 +126,61 @@ def test_killed_export_leaves_no_complete_store_and_rerun_succeeds(mole_run, mon
     assert (w / "lut_killed" / "manifest.json").exists() and not list(w.glob(".lut_killed.tmp-*"))
 
 
+def test_a_kill_between_publish_renames_leaves_nothing_behind(mole_run, monkeypatch, capsys):
+    """Killed after the old store moved aside and before the new one moved in: the next export
+    puts the old store back first (the only complete copy), then publishes; no hidden copy
+    stays."""
+    from mole_jax.stores import store
+
+    w = Path(mole_run)
+    export_lib.export_lut(mole_run, dtype="float16", out="lut_pub")
+    before = json.loads((w / "lut_pub" / "manifest.json").read_text())
+    calls, replace = [], store.os.replace
+
+    def killed_second(src, dst):
+        if Path(dst) == w / "lut_pub" and Path(src).name.startswith(".lut_pub.tmp-"):
+            calls.append(dst)  # publish's second rename: the new store into place
+            raise KeyboardInterrupt("killed between the renames")
+        replace(src, dst)
+
+    monkeypatch.setattr(store.os, "replace", killed_second)
+    with pytest.raises(KeyboardInterrupt):
+        export_lib.export_lut(mole_run, dtype="float16", out="lut_pub")
+    monkeypatch.undo()
+    assert calls and not (w / "lut_pub").exists()  # the fault landed where meant
+    assert len(list(w.glob(".lut_pub.old-*"))) == 1
+    store.staging_dir(w / "lut_pub")  # what the next export does first
+    assert "restored it" in capsys.readouterr().out
+    assert json.loads((w / "lut_pub" / "manifest.json").read_text()) == before
+    export_lib.export_lut(mole_run, dtype="float16", out="lut_pub")
+    assert not list(w.glob(".lut_pub.*")) and LutStore.open(w / "lut_pub", verify="full")
+
+
+def test_export_never_replaces_a_newer_steps_store_with_an_older_one(mole_run, tmp_path, capsys):
+    """The newest checkpoint damaged: export falls back to the previous step, but refuses to
+    replace the LUT of the newer step with it (one line); --step replaces it when asked."""
+    w = tmp_path / "w"
+    shutil.copytree(mole_run, w)
+    cfg = Workdir(w).editable_config()
+    cfg.train.steps += 2
+    loop.run(cfg, str(w))  # a second checkpoint, then its LUT
+    export_lib.export_lut(w, dtype="float32")
+    steps = sorted(int(p.name) for p in (w / "checkpoints").iterdir() if p.name.isdigit())
+    before = (w / "lut" / "manifest.json").read_text()
+    assert len(steps) >= 2 and json.loads(before)["checkpoint_step"] == steps[-1]
+    files = [p for p in (w / "checkpoints" / str(steps[-1]) / "params").rglob("*") if p.is_file()]
+    data = max(files, key=lambda p: p.stat().st_size)  # the parameters' data
+    raw = bytearray(data.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    data.write_bytes(bytes(raw))
+    with pytest.raises(UserError, match=f"newer than step {steps[-2]}"):
+        export_lib.export_lut(w, dtype="float32")
+    assert "unreadable or corrupt" in capsys.readouterr().out  # the damage was found
+    assert (w / "lut" / "manifest.json").read_text() == before
+    got = export_lib.export_lut(w, dtype="float32", step=steps[-2])
+    assert got["checkpoint_step"] == steps[-2]
+
+
 def _copy_store(mole_run, name):
     dst = Path(mole_run) / name
     shutil.rmtree(dst, ignore_errors=True)
@@ -156,6 +212,23 @@ def test_missing_array_and_flipped_byte_fail_clearly(mole_run):
     with pytest.raises(StoreError, match="the store is corrupt"):
         for start in range(0, 512, 64):
             engine.forward(np.arange(start, start + 64, dtype=np.int32)[None])
+
+
+def test_a_missing_shard_is_an_error_never_zero_rows(mole_run, monkeypatch):
+    """A deleted shard file of a store too large to hash at open (or opened unverified) fails
+    the read that needs it; tensorstore would otherwise read its rows as zeros."""
+    broken = _copy_store(mole_run, "lut_shard")
+    shards = [p for p in (broken / "layer_00" / "values").rglob("*") if p.is_file()]
+    shards = [p for p in shards if p.name != "zarr.json"]
+    assert shards
+    for p in shards:
+        p.unlink()
+    assert not any(p.name != "zarr.json" for p in (broken / "layer_00").rglob("*") if p.is_file())
+    monkeypatch.setattr("mole_jax.stores.store.VERIFY_AUTO_BYTES", 0)  # a paper-size store
+    for verify in ("auto", "none"):
+        store = LutStore.open(broken, verify=verify)
+        with pytest.raises(StoreError, match="layer_00/values"):
+            store.read_rows(np.arange(8))
 
 
 def test_store_from_another_checkpoint_is_refused(mole_run, corpus_dir, cache_dir, tmp_path):

@@ -14,6 +14,7 @@ from conftest import ROOT, tiny_overrides
 from test_launch import cli_flags, launch, train_until
 
 from configs import dense, mole
+from mole_jax.errors import ConfigError
 from mole_jax.infer.export import export_lut
 from mole_jax.train import loop
 from mole_jax.train.checkpoint import Checkpointer
@@ -187,6 +188,29 @@ def test_bad_generate_arguments_are_one_line(mole_run):
     ]:
         proc = launch("generate", f"--workdir={mole_run}", "--prompt=a", *args, check=False)
         assert match in one_error_line(proc), args
+    # a prompt in Latin-1, not UTF-8: its byte arrives as a lone surrogate
+    proc = launch("generate", f"--workdir={mole_run}", b"--prompt=caf\xe9", check=False)
+    assert "--prompt is not UTF-8 text (byte 0xe9 at character 3)" in one_error_line(proc)
+
+
+def test_resuming_with_fewer_steps_than_trained_is_refused_before_writing(mole_run, tmp_path):
+    """The README's sequence: trained on to more steps with an override, then run again
+    without it; refused in one line, config.json untouched. Resumed at its end, `train` says
+    so and prints what it has."""
+    w = _copy(mole_run, tmp_path)
+    config = Path(w, "config.json").read_bytes()
+    cfg = Workdir(w).editable_config()
+    cfg.train.steps = 10
+    with pytest.raises(ConfigError, match="trained to step 20, past train.steps=10"):
+        loop.run(cfg, w)
+    assert Path(w, "config.json").read_bytes() == config
+    proc = launch("train", f"--workdir={w}", "--config.train.steps=10", check=False)
+    assert "--config.train.steps=20 (or more)" in one_error_line(proc)
+    proc = launch("train", f"--workdir={w}")
+    assert "nothing left to train" in proc.stdout and "trained to step 20" in proc.stdout
+    proc = launch("train", f"--workdir={w}", "--config.train.steps=22")  # the workdir's config
+    assert "resuming from step 20 (of 22)" in proc.stdout and "trained to step 22" in proc.stdout
+    assert Workdir(w).config.train.steps == 22
 
 
 def test_bad_corpora_are_one_line(tmp_path, cache_dir):

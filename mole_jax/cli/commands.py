@@ -24,11 +24,30 @@ def train(f):
     out = train_lib.run(cfg, f.workdir)
     if not distributed.is_primary():
         return out
+    figures = [
+        f"{name} {out[key]:{fmt}}"
+        for name, key, fmt in (("loss", "loss", ".4f"), ("val_loss", "val_loss", ".4f"),
+                               ("tokens/s", "tokens_per_s", ".0f"))
+        if out.get(key) is not None
+    ]  # fmt: skip
     print(
-        f"trained to step {out['step']}: loss {out['loss']:.4f}, val_loss {out['val_loss']:.4f}, "
-        f"{out['tokens_per_s']:.0f} tokens/s; logs in {f.workdir}/metrics.jsonl and {f.workdir}/tb"
+        f"trained to step {out['step']}: {', '.join(figures) or 'nothing left to train'}; "
+        f"logs in {f.workdir}/metrics.jsonl and {f.workdir}/tb"
     )
     return out
+
+
+def _check_text(flag: str, text: str) -> None:
+    """Command-line text is decoded with surrogate escapes: bytes that are not UTF-8 arrive as
+    lone surrogates, which no tokenizer takes."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        bad = text[e.start].encode("utf-8", "surrogateescape")
+        raise UserError(
+            f"{flag} is not UTF-8 text (byte 0x{bad.hex()} at character {e.start}); pass "
+            "UTF-8, e.g. convert it with iconv"
+        ) from None
 
 
 def _workdir_config(workdir: str):
@@ -223,6 +242,7 @@ def generate(f):
     from mole_jax.workdir import Workdir
 
     _need(f, "workdir")
+    _check_text("--prompt", f.prompt)
     wd = Workdir(f.workdir)
     vocab = model_config(wd.config).vocab_size
     if f.max_new < 1:

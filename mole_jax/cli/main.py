@@ -119,4 +119,18 @@ def cli():
             sys.exit(show_help(sys.argv, parse_flags))
         except BrokenPipeError:  # `launch.py train --help | head`
             os._exit(0)
+    sys.argv = _workdir_config(sys.argv)
     app.run(main, flags_parser=parse_flags)
+
+
+def _workdir_config(argv: list) -> list:
+    """`--config.a.b=v` overrides without a `--config=` vary the `--workdir`'s own config
+    (configs/workdir.py)."""
+    args = [a for a in argv[1:] if isinstance(a, str)]
+    given = any(a.startswith("--config=") for a in args)
+    workdir = [a.partition("=")[2] for a in args if a.startswith("--workdir=")]
+    if given or not workdir or not any(a.startswith("--config.") for a in args):
+        return argv
+    from mole_jax.cli.help import ROOT
+
+    return [argv[0], f"--config={ROOT / 'configs' / 'workdir.py'}:{workdir[-1]}", *argv[1:]]

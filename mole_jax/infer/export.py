@@ -83,6 +83,7 @@ def _export_lut(wd, step, dtype, out, rows_per_chunk) -> dict:
     model = restore_model(wd, dataclasses.replace(m, dtype="float32"), "train", step)
     layers = [i for i in range(m.n_layers) if m.kind_of_layer(i) == "mole"]
     final = wd.store(out)
+    store.check_not_older(final, model.step, step is not None)
     rows = chunk_rows(m, len(layers))  # rows per chunk computed and per shard written
     row = quant.row_bytes(dtype, m.d_model, block) * m.ffn.experts
     check_space(wd.path, 2 * len(layers) * m.vocab_size * row, rows * row + 2**16, "the LUT")
@@ -158,6 +159,7 @@ def _export_experts(wd, step, dtype, out) -> dict:
         if not np.isfinite(worst) or worst > 3e4:
             raise UserError(f"--dtype={dtype} stores float16 scales: expert weights reach {worst}")
     final = wd.store(out)
+    store.check_not_older(final, model.step, step is not None)
     per_layer = m.ffn.experts * fields["bytes_per_expert"]
     check_space(wd.path, 2 * len(layers) * per_layer, per_layer + 2**16, "the expert store")
     tmp = store.staging_dir(final)

@@ -31,7 +31,7 @@ import ml_dtypes
 import numpy as np
 import tensorstore as ts
 
-from mole_jax.errors import StoreError
+from mole_jax.errors import StoreError, UserError
 from mole_jax.files import write_text_atomic
 
 FORMAT_VERSION = 1
@@ -53,6 +53,7 @@ def array_spec(path: Path, shape, dtype: str, rows_per_chunk: int, shard_rows: i
     return {
         "driver": "zarr3",
         "kvstore": {"driver": "file", "path": str(path)},
+        "store_data_equal_to_fill_value": True,  # every chunk on disk: none missing by design
         "metadata": {
             "shape": list(shape),
             "data_type": dtype,
@@ -82,10 +83,38 @@ def create_array(
 
 
 def staging_dir(final: Path) -> Path:
-    """Where a store bound for `final` is written first; stale ones of killed writers go."""
+    """Where a store bound for `final` is written first; what killed writers left goes
+    (`_recover_published`)."""
     for stale in final.parent.glob(f".{final.name}.tmp-*"):
         shutil.rmtree(stale, ignore_errors=True)
+    _recover_published(final)
     return final.parent / f".{final.name}.tmp-{os.getpid()}"
+
+
+def check_not_older(final: Path, step: int, chosen: bool) -> None:
+    """Refuses to replace a store made from a newer checkpoint step than `step` (the newest
+    readable one, when the newest is damaged) unless that step was `chosen` (--step)."""
+    try:
+        had = json.loads((final / "manifest.json").read_text()).get("checkpoint_step")
+    except (OSError, ValueError):
+        return
+    if not chosen and isinstance(had, int) and had > step:
+        raise UserError(
+            f"{final} holds step {had}'s export, newer than step {step}, the newest readable "
+            f"checkpoint; not replaced (pass --step={step} to replace it, or --out=NAME to "
+            "write beside it)"
+        )
+
+
+def _recover_published(final: Path) -> None:
+    """A writer killed inside `publish` leaves the replaced store at `.<name>.old-<pid>`: put
+    back when nothing took its place (the only complete copy), removed otherwise."""
+    for old in sorted(final.parent.glob(f".{final.name}.old-*")):
+        if not final.exists() and (old / "manifest.json").is_file():
+            os.replace(old, final)
+            print(f"warning: {final} was being replaced when its writer stopped; restored it")
+        else:
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def publish(tmp: Path, final: Path) -> None:
@@ -118,6 +147,7 @@ def write_manifest(
     manifest = dict(
         format_version=FORMAT_VERSION,
         kind=kind,
+        all_chunks_stored=True,  # (`array_spec`): a missing chunk is damage, never zeros
         **fields,
         created=time.strftime("%Y-%m-%dT%H:%M:%S"),
         arrays=entries,
@@ -162,6 +192,8 @@ def open_arrays(
     for name, info in manifest["arrays"].items():
         layer_dir, array = name.split("/")
         spec = {"driver": "zarr3", "kvstore": {"driver": "file", "path": str(path / name)}}
+        if manifest.get("all_chunks_stored"):  # earlier stores skipped all-zero chunks
+            spec["fill_missing_data_reads"] = False
         try:
             arr = ts.open(spec, open=True, context=context or ts.Context()).result()
         except ValueError as e:

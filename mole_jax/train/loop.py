@@ -85,7 +85,10 @@ def _comparable(section: str, d: dict) -> dict:
 def _check_resume_compatible(cfg, wd: Workdir) -> None:
     """A workdir with checkpoints resumes only with the same model and data. If its config.json
     is corrupt, the newest checkpoint's record of them decides (and train rewrites the file)."""
-    if not wd.config_path.exists() or not wd.has_checkpoints():
+    if not wd.has_checkpoints():
+        return
+    _check_steps(cfg, wd)
+    if not wd.config_path.exists():
         return
     try:
         old = wd.config
@@ -110,6 +113,18 @@ def _check_resume_compatible(cfg, wd: Workdir) -> None:
                     f"{wd} holds a run with {section}.{k}={a.get(k)!r}, not {b.get(k)!r}; "
                     "use a new --workdir or the original config"
                 )
+
+
+def _check_steps(cfg, wd: Workdir) -> None:
+    """A run resumed with fewer steps than it has trained would leave its newest checkpoint
+    past the end (and config.json saying otherwise): refused before anything is written."""
+    steps = [int(p.name) for p in wd.checkpoints_dir.iterdir() if p.name.isdigit()]
+    newest = max(steps, default=0)
+    if newest > cfg.train.steps:
+        raise ConfigError(
+            f"{wd} has trained to step {newest}, past train.steps={cfg.train.steps}; pass "
+            f"--config.train.steps={newest} (or more) to continue it"
+        )
 
 
 class StepLog:
