@@ -91,6 +91,7 @@ def _train(s: dict, size: str) -> ConfigDict:
             b2=0.95,
             eps=1e-8,
             clip=1.0,
+            diverge_factor=3.0,  # stop at a loss over 3x its recent median (0: only NaN/inf)
             eval_every=100 if local else 1000,
             eval_batches=8 if local else 64,
             log_every=1 if local else 10,

@@ -3,6 +3,7 @@ checkpoints fall back, a diverged run stops without overwriting its good checkpo
 
 import json
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -109,13 +110,29 @@ def test_diverged_run_stops_and_keeps_last_good_checkpoint(tiny_cfg, tmp_path):
     with pytest.raises(TrainingDiverged, match="(loss|param_norm) is (nan|inf)") as err:
         loop.run(tiny_cfg, w)
     steps = Checkpointer(w).steps()
-    bad_step = int(str(err.value).split(" at step ")[1].split(":")[0])
+    bad_step = int(re.search(r"at step (\d+)", str(err.value)).group(1))
     assert all(s < bad_step for s in steps)
     if steps:
         _, state, _ = init_state(tiny_cfg, make_optimizer(tiny_cfg))
         restored, _ = Checkpointer(w).restore(state)
         leaves = [np.asarray(x) for x in __import__("jax").tree.leaves(restored["params"])]
         assert all(np.isfinite(x).all() for x in leaves)
+
+
+def test_a_finite_blow_up_stops_before_it_is_checkpointed(tiny_cfg, tmp_path):
+    """lr=5: the loss climbs far above uniform while staying finite; the run stops at the first
+    loss over 3x its recent median, before evaluating or checkpointing that state."""
+    w = str(tmp_path / "w")
+    tiny_cfg.train.update(dict(steps=40, ckpt_every=5, eval_every=40, lr=5.0))
+    with pytest.raises(TrainingDiverged, match="diverged; stopped before checkpointing") as err:
+        loop.run(tiny_cfg, w)
+    got = re.search(r"loss (\S+) at step (\d+) is over 3x its median of the last \d+ steps "
+                    r"\((\S+)\)", str(err.value))  # fmt: skip
+    loss, bad_step, median = float(got.group(1)), int(got.group(2)), float(got.group(3))
+    assert np.isfinite(loss) and loss > 3 * median  # a finite blow-up, not a NaN
+    assert all(s < bad_step for s in Checkpointer(w).steps())
+    logged = [r["step"] for r in read_metrics(w)]
+    assert logged and max(logged) < bad_step
 
 
 def test_workdir_with_a_different_model_is_refused(tiny_cfg, tmp_path):

@@ -9,6 +9,7 @@ row to the `on_row` callbacks (tests use one to stop a run as a crash would).
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import json
@@ -127,6 +128,9 @@ def _check_steps(cfg, wd: Workdir) -> None:
         )
 
 
+DIVERGE_FACTOR, DIVERGE_WINDOW = 3.0, 20
+
+
 class StepLog:
     """Per-step metrics, pulled one step late: `pend` a step's device metrics, `flush` them."""
 
@@ -137,6 +141,7 @@ class StepLog:
         progress.start_at(start)
         self.tokens_per_step = cfg.train.batch_size * cfg.data.seq_len
         self.last: dict = {"step": start}
+        self.recent = collections.deque(maxlen=DIVERGE_WINDOW)  # the last losses
         self.pending = None
         self.restart_clock()
 
@@ -156,13 +161,7 @@ class StepLog:
         row = {k: float(v) for k, v in mets.items() if k != "per_layer"}
         row.update(aux_stats(mets["per_layer"]))
         row.update(step_time_s=dt, tokens_per_s=self.tokens_per_step / dt)
-        bad = next((k for k in ("loss", "param_norm") if not np.isfinite(row[k])), None)
-        if bad:
-            good = (self.ckpt.steps() or ["none"])[-1]
-            raise TrainingDiverged(
-                f"{bad} is {row[bad]} at step {step}: stopped; the last good checkpoint ({good}) "
-                "is kept; lower train.lr or raise train.warmup_frac"
-            )
+        self._check_diverged(step, row)
         t = self.cfg.train
         if self.writer and (step % t.log_every == 0 or step == t.steps):
             self.writer.write(step, row)
@@ -170,6 +169,31 @@ class StepLog:
         self.progress.update(1, loss=round(row["loss"], 3), **{"tokens/s": row["tokens_per_s"]})
         for fn in self.on_row:
             fn(step, row)
+
+    def _check_diverged(self, step: int, row: dict) -> None:
+        """Stops (before the state is evaluated or checkpointed) on a non-finite loss or
+        parameter norm, or a loss over train.diverge_factor x its median of the last
+        DIVERGE_WINDOW steps (a finite blow-up: at lr=5 the loss climbs to 120-227, uniform
+        being ~9); train.diverge_factor=0 turns the second test off."""
+        bad = next((k for k in ("loss", "param_norm") if not np.isfinite(row[k])), None)
+        factor = self.cfg.train.get("diverge_factor", DIVERGE_FACTOR)  # (older configs: none)
+        level = float(np.median(self.recent)) if len(self.recent) >= 5 else np.inf
+        if bad:
+            what = f"{bad} is {row[bad]} at step {step}"
+        elif factor and row["loss"] > factor * level:
+            what = (
+                f"loss {row['loss']:.4g} at step {step} is over {factor:g}x its median of the "
+                f"last {len(self.recent)} steps ({level:.4g}): diverged"
+            )
+        else:
+            self.recent.append(row["loss"])
+            return
+        good = (self.ckpt.steps() or ["none"])[-1]
+        raise TrainingDiverged(
+            f"{what}; stopped before checkpointing it, the last checkpoint ({good}) is kept; "
+            "lower train.lr or raise train.warmup_frac"
+            + ("" if bad else " (train.diverge_factor=0 trains on)")
+        )
 
     def record(self, step: int, row: dict) -> None:
         if self.writer:

@@ -41,6 +41,11 @@ def validate(cfg: ml_collections.ConfigDict, n_devices: int | None = None):
     require_one_of(m.dtype, ("float32", "bfloat16"), "model.dtype")
     require_one_of(m.remat, ("none", "full", "dots"), "model.remat")
     require_one_of(t.token_tables, ("step", "microbatch"), "train.token_tables")
+    factor = t.get("diverge_factor", 0)
+    require(
+        factor == 0 or factor > 1,
+        f"train.diverge_factor={factor} must be 0 (off) or above 1 (x the recent median loss)",
+    )
     require(
         t.loss_chunk >= 0 and (t.loss_chunk == 0 or d.seq_len % t.loss_chunk == 0),
         f"train.loss_chunk={t.loss_chunk} must be 0 or divide data.seq_len={d.seq_len}",
