@@ -119,26 +119,68 @@ class Workdir:
         self.__dict__.pop("config", None)
 
     def write_checked(self, path: Path, text: str) -> None:
-        """Writes one of the workdir's text files atomically and records its SHA-256."""
+        """Writes one of the workdir's text files atomically and records its SHA-256. A damaged
+        checksums.json is replaced (only `train` writes these files, after checking its config
+        against the checkpoints; it writes config.json and tokenizer.json both)."""
         write_text_atomic(path, text)
-        sums = self._checksums()
-        sums[path.name] = hashlib.sha256(text.encode()).hexdigest()
-        write_text_atomic(self.path / "checksums.json", json.dumps(sums, indent=2))
-
-    def _checksums(self) -> dict:
         try:
-            return json.loads((self.path / "checksums.json").read_text())
-        except (OSError, ValueError):
-            return {}
+            sums = self._checksums() or {}
+        except ConfigError:
+            sums = {}
+        sums[path.name] = hashlib.sha256(text.encode()).hexdigest()
+        write_text_atomic(self.checksums_path, json.dumps(sums, indent=2))
+
+    @property
+    def checksums_path(self) -> Path:
+        return self.path / "checksums.json"
+
+    def _checksums(self) -> dict[str, str] | None:
+        """The recorded SHA-256s, or None where there is no checksums.json (a workdir written
+        before checksums existed). A checksums.json that cannot be read is refused: verification
+        is never switched off by a damaged file."""
+        path = self.checksums_path
+        try:
+            raw = path.read_bytes()
+        except FileNotFoundError:
+            return None
+        except OSError as e:
+            raise self._damaged(f"cannot be read: {e.strerror}") from None
+        try:
+            sums = json.loads(raw.decode())
+        except UnicodeDecodeError:
+            raise self._damaged("not UTF-8 text") from None
+        except ValueError as e:
+            why = "empty" if not raw.strip() else f"not valid JSON: {e}"
+            raise self._damaged(why) from None
+        if not isinstance(sums, dict) or not all(
+            isinstance(v, str) and len(v) == 64 and set(v) <= set("0123456789abcdef")
+            for v in sums.values()
+        ):
+            raise self._damaged("not a map of file names to SHA-256 digests")
+        return sums
+
+    def _damaged(self, why: str, what: str = "config.json and tokenizer.json") -> ConfigError:
+        return ConfigError(
+            f"{self.checksums_path} is damaged ({why}), so {what} cannot be verified; restore "
+            f"it, or re-run `launch.py train --config=<the run's config> --workdir={self.path}` "
+            "(the checkpoints must match that config) to write it again, or delete it to "
+            "accept config.json and tokenizer.json as they are"
+        )
 
     def _check(self, path: Path) -> None:
-        """A file whose bytes differ from the SHA-256 recorded when it was written is refused
-        (workdirs written before checksums existed carry none)."""
-        want = self._checksums().get(path.name)
-        if want and hashlib.sha256(path.read_bytes()).hexdigest() != want:
+        """A file whose bytes differ from the SHA-256 recorded when it was written is refused,
+        and so is one without a record in a checksums.json (train records both files). Workdirs
+        written before checksums existed carry no checksums.json, and are not checked."""
+        sums = self._checksums()
+        if sums is None:
+            return
+        want = sums.get(path.name)
+        if want is None:
+            raise self._damaged(f"no entry for {path.name}", path.name)
+        if hashlib.sha256(path.read_bytes()).hexdigest() != want:
             raise ConfigError(
-                f"{path} fails its checksum (changed or corrupt); re-run `launch.py train` with "
-                "the run's config to rewrite it"
+                f"{path} fails its checksum (it or {self.checksums_path.name} changed or is "
+                "corrupt); re-run `launch.py train` with the run's config to rewrite it"
             )
 
     @contextlib.contextmanager

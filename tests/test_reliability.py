@@ -213,6 +213,90 @@ def test_resuming_with_fewer_steps_than_trained_is_refused_before_writing(mole_r
     assert Workdir(w).config.train.steps == 22
 
 
+def _read_only(w: str, *args) -> subprocess.CompletedProcess:
+    """`launch.py *args` with `w` read-only: by its mode, or (as root, whom modes do not stop)
+    through a read-only bind mount in a private mount namespace."""
+    cmd = [sys.executable, os.path.join(ROOT, "launch.py"), *args]
+    if os.geteuid() != 0:
+        for p in [Path(w), *Path(w).rglob("*")]:
+            p.chmod(p.stat().st_mode & ~0o222)
+    elif shutil.which("unshare") and subprocess.run(["unshare", "-m", "true"]).returncode == 0:
+        mount = f'mount --bind {w} {w} && mount -o remount,bind,ro {w} && exec "$@"'
+        cmd = ["unshare", "-m", "sh", "-c", mount, "sh", *cmd]
+    else:
+        pytest.skip("running as root without mount namespaces: cannot make a read-only dir")
+    probe = subprocess.run([*cmd[: cmd.index(sys.executable)], "touch", f"{w}/probe"])
+    assert probe.returncode != 0 and not Path(w, "probe").exists()  # the fault is in place
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+
+
+def test_a_read_only_workdir_or_a_file_is_one_line_and_eval_prints_first(mole_run, tmp_path):
+    w = _copy(mole_run, tmp_path)
+    before = sorted((str(p), p.stat().st_size) for p in Path(w).rglob("*"))
+    proc = _read_only(w, "eval", f"--workdir={w}", "--offload", "--max_tokens=512")
+    assert "eval of step 20: loss" in proc.stdout  # the result, before failing to save it
+    assert f"{w}/eval" in one_error_line(proc) and "writable" in proc.stderr
+    for args in (["export", "--dtype=float16"], ["train", "--config.train.steps=22"]):
+        proc = _read_only(w, *args, f"--workdir={w}")
+        assert "Read-only file system" in one_error_line(proc), args
+    assert sorted((str(p), p.stat().st_size) for p in Path(w).rglob("*")) == before
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    for args in (["export"], ["train", *_mole_flags(Workdir(mole_run).config)]):
+        proc = launch(*args, f"--workdir={afile}", check=False)
+        assert "not a directory" in one_error_line(proc), args
+    assert afile.read_text() == "x"
+
+
+NO_SPACE_CHECK = """import sys
+sys.argv = ["launch.py", *sys.argv[1:]]
+from mole_jax.train import checkpoint
+checkpoint.check_space = lambda *a, **k: None  # the disk fills after the check, as by another
+from mole_jax.cli.main import cli
+cli()
+"""
+
+FILL_THEN_FREE = """set -e
+MNT="$1"; shift
+mount -t tmpfs -o size=3m tmpfs "$MNT"
+set +e; "$@" > "$OUT/full.out" 2> "$OUT/full.err"; echo $? > "$OUT/full.rc"; set -e
+mount -o remount,size=256m "$MNT"
+"""
+
+
+def test_a_disk_filling_during_a_checkpoint_is_one_line_and_a_rerun_resumes(
+    tmp_path, corpus_dir, cache_dir
+):
+    """A tmpfs of 3 MB fills while orbax writes the first checkpoint (the free-space check is
+    bypassed, as when another process fills the disk after it): one `error:` line, no
+    traceback; with space again, the same command resumes and finishes on the curve."""
+    if os.geteuid() != 0 or subprocess.run(["unshare", "-m", "true"]).returncode != 0:
+        pytest.skip("needs root and mount namespaces to mount a small tmpfs")
+    cfg = tiny_overrides(mole.get_config("size=tiny,experts=2"), corpus_dir, cache_dir, steps=6)
+    cfg.train.update(ckpt_every=3, eval_every=6)
+    mnt, out = tmp_path / "mnt", tmp_path / "out"
+    mnt.mkdir(), out.mkdir()
+    (tmp_path / "nocheck.py").write_text(NO_SPACE_CHECK)
+    train = ["train", *_mole_flags(cfg), f"--workdir={mnt}/w"]
+    script = FILL_THEN_FREE + (
+        f'"{sys.executable}" {ROOT}/launch.py {" ".join(train)} > "$OUT/again.out" '
+        f'2> "$OUT/again.err"; echo $? > "$OUT/again.rc"; cp "{mnt}/w/metrics.jsonl" "$OUT/"'
+    )
+    cmd = ["unshare", "-m", "sh", "-c", script, "sh", str(mnt),
+           sys.executable, str(tmp_path / "nocheck.py"), *train]  # fmt: skip
+    env = dict(os.environ, OUT=str(out), PYTHONPATH=str(ROOT))
+    subprocess.run(cmd, cwd=ROOT, env=env, check=True, timeout=600)
+    err = (out / "full.err").read_text()
+    assert (out / "full.rc").read_text().strip() == "2", err[-3000:]
+    assert err.strip().splitlines() == [err.strip()] and "the disk is full" in err  # one line
+    assert (out / "again.rc").read_text().strip() == "0", (out / "again.err").read_text()[-3000:]
+    reference = tmp_path / "reference"
+    loop.run(cfg, str(reference))
+    got = {r["step"]: r["loss"] for r in read_metrics(str(out)) if "loss" in r}
+    want = {r["step"]: r["loss"] for r in read_metrics(str(reference)) if "loss" in r}
+    assert got == want
+
+
 def test_bad_corpora_are_one_line(tmp_path, cache_dir):
     cases = {
         "empty.txt": (b"", "no documents|fewer than"),

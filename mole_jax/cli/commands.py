@@ -185,7 +185,7 @@ def _export_experts(f):
 
 
 def eval(f):  # noqa: A001 - the subcommand's name
-    from mole_jax.eval.validation import MODE_NAMES, evaluate
+    from mole_jax.eval.validation import MODE_NAMES, evaluate, record
 
     _need(f, "workdir")
     if f.tasks is not None:
@@ -193,14 +193,17 @@ def eval(f):  # noqa: A001 - the subcommand's name
     if f.max_tokens is not None and f.max_tokens < 1:
         raise UserError(f"--max_tokens={f.max_tokens} must be positive")
     mode = _mode(f)
-    out = evaluate(f.workdir, mode, corpus=f.data, step=f.step, max_tokens=f.max_tokens)
+    out = evaluate(
+        f.workdir, mode, corpus=f.data, step=f.step, max_tokens=f.max_tokens, write=False
+    )
     mode_name = MODE_NAMES.get(out["mode"], out["mode"])
     line = f"{mode_name} eval of step {out['step']}: loss {out['loss']:.4f}, ppl {out['ppl']:.2f}"
     if "lut_dtype" in out:
         line += f", {out['bytes_per_token']} bytes/token ({out['lut_dtype']})"
     if "bytes_read" in out:
         line += f", {out['bytes_read']} bytes read, cache hit rate {out['cache_hit_rate']:.2f}"
-    print(line + f" over {out['tokens']} tokens")
+    print(line + f" over {out['tokens']} tokens", flush=True)  # before saving, which may fail
+    record(f.workdir, mode, out)
     return out
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import errno
 import json
 import keyword
+import logging as std_logging
 import os
 import signal
 import sys
@@ -23,6 +24,12 @@ from mole_jax.train.preempt import Preempted
 DISK_FULL = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
 
 
+def _not_orbax_task(record) -> bool:
+    """Drops asyncio's report of an orbax write task whose failure the command reports."""
+    text = record.getMessage()
+    return not (text.startswith("Task exception was never retrieved") and "/orbax/" in text)
+
+
 def fail(message: str, code: int = 2):
     """One line on stderr and the exit status: how every user mistake ends."""
     print(message, file=sys.stderr, flush=True)
@@ -36,6 +43,10 @@ def _terminated(signum, frame):
 def main(argv):
     if not FLAGS["verbosity"].present:
         logging.set_verbosity(logging.ERROR)  # orbax logs every save, and its own recoveries
+        # ... and each failure of a save in each of its threads, with tracebacks (a full disk:
+        # hundreds of lines), before raising it to the command, which reports it in one line
+        logging.get_absl_logger().addFilter(lambda r: "/orbax/" not in r.pathname)
+        std_logging.getLogger("asyncio").addFilter(_not_orbax_task)
     if len(argv) != 2 or argv[1] not in COMMANDS:
         fail(f"error: usage: launch.py {{{'|'.join(COMMANDS)}}} [flags]; got {argv[1:]} "
              "(launch.py --help lists the commands)")  # fmt: skip
@@ -55,29 +66,54 @@ def main(argv):
     except KeyboardInterrupt as e:
         fail("interrupted", 143 if str(e) == "terminated" else 130)
     except Exception as e:  # noqa: BLE001 - a full disk surfaces through many libraries
-        if not disk_full(e):
-            raise
-        fail(f"error: the disk is full ({disk_full(e)}); free some space and run the command "
-             "again: what was completely written is kept, the rest is not trusted")  # fmt: skip
+        if full := disk_full(e):
+            fail(f"error: the disk is full ({full}); free some space and run the command "
+                 "again: what was completely written is kept, the rest is not trusted")  # fmt: skip
+        if denied := access_denied(e):
+            fail(f"error: {denied}")
+        raise
     if result is not None and FLAGS.json:
         with open(FLAGS.json, "w") as f:
             json.dump(result, f, indent=2)
 
 
-def disk_full(e: BaseException) -> str | None:
-    """What a full disk (or a file size limit) said, if that is what `e`, or an exception it
-    was raised from, reports: orbax, tensorstore and numpy wrap the OSError differently."""
+def _os_error(e: BaseException, codes: tuple) -> tuple[int, str] | None:
+    """(errno, what it said) of the first error in `e`'s chain that reports one of `codes`:
+    orbax, tensorstore and numpy wrap the OSError differently (some only in their text)."""
     seen = set()
     while e is not None and id(e) not in seen:
         seen.add(id(e))
-        if isinstance(e, OSError) and e.errno in DISK_FULL:
-            return f"{e.strerror}: {e.filename}" if e.filename else e.strerror
-        text = str(e)
-        for code in DISK_FULL:
-            if os.strerror(code) in text:
-                return os.strerror(code)
+        if isinstance(e, OSError) and e.errno in codes:
+            return e.errno, f"{e.strerror}: {e.filename}" if e.filename else e.strerror
+        for code in codes:
+            if os.strerror(code) in str(e):
+                return code, os.strerror(code)
         e = e.__cause__ or e.__context__
     return None
+
+
+def disk_full(e: BaseException) -> str | None:
+    """What a full disk (or a file size limit) said, if that is what `e` reports."""
+    got = _os_error(e, DISK_FULL)
+    return got and got[1]
+
+
+ACCESS = {  # an operator's mistake about where a command may write: errno -> what to do
+    errno.EROFS: "use a --workdir on a writable file system (or copy the workdir to one)",
+    errno.EACCES: "no permission: check the owner and mode of that path",
+    errno.EPERM: "not permitted: check the owner and mode of that path",
+    errno.ENOTDIR: "a path component is a file, not a directory: pass a directory",
+    errno.EISDIR: "that path is a directory where a file is expected",
+}
+
+
+def access_denied(e: BaseException) -> str | None:
+    """One line for a write or read the file system refused (read-only, permissions, a file
+    where a directory goes), naming the path and what to do."""
+    got = _os_error(e, tuple(ACCESS))
+    if got is None and isinstance(e, FileExistsError):
+        return f"{e.filename} exists and is not a directory: pass a directory"
+    return got and f"{got[1]}; {ACCESS[got[0]]}"
 
 
 def parse_flags(argv):

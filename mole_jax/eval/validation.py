@@ -117,7 +117,11 @@ def evaluate(
     out = evaluate_engine(engine, batches)
     out["corpus"] = corpus or wd.config.data.corpus
     if write:
-        write_text_atomic(
-            wd.eval_path(EVAL_NAMES.get(mode, f"val_{mode}")), json.dumps(out, indent=2)
-        )
+        record(wd, mode, out)
     return out
+
+
+def record(workdir, mode: str, out: dict) -> None:
+    """Writes an `evaluate` result to the workdir's eval/ folder."""
+    wd = as_workdir(workdir)
+    write_text_atomic(wd.eval_path(EVAL_NAMES.get(mode, f"val_{mode}")), json.dumps(out, indent=2))

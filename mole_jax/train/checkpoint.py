@@ -161,6 +161,7 @@ class Checkpointer:
         arrays on the host at once (`_staged_handlers`; `launch.py import`'s), not all."""
         self.run_sha256 = run_sha256
         self.directory = os.path.abspath(os.path.join(os.fspath(workdir), "checkpoints"))
+        _install_unraisablehook()  # a failed save leaves the same asyncio noise as a read
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep, enable_async_checkpointing=use_async, create=True
         )

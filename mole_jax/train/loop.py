@@ -241,6 +241,8 @@ def run(cfg, workdir, on_row: Sequence[Callable[[int, dict], None]] = ()) -> dic
     """
     wd = as_workdir(workdir)
     validate(cfg)
+    if wd.path.exists() and not wd.path.is_dir():
+        raise ConfigError(f"--workdir={wd.path} is a file, not a directory")
     _check_resume_compatible(cfg, wd)
     if not distributed.is_primary():
         distributed.barrier("data prepared")  # process 0 prepares it first; the others reuse it
