@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 
-def invalid_inputs(b) -> list[list[str]]:
+def invalid_inputs(b) -> list[list]:
     """Bad configs and command lines: each must end in one `error:` line and exit status 2,
     leaving the workdir as it was. `b`: the campaign's `faults.Base` (root, mole, moe)."""
     d, w, moe = "configs/dense.py:size=tiny", str(b.root / "invalid_w"), str(b.moe)
@@ -56,5 +56,8 @@ def invalid_inputs(b) -> list[list[str]]:
         ["generate", f"--workdir={moe}", "--temperature=-1"],
         ["sweep", "--config=experiments/nothing.py", f"--workdir={w}"],
         ["summary", "--config=configs/dense.py:size=tiny", "--config.mesh.data=0"],
+        ["generate", f"--workdir={moe}", b"--prompt=caf\xe9"],  # Latin-1, not UTF-8
+        ["train", f"--workdir={moe}", "--config.train.steps=5"],  # fewer than it has trained
+        ["train", f"--workdir={b.root / 'base_mole' / 'config.json'}", "--config=" + d],  # a file
     ]
     return cases

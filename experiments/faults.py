@@ -35,6 +35,8 @@ import _paths  # noqa: F401
 import numpy as np
 from _fault_checks import curve, store_ok, verified_checkpoints
 from _fault_inputs import invalid_inputs
+from _faults_files import damage_checksums, damage_metrics
+from _faults_more import diverge, export_damaged, missing_shard, read_only
 from _tables.guide import faults_table
 from absl import app, flags, logging
 
@@ -61,12 +63,14 @@ def launch(*args, kill_after=None, sig=signal.SIGKILL, fsize=None, timeout=600) 
         cmd = [sys.executable, "-c", setup, *cmd]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, start_new_session=True)  # fmt: skip
+    killed = False
     try:
         out, err = proc.communicate(timeout=kill_after or timeout)
     except subprocess.TimeoutExpired:
+        killed = proc.poll() is None  # the signal lands on a running process
         os.killpg(proc.pid, sig)
         out, err = proc.communicate(timeout=timeout)
-    return dict(rc=proc.returncode, out=out, err=err, traceback="Traceback" in err)
+    return dict(rc=proc.returncode, out=out, err=err, traceback="Traceback" in err, killed=killed)
 
 
 class Base:
@@ -145,7 +149,8 @@ def _kill(b: Base, rng, i, kind: str) -> dict:
         runs += [launch("export", f"--workdir={w}", "--dtype=float16"),
                  launch("eval", f"--workdir={w}", "--offload", "--max_tokens=1024")]  # fmt: skip
         recovered = all(r["rc"] == 0 for r in runs[1:])
-        return _outcome(runs, recovered, lost, w, newest)
+        lost += len(list(w.glob(".lut.*")))  # a hidden copy left behind (publish)
+        return dict(_outcome(runs, recovered, lost, w, newest), landed=runs[0]["killed"])
     elif kind == "eval":
         runs = [launch("eval", f"--workdir={w}", "--offload", kill_after=when / 3, sig=sig)]
         runs.append(launch("eval", f"--workdir={w}", "--offload", "--max_tokens=1024"))
@@ -158,7 +163,7 @@ def _kill(b: Base, rng, i, kind: str) -> dict:
         runs.append(launch("sweep", f"--config={study}", f"--workdir={sw}"))
         done = json.loads((sw / "sweep.json").read_text()) if (sw / "sweep.json").exists() else {}
         recovered = runs[-1]["rc"] == 0 and done.get("complete", False)
-    return _outcome(runs, recovered, 0, w, newest)
+    return dict(_outcome(runs, recovered, 0, w, newest), landed=runs[0]["killed"])
 
 
 STUDY = '''"""A two-run study for the fault campaign."""
@@ -190,10 +195,10 @@ def _damage(path: Path, rng) -> str:
     """Flips a few random bytes of `path`, or truncates it at a random length."""
     raw = bytearray(path.read_bytes())
     if not raw or rng.random() < 0.3:
-        path.write_bytes(bytes(raw[: rng.randrange(len(raw) + 1)]))
-        return "truncated"
-    for _ in range(rng.randint(1, 8)):
-        raw[rng.randrange(len(raw))] ^= 1 << rng.randrange(8)
+        path.write_bytes(bytes(raw[: rng.randrange(len(raw))]) if raw else b"\x00")
+        return "truncated"  # (strictly shorter: the fault always lands)
+    for i in rng.sample(range(len(raw)), min(len(raw), rng.randint(1, 8))):
+        raw[i] ^= 1 << rng.randrange(8)  # distinct bytes: flips never cancel
     path.write_bytes(bytes(raw))
     return "flipped"
 
@@ -211,7 +216,7 @@ def damage_checkpoint(b: Base, rng, i) -> dict:
     lost = len({10, 15} - verified_checkpoints(w))  # the older steps must be untouched
     runs.append(launch("train", *b.flags("mole", 20), f"--workdir={w}"))
     recovered = runs[0]["rc"] == 0 and runs[-1]["rc"] == 0 and curve(w) == curve(b.mole)
-    return _outcome(runs, recovered, lost, w, 15)
+    return dict(_outcome(runs, recovered, lost, w, 15), landed=True)
 
 
 def damage_store(b: Base, rng, i, name: str) -> dict:
@@ -229,7 +234,7 @@ def damage_store(b: Base, rng, i, name: str) -> dict:
     runs += [launch("export", f"--workdir={w}", *args),
              launch("eval", f"--workdir={w}", "--offload", "--max_tokens=1024")]  # fmt: skip
     recovered = honest and runs[-1]["out"] == clean["out"] and runs[-1]["rc"] == 0
-    return _outcome(runs, recovered, 0 if honest else 1, w, 20)
+    return dict(_outcome(runs, recovered, 0 if honest else 1, w, 20), landed=True)
 
 
 def damage_tokens(b: Base, rng, i) -> dict:
@@ -240,7 +245,7 @@ def damage_tokens(b: Base, rng, i) -> dict:
     _damage(rng.choice(_files(cache / "tokens")), rng)
     flags = [*b.flags("mole", 40), f"--config.data.cache_dir={cache}"]
     runs = [launch("train", *flags, f"--workdir={w}")]
-    return _outcome(runs, runs[0]["rc"] == 0 and curve(w) == b.curve, 0, w, 20)
+    return dict(_outcome(runs, runs[0]["rc"] == 0 and curve(w) == b.curve, 0, w, 20), landed=True)
 
 
 def damage_config(b: Base, rng, i) -> dict:
@@ -252,7 +257,7 @@ def damage_config(b: Base, rng, i) -> dict:
     runs += [launch("train", *b.flags("mole", 40), f"--workdir={w}"),
              launch("eval", f"--workdir={w}", "--max_tokens=1024")]  # fmt: skip
     recovered = honest and runs[-1]["rc"] == 0 and curve(w) == b.curve
-    return dict(_outcome(runs, recovered, 0 if honest else 1, w, 20), note=how)
+    return dict(_outcome(runs, recovered, 0 if honest else 1, w, 20), note=how, landed=True)
 
 
 def disk_full(b: Base, rng, i) -> dict:
@@ -269,8 +274,10 @@ def disk_full(b: Base, rng, i) -> dict:
         runs += [launch("export", f"--workdir={w}", "--dtype=float32"),
                  launch("eval", f"--workdir={w}", "--offload", "--max_tokens=1024")]  # fmt: skip
         recovered = kept and runs[-1]["rc"] == 0
+    err = runs[0]["err"]
+    hit = runs[0]["rc"] == 2 and ("disk is full" in err or "size limit" in err)
     honest = runs[0]["rc"] == 0 or (runs[0]["rc"] == 2 and _one_error(runs[0]))
-    return _outcome(runs, recovered and honest, 0, w, 20)
+    return dict(_outcome(runs, recovered and honest, 0, w, 20), landed=hit)
 
 
 def two_writers(b: Base, rng, i) -> dict:
@@ -285,7 +292,8 @@ def two_writers(b: Base, rng, i) -> dict:
             for p, (o, e) in zip(procs, outs, strict=True)]  # fmt: skip
     refused = [r for r in runs if r["rc"] == 2 and "in use" in r["err"]]
     recovered = sorted(r["rc"] for r in runs) in ([0, 2], [0, 0]) and curve(w) == b.curve
-    return _outcome(runs, recovered and len(refused) <= 1, 0, w, 20)
+    out = _outcome(runs, recovered and len(refused) <= 1, 0, w, 20)
+    return dict(out, landed=len(refused) == 1)  # (both finishing: they never overlapped)
 
 
 def _one_error(r: dict) -> bool:
@@ -299,8 +307,9 @@ def check_invalid(b: Base, args: list[str]) -> dict:
     ok = r["rc"] == 2 and _one_error(r) and not (b.root / "invalid_w" / "config.json").exists()
     shutil.rmtree(b.root / "invalid_w", ignore_errors=True)  # the next case starts clean
     ok = ok and sorted(str(p) for p in b.moe.rglob("*")) == before
-    return dict(recovered=ok, lost=0, tracebacks=int(r["traceback"]),
-                note=" ".join(args[:1] + args[2:]), rc=r["rc"], err=r["err"][-300:])  # fmt: skip
+    note = " ".join(a if isinstance(a, str) else repr(a) for a in args[:1] + args[2:])
+    return dict(recovered=ok, lost=0, tracebacks=int(r["traceback"]), landed=True,
+                note=note, rc=r["rc"], err=r["err"][-300:])  # fmt: skip
 
 
 KINDS = {
@@ -315,6 +324,12 @@ KINDS = {
     "damage_config": damage_config,
     "disk_full": disk_full,
     "two_writers": two_writers,
+    "damage_metrics": damage_metrics,
+    "damage_checksums": damage_checksums,
+    "missing_shard": missing_shard,
+    "diverge": diverge,
+    "export_damaged": export_damaged,
+    "read_only": read_only,
 }
 
 
@@ -328,7 +343,8 @@ def campaign(root: Path, n: int, seed: int, kinds: list[str]) -> dict[str, list[
             rng = random.Random(f"{seed}-{kind}")
             out[kind] = [KINDS[kind](b, rng, i) for i in range(n)]
         rows = out[kind]
-        print(f"{kind:<18} {len(rows):3d} injected, {sum(r['recovered'] for r in rows):3d} "
+        print(f"{kind:<18} {len(rows):3d} injected, {sum(r.get('landed', 0) for r in rows):3d} "
+              f"landed, {sum(r['recovered'] for r in rows):3d} "
               f"recovered, {sum(r['lost'] for r in rows)} lost, "
               f"{sum(r['tracebacks'] for r in rows)} tracebacks", flush=True)  # fmt: skip
     return out

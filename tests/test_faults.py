@@ -20,10 +20,13 @@ def base(tmp_path_factory):
 
 
 @pytest.mark.parametrize(
-    "kind", ["kill_train", "damage_checkpoint", "damage_lut", "disk_full", "two_writers"]
-)
-def test_a_fault_loses_nothing_and_recovers(base, kind):
+    "kind",
+    ["kill_train", "damage_checkpoint", "damage_lut", "disk_full", "two_writers", "diverge",
+     "export_damaged", "missing_shard", "read_only"],
+)  # fmt: skip
+def test_a_fault_lands_loses_nothing_and_recovers(base, kind):
     out = faults.KINDS[kind](base, random.Random(f"test-{kind}"), 0)
+    assert out["landed"], out  # the fault was injected: a kill before the exit, a limit hit
     assert out["lost"] == 0 and out["tracebacks"] == 0, out
     assert out["recovered"], out
 

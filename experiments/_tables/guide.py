@@ -37,13 +37,15 @@ def faults_table(out: dict[str, list[dict]], notes: dict[str, str] | None = None
     tracebacks; `notes` adds a few words after a kind's name."""
     notes = notes or {}
     lines = [
-        "| fault | injected | recovered | artefacts lost | tracebacks |",
-        "|---|---|---|---|---|",
+        "| fault | injected | landed | recovered | artefacts lost | tracebacks |",
+        "|---|---|---|---|---|---|",
     ]
     for kind, rows in out.items():
         name = f"{kind} ({notes[kind]})" if kind in notes else kind
+        landed = [r["landed"] for r in rows if "landed" in r]
         lines.append(
-            f"| {name} | {len(rows)} | {sum(r['recovered'] for r in rows)} "
+            f"| {name} | {len(rows)} | {sum(landed) if landed else 'not recorded'} "
+            f"| {sum(r['recovered'] for r in rows)} "
             f"| {sum(r['lost'] for r in rows)} | {sum(r['tracebacks'] for r in rows)} |"
         )
     return "\n".join(lines)
@@ -58,6 +60,12 @@ FAULT_NOTES = {
     "damage_config": "`config.json` / `tokenizer.json`",
     "disk_full": "`train` / `export` under a file size limit",
     "invalid_input": "bad configs and command lines",
+    "damage_metrics": "`metrics.jsonl` flipped, truncated, non-UTF-8, a block lost",
+    "damage_checksums": "`checksums.json` truncated, emptied, not JSON, flipped",
+    "missing_shard": "a LUT shard file deleted",
+    "diverge": "`train` on at lr 5-10,000",
+    "export_damaged": "`export` with the newest checkpoint damaged",
+    "read_only": "`train` / `export` / `eval` on a read-only workdir",
 }
 
 

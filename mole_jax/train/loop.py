@@ -27,7 +27,7 @@ from mole_jax.parallel import distributed
 from mole_jax.progress import Progress
 from mole_jax.train import accounting
 from mole_jax.train.checkpoint import Checkpointer
-from mole_jax.train.metrics import MetricsWriter, aux_stats, read_metrics
+from mole_jax.train.metrics import MetricsWriter, aux_stats, losses_up_to, read_metrics
 from mole_jax.train.preempt import Preempted, PreemptionGuard
 from mole_jax.train.trainer import Trainer, setup
 from mole_jax.train.validate import validate
@@ -137,11 +137,13 @@ class StepLog:
     def __init__(self, cfg, wd: Workdir, start: int, ckpt, on_row: Sequence, progress: Progress):
         self.cfg, self.ckpt, self.on_row, self.progress = cfg, ckpt, on_row, progress
         primary = distributed.is_primary()  # the one process that writes metrics
+        # (every process reads the losses before the writer trims the file: the same window)
+        recent = losses_up_to(str(wd), start, DIVERGE_WINDOW)
         self.writer = MetricsWriter(str(wd), start) if primary else None
         progress.start_at(start)
         self.tokens_per_step = cfg.train.batch_size * cfg.data.seq_len
         self.last: dict = {"step": start}
-        self.recent = collections.deque(maxlen=DIVERGE_WINDOW)  # the last losses
+        self.recent = collections.deque(recent, maxlen=DIVERGE_WINDOW)  # the last losses
         self.pending = None
         self.restart_clock()
 

@@ -81,6 +81,18 @@ class MetricsWriter:
         self.tb.close()
 
 
+def losses_up_to(workdir: str, step: int, n: int) -> list[float]:
+    """The last `n` training losses logged at or before `step` (what a resumed run's divergence
+    test starts from); unreadable rows are left out without a word (the writer reports them)."""
+    try:
+        with open(os.path.join(workdir, "metrics.jsonl"), "rb") as f:
+            rows, _ = _scan(f.read())
+    except OSError:
+        return []
+    losses = [r["loss"] for r, _ in rows if r["step"] <= step and isinstance(r.get("loss"), float)]
+    return losses[-n:]
+
+
 def _plain(v: Any) -> Any:
     if isinstance(v, (list, tuple)):
         return [_plain(x) for x in v]
