@@ -123,14 +123,6 @@ def test_gated_moe_equals_a_loop_over_tokens_and_their_experts(dispatch, grouped
     np.testing.assert_allclose(np.asarray(y).reshape(-1, m.d_model), want, rtol=2e-5, atol=2e-6)
 
 
-def test_gated_experts_with_a_tensor_split_are_refused_until_built():
-    cfg = moe.get_config("size=tiny")
-    cfg.model.ffn.gated = True
-    cfg.mesh.update(dict(data=1, tensor=2))
-    with pytest.raises(ConfigError, match="mesh.tensor > 1"):
-        validate(cfg, n_devices=2)
-
-
 @pytest.mark.slow
 def test_llama_fields_train_and_a_workdir_from_before_them_resumes(tmp_path, corpus_dir, cache_dir):
     cfg = tiny_overrides(llama_like(dense.get_config("size=tiny")), corpus_dir, cache_dir)

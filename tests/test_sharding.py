@@ -24,6 +24,8 @@ KINDS = {
     "pkm": (pkm, "size=tiny,keys=16,heads=2,topk=4"),
     "mole": (mole, "size=tiny,experts=4"),
     "pregated": (pregated, "size=tiny,experts=4,permanent=1"),
+    "moe-swiglu": (moe, "size=tiny,experts=4,topk=2"),  # model.ffn.gated: [gate | up] experts
+    "pregated-swiglu": (pregated, "size=tiny,experts=4,permanent=1"),
 }
 MESHES = {"fsdp2-tensor2-expert2": dict(fsdp=2, tensor=2, expert=2, data=1), "fsdp8": dict(fsdp=8)}
 
@@ -34,6 +36,8 @@ def config(kind, corpus_dir, cache_dir, mesh=None):
     cfg.unlock()
     cfg.mesh.update(dict(data=-1, fsdp=1, tensor=1, expert=1))
     cfg.mesh.update(mesh or {})
+    if kind.endswith("-swiglu"):
+        cfg.model.ffn.gated, cfg.model.activation = True, "silu"
     return cfg
 
 

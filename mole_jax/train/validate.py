@@ -65,11 +65,6 @@ def validate(cfg: ml_collections.ConfigDict, n_devices: int | None = None):
     _validate_mesh(cfg, n_devices)
     mcfg = model_config(cfg)
     _validate_llama_fields(mcfg)
-    require(
-        not (mcfg.gated and mcfg.kind in ("moe", "pregated") and cfg.mesh.tensor > 1),
-        "model.ffn.gated experts with mesh.tensor > 1: the tensor split of their [gate | up] "
-        "is not built yet (use mesh.tensor=1, fsdp or expert axes)",
-    )
     ffn.KINDS[mcfg.kind].validate(mcfg)
     return mcfg
 

@@ -5,7 +5,8 @@ Axis legend: T tokens (the local T_l inside), D model, F expert width, E experts
 chosen per token, G = ep the devices of the `expert` mesh axis.
 
 Tokens are split over the batch axes (data, fsdp, expert); experts over `expert`, their width F
-over `tensor`. Inside, each device
+over `tensor` (a gated expert's [gate | up] as [2, F], so that a device holds the same columns
+of both). Inside, each device
   1. all-gathers the tokens, routes and gates of its expert group (the G devices that share its
      data/fsdp coordinates and hold the G slices of the experts): G * T_l tokens;
   2. keeps the assignments to its E_l experts (the others go to a zero dummy group with gate 0)
@@ -46,8 +47,15 @@ def dropless_sharded(local_ffn, x_TxD, experts_TxK, weights_TxK, up_ExDxF, down_
     batch, ex, tp = axes
     tokens = P(batch or None, None)
     ex_spec, tp_spec = ex or None, tp or None
+    up_spec = P(ex_spec, None, tp_spec)
+    if tp and up_ExDxF.shape[-1] == 2 * down_ExFxD.shape[1]:  # gated: up holds [gate | up]
+        # split gate and up alike over `tensor` (a device gets matching halves of both)
+        up_ExDxF = up_ExDxF.reshape(*up_ExDxF.shape[:-1], 2, -1)
+        up_spec = P(ex_spec, None, None, tp_spec)
 
     def per_device(x, experts, weights, up, down):
+        if up.ndim == 4:
+            up = up.reshape(*up.shape[:2], -1)  # [gate_l | up_l]: what the activation splits
         if ex:
             x, experts, weights = (
                 jax.lax.all_gather(a, ex, axis=0, tiled=True) for a in (x, experts, weights)
@@ -69,6 +77,6 @@ def dropless_sharded(local_ffn, x_TxD, experts_TxK, weights_TxK, up_ExDxF, down_
 
     return jax.shard_map(
         per_device,
-        in_specs=(tokens, tokens, tokens, P(ex_spec, None, tp_spec), P(ex_spec, tp_spec, None)),
+        in_specs=(tokens, tokens, tokens, up_spec, P(ex_spec, tp_spec, None)),
         out_specs=tokens,
     )(x_TxD, experts_TxK, weights_TxK, up_ExDxF, down_ExFxD)
