@@ -37,6 +37,7 @@ from _fault_checks import curve, store_ok, verified_checkpoints
 from _fault_inputs import invalid_inputs
 from _faults_files import damage_checksums, damage_metrics
 from _faults_more import diverge, export_damaged, missing_shard, read_only
+from _faults_multihost import sigterm_multihost
 from _tables.guide import faults_table
 from absl import app, flags, logging
 
@@ -330,6 +331,7 @@ KINDS = {
     "diverge": diverge,
     "export_damaged": export_damaged,
     "read_only": read_only,
+    "sigterm_multihost": sigterm_multihost,
 }
 
 

@@ -1,7 +1,10 @@
 """Two real processes on 127.0.0.1 (jax.distributed, gloo CPU collectives, 4 host devices each)
-train like one process with 8 devices; a run whose processes are killed resumes on the curve."""
+train like one process with 8 devices; a run whose processes are killed resumes on the curve; a
+SIGTERM to either process stops both at the same step, checkpointed, with exit status 143."""
 
 import os
+import random
+import re
 import signal
 import socket
 import subprocess
@@ -69,6 +72,12 @@ def _start(workdir, corpus_dir, cache_dir, steps, port):
     ]
 
 
+@pytest.fixture(scope="module")
+def reference(corpus_dir, cache_dir, tmp_path_factory):
+    """The one-process curve to step 12 (computed once for the tests here)."""
+    return _reference(corpus_dir, cache_dir, 12, str(tmp_path_factory.mktemp("ref")))
+
+
 def _reference(corpus_dir, cache_dir, steps, workdir):
     cfg = moe.get_config("size=tiny,experts=4,topk=2")
     cfg = tiny_overrides(cfg, corpus_dir, cache_dir, steps=steps, eval_every=5, ckpt_every=5)
@@ -82,26 +91,26 @@ def _losses(workdir):
     return {r["step"]: r["loss"] for r in read_metrics(workdir) if "loss" in r}
 
 
-def test_two_processes_train_like_one_and_resume_after_a_kill(corpus_dir, cache_dir, tmp_path):
-    ref = _reference(corpus_dir, cache_dir, 12, str(tmp_path / "ref"))
+def _on_curve(workdir, ref):
+    got = _losses(workdir)
+    assert sorted(got) == sorted(ref)
+    for step, loss in ref.items():
+        assert abs(got[step] - loss) <= 1e-5 * abs(loss), (step, got[step], loss)
+
+
+def test_two_processes_train_like_one_and_resume_after_a_kill(
+    corpus_dir, cache_dir, tmp_path, reference
+):
     w = str(tmp_path / "two")
     procs = _start(w, corpus_dir, cache_dir, 12, _free_port())
     outs = [p.communicate(timeout=600)[0] for p in procs]
     assert all(p.returncode == 0 for p in procs), outs[0][-3000:] + outs[1][-3000:]
-    got = _losses(w)
-    assert sorted(got) == sorted(ref)
-    for step, loss in ref.items():
-        assert abs(got[step] - loss) <= 1e-5 * abs(loss), (step, got[step], loss)
+    _on_curve(w, reference)
     assert "trained to step 12" in outs[0] and "trained to step" not in outs[1]  # one reporter
 
     killed = str(tmp_path / "killed")
     procs = _start(killed, corpus_dir, cache_dir, 12, _free_port())
-    deadline = time.time() + 300
-    metrics = os.path.join(killed, "metrics.jsonl")
-    while time.time() < deadline and all(p.poll() is None for p in procs):
-        if os.path.exists(metrics) and sum(1 for _ in open(metrics)) >= 8:
-            break
-        time.sleep(0.05)
+    _wait_for_rows(killed, procs, 8)
     procs[1].send_signal(signal.SIGKILL)  # one host dies; the job is torn down
     time.sleep(0.5)
     procs[0].send_signal(signal.SIGKILL)
@@ -111,7 +120,62 @@ def test_two_processes_train_like_one_and_resume_after_a_kill(corpus_dir, cache_
     procs = _start(killed, corpus_dir, cache_dir, 12, _free_port())
     outs = [p.communicate(timeout=600)[0] for p in procs]
     assert all(p.returncode == 0 for p in procs), outs[0][-3000:] + outs[1][-3000:]
-    resumed = _losses(killed)
-    assert sorted(resumed) == sorted(ref)
-    for step, loss in ref.items():
-        assert abs(resumed[step] - loss) <= 1e-5 * abs(loss), (step, resumed[step], loss)
+    _on_curve(killed, reference)
+
+
+def _wait_for_rows(workdir, procs, rows, timeout=300):
+    """Until metrics.jsonl holds `rows` rows (training is under way), or a process ended."""
+    metrics, deadline = os.path.join(workdir, "metrics.jsonl"), time.time() + timeout
+    while time.time() < deadline and all(p.poll() is None for p in procs):
+        if os.path.exists(metrics) and sum(1 for _ in open(metrics)) >= rows:
+            return
+        time.sleep(0.02)
+
+
+@pytest.mark.parametrize("target", [0, 1])
+def test_sigterm_to_either_process_stops_both_at_one_checkpointed_step(
+    corpus_dir, cache_dir, tmp_path, reference, target
+):
+    """The scheduler's notice reaches one host: both processes agree on the step (an all-reduced
+    flag, one step late), checkpoint it together and exit 143, the unsignalled one included;
+    the run started again continues on the uninterrupted curve."""
+    w = str(tmp_path / "term")
+    procs = _start(w, corpus_dir, cache_dir, 12, _free_port())
+    _wait_for_rows(w, procs, 1)
+    time.sleep(random.Random(f"sigterm-{target}").uniform(0, 0.5))
+    running = [p.poll() is None for p in procs]
+    procs[target].send_signal(signal.SIGTERM)
+    sent = time.time()
+    try:
+        outs = [p.communicate(timeout=120)[0] for p in procs]
+    except subprocess.TimeoutExpired:
+        for p in procs:
+            p.kill()
+        pytest.fail(f"the processes did not stop within 120 s of SIGTERM to process {target}")
+    took = time.time() - sent
+    assert all(running), "the run ended before the signal: the fault did not land"
+    assert [p.returncode for p in procs] == [143, 143], outs[0][-3000:] + outs[1][-3000:]
+    steps = [re.findall(r"stopped by SIGTERM at step (\d+)", out) for out in outs]
+    assert steps[0] == steps[1] and len(steps[0]) == 1, steps
+    step = int(steps[0][0])
+    assert 1 <= step < 12 and took < 120, (step, took)
+    assert step in _verified_checkpoints(w) and max(_verified_checkpoints(w)) == step
+
+    procs = _start(w, corpus_dir, cache_dir, 12, _free_port())
+    outs = [p.communicate(timeout=600)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs[0][-3000:] + outs[1][-3000:]
+    assert f"resuming from step {step} (of 12)" in outs[0]
+    _on_curve(w, reference)
+
+
+def _verified_checkpoints(workdir) -> set[int]:
+    """The checkpoint steps that restore with their digests (in this process: 8 devices)."""
+    from mole_jax.train.checkpoint import Checkpointer
+    from mole_jax.train.trainer import setup
+    from mole_jax.workdir import Workdir
+
+    tr, ckpt = setup(Workdir(workdir).editable_config()), Checkpointer(workdir)
+    try:
+        return {s for s in ckpt.steps() if ckpt.restore(tr.abstract_state, step=s) is not None}
+    finally:
+        ckpt.close()

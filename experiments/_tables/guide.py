@@ -66,6 +66,7 @@ FAULT_NOTES = {
     "diverge": "`train` on at lr 5-10,000",
     "export_damaged": "`export` with the newest checkpoint damaged",
     "read_only": "`train` / `export` / `eval` on a read-only workdir",
+    "sigterm_multihost": "SIGTERM to one of two `train` processes",
 }
 
 

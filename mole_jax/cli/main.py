@@ -67,10 +67,17 @@ def main(argv):
         fail("interrupted", 143 if str(e) == "terminated" else 130)
     except Exception as e:  # noqa: BLE001 - a full disk surfaces through many libraries
         if full := disk_full(e):
-            fail(f"error: the disk is full ({full}); free some space and run the command "
-                 "again: what was completely written is kept, the rest is not trusted")  # fmt: skip
+            print(f"error: the disk is full ({full}); free some space and run the command "
+                  "again: what was completely written is kept, the rest is not trusted",
+                  file=sys.stderr, flush=True)  # fmt: skip
+            sys.stdout.flush()
+            os._exit(2)  # not the exit handlers: they flush logs (TensorBoard's) to the full disk
         if denied := access_denied(e):
             fail(f"error: {denied}")
+        from mole_jax.parallel import distributed
+
+        if lost := distributed.collective_failure(e):
+            fail(f"error: {lost}")
         raise
     if result is not None and FLAGS.json:
         with open(FLAGS.json, "w") as f:

@@ -300,7 +300,7 @@ def _preemption(guard: PreemptionGuard, log: StepLog, ckpt: Checkpointer) -> Hoo
     """After every step: on a signal, checkpoint this step (unless a hook just did) and stop."""
 
     def check(step, state):
-        if guard.signum is None:
+        if guard.stop_at(step) is None:
             return
         log.flush()
         if step not in ckpt.steps():
