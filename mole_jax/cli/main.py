@@ -30,9 +30,13 @@ def _not_orbax_task(record) -> bool:
     return not (text.startswith("Task exception was never retrieved") and "/orbax/" in text)
 
 
-def fail(message: str, code: int = 2):
-    """One line on stderr and the exit status: how every user mistake ends."""
+def fail(message: str, code: int = 2, now: bool = False):
+    """One line on stderr and the exit status: how every user mistake ends. `now`: without the
+    exit handlers (after a full disk, they would flush logs, TensorBoard's, to it)."""
     print(message, file=sys.stderr, flush=True)
+    if now:
+        sys.stdout.flush()
+        os._exit(code)
     sys.exit(code)
 
 
@@ -67,11 +71,11 @@ def main(argv):
         fail("interrupted", 143 if str(e) == "terminated" else 130)
     except Exception as e:  # noqa: BLE001 - a full disk surfaces through many libraries
         if full := disk_full(e):
-            print(f"error: the disk is full ({full}); free some space and run the command "
-                  "again: what was completely written is kept, the rest is not trusted",
-                  file=sys.stderr, flush=True)  # fmt: skip
-            sys.stdout.flush()
-            os._exit(2)  # not the exit handlers: they flush logs (TensorBoard's) to the full disk
+            fail(
+                f"error: the disk is full ({full}); free some space and run the command "
+                "again: what was completely written is kept, the rest is not trusted",
+                now=True,
+            )
         if denied := access_denied(e):
             fail(f"error: {denied}")
         from mole_jax.parallel import distributed
