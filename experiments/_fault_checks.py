@@ -2,7 +2,15 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
+
+
+def campaign_module(b):
+    """The module that defined the campaign base `b` (faults, or __main__ when faults.py runs
+    as a script): where the later kinds take `launch` and `_outcome` from, never importing
+    faults.py (which imports them to register them)."""
+    return sys.modules[type(b).__module__]
 
 
 def curve(w: Path) -> dict[int, float]:

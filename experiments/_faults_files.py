@@ -18,14 +18,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-import sys
 from pathlib import Path
 
-from _fault_checks import curve
-
-
-def _faults(b):
-    return sys.modules[type(b).__module__]
+from _fault_checks import campaign_module, curve
 
 
 def _lines(raw: bytes) -> list[bytes]:
@@ -66,7 +61,7 @@ def _damage_rows(path: Path, rng, how: str, f) -> str:
 
 def damage_metrics(b, rng, i) -> dict:
     """metrics.jsonl damaged: the resume says so in one line and keeps every intact row."""
-    f = _faults(b)
+    f = campaign_module(b)
     w = b.copy(b.mole, f"metrics_{i}")
     path = w / "metrics.jsonl"
     before = path.read_bytes()
@@ -122,7 +117,7 @@ def _verifies(w: Path) -> bool:
 def damage_checksums(b, rng, i) -> dict:
     """checksums.json damaged (config.json edited after it, half of the time): eval refused in
     one line; train with the run's config writes it again; eval runs; checksums verify."""
-    f = _faults(b)
+    f = campaign_module(b)
     w = b.copy(b.mole, f"checksums_{i}")
     sums = w / "checksums.json"
     before = sums.read_bytes()

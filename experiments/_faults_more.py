@@ -26,11 +26,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from _fault_checks import curve, verified_checkpoints
-
-
-def _faults(b):
-    return sys.modules[type(b).__module__]
+from _fault_checks import campaign_module, curve, verified_checkpoints
 
 
 def _listing(w: Path) -> list:
@@ -38,7 +34,7 @@ def _listing(w: Path) -> list:
 
 
 def missing_shard(b, rng, i) -> dict:
-    f = _faults(b)
+    f = campaign_module(b)
     w = b.copy(b.mole, f"shard_{i}")
     clean = f.launch("eval", f"--workdir={w}", "--offload", "--max_tokens=1024")
     shards = sorted(p for p in (w / "lut").rglob("*") if p.is_file() and p.parent.name != "lut"
@@ -55,7 +51,7 @@ def missing_shard(b, rng, i) -> dict:
 
 
 def diverge(b, rng, i) -> dict:
-    f = _faults(b)
+    f = campaign_module(b)
     w = b.copy(b.mole, f"diverge_{i}")
     lr = rng.choice([5.0, 50.0, 1e4])
     runs = [f.launch("train", *b.flags("mole", 40), f"--workdir={w}", f"--config.train.lr={lr}")]
@@ -68,7 +64,7 @@ def diverge(b, rng, i) -> dict:
 
 
 def export_damaged(b, rng, i) -> dict:
-    f = _faults(b)
+    f = campaign_module(b)
     w = b.copy(b.mole, f"export_damaged_{i}")
     lut = (w / "lut" / "manifest.json").read_text()
     files = [p for p in (w / "checkpoints" / "20" / "params").rglob("*") if p.is_file()]
@@ -96,7 +92,7 @@ def _read_only_cmd(w: Path) -> list[str] | None:
 
 
 def read_only(b, rng, i) -> dict:
-    f = _faults(b)
+    f = campaign_module(b)
     w = b.copy(b.mole, f"read_only_{i}")
     args = rng.choice([["eval", "--max_tokens=1024"], ["eval", "--offload", "--max_tokens=1024"],
                        ["export", "--dtype=float16"], ["train", *b.flags("mole", 40)]])  # fmt: skip

@@ -23,13 +23,9 @@ import sys
 import time
 from pathlib import Path
 
-from _fault_checks import curve, verified_checkpoints
+from _fault_checks import campaign_module, curve, verified_checkpoints
 
 STOP_WITHIN_S = 120  # from the signal to both processes' exit
-
-
-def _faults(b):
-    return sys.modules[type(b).__module__]
 
 
 def _free_port() -> int:
@@ -41,7 +37,7 @@ def _free_port() -> int:
 def _start(b, w: Path, steps: int) -> list[subprocess.Popen]:
     """`launch.py train` as two processes of one run (each its own session)."""
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
-    port, root = _free_port(), _faults(b).ROOT
+    port, root = _free_port(), campaign_module(b).ROOT
     cmd = [sys.executable, str(root / "launch.py"), "train", *b.flags("mole", steps),
            f"--workdir={w}", f"--coordinator=127.0.0.1:{port}", "--num_processes=2"]  # fmt: skip
     return [subprocess.Popen([*cmd, f"--process_id={i}"], cwd=root, env=env, text=True,
@@ -93,7 +89,7 @@ def sigterm_multihost(b, rng, i) -> dict:
     """SIGTERM to process 0 or 1 of a two-process `train` at a random time while it trains:
     both stop at one checkpointed step with status 143 in bounded time, and the run resumes on
     the uninterrupted two-process curve."""
-    f, ref = _faults(b), _reference(b)
+    f, ref = campaign_module(b), _reference(b)
     w = b.copy(b.mole, f"multihost_{i}")
     newest, target = max(verified_checkpoints(w)), rng.choice([0, 1])
     procs = _start(b, w, 40)
