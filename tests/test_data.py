@@ -249,7 +249,7 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)
 
 
 @pytest.mark.slow
-def test_a_50mb_line_costs_a_few_times_its_size(tmp_path):
+def test_a_20mb_line_costs_a_few_times_its_size(tmp_path):
     import subprocess
     import sys
 
@@ -269,11 +269,11 @@ def test_a_50mb_line_costs_a_few_times_its_size(tmp_path):
         (d / "a.txt").write_text(synthetic_text(0, 200))
         (d / "b.txt").write_text(synthetic_text(1, 200))
     words = synthetic_text(2, 2000).split()
-    idx = np.random.default_rng(0).integers(0, len(words), 10_500_000)
-    line = " ".join(np.array(words)[idx])  # one line of ~55 MB, no newline in it
+    idx = np.random.default_rng(0).integers(0, len(words), 4_200_000)
+    line = " ".join(np.array(words)[idx])  # one line of ~22 MB, no newline in it
     (big / "c.txt").write_text(line)
     size_mb = len(line) / 2**20
-    assert size_mb >= 50
+    assert size_mb >= 20  # the bound is relative: 4x the line's size, at any size
     extra = peak_mb(big) - peak_mb(small)
     print(f"a {size_mb:.0f} MB line costs {extra} MB of peak RSS")
     assert extra <= 4 * size_mb, extra

@@ -101,13 +101,8 @@ def _on_curve(workdir, ref):
 def test_two_processes_train_like_one_and_resume_after_a_kill(
     corpus_dir, cache_dir, tmp_path, reference
 ):
-    w = str(tmp_path / "two")
-    procs = _start(w, corpus_dir, cache_dir, 12, _free_port())
-    outs = [p.communicate(timeout=600)[0] for p in procs]
-    assert all(p.returncode == 0 for p in procs), outs[0][-3000:] + outs[1][-3000:]
-    _on_curve(w, reference)
-    assert "trained to step 12" in outs[0] and "trained to step" not in outs[1]  # one reporter
-
+    """Killed mid-run and started again, the two processes' curve is the one process's to the
+    last step: the steps before the kill and after it (one reporting process)."""
     killed = str(tmp_path / "killed")
     procs = _start(killed, corpus_dir, cache_dir, 12, _free_port())
     _wait_for_rows(killed, procs, 8)
@@ -117,10 +112,12 @@ def test_two_processes_train_like_one_and_resume_after_a_kill(
     for p in procs:
         p.communicate()
     assert procs[1].returncode == -signal.SIGKILL, "the run ended before the kill"
+    assert _losses(killed), "no step was trained before the kill"
     procs = _start(killed, corpus_dir, cache_dir, 12, _free_port())
     outs = [p.communicate(timeout=600)[0] for p in procs]
     assert all(p.returncode == 0 for p in procs), outs[0][-3000:] + outs[1][-3000:]
     _on_curve(killed, reference)
+    assert "trained to step 12" in outs[0] and "trained to step" not in outs[1]  # one reporter
 
 
 def _wait_for_rows(workdir, procs, rows, timeout=300):
@@ -138,7 +135,7 @@ def test_sigterm_to_either_process_stops_both_at_one_checkpointed_step(
 ):
     """The scheduler's notice reaches one host: both processes agree on the step (an all-reduced
     flag, one step late), checkpoint it together and exit 143, the unsignalled one included;
-    the run started again continues on the uninterrupted curve."""
+    the run started again (once) continues on the uninterrupted curve."""
     w = str(tmp_path / "term")
     procs = _start(w, corpus_dir, cache_dir, 12, _free_port())
     _wait_for_rows(w, procs, 1)
@@ -160,7 +157,8 @@ def test_sigterm_to_either_process_stops_both_at_one_checkpointed_step(
     step = int(steps[0][0])
     assert 1 <= step < 12 and took < 120, (step, took)
     assert step in _verified_checkpoints(w) and max(_verified_checkpoints(w)) == step
-
+    if target == 0:
+        return  # the resume after a stop is the same whichever process was signalled
     procs = _start(w, corpus_dir, cache_dir, 12, _free_port())
     outs = [p.communicate(timeout=600)[0] for p in procs]
     assert all(p.returncode == 0 for p in procs), outs[0][-3000:] + outs[1][-3000:]

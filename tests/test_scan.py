@@ -1,37 +1,17 @@
-"""`model.scan_layers`: scanned blocks train exactly as the layer loop (every kind, token tables
-per step and per micro-batch under remat, sharded), PEER's BatchNorm statistics are written back,
-and only identical blocks share a scan."""
+"""`model.scan_layers`: scanned blocks train exactly as the layer loop (every kind: in
+test_sharding.py; here token tables per micro-batch under remat, sharded), and only identical
+blocks share a scan."""
 
 import jax
 import numpy as np
 import pytest
-from test_sharding import KINDS, MESHES, config, train_losses
+from test_sharding import MESHES, config, scanned, train_losses
 
 from configs import dense, moe, mole
 from mole_jax.data.dedup import dedup_ids
 from mole_jax.model import backbone as model_lib
 from mole_jax.model.config import model_config
 from mole_jax.model.scan import runs_of_identical
-
-
-def scanned(cfg, **model):
-    cfg.unlock()
-    cfg.model.update(dict(scan_layers=True, **model))
-    return cfg
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("kind", list(KINDS))
-def test_scanned_layers_train_as_the_loop(kind, corpus_dir, cache_dir):
-    one = jax.devices()[:1]
-    loop, loop_state = train_losses(config(kind, corpus_dir, cache_dir), one, steps=6)
-    got, state = train_losses(scanned(config(kind, corpus_dir, cache_dir)), one, steps=6)
-    np.testing.assert_allclose(got, loop, rtol=1e-5)
-    leaves = jax.tree.leaves(loop_state["rest"]), jax.tree.leaves(state["rest"])
-    for a, b in zip(*leaves, strict=True):
-        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-7)
-    if kind == "peer":  # the BatchNorm statistics moved, and moved the same way
-        assert jax.tree.leaves(state["rest"])
 
 
 @pytest.mark.slow

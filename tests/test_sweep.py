@@ -103,18 +103,27 @@ TWO_RUNS = """[
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("executor", ["local", "submitit_local"])
-def test_sweep_trains_evaluates_skips_and_reports_failures(
-    executor, corpus_dir, cache_dir, tmp_path
-):
-    """The same behaviour whether runs are subprocesses here or a submitit job array (its local
-    executor: the code path of --executor=slurm, on this machine)."""
+def test_a_submitit_job_array_runs_and_skips_like_local_runs(corpus_dir, cache_dir, tmp_path):
+    """submitit's local executor (the code path of --executor=slurm, on this machine) starts,
+    records and skips runs as the local one does (the same `write_spec` / `report_finished`)."""
+    one = '[dict(name="dense", config="configs/dense.py:size=tiny", set=s)]'
+    study = write_study(tmp_path / "study.py", _settings(corpus_dir, cache_dir), one)
+    w, ex = tmp_path / "sweep", "--executor=submitit_local"
+    launch("sweep", f"--config={study}", f"--workdir={w}", ex)
+    assert len(os.listdir(w / "submitit")) >= 1  # submitit's own logs
+    out = json.loads((w / "sweep.json").read_text())
+    assert out["complete"] and out["rows"][0]["steps"] == 6
+    assert launch("sweep", f"--config={study}", f"--workdir={w}", ex).stdout.count("skipped") == 1
+
+
+@pytest.mark.slow
+def test_sweep_trains_evaluates_skips_and_reports_failures(corpus_dir, cache_dir, tmp_path):
+    """Subprocesses here (--executor=local): trained, exported, evaluated, scored; skipped when
+    finished; a failed run is one line and leaves the sweep incomplete."""
     study = write_study(tmp_path / "study.py", _settings(corpus_dir, cache_dir), TWO_RUNS)
     w = tmp_path / "sweep"
-    ex = f"--executor={executor}"
+    ex = "--executor=local"
     launch("sweep", f"--config={study}", f"--workdir={w}", "--parallel=2", ex)
-    if executor != "local":
-        assert len(os.listdir(w / "submitit")) >= 1  # submitit's own logs
     out = json.loads((w / "sweep.json").read_text())
     assert out["complete"] and [r["name"] for r in out["rows"]] == ["dense", "mole"]
     dense, mole = out["rows"]
