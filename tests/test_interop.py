@@ -26,7 +26,7 @@ from flax import nnx
 from safetensors.numpy import load_file
 
 from configs import dense, moe, mole
-from mole_jax.errors import UserError
+from mole_jax.errors import ConfigError, UserError
 from mole_jax.infer.engine import build_engine
 from mole_jax.infer.export import export_lut
 from mole_jax.infer.generate import generate
@@ -134,6 +134,17 @@ def test_export_refuses_a_model_the_reference_code_would_compute_differently(
     with pytest.raises(UserError, match="hard-codes top-10"):
         export_hf(w, tmp_path / "hf")
     assert not (tmp_path / "hf").exists()
+
+
+def test_export_refuses_a_damaged_tokenizer_before_writing(imported, tmp_path):
+    """The tokenizer handed on is the one checksums.json recorded, never a changed file."""
+    w = tmp_path / "w"
+    shutil.copytree(imported["llama"], w)
+    tok = w / "tokenizer.json"
+    tok.write_text(tok.read_text().replace('"model"', '"model" ', 1))
+    with pytest.raises(ConfigError, match="tokenizer.json fails its checksum"):
+        export_hf(str(w), tmp_path / "hf")
+    assert not (tmp_path / "hf").exists() and not list(tmp_path.glob(".hf*"))
 
 
 def test_a_changed_tokenizer_is_refused_after_the_first_checkpoint(

@@ -33,6 +33,7 @@ def export_hf(workdir, to, step: int | None = None, shard_bytes: int = 2**31) ->
     config = families.hf_config(m)  # refuses kinds the family cannot express, before reading
     if to.exists() and (not to.is_dir() or any(to.iterdir())):
         raise UserError(f"{to} exists and is not an empty directory; export into a new one")
+    wd.tokenizer()  # checked against checksums.json first: a damaged one is never handed on
     restored = restore_model(wd, m, step=step)
     params = jax.device_get(restored.params)
     tensors = {}

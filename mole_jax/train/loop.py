@@ -103,8 +103,8 @@ def _check_resume_compatible(cfg, wd: Workdir) -> None:
             raise ConfigError(
                 f"{e}; this config's model and data differ from the checkpoints'"
             ) from None
-        print(f"warning: {wd.config_path} is corrupt; the checkpoints match this config, so it "
-              "is written again")  # fmt: skip
+        print(f"warning: {e}; the checkpoints match this config, so config.json (and its "
+              "checksum) are written again")  # fmt: skip
         return
     for section, fields in RESUME_FIELDS:
         a, b = (_comparable(section, json.loads(c[section].to_json())) for c in (old, cfg))
