@@ -12,7 +12,9 @@ SIGABRT); `barrier` waits a day (one process may prepare the data while the othe
 its timeout is one line. XLA:CPU's limit on how far apart a process's device threads may reach
 a collective (40 s by default) is raised to 10 minutes: a loaded machine starves threads for
 longer. Not configurable in jaxlib 0.10: gloo gives up connecting a collective's processes
-when they first use it (each new set of devices) more than 30 s apart.
+when they first use it (each new set of devices) more than 30 s apart; so the train and eval
+steps are compiled ahead and the processes meet at a barrier before running them
+(`compiled_together`).
 """
 
 from __future__ import annotations
@@ -91,6 +93,20 @@ def is_primary() -> bool:
 
 
 _barriers: collections.Counter = collections.Counter()
+
+
+def compiled_together(fn, *args, name: str) -> None:
+    """In a run of several processes, compiles `fn` for `args` (jit's cache keeps it) and waits
+    at a barrier, so the processes first run its collectives together: gloo gives up when they
+    arrive more than 30 s apart, as one slower compile on a loaded host makes them."""
+    if jax.process_count() == 1 or id(fn) in _compiled:
+        return
+    fn.lower(*args).compile()
+    barrier(name)
+    _compiled.add(id(fn))  # once per function: its later calls find jit's cache
+
+
+_compiled: set[int] = set()
 
 
 def barrier(name: str, timeout_s: float | None = None) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
+import itertools
 import json
 import time
 from collections.abc import Callable, Sequence
@@ -56,6 +57,11 @@ def evaluate_tokens(trainer: Trainer, params, rest, tokens) -> dict:
     batch = t.batch_size // t.microbatches
     rows = trainer.process_rows(batch, micro=False)
     windows = pipeline.val_windows(tokens, batch, cfg.data.seq_len, t.eval_batches, rows)
+    first = next(windows)  # val_windows yields one batch at least
+    distributed.compiled_together(
+        trainer.eval_fn, params, rest, trainer.put_eval(first, batch), name="eval compiled"
+    )
+    windows = itertools.chain([first], windows)
     losses = [float(trainer.eval_fn(params, rest, trainer.put_eval(b, batch))) for b in windows]
     loss = float(np.mean(losses))
     return {
@@ -353,6 +359,11 @@ def _loop(trainer: Trainer, td, state, start: int, hooks: list[Hook], log: StepL
     t = cfg.train
     rows = trainer.process_rows(t.batch_size)
     log.progress.phase("compiling the train step")
+    if start < t.steps:
+        first = pipeline.train_batch(td.train, cfg.seed, start, t.batch_size, cfg.data.seq_len,
+                                     rows)  # fmt: skip
+        distributed.compiled_together(trainer.step_fn, state, *trainer.put_batch(first),
+                                      name="train step compiled")  # fmt: skip
     for s in range(start, t.steps):
         batch = pipeline.train_batch(td.train, cfg.seed, s, t.batch_size, cfg.data.seq_len, rows)
         state, mets = trainer.step_fn(state, *trainer.put_batch(batch))
