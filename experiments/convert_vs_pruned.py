@@ -20,6 +20,13 @@ them. `--expert_lr` / `--router_lr` override the config's Read-ME learning rates
 set for a 7B model whose pretraining peaked at 3e-4: about a sixth of it for the experts); a tiny
 model pretrained at 3e-3 gets the same ratio with `--expert_lr=5e-4`. `--seed` sets both
 conversions' seed (their calibration windows and tuning batches; the same for the two).
+
+Claims (`CLAIMS`, tested by `make docs` over the JSONs of one setting's seeds, `claim_rows`):
+converted below pruned on each domain, paired by seed, Holm over the domains. The replicates are
+not independent: every seed converts the same dense source and is evaluated on the same
+validation windows, so the seed-to-seed spread leaves out the source's own variation (a study
+that needs independent replicates trains one dense source per seed). Declared after the shipped
+runs (experiments/results/convert_vs_pruned_small*.json): post hoc for them.
 """
 
 from __future__ import annotations
@@ -35,6 +42,7 @@ from _tables.bench import convert_table
 from absl import app, flags
 
 from mole_jax.eval.validation import evaluate
+from mole_jax.sweeps.claims import Claim
 
 flags.DEFINE_string("dense", "runs/num_experts/dense-s0", "A trained dense workdir.")
 flags.DEFINE_string("out", "runs/convert", "Where the two converted workdirs go.")
@@ -50,6 +58,22 @@ flags.DEFINE_string("json", "experiments/results/convert_vs_pruned.json", "Rows 
 FLAGS = flags.FLAGS
 
 DOMAINS = ("shakespeare", "linux-doc", "pydoc")
+CONVERTED, PRUNED = "converted: 3 experts + permanent", "pruned: same active width"
+LIMITATION = "replicates share one dense source and evaluation windows: not independent"
+CLAIMS = [Claim("converted", "pruned", d, source=f"Read-ME Table 5; {LIMITATION}") for d in DOMAINS]
+
+
+def claim_rows(results: list[dict]) -> list[dict]:
+    """The rows CLAIMS are tested on, from the JSONs this script wrote (one per seed): a row per
+    model and seed, its loss on each domain under the domain's name."""
+    rows = []
+    for res in results:
+        seed = res["flags"].get("seed", 0)  # the first runs predate --seed
+        for group, model in (("converted", CONVERTED), ("pruned", PRUNED)):
+            got = next(r for r in res["rows"] if r["model"] == model)
+            rows.append(dict({d: got[d] for d in DOMAINS}, name=f"{group}-s{seed}", group=group,
+                             set={"seed": seed}))  # fmt: skip
+    return rows
 
 
 def convert(name: str, arg: str, domains: str, router: int, expert: int) -> str:
@@ -80,10 +104,10 @@ def main(_):
     r, e = FLAGS.router_steps, FLAGS.expert_steps
     runs = {
         "dense (source)": FLAGS.dense,
-        "converted: 3 experts + permanent": convert(
+        CONVERTED: convert(
             "converted", f"size={size},convert=1,permanent=1", ",".join(DOMAINS), r, e
         ),
-        "pruned: same active width": convert(
+        PRUNED: convert(
             "pruned", f"size={size},convert=1,permanent=1,experts=1", "+".join(DOMAINS), 0, e
         ),
     }

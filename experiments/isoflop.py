@@ -8,19 +8,25 @@ Expected (PEER paper, Table 1): PEER < MoE < PKM < dense in perplexity at both b
 paper's MoE routes by expert choice (`moe-ec`: not causal, see mole_jax/model/ffn/moe.py); the top-2
 token-choice MoE (`moe`, the MoLE paper's baseline) is trained beside it.
 
-    python launch.py sweep --config=experiments/isoflop.py:size=tiny,budgets=1e12/3e12 \
-        --workdir=runs/isoflop
-    # then seeds 1 and 2 of the narrowest width, into the same workdir (the rest is skipped):
-    python launch.py sweep --config=experiments/isoflop.py:size=tiny,budgets=1e12/3e12,\
-seeds=3,seed_scales=0.5 --workdir=runs/isoflop
+    python launch.py sweep --config=experiments/isoflop.py:size=tiny --workdir=runs/isoflop
 
-Report: per budget, each kind's lowest mean loss over its widths (among those with the most
-seeds), and each step of the paper's order through `_study.claim` (Welch; no verdict on one
-seed).
+(the defaults: budgets 1e12 and 3e12, five widths, seeds 1 and 2 of the narrowest width, x0.5,
+beside every width's seed 0; the shipped runs were made in two steps, seeds=1 first.)
+
+Claims (`CLAIMS`): each step of the paper's order, PEER < MoE (expert choice) < PKM < dense, at
+each budget, tested at the seeded width x0.5 (paired over its 3 seeds, Holm over the 6). The paper
+compares each kind at its own best width; which width is best is read from the results, so that
+comparison cannot be declared beforehand and the report gives it as exploratory (x0.5 itself was
+seeded after every curve had bottomed there). Declared after the shipped runs
+(experiments/results/studies/isoflop): post hoc for them. The claims follow the knobs: every
+budget swept, at the first width of `seed_scales` (or of `scales`).
+
+Report (exploratory): per budget, each kind's lowest mean loss over its widths (among those with
+the most seeds) and the order of those means.
 
 Cost: 5 kinds x 5 widths x (1e12 + 3e12) = 1e14 training FLOPs, about 42 tiny 600-step runs
-(a 600-step tiny dense run is 2.4e12); at tiny the smallest budget gives the widest models ~110
-steps and the narrowest ~500-550.
+(a 600-step tiny dense run is 2.4e12), and 1.4e14 with the x0.5 seeds (70 runs); at tiny the
+smallest budget gives the widest models ~110 steps and the narrowest ~500-550.
 
 Sizes (`scales`, default 0.5/0.75/1/1.5/2): the `size` backbone with d_model scaled by each
 (rounded down to a multiple of the heads; d_ff = 4 d_model, heads kept), so that each curve's
@@ -33,8 +39,9 @@ their key and pool sizes). Training FLOPs per token are `accounting.summarize`'s
 import itertools
 import re
 
-from experiments._study import by_group, claim, knobs, mean, run
+from experiments._study import by_group, knobs, mean, run
 from mole_jax.config import apply_overrides, load_file
+from mole_jax.sweeps.claims import Claim
 from mole_jax.train import accounting
 
 KINDS = {  # name: (configs/<kind>.py, its arguments)
@@ -46,9 +53,28 @@ KINDS = {  # name: (configs/<kind>.py, its arguments)
 }
 
 
+BUDGETS, SEEDED = "1e12/3e12", "0.5"  # the defaults the claims are declared on
+
+PAPER_ORDER = ("peer", "moe-ec", "pkm", "dense")  # Table 1: lowest loss first
+
+
+def _group(kind: str, budget: float, scale: float) -> str:
+    return f"{kind}-{budget:.1e}-x{scale}".replace("+", "")
+
+
+def CLAIMS(c):  # a function of the study's knobs: its budgets and seeded width
+    scale = (_floats(c.seed_scales) or _floats(c.scales))[0]
+    return [
+        Claim(_group(a, b, scale), _group(w, b, scale),
+              source="PEER Table 1: PEER < MoE < PKM < dense in perplexity at each budget")
+        for b in _floats(c.budgets)
+        for a, w in itertools.pairwise(PAPER_ORDER)
+    ]  # fmt: skip
+
+
 def get_config(arg=None):
-    return knobs(arg, size="tiny", budgets="4e12/1.2e13", scales="0.5/0.75/1/1.5/2", seeds=1,
-                 seed_scales="")  # fmt: skip
+    return knobs(arg, size="tiny", budgets=BUDGETS, scales="0.5/0.75/1/1.5/2", seeds=3,
+                 seed_scales=SEEDED)  # fmt: skip
 
 
 def _floats(text) -> list[float]:
@@ -79,14 +105,11 @@ def get_sweep(c):
                 per_step = (accounting.summarize(cfg)["train_flops_per_token"]
                             * cfg.train.batch_size * cfg.data.seq_len)  # fmt: skip
                 r["set"]["train.steps"] = max(1, int(budget // per_step))
-                r["name"] = f"{name}-{budget:.1e}-x{scale}".replace("+", "")
+                r["name"] = _group(name, budget, scale)
                 runs.append(r)
                 for i in range(1, c.seeds if scale in seeded else 1):
                     runs.append(dict(r, name=f"{r['name']}-s{i}", set=dict(r["set"], seed=i)))
     return runs
-
-
-PAPER_ORDER = ("peer", "moe-ec", "pkm", "dense")  # Table 1: lowest loss first
 
 
 def _parse(name: str) -> tuple[str, str, str]:
@@ -120,14 +143,12 @@ def report(rows):
             for g in [per_kind[k]]
             for w in [_parse(g)[2]]
         )
-        holds = [k for k in order if k in PAPER_ORDER] == list(PAPER_ORDER)
+        means = [k for k in order if k in PAPER_ORDER]
         lines.append(f"- budget {budget}: lowest mean loss per kind (at width; among the widths "
                      f"with the most seeds) {cells}")  # fmt: skip
-        verdict = "holds" if holds else "does not hold"
-        lines.append(f"- budget {budget}: PEER < MoE (expert choice) < PKM < dense: {verdict} "
-                     "on the means; each step:")  # fmt: skip
-        for a, b in itertools.pairwise(PAPER_ORDER):
-            lines.append(f"  - {a} < {b}: {claim(rows, per_kind[a], per_kind[b])}")
+        same = "the paper's" if means == list(PAPER_ORDER) else "not the paper's"
+        lines.append(f"- budget {budget}: order of those means {' < '.join(means)} ({same} "
+                     f"{' < '.join(PAPER_ORDER)}; no test)")  # fmt: skip
     lines.append(f"- *: the narrowest or widest width tried ({widths[0]}, {widths[-1]}): that "
                  "curve's minimum may lie beyond it")  # fmt: skip
     return "\n".join(lines)

@@ -1,8 +1,8 @@
 r"""Seed noise: the yardstick for the other studies' differences.
 
 Question: how far apart are the validation losses of runs that differ only in the seed (the
-initialisation and the order of the training batches)? A difference between two models in the
-other studies that is not larger than this spread says nothing.
+initialisation and the order of the training batches)? It is the noise the other studies' tests
+must see through (`mole_jax/sweeps/stats.py`: their minimum detectable effects grow with it).
 Expected: a spread of a few hundredths of a nat or less at these step counts.
 
     python launch.py sweep --config=experiments/seeds.py:size=tiny,steps=600,kind=mole \
@@ -12,6 +12,9 @@ Expected: a spread of a few hundredths of a nat or less at these step counts.
 import numpy as np
 
 from experiments._study import knobs, run, val
+
+# A measurement (the spread of one model over seeds), no paper claim to test.
+CLAIMS = []
 
 
 def get_config(arg=None):

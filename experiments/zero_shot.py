@@ -6,19 +6,34 @@ accuracy when its LUT is read from storage in float16 and in nf4 — beyond the 
 Tasks: `mole_offline` (`mole_jax/eval/tasks/`: next-line choice among 4, last word, rolling
 perplexity, from the corpus' held-out plays). Each kind is trained with `seeds` seeds.
 Expected (MoLE paper, Tables 2 and 8): MoLE >= MoE > dense; offloaded fp16 equal to in memory,
-nf4 within noise. At CPU scale (300 steps) accuracies sit near chance, so differences inside the
-seed spread are reported as such.
+nf4 within noise. At CPU scale (300 steps) accuracies sit near chance.
+
+Claims (`CLAIMS`): MoLE-4E above MoE-10E above dense, on validation loss and on each task's
+accuracy, Holm-corrected together. Every seed scores the same items, but the shipped runs did not
+save per-item results: an accuracy is tested over seeds with each run's item-level standard
+error added (`mole_jax/sweeps/claims.py`: the conservative, unpaired bound). The paper's MoLE >= MoE
+is tested as MoLE above MoE: *contradicted* would refute it, *not resolved* does not confirm it.
+The offloaded engines' equality with the in-memory one is reported per seed, not tested.
+Declared after the shipped runs (experiments/results/studies/zero_shot): post hoc for them.
 
     python launch.py sweep --config=experiments/zero_shot.py:size=small,steps=300,seeds=3 \
         --workdir=runs/zero_shot
 """
 
-from experiments._study import by_group, difference, knobs, run
+from experiments._study import by_group, knobs, run
+from mole_jax.sweeps.claims import Claim
 
 KINDS = (("dense", "dense", {}), ("moe-10e", "moe", dict(experts=10, topk=2)),
          ("mole-4e", "mole", dict(experts=4)))  # fmt: skip
 TASKS = ("mole_next_line", "mole_last_word")
 OFFLOADED = ("fp16 offloaded", "nf4 offloaded")
+PAIRS = (("mole-4e", "moe-10e"), ("moe-10e", "dense"), ("mole-4e", "dense"))  # better, worse
+
+CLAIMS = [
+    Claim(a, b, metric, source="MoLE Table 2: MoLE >= MoE > dense (average accuracy)")
+    for a, b in PAIRS
+    for metric in ("val_loss", *(f"task:model/{t}/acc" for t in TASKS))
+]
 
 
 def get_config(arg=None):
@@ -42,11 +57,8 @@ def _acc(task, engine="model"):
 
 
 def report(rows):
+    """Descriptive: what offloading the LUT changes in accuracy per seed, and request speed."""
     lines = []
-    for a, b in (("mole-4e", "moe-10e"), ("moe-10e", "dense"), ("mole-4e", "dense")):
-        lines.append(f"- validation loss: {difference(rows, a, b)}")
-        for task in TASKS:
-            lines.append(f"- {task} accuracy: {difference(rows, a, b, _acc(task))}")
     mole = by_group(rows)["mole-4e"]
     for engine in OFFLOADED:
         for task in TASKS:

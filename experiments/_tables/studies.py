@@ -2,10 +2,10 @@
 wrote under experiments/results/studies/<study>/ (or taken from its `results.md`), so that no
 number on the page is copied by hand.
 
-    study_tables NAME           results.md's tables and report, without its title and docstring
-    study_report NAME           the lines the study's report(rows) wrote into sweep.json
+    study_tables NAME           results.md's tables, then the study's report(rows) recomputed
+    study_report NAME           the study's report(rows), recomputed from sweep.json's rows with
+                                the study file as it is now (descriptive, exploratory)
     seed_groups NAME COLUMN...  one row per seed group: seeds, then the COLUMNs (see COLUMNS)
-    differences NAME A:B ...    `_study.difference` of each pair of groups (A - B, Welch)
     zero_shot_summary NAME      loss and task scores per model and engine, over seeds
     query_bn_summary NAME       loss, expert usage and unevenness per pool and query-BN setting
     isoflop_grid NAME BUDGET    one budget's loss per kind and width, and dense's steps
@@ -103,20 +103,31 @@ COLUMNS = {
 }
 
 
+def report(name: str) -> str:
+    """The study's report(rows) on the sweep's rows, with the study file as it is now (the
+    report a sweep stored may carry verdicts the file no longer issues)."""
+    from _tables.verdicts import study_module
+
+    out = _sweep(name)
+    assert out["complete"], f"{name}: incomplete sweep"
+    module = study_module(out["study"].partition(":")[0])
+    return module.report(out["rows"]) if hasattr(module, "report") else ""
+
+
 @renderer("study_tables")
 def study_tables(name: str) -> str:
-    """experiments/results/studies/<name>/results.md from its first table on: the runs' table,
-    the table over seeds and the report, as the sweep wrote them (the question is on the page)."""
+    """experiments/results/studies/<name>/results.md's tables (the runs', the one over seeds) as
+    the sweep wrote them (the question is on the page), then the study's report recomputed."""
     text = (RESULTS / "studies" / name / "results.md").read_text()
-    return text[text.index("\n| ") + 1 :].strip("\n")
+    lines = text[text.index("\n| ") + 1 :].split("\n")
+    last = max(i for i, line in enumerate(lines) if line.startswith("|"))
+    return "\n".join(lines[: last + 1]) + "\n\n" + report(name)
 
 
 @renderer("study_report")
 def study_report(name: str) -> str:
-    """The study's report(rows), as the sweep wrote it into sweep.json."""
-    out = _sweep(name)
-    assert out["complete"] and out["report"], f"{name}: no report (incomplete sweep?)"
-    return out["report"]
+    """The study's report(rows), recomputed (descriptive; the verdicts are study_verdicts')."""
+    return report(name)
 
 
 @renderer("seed_groups")
@@ -138,16 +149,6 @@ def seed_groups(name: str, *columns: str) -> str:
     rows = [[labels.get(g, g), len(rs)] + [cell(rs, evals) for cell in cells]
             for g, rs in groups.items()]  # fmt: skip
     return markdown(header, rows)
-
-
-@renderer("differences")
-def differences(name: str, *pairs: str) -> str:
-    """For each `A:B`, the difference of the groups' mean validation losses ± its standard error
-    and whether it lies inside the spread (experiments/_study.difference, Welch's t test)."""
-    from experiments._study import difference
-
-    rows = _sweep(name)["rows"]
-    return "\n".join(f"- {difference(rows, *pair.split(':'))}" for pair in pairs)
 
 
 def _metric(metrics: dict) -> str:

@@ -10,6 +10,7 @@ import numpy as np
 from mole_jax.config import to_json, user_code
 from mole_jax.errors import ConfigError
 from mole_jax.files import write_text_atomic
+from mole_jax.sweeps import claims
 from mole_jax.sweeps.worker import finished_result
 
 
@@ -159,10 +160,15 @@ def write(module, filename: str, study_cfg, workdir: str, runs, status: dict) ->
             text = user_code("the study's report(rows)", report, rows)
         except ConfigError as e:
             failed = e  # the results are written first; then the error
+    declared_claims = claims.study_claims(module, study_cfg)
+    declared = claims.declare(workdir, declared_claims, len(rows))
+    if complete and (declared["claims"] or text):
+        text = claims.section(rows, declared_claims, declared, text)
     out = dict(
         study=filename,
         study_config=json.loads(to_json(study_cfg)),
         complete=complete,
+        claims=declared,
         rows=rows,
         report=text,
     )

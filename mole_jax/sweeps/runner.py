@@ -19,7 +19,10 @@ result, with
                 mode    'offload' (LUT rows read from the store; the default with export),
                         'lut_memory' (the whole LUT on the device) or 'experts' (the trained
                         model in memory, the default without export)
-    report(rows) -> str             (optional) the study's reading of the finished rows
+    CLAIMS                          the paper's claims the study tests, declared before it
+                                    runs (`mole_jax/sweeps/claims.py`: Claim, Trend); recorded
+                                    in <workdir>/claims.json, tested with Holm's correction
+    report(rows) -> str             (optional) the study's further reading, labelled exploratory
 
 Every run's config is built and validated before any run starts, and the corpora are prepared
 once. Each run is a subprocess (`python -m mole_jax.sweeps.worker <run>/sweep_spec.json`),
@@ -46,6 +49,7 @@ from mole_jax.errors import ConfigError, UserError
 from mole_jax.files import write_text_atomic
 from mole_jax.progress import Progress
 from mole_jax.stores import quant
+from mole_jax.sweeps import claims
 from mole_jax.sweeps.worker import LOG, RESULT, SPEC, finished_result
 from mole_jax.train.validate import validate
 from mole_jax.workdir import Workdir
@@ -286,11 +290,17 @@ def run_sweep(
 
     module = load_study(filename)
     runs = plan(module, study_cfg, workdir)
+    declared = claims.study_claims(module, study_cfg, {r.group or r.name for r in runs})
     print(f"study {filename}: {len(runs)} run(s) under {workdir}")
+    for c in declared:
+        print(f"  claim: {c.label}" + (f" ({c.source})" if c.source else ""))
     if dry_run:
         print(report.plan_table(runs))
-        return {"runs": [r.spec for r in runs], "dry_run": True}
+        return {"runs": [r.spec for r in runs], "claims": claims.describe(declared),
+                "dry_run": True}  # fmt: skip
     with Workdir(workdir).writer_lock("sweep"):
+        done = sum(finished_result(r.dir, r.spec) is not None for r in runs)
+        claims.declare(workdir, declared, done)  # before any run starts
         prepare_data(runs)
         status = execute(runs, parallel, executor, params)
         out = report.write(module, filename, study_cfg, workdir, runs, status)
