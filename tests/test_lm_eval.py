@@ -208,6 +208,10 @@ def test_launch_eval_tasks_writes_scores_and_the_lm_eval_cli_runs(mole_run, tmp_
     assert set(rec["tasks"]) >= {"mole_next_line", "mole_last_word", "mole_ppl"}
     assert 0 <= rec["tasks"]["mole_next_line"]["acc"] <= 1
     assert "acc_stderr" in rec["tasks"]["mole_next_line"]
+    for task in ("mole_next_line", "mole_last_word"):  # each document's score, for paired tests
+        items = rec["items"][task]
+        assert len(items) == 6 and set(items) <= {0.0, 1.0}
+        assert sum(items) / 6 == pytest.approx(rec["tasks"][task]["acc"])
     assert rec["mode"] == "offload" and rec["lut_dtype"] == "float32"
     assert rec["bytes_read_per_token"] > 0 and rec["requests"] == 6 * 4 + 6 + 6
     cli = subprocess.run(

@@ -114,3 +114,20 @@ def test_claims_are_declared_before_runs_and_a_change_is_marked(tmp_path):
     assert json.loads((tmp_path / "claims.json").read_text()) == later
     text = claims.section(_rows({"a": [1, 2, 3], "b": [2, 3, 4.5]}), [Claim("b", "a")], later, "x")
     assert "post hoc" in text and text.endswith("Exploratory (not declared before the runs):\nx")
+
+
+def test_accuracies_with_saved_items_are_paired_item_by_item():
+    rng = np.random.default_rng(0)
+    base = rng.random(400) < 0.5  # the same 400 documents for both models
+    flip = rng.random(400) < 0.15
+    rows = []
+    for g, wins in (("x", base | flip), ("y", base)):  # x right on 15 % more of the items
+        for i in range(2):
+            items = wins.astype(float).tolist()
+            task = {"acc": float(np.mean(items)), "acc_stderr": 0.025}
+            scored = {"model": {"tasks": {"t": task}, "items": {"t": items}}}
+            rows.append({"name": f"{g}-s{i}", "group": g, "set": {"seed": i}, "tasks": scored})
+    (line,) = claims.verdicts(rows, [Claim("x", "y", "task:model/t/acc")])
+    # about +0.07 (half the flipped items were already right): x never loses an item to y, so
+    # the paired resamples never reach 0
+    assert "reproduced" in line and "paired bootstrap over items, 2 vs 2 seeds × 400 items" in line

@@ -95,13 +95,14 @@ def run_tasks(
         limit=limit,
         task_manager=manager,
         bootstrap_iters=BOOTSTRAP_ITERS,
-        log_samples=False,
+        log_samples=True,  # each document's score: `items`, for paired tests over the items
     )
     seconds = time.perf_counter() - t0
     record = dict(
         lm.usage(),
         tasks=_metrics({k: v for k, v in out["results"].items() if k not in out.get("groups", {})}),
         groups=_metrics(out.get("groups", {})),
+        items=_items(out.get("samples") or {}),
         requests=lm.requests,
         seconds=round(seconds, 2),
         seconds_per_1000_requests=round(1000 * seconds / max(lm.requests, 1), 2),
@@ -115,6 +116,17 @@ def run_tasks(
     path.parent.mkdir(parents=True, exist_ok=True)
     write_text_atomic(path, json.dumps(record, indent=2))
     return dict(record, path=str(path))
+
+
+def _items(samples: dict) -> dict:
+    """{task: [each document's accuracy, by doc_id]} of the tasks scored by accuracy: the same
+    documents for every model, so two models' scores pair item by item
+    (mole_jax/sweeps/stats.bootstrap_items)."""
+    out = {}
+    for task, rows in samples.items():
+        if rows and all(isinstance(r.get("acc"), (int, float)) for r in rows):
+            out[task] = [float(r["acc"]) for r in sorted(rows, key=lambda r: r["doc_id"])]
+    return out
 
 
 def _metrics(results: dict) -> dict:
