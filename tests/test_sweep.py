@@ -139,6 +139,8 @@ def test_sweep_trains_evaluates_skips_and_reports_failures(corpus_dir, cache_dir
     # the run's tasks, scored on the trained model and on the fp16 LUT read from storage
     model, lut = (mole["tasks"][e]["tasks"]["mole_next_line"] for e in ("model", "fp16"))
     assert 0 <= model["acc"] <= 1 and model["acc"] == lut["acc"] and "acc_stderr" in model
+    items = [mole["tasks"][e]["items"]["mole_next_line"] for e in ("model", "fp16")]
+    assert len(items[0]) == 4 and items[0] == items[1]  # per document: the verdicts pair them
     assert mole["tasks"]["model"]["requests"] == 4 * 4 and not dense.get("tasks")
     md = (w / "results.md").read_text()
     assert "| dense |" in md and "report: dense,mole" in md and "Incomplete" not in md

@@ -91,7 +91,7 @@ def run_eval(run_dir: str, e: dict, exported: set[str]) -> dict:
 
 
 MODEL_EVAL = {"name": "model", "mode": "experts"}  # the trained model in memory
-TASK_KEYS = ("tasks", "groups", "requests", "seconds", "bytes_read_per_token", "lut_dtype")
+TASK_KEYS = ("tasks", "groups", "items", "requests", "seconds", "bytes_read_per_token", "lut_dtype")
 
 
 def run_tasks(run_dir: str, spec: dict, e: dict) -> dict:
