@@ -35,10 +35,10 @@ def headlines() -> str:
     nocache = _row(off, "MoLE-4E offloaded fp16, no row cache", 1)
     moe = _row(off, "MoE-10E offloaded fp16, LRU 4/layer + prefetch", 1)
     nf4 = _row(off, "MoLE-4E offloaded nf4", 1)
-    faults = load("faults.json")["faults"]
-    injected = sum(len(v) for v in faults.values())
-    lost = sum(r["lost"] for v in faults.values() for r in v)
-    tracebacks = sum(r["tracebacks"] for v in faults.values() for r in v)
+    runs = [r for name in ("faults.json", "faults_later.json")
+            for v in load(name)["faults"].values() for r in v]  # fmt: skip
+    injected, lost = len(runs), sum(r["lost"] for r in runs)
+    tracebacks = sum(r["tracebacks"] for r in runs)
     v1024 = "bench_train_small_v1024.json"
     rows = [
         [
