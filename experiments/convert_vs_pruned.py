@@ -44,17 +44,27 @@ from absl import app, flags
 from mole_jax.eval.validation import evaluate
 from mole_jax.sweeps.claims import Claim
 
-flags.DEFINE_string("dense", "runs/num_experts/dense-s0", "A trained dense workdir.")
-flags.DEFINE_string("out", "runs/convert", "Where the two converted workdirs go.")
-flags.DEFINE_string("size", "tiny", "The dense run's size (configs' size argument).")
-flags.DEFINE_integer("rounds", 2, "Alternating rounds.")
-flags.DEFINE_integer("router_steps", 50, "Router tuning steps per round.")
-flags.DEFINE_integer("expert_steps", 100, "Expert tuning steps per round.")
-flags.DEFINE_float("expert_lr", 0.0, "Expert tuning LR (0: configs/pregated.py's, Read-ME's 5e-5).")
-flags.DEFINE_float("router_lr", 0.0, "Router tuning LR (0: configs/pregated.py's, Read-ME's 5e-4).")
-flags.DEFINE_integer("eval_batches", 20, "Validation batches per domain.")
-flags.DEFINE_integer("seed", 0, "The conversions' seed: calibration windows, tuning batches.")
-flags.DEFINE_string("json", "experiments/results/convert_vs_pruned.json", "Rows go here.")
+
+def _define_flags() -> None:
+    """The script's flags, defined when it runs (the docs' renderers import this file for its
+    CLAIMS beside other scripts' flags, e.g. faults.py's --seed)."""
+    flags.DEFINE_string("dense", "runs/num_experts/dense-s0", "A trained dense workdir.")
+    flags.DEFINE_string("out", "runs/convert", "Where the two converted workdirs go.")
+    flags.DEFINE_string("size", "tiny", "The dense run's size (configs' size argument).")
+    flags.DEFINE_integer("rounds", 2, "Alternating rounds.")
+    flags.DEFINE_integer("router_steps", 50, "Router tuning steps per round.")
+    flags.DEFINE_integer("expert_steps", 100, "Expert tuning steps per round.")
+    flags.DEFINE_float(
+        "expert_lr", 0.0, "Expert tuning LR (0: configs/pregated.py's, Read-ME's 5e-5)."
+    )
+    flags.DEFINE_float(
+        "router_lr", 0.0, "Router tuning LR (0: configs/pregated.py's, Read-ME's 5e-4)."
+    )
+    flags.DEFINE_integer("eval_batches", 20, "Validation batches per domain.")
+    flags.DEFINE_integer("seed", 0, "The conversions' seed: calibration windows, tuning batches.")
+    flags.DEFINE_string("json", "experiments/results/convert_vs_pruned.json", "Rows go here.")
+
+
 FLAGS = flags.FLAGS
 
 DOMAINS = ("shakespeare", "linux-doc", "pydoc")
@@ -132,4 +142,5 @@ def main(_):
 
 
 if __name__ == "__main__":
+    _define_flags()
     app.run(main)
