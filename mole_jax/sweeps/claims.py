@@ -7,10 +7,15 @@ lower is better), `task:<engine>/<task>/<metric>` (an lm-eval score, higher is b
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
 import re
+import time
 
 import numpy as np
 
+from mole_jax.errors import ConfigError
+from mole_jax.files import write_text_atomic
 from mole_jax.sweeps import stats
 from mole_jax.sweeps.stats import Claim, Trend
 
@@ -36,12 +41,17 @@ def higher_is_better(metric: str) -> bool:
     return metric.startswith("task:")
 
 
+def _scored(row: dict, metric: str) -> tuple[dict, str, str]:
+    """(the engine's record, task, metric name) of a `task:<engine>/<task>/<metric>` metric."""
+    engine, task, name = metric.removeprefix("task:").split("/")
+    return row.get("tasks", {}).get(engine, {}), task, name
+
+
 def value(row: dict, metric: str) -> float:
     """The metric's value in a finished row (NaN where the row lacks it)."""
     if metric.startswith("task:"):
-        engine, task, name = metric[5:].split("/")
-        got = row.get("tasks", {}).get(engine, {}).get("tasks", {}).get(task, {})
-        return float(got.get(name, np.nan))
+        record, task, name = _scored(row, metric)
+        return float(record.get("tasks", {}).get(task, {}).get(name, np.nan))
     if metric.startswith("eval:"):
         return float(row.get("evals", {}).get(metric[5:], {}).get("loss", np.nan))
     return float(row.get(metric, np.nan))
@@ -51,15 +61,16 @@ def _stderr(row: dict, metric: str) -> float:
     """An lm-eval score's item-level standard error in a row (0 for other metrics)."""
     if not metric.startswith("task:"):
         return 0.0
-    engine, task, name = metric[5:].split("/")
-    got = row.get("tasks", {}).get(engine, {}).get("tasks", {}).get(task, {})
-    return float(got.get(f"{name}_stderr", 0.0))
+    record, task, name = _scored(row, metric)
+    return float(record.get("tasks", {}).get(task, {}).get(f"{name}_stderr", 0.0))
 
 
 def _items(rows: list[dict], metric: str):
     """[seeds, items] of per-item 0/1 results where every row saved them, else None."""
-    engine, task, _ = metric[5:].split("/")
-    got = [r.get("tasks", {}).get(engine, {}).get("items", {}).get(task) for r in rows]
+    got = []
+    for r in rows:
+        record, task, _ = _scored(r, metric)
+        got.append(record.get("items", {}).get(task))
     return None if any(g is None for g in got) else np.asarray(got, np.float64)
 
 
@@ -141,8 +152,6 @@ def study_claims(module, study_cfg=None, groups=None) -> list:
     function of the study's config returning one (claims that follow its knobs, e.g. the
     expert counts swept; the study's defaults where no config is given). Checked against the
     sweep's run groups where given: a claim naming no run is a ConfigError."""
-    from mole_jax.errors import ConfigError
-
     got = getattr(module, "CLAIMS", None) or []
     if callable(got):
         got = got(module.get_config() if study_cfg is None else study_cfg)
@@ -161,12 +170,6 @@ def study_claims(module, study_cfg=None, groups=None) -> list:
 def declare(workdir: str, claims, finished: int) -> dict:
     """Records the claims in <workdir>/claims.json before any run starts; a claim changed after
     runs finished is recorded as such (`declared_after_runs`), so its verdicts say post hoc."""
-    import json
-    import os
-    import time
-
-    from mole_jax.files import write_text_atomic
-
     path, now = os.path.join(workdir, "claims.json"), describe(claims)
     old = json.load(open(path)) if os.path.exists(path) else None
     if old is not None and old.get("claims") == now:
