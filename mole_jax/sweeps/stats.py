@@ -1,7 +1,8 @@
 """The statistics of the studies' verdicts: one place, so every verdict is tested the same way.
 
 A study declares its claims before it runs (`Claim`, `Trend` in its file: the paper's direction,
-the groups, the metric); `verdicts(rows, claims)` tests each on the finished runs and words it:
+the groups, the metric); `claims.verdicts(rows, claims)` tests each on the finished runs and
+words it:
 
 - **paired** where the two groups share seeds (same seed: same initialisation and data order),
   a t test on the per-seed differences; **Welch** otherwise (and the line says which);
