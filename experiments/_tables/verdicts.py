@@ -18,6 +18,7 @@ import json
 import re
 
 from _tables import RESULTS, ROOT, markdown, renderer
+from _tables.studies import _sweep
 from ml_collections import ConfigDict
 
 from mole_jax.sweeps import claims
@@ -33,10 +34,6 @@ def study_module(path: str):
 
         _MODULES[path] = load_module(str(ROOT / path))
     return _MODULES[path]
-
-
-def _sweep(name: str) -> dict:
-    return json.loads((RESULTS / "studies" / name / "sweep.json").read_text())
 
 
 def _declared(out: dict, declared: list, rows: list[dict]) -> dict:
