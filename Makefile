@@ -76,7 +76,7 @@ lock: $(VENV)/.venv
 	$(LOCK) requirements/uv.in -o requirements/uv.txt
 	$(LOCK) pyproject.toml -o requirements/base.txt
 	$(LOCK) pyproject.toml --extra dev -o requirements/dev.txt
-	$(LOCK) pyproject.toml --extra dev --extra eval -o requirements/test.txt
+	$(LOCK) pyproject.toml --extra dev --extra eval --extra remote -o requirements/test.txt
 	$(LOCK) pyproject.toml --extra tpu --extra gpu-aot -o requirements/aot.txt
 
 clean:

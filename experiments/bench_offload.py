@@ -49,7 +49,6 @@ from mole_jax.eval.validation import val_batches
 from mole_jax.infer.engine import build_engine
 from mole_jax.infer.export import export_experts, export_lut
 from mole_jax.infer.generate import generate, generate_steps
-from mole_jax.infer.offload.rows import read_bytes
 from mole_jax.stores.experts import ExpertStore
 from mole_jax.stores.lut import LutStore
 from mole_jax.train import loop
@@ -136,6 +135,17 @@ def engines(dirs: dict[str, str]):
             lambda: build_engine(dirs["mole"], "offload", store="lut_nf4", cache_rows=rows),
         ),
     ]
+
+
+def read_bytes() -> int | None:
+    """Bytes this process has read through read()/pread() so far (Linux /proc/self/io rchar,
+    page-cache hits included; the measure of the shipped results: `io_counters` in
+    mole_jax/stores/location.py counts the same for folders and object storage alike)."""
+    try:
+        with open("/proc/self/io", "rb") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith(b"rchar:"))
+    except (OSError, StopIteration):
+        return None
 
 
 def storage_pass(engine, store_dir, prompts, new: int) -> dict:

@@ -70,7 +70,7 @@ def main(_):
     )
     print(f"{'LUT bytes per token':<28}{'-':>14}{off['bytes_per_token']:>16,} ({off['lut_dtype']})")
     print(f"{'bytes read from storage':<28}{0:>14,}{off['bytes_read']:>16,}")
-    print(f"{'  measured (rchar)':<28}{'-':>14}{off['io_bytes']:>16,}")
+    print(f"{'  measured (tensorstore)':<28}{'-':>14}{off['io_bytes']:>16,}")
     print(f"{'row cache hit rate':<28}{'-':>14}{off['cache_hit_rate']:>16.2f}")
     print(f"|loss difference| = {abs(off['loss'] - mem['loss']):.2e} (float16 table)")
     print(f"\n[4/4] greedy generation with the LUT offloaded, prompt {FLAGS.prompt!r}:")

@@ -66,9 +66,12 @@ class Workdir:
     def lock_path(self) -> Path:
         return self.path / ".lock"
 
-    def store(self, name: str) -> Path:
-        """A LUT or expert store by its directory name ('lut', 'lut_nf4', 'experts', ...)."""
-        return self.path / name
+    def store(self, name: str) -> Path | str:
+        """A LUT or expert store: a name under the workdir ('lut', 'lut_nf4', 'experts', ...),
+        or a folder (a path with a '/') or a URL (s3://, gs://, http(s)://) anywhere."""
+        if "://" in name:
+            return name
+        return Path(name) if "/" in name else self.path / name
 
     def eval_path(self, name: str) -> Path:
         return self.path / "eval" / f"{name}.json"

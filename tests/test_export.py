@@ -16,7 +16,6 @@ from mole_jax.infer import export as export_lib
 from mole_jax.infer.engine import build_engine
 from mole_jax.infer.export import export_experts
 from mole_jax.infer.generate import generate
-from mole_jax.infer.offload.rows import read_bytes
 from mole_jax.model.config import model_config
 from mole_jax.stores.lut import LutStore
 from mole_jax.train import loop
@@ -68,8 +67,10 @@ def test_bytes_per_token_is_layers_experts_d_times_value_bytes(mole_run):
     engine.forward(batch)
     assert engine.stats()["rows_read"] == 4  # distinct ids 1, 3, 5, 9
     assert engine.stats()["bytes_read"] == 4 * layers * e * d * 4
-    if read_bytes() is not None:  # measured: the rows at least, plus the shard indexes
-        assert engine.stats()["io_bytes"] >= engine.stats()["bytes_read"]
+    # measured: the rows at least, plus the shard indexes; a request per array at least (rows
+    # near each other share one)
+    assert engine.stats()["io_bytes"] >= engine.stats()["bytes_read"]
+    assert layers <= engine.stats()["io_requests"] <= 4 * layers + layers
     engine.forward(batch)  # without a cache the same rows are read again
     assert engine.stats()["bytes_read"] == 8 * layers * e * d * 4
     cached = build_engine(mole_run, "offload", cache_rows=100)

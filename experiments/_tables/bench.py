@@ -1,6 +1,7 @@
 """Tables of the benchmarks (docs/benchmarks.md): training throughput, offloaded inference,
-prefetch recall, the MoE-offloading ablation, expert-cache policies, pre-gated serving and
-conversion against pruning, each from the JSON its script wrote under experiments/results/.
+prefetch recall, the MoE-offloading ablation, expert-cache policies, pre-gated serving (one
+queue; several, with verdicts), stores in object storage, conversion against pruning, each from
+the JSON its script wrote under experiments/results/.
 
 The formatting functions a benchmark prints with live here too (`train_table`, `cache_table`,
 `offload_markdown`, `convert_table`), imported by the scripts, so that the script's output and the
@@ -234,6 +235,78 @@ def serving_costs(*paths: str) -> str:
         row = [path, d["flags"]["workdir"], f"{1e3 * d['load_s']:.2f}", *ks]
         rows.append(row + [""] * (len(head) - len(row)))
     return markdown(head, rows)
+
+
+@renderer("serving_seeds")
+def serving_seeds(path: str) -> str:
+    """serving_seeds.py: FIFO and expert-aware per cost model and load, mean over the queues
+    (unique experts per batch; mean / p95 ms per token), then the declared claims' verdicts and
+    the exploratory ones, each tested anew on the rows (`_serving_claims.py`)."""
+    from _serving_claims import CLAIMS, EXPLORATORY, tests, verdict_line
+
+    d = load(path)
+    rows = d["modelled"]
+    cells = {}
+    for r in rows:
+        cells.setdefault((r["cost"], r["load"], r["batching"]), []).append(r)
+    head = ["cost model", "load", "FIFO: experts / batch", "mean / p95 ms", "expert-aware: "
+            "experts / batch", "mean / p95 ms"]  # fmt: skip
+    table = []
+    for cost, load_ in dict.fromkeys((c, lo) for c, lo, _ in cells):
+        line = [cost, load_]
+        for b in ("decode_first", "expert_aware"):
+            rs = cells[(cost, load_, b)]
+            mean = {k: sum(r[k] for r in rs) / len(rs) for k in ("unique_experts", "mean_ms",
+                                                                 "p95_ms")}  # fmt: skip
+            line += [
+                f"{mean['unique_experts']:.2f}",
+                f"{mean['mean_ms']:.1f} / {mean['p95_ms']:.1f}",
+            ]
+        table.append(line)
+    out = [markdown(head, table), "", "Declared before the runs:", ""]
+    out += [f"- {verdict_line(t)}" for t in tests(rows, CLAIMS)]
+    out += ["", "Exploratory (not declared; the engine's padded cost model):", ""]
+    out += [f"- {verdict_line(t)}" for t in tests(rows, EXPLORATORY)]
+    return "\n".join(out)
+
+
+# --- stores in object storage (bench_remote.py) --------------------------------------------
+
+
+def remote_table(rows: list[dict]) -> str:
+    """bench_remote's table: per model and store, each batch's median / p95 ms per decode step,
+    requests and bytes per token; then the target check of every delayed HTTP store."""
+    batches = list(dict.fromkeys(r["batch"] for r in rows))
+    head = ["model", "store"]
+    for b in batches:
+        head += [f"batch {b}: ms / step (p95)", "requests / token", "bytes / token"]
+    by = {(r["model"], r["store"], r["batch"]): r for r in rows}
+    table = []
+    for model, store in dict.fromkeys((r["model"], r["store"]) for r in rows):
+        line = [model, store]
+        for b in batches:
+            r = by[(model, store, b)]
+            line += [f"{r['step_ms']:.2f} ({r['p95_ms']:.2f})", f"{r['requests_per_token']:.2f}",
+                     f"{r['bytes_per_token']:,.0f}"]  # fmt: skip
+        table.append(line)
+    out = [markdown(head, table), ""]
+    for b in batches:
+        mem = by[("MoLE-4E LUT in memory", "memory", b)]["step_ms"]
+        for (model, store, bb), r in by.items():
+            if bb != b or model != "MoLE-4E offloaded" or not store.startswith("http +"):
+                continue
+            delay = float(store.split("+")[1].split()[0])
+            bound = 1.3 * (delay + mem)
+            verdict = "meets" if r["step_ms"] <= bound else "misses"
+            out.append(f"- batch {b}, {store}: MoLE {r['step_ms']:.2f} ms per step against the "
+                       f"target 1.3 x ({delay:g} + {mem:.2f}) = {bound:.2f} ms: "
+                       f"{verdict} it")  # fmt: skip
+    return "\n".join(out)
+
+
+@renderer("remote")
+def remote(path: str) -> str:
+    return remote_table(load(path)["rows"])
 
 
 # --- conversion against pruning (convert_vs_pruned.py) --------------------------------------

@@ -112,13 +112,16 @@ def export(f):
     if f.format == "hf":
         return _export_hf(f)
     if f.experts:
+        if f.layout:
+            raise UserError("--layout arranges a LUT's rows; an expert store has one layout")
         return _export_experts(f)
-    m = export_lut(f.workdir, f.step, f.dtype)
+    m = export_lut(f.workdir, f.step, f.dtype, out=f.to or "lut", layout=f.layout)
     total = sum(array_bytes(a) for a in m["arrays"].values())
     print(
         f"exported {len(m['layers'])} MoLE layer(s) of step {m['checkpoint_step']} to "
-        f"{f.workdir}/lut ({m['dtype']}): {m['vocab_size']} rows x {m['experts']} experts x "
-        f"{m['d_model']}, {total / 2**20:.1f} MiB, {m['bytes_per_token']} bytes per token"
+        f"{m['location']} ({m['dtype']}, {m['layout']}): {m['vocab_size']} rows x "
+        f"{m['experts']} experts x {m['d_model']}, {total / 2**20:.1f} MiB, "
+        f"{m['bytes_per_token']} bytes per token"
     )
     return m
 
@@ -175,10 +178,10 @@ def _hub_snapshot(repo_id: str, allowed: bool) -> str:
 def _export_experts(f):
     from mole_jax.infer.export import export_experts
 
-    m = export_experts(f.workdir, f.step, f.dtype)
+    m = export_experts(f.workdir, f.step, f.dtype, out=f.to or "experts")
     print(
         f"exported {len(m['layers'])} MoE layer(s) x {m['experts']} experts of step "
-        f"{m['checkpoint_step']} to {f.workdir}/experts ({m['dtype']}), "
+        f"{m['checkpoint_step']} to {m['location']} ({m['dtype']}), "
         f"{m['bytes_per_expert']} bytes per expert"
     )
     return m
@@ -194,14 +197,20 @@ def eval(f):  # noqa: A001 - the subcommand's name
         raise UserError(f"--max_tokens={f.max_tokens} must be positive")
     mode = _mode(f)
     out = evaluate(
-        f.workdir, mode, corpus=f.data, step=f.step, max_tokens=f.max_tokens, write=False
-    )
+        f.workdir, mode, corpus=f.data, step=f.step, max_tokens=f.max_tokens, write=False,
+        **_store_option(f),
+    )  # fmt: skip
     mode_name = MODE_NAMES.get(out["mode"], out["mode"])
     line = f"{mode_name} eval of step {out['step']}: loss {out['loss']:.4f}, ppl {out['ppl']:.2f}"
     if "lut_dtype" in out:
         line += f", {out['bytes_per_token']} bytes/token ({out['lut_dtype']})"
     if "bytes_read" in out:
         line += f", {out['bytes_read']} bytes read, cache hit rate {out['cache_hit_rate']:.2f}"
+    if out.get("io_requests"):
+        line += (
+            f", storage: {out['io_requests'] / out['tokens']:.2f} requests and "
+            f"{out['io_bytes'] / out['tokens']:,.0f} bytes per token"
+        )
     print(line + f" over {out['tokens']} tokens", flush=True)  # before saving, which may fail
     record(f.workdir, mode, out)
     return out
@@ -215,6 +224,7 @@ def _eval_tasks(f):
         f.tasks,
         _mode(f),
         f.step,
+        lut=_store_option(f).get("store"),
         limit=f.limit,
         num_fewshot=f.num_fewshot,
         include_path=f.include_path,
@@ -225,6 +235,13 @@ def _eval_tasks(f):
         line += f"; {out['bytes_read_per_token']:.0f} bytes read per token"
     print(line + f" ({out['requests']} requests, {out['seconds']:.1f} s) -> {out['path']}")
     return out
+
+
+def _store_option(f) -> dict:
+    """{'store': --store} for the offloaded engines (none without --store)."""
+    if f.store and not f.offload:
+        raise UserError(f"--store={f.store} is read by the offloaded engines: add --offload")
+    return {"store": f.store} if f.store else {}
 
 
 def _mode(f) -> str:
@@ -242,6 +259,7 @@ def generate(f):
     from mole_jax.data import pipeline
     from mole_jax.infer.engine import build_engine
     from mole_jax.infer.generate import generate as generate_tokens
+    from mole_jax.stores.location import io_counters
     from mole_jax.workdir import Workdir
 
     _need(f, "workdir")
@@ -256,10 +274,16 @@ def generate(f):
         raise UserError(f"--temperature={f.temperature} must be >= 0 (0 is greedy)")
     tok = wd.tokenizer()
     ids = pipeline.tokenize(tok, f.prompt) or [tok.token_to_id(pipeline.eos_token(tok))]
-    engine = build_engine(wd, _mode(f), f.step)
+    engine = build_engine(wd, _mode(f), f.step, **_store_option(f))
+    io_start = io_counters()
     out = generate_tokens(engine, [ids], f.max_new, f.temperature, f.top_k, f.seed)
+    requests, nbytes = (a - b for a, b in zip(io_counters(), io_start, strict=True))
     text = pipeline.detokenize(tok, out["tokens"][0])
     print(f.prompt + text)
+    if f.offload:
+        n = len(ids) + f.max_new - 1  # tokens fed through the model
+        print(f"storage: {requests} requests, {nbytes:,} bytes for {n} tokens "
+              f"({requests / n:.2f} requests, {nbytes / n:,.0f} bytes per token)")  # fmt: skip
     steps = out["step_s"]
     stats = {
         "prompt_tokens": len(ids),
@@ -267,6 +291,8 @@ def generate(f):
         "prefill_s": out["prefill_s"],
         "decode_ms_median": 1e3 * float(sorted(steps)[len(steps) // 2]) if steps else None,
         "text": text,
+        "io_requests": requests,
+        "io_bytes": nbytes,
     }
     stats.update(engine.stats())
     return stats
@@ -283,5 +309,6 @@ def sweep(f):
             raise UserError(f"--slurm={item}: give key=value (e.g. partition=gpu,timeout_min=600)")
         params[key] = value
     return run_sweep(
-        f["config"].config_filename, f.config, f.workdir, f.parallel, f.dry_run, f.executor, params
-    )
+        f["config"].config_filename, f.config, f.workdir, f.parallel, f.dry_run, f.executor, params,
+        f.store,
+    )  # fmt: skip

@@ -50,7 +50,22 @@ flags.DEFINE_enum(
     "format", "store", ["store", "hf"],
     "export: a store for offloading (LUT or experts), or a Hugging Face directory (--to).",
 )  # fmt: skip
-flags.DEFINE_string("to", None, "export --format=hf: the directory to write.")
+flags.DEFINE_string(
+    "to", None,
+    "export: where the store goes, a name under the workdir, a folder or a URL (s3://, gs://; "
+    "default lut, or experts); with --format=hf the directory to write.",
+)  # fmt: skip
+flags.DEFINE_enum(
+    "layout", None, ["layers", "packed"],
+    "export: a LUT's rows as an array per layer, or packed (every layer's row of a token in one "
+    "read; default packed for s3:// and gs://, layers for a folder).",
+)  # fmt: skip
+flags.DEFINE_string(
+    "store", None,
+    "eval/generate --offload: the store to read, a name under the workdir (default lut, or "
+    "experts), a folder or a URL (s3://, gs://, http(s)://; see docs/offloading.md); sweep: a "
+    "folder or URL under which each run's LUTs go (<store>/<run>/lut_<dtype>).",
+)  # fmt: skip
 flags.DEFINE_string("platform", None, "Plan for cpu|gpu|tpu (default: this host's backend).")
 flags.DEFINE_float("budget_gib", 80.0, "Device memory to plan against, GiB (80: H100 / A100-80G).")
 FLAGS = flags.FLAGS

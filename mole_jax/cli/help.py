@@ -35,26 +35,38 @@ COMMANDS: dict[str, tuple[str, str, tuple[str, ...], str | None]] = {
         "write a model's routed experts to a store (a MoLE LUT, a MoE's experts), or the model "
         "as a Hugging Face directory",
         "--workdir=runs/m [--dtype=float16|bfloat16|float32|int8|nf4|nf3] [--experts] "
-        "[--format=hf --to=DIR]",
-        ("workdir", "step", "dtype", "experts", "format", "to", "json"),
+        "[--to=NAME|DIR|s3://B/P] [--layout=layers|packed] [--format=hf --to=DIR]",
+        ("workdir", "step", "dtype", "experts", "to", "layout", "format", "json"),
         None,
     ),
     "eval": (
         "validation loss (or lm-eval task scores) of a workdir, in memory or offloaded",
-        "--workdir=runs/m [--offload] [--data=CORPUS|files:GLOB] [--tasks=mole_offline]",
-        ("workdir", "step", "offload", "data", "max_tokens", *LM_EVAL, "json"),
+        "--workdir=runs/m [--offload [--store=NAME|URL]] [--data=CORPUS|files:GLOB] "
+        "[--tasks=mole_offline]",
+        ("workdir", "step", "offload", "store", "data", "max_tokens", *LM_EVAL, "json"),
         None,
     ),
     "generate": (
         "sample text from a workdir, in memory or offloaded",
         '--workdir=runs/m --prompt="ROMEO:" [--offload] [--temperature=0.8 --top_k=40]',
-        ("workdir", "prompt", "max_new", "temperature", "top_k", "seed", "offload", "step", "json"),
+        (
+            "workdir",
+            "prompt",
+            "max_new",
+            "temperature",
+            "top_k",
+            "seed",
+            "offload",
+            "store",
+            "step",
+            "json",
+        ),  # fmt: skip
         None,
     ),
     "sweep": (
         "train, export and evaluate a study's runs, here or as a SLURM job array",
         "--config=experiments/kinds.py:size=small --workdir=runs/kinds [--parallel=N] [--dry_run]",
-        ("config", "workdir", "parallel", "dry_run", "executor", "slurm"),
+        ("config", "workdir", "parallel", "dry_run", "executor", "slurm", "store"),
         None,
     ),
     "convert": (

@@ -29,6 +29,7 @@ from mole_jax.errors import UserError
 from mole_jax.infer.engine import build_engine, require_causal
 from mole_jax.infer.generate import generate_steps
 from mole_jax.model.config import model_config
+from mole_jax.stores.location import io_counters
 from mole_jax.workdir import Workdir
 
 MIN_BUCKET = 16
@@ -63,6 +64,7 @@ class MoleJaxLM(TemplateLM):
         wd = Workdir(workdir)
         options = {"store": lut} if lut else {}
         self.engine = build_engine(wd, mode, None if step in (None, "") else int(step), **options)
+        self._io_start = io_counters()
         self.tokenizer_ = wd.tokenizer()
         self.eos = pipeline.eos_token(self.tokenizer_)
         self.eot = self.tokenizer_.token_to_id(self.eos)
@@ -108,6 +110,11 @@ class MoleJaxLM(TemplateLM):
             out["bytes_read"] = int(stats["bytes_read"])
             out["bytes_read_per_token"] = stats["bytes_read"] / self.tokens_fed
             out["bytes_read_per_position"] = stats["bytes_read"] / self.positions_fed
+        requests, nbytes = (a - b for a, b in zip(io_counters(), self._io_start, strict=True))
+        if requests and self.tokens_fed:  # what storage served (a round trip each, remote)
+            out.update(io_requests=requests, io_bytes=nbytes)
+            out["io_requests_per_token"] = requests / self.tokens_fed
+            out["io_bytes_per_token"] = nbytes / self.tokens_fed
         return out
 
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs):

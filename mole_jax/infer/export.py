@@ -8,14 +8,14 @@
   quantised (int4/int3/int2), one chunk per expert (`stores/experts.py`), for the
   expert-offloading baseline.
 
-Both write into a staging directory, read back and check against what was written, and publish
-atomically (`store.py`). A store records the parameter digest of the checkpoint it came from.
+Both write to a folder or to object storage (`--to=URL`: s3://, gs://), through a staging folder
+or a fresh data prefix, read back and check against what was written, and publish atomically
+(`store.py`). A store records the parameter digest of the checkpoint it came from.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -59,15 +59,26 @@ def chunk_rows(m, n_layers: int) -> int:
 
 def export_lut(
     workdir, step: int | None = None, dtype: str = "float16", out: str = "lut",
-    rows_per_chunk: int = 1,
+    rows_per_chunk: int = 1, layout: str | None = None,
 ) -> dict:  # fmt: skip
-    """Writes `<workdir>/<out>/` and returns its manifest (holding the workdir's writer lock)."""
+    """Writes the store `out` (a name under the workdir, a folder or a URL) and returns its
+    manifest (holding the workdir's writer lock). `layout`: layers | packed (default: packed
+    for object storage, layers for a folder; `stores/lut.py`)."""
     wd = as_workdir(workdir)
     with wd.writer_lock("export"):
-        return _export_lut(wd, step, dtype, out, rows_per_chunk)
+        return _export_lut(wd, step, dtype, out, rows_per_chunk, layout)
 
 
-def _export_lut(wd, step, dtype, out, rows_per_chunk) -> dict:
+def _stage(final, step: int, chosen: bool, total: int, largest: int, what: str):
+    """The staging of a store bound for `final`, checked first (not older; disk space and file
+    size limit for a folder)."""
+    store.check_not_older(final, step, chosen)
+    if not final.remote:
+        check_space(final.local_path.parent, total, largest, what)
+    return store.Staging.begin(final)
+
+
+def _export_lut(wd, step, dtype, out, rows_per_chunk, layout) -> dict:
     if dtype not in quant.DTYPES:
         raise UserError(f"--dtype={dtype} is not one of {', '.join(quant.DTYPES)}")
     m = model_config(wd.config)
@@ -82,14 +93,15 @@ def _export_lut(wd, step, dtype, out, rows_per_chunk) -> dict:
     # export does), then rounded once to the stored dtype.
     model = restore_model(wd, dataclasses.replace(m, dtype="float32"), "train", step)
     layers = [i for i in range(m.n_layers) if m.kind_of_layer(i) == "mole"]
-    final = wd.store(out)
-    store.check_not_older(final, model.step, step is not None)
     rows = chunk_rows(m, len(layers))  # rows per chunk computed and per shard written
     row = quant.row_bytes(dtype, m.d_model, block) * m.ffn.experts
-    check_space(wd.path, 2 * len(layers) * m.vocab_size * row, rows * row + 2**16, "the LUT")
-    tmp = store.staging_dir(final)
+    final = store.location(wd.store(out))
+    layout = layout or ("packed" if final.remote else "layers")
+    shard = rows * row * (len(layers) if layout == "packed" else 1)
+    total = 2 * len(layers) * m.vocab_size * row
+    staging = _stage(final, model.step, step is not None, total, shard + 2**16, "the LUT")
     shape = (m.vocab_size, m.ffn.experts, m.d_model)
-    lut = LutStore.create(tmp, layers, shape, dtype, block, rows_per_chunk, rows)
+    lut = LutStore.create(staging, layers, shape, dtype, block, rows_per_chunk, rows, layout)
 
     @jax.jit
     def tables_fn(p, ids):
@@ -110,15 +122,15 @@ def _export_lut(wd, step, dtype, out, rows_per_chunk) -> dict:
                 n_layers=m.n_layers,
             )
         )
-        store.publish(tmp, final)
-    return manifest
+        staging.publish()
+    return dict(manifest, location=str(final))
 
 
 def export_experts(
     workdir, step: int | None = None, dtype: str = "float32", out: str = "experts"
 ) -> dict:
-    """Writes `<workdir>/<out>/` from a MoE checkpoint; returns its manifest (holding the
-    workdir's writer lock)."""
+    """Writes the store `out` (a name under the workdir, a folder or a URL) from a MoE
+    checkpoint; returns its manifest (holding the workdir's writer lock)."""
     wd = as_workdir(workdir)
     with wd.writer_lock("export --experts"):
         return _export_experts(wd, step, dtype, out)
@@ -158,12 +170,10 @@ def _export_experts(wd, step, dtype, out) -> dict:
         )
         if not np.isfinite(worst) or worst > 3e4:
             raise UserError(f"--dtype={dtype} stores float16 scales: expert weights reach {worst}")
-    final = wd.store(out)
-    store.check_not_older(final, model.step, step is not None)
     per_layer = m.ffn.experts * fields["bytes_per_expert"]
-    check_space(wd.path, 2 * len(layers) * per_layer, per_layer + 2**16, "the expert store")
-    tmp = store.staging_dir(final)
-    tmp.mkdir(parents=True)
-    manifest = ExpertStore.write(Path(tmp), experts, dtype, fields)
-    store.publish(tmp, final)
-    return manifest
+    final = store.location(wd.store(out))
+    staging = _stage(final, model.step, step is not None, 2 * len(layers) * per_layer,
+                     per_layer + 2**16, "the expert store")  # fmt: skip
+    manifest = ExpertStore.write(staging, experts, dtype, fields)
+    staging.publish()
+    return dict(manifest, location=str(final))

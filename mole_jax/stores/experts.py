@@ -12,7 +12,6 @@ an expert read returns those three arrays per weight (dequantised on the device 
 from __future__ import annotations
 
 import hashlib
-from pathlib import Path
 
 import numpy as np
 import tensorstore as ts
@@ -27,33 +26,40 @@ NAMES = ("up", "down")
 class ExpertStore:
     """`start_read(layer, e)` starts reading one expert; `.result()` is (up [D,F], down [F,D])."""
 
-    def __init__(self, path: Path, manifest: dict, arrays: dict[int, dict[str, ts.TensorStore]]):
-        self.path, self.manifest, self.arrays = path, manifest, arrays
+    def __init__(self, loc, manifest: dict, arrays: dict[int, dict[str, ts.TensorStore]]):
+        self.path, self.manifest, self.arrays = loc, manifest, arrays
         self.layers = tuple(sorted(arrays))
         self.dtype = manifest["dtype"]
         self.expert_bytes = manifest["bytes_per_expert"]
 
     @classmethod
     def open(cls, path, expect: dict | None = None, verify: str = "auto") -> ExpertStore:
-        path = Path(path)
-        manifest = store.read_manifest(path, "moe_experts", expect)
-        return cls(path, manifest, store.open_arrays(path, manifest, verify))
+        """Opens and checks a store (a folder or a URL; see `LutStore.open`)."""
+        loc = store.location(path)
+        manifest = store.read_manifest(loc, "moe_experts", expect)
+        # the shard indexes (16 bytes per expert and array) stay cached: an expert read is one
+        # request, not an index read and then the expert (two round trips on object storage)
+        index = 16 * len(manifest["arrays"]) * manifest["experts"]
+        cache = {"cache_pool": {"total_bytes_limit": 3 * index + 2**16}}
+        arrays = store.open_arrays(loc, manifest, verify, cache)
+        return cls(loc, manifest, store.by_layer(arrays))
 
     @staticmethod
-    def write(path: Path, experts: dict[int, dict[str, np.ndarray]], dtype: str, fields: dict):
+    def write(target, experts: dict[int, dict[str, np.ndarray]], dtype: str, fields: dict):
         """Writes {layer: {'up': [E, D, F], 'down': [E, F, D]}} in `dtype` and the manifest
-        (with `fields`) into `path`, read back against what was written. Returns the manifest."""
+        (with `fields`) to `target` (a `store.Staging`, or a folder / URL written in place),
+        read back against what was written. Returns the manifest."""
+        target = store.Staging.at(target)
         arrays, written = {}, {}
         for i, weights in experts.items():
-            arrays[i] = {}
             for name in NAMES:
                 for key, w in _stored(np.asarray(weights[name]), name, dtype).items():
                     w = np.ascontiguousarray(w)
-                    arr = store.create_array(path, i, key, w.shape, w.dtype.name, 1, w.shape[0])
+                    arr = store.create_array(target, i, key, w.shape, w.dtype.name, 1, w.shape[0])
                     arr.write(w).result()
-                    arrays[i][key] = arr
+                    arrays[f"{layer_name(i)}/{key}"] = arr
                     written[f"{layer_name(i)}/{key}"] = hashlib.sha256(w.tobytes()).hexdigest()
-        return store.write_manifest(path, "moe_experts", fields, arrays, written)
+        return store.write_manifest(target, "moe_experts", fields, arrays, written)
 
     def start_read(self, layer: int, expert: int) -> _PendingExpert:
         group = self.arrays[layer]

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -40,18 +39,20 @@ class Field:
 
 
 class RowLayout:
-    """Where each stored array's values for one token sit in the packed row of all layers."""
+    """Where each stored array's values for one token sit in the packed row of all layers.
+    `specs`: [(layer, name, per-token shape, dtype name)] in row order."""
 
-    def __init__(self, arrays: dict[int, dict[str, ts.TensorStore]]):
+    def __init__(self, specs):
         fields, offset = [], 0
-        for layer in sorted(arrays):
-            for name, arr in arrays[layer].items():
-                dtype = np.dtype(arr.dtype.numpy_dtype)
-                shape = tuple(int(n) for n in arr.shape[1:])
-                nbytes = int(np.prod(shape)) * dtype.itemsize
-                fields.append(Field(layer, name, shape, dtype, offset, nbytes))
-                offset += nbytes
+        for layer, name, shape, dtype in specs:
+            dtype = np.dtype(store.EXTRA_DTYPES.get(dtype, dtype))
+            nbytes = int(np.prod(shape)) * dtype.itemsize
+            fields.append(Field(int(layer), name, tuple(map(int, shape)), dtype, offset, nbytes))
+            offset += nbytes
         self.fields, self.row_bytes = tuple(fields), offset
+
+    def specs(self) -> list:
+        return [[f.layer, f.name, list(f.shape), f.dtype.name] for f in self.fields]
 
     def pack(self, stored: dict[int, dict[str, np.ndarray]]) -> np.ndarray:
         """{layer: {name: [n, ...]}} -> uint8 [n, row_bytes]."""
@@ -74,8 +75,17 @@ class RowLayout:
             out.setdefault(f.layer, {})[f.name] = value.reshape(n, *f.shape)
         return out
 
+    def unpack_np(self, packed_NxR: np.ndarray) -> dict[int, dict[str, np.ndarray]]:
+        """`unpack` on the host (numpy views)."""
+        n = packed_NxR.shape[0]
+        out: dict[int, dict[str, np.ndarray]] = {}
+        for f in self.fields:
+            raw = np.ascontiguousarray(packed_NxR[:, f.offset : f.offset + f.nbytes])
+            out.setdefault(f.layer, {})[f.name] = raw.view(f.dtype).reshape(n, *f.shape)
+        return out
 
-def index_cache(manifest: dict) -> ts.Context:
+
+def index_cache(manifest: dict) -> dict:
     """A context whose cache pool holds every shard index of the store's arrays (16 bytes per
     inner chunk). Tensorstore charges an index between one and two times its size, depending on
     the layout, so the pool is three times the indexes plus 1 MiB; whatever the indexes leave
@@ -84,121 +94,139 @@ def index_cache(manifest: dict) -> ts.Context:
     vocab, rows_per_chunk = manifest["vocab_size"], manifest["rows_per_chunk"]
     index_bytes = len(manifest["arrays"]) * 16 * -(-vocab // rows_per_chunk)
     limit = 3 * index_bytes + 2**20
-    return ts.Context({"cache_pool": {"total_bytes_limit": limit}})
+    return {"cache_pool": {"total_bytes_limit": limit}}
 
 
 class LutStore:
-    """Open store: `read_rows(ids)` returns every layer's stored arrays for those token ids."""
+    """Open store: `read_packed(ids)` returns every layer's stored values for those token ids.
 
-    def __init__(self, path: Path, manifest: dict, arrays: dict[int, dict[str, ts.TensorStore]]):
-        self.path, self.manifest, self.arrays = path, manifest, arrays
-        self.layers = tuple(sorted(arrays))
+    Two layouts: `layers` (an array per layer and per scale array: a token costs one read per
+    array) and `packed` (one uint8 array [V, bytes_per_token] of the packed rows: a token costs
+    one read, the layout for object storage, where each read is a round trip)."""
+
+    def __init__(self, loc, manifest: dict, arrays: dict[str, ts.TensorStore]):
+        self.path, self.manifest, self.arrays = loc, manifest, arrays
         self.dtype, self.block = manifest["dtype"], manifest["nf4_block"]
         self.row_bytes = manifest["bytes_per_token"]  # all layers, scales included
-        self.layout = RowLayout(arrays)
+        self.packed = manifest.get("layout", "layers") == "packed"
+        if self.packed:
+            self.layout = RowLayout(manifest["fields"])
+        else:
+            grouped = store.by_layer(arrays)
+            self.layout = RowLayout(
+                (layer, name, arr.shape[1:], arr.dtype.name)
+                for layer in sorted(grouped) for name, arr in grouped[layer].items()
+            )  # fmt: skip
+        self.layers = tuple(sorted({f.layer for f in self.layout.fields}))
         self.written: dict[str, hashlib._Hash] = {}
         if self.layout.row_bytes != self.row_bytes:
             raise StoreError(
-                f"{path}: arrays hold {self.layout.row_bytes} bytes per token, the manifest says "
+                f"{loc}: arrays hold {self.layout.row_bytes} bytes per token, the manifest says "
                 f"{self.row_bytes}; re-run `launch.py export`"
             )
 
     # -- writing ---------------------------------------------------------------------------
     @classmethod
     def create(
-        cls,
-        path: Path,
-        layers,
-        shape: tuple[int, int, int],
-        dtype: str,
-        block: int,
-        rows_per_chunk: int = 1,
-        shard_rows: int = 4096,
-    ) -> LutStore:
-        """An empty store for `layers` of LUT shape (V, E, D) in `dtype`."""
+        cls, target, layers, shape: tuple[int, int, int], dtype: str, block: int,
+        rows_per_chunk: int = 1, shard_rows: int = 4096, layout: str = "layers",
+    ) -> LutStore:  # fmt: skip
+        """An empty store for `layers` of LUT shape (V, E, D) in `dtype`, written to `target`
+        (a `store.Staging`, or a folder / URL written in place)."""
+        target = store.Staging.at(target)
         vocab, experts, d = shape
-        arrays = {}
-        for layer in layers:
-            arrays[layer] = {}
-            for name, (trail, dt) in quant.stored_arrays(dtype, d, block).items():
-                arrays[layer][name] = store.create_array(
-                    path, layer, name, (vocab, experts, *trail), dt, rows_per_chunk, shard_rows
+        specs = [(layer, name, (experts, *trail), dt) for layer in layers
+                 for name, (trail, dt) in quant.stored_arrays(dtype, d, block).items()]  # fmt: skip
+        row_layout = RowLayout(specs)
+        if layout == "packed":
+            shape_ = (vocab, row_layout.row_bytes)
+            arrays = {"rows": store.create_array(target, None, "rows", shape_, "uint8",
+                                                 rows_per_chunk, shard_rows)}  # fmt: skip
+        elif layout == "layers":
+            arrays = {
+                f"{layer_name(layer)}/{name}": store.create_array(
+                    target, layer, name, (vocab, *per), dt, rows_per_chunk, shard_rows
                 )
+                for layer, name, per, dt in specs
+            }
+        else:
+            raise StoreError(f"--layout={layout}: use layers|packed")
         manifest = dict(
-            dtype=dtype,
-            nf4_block=block,
-            rows_per_chunk=rows_per_chunk,
-            bytes_per_token=len(layers) * experts * quant.row_bytes(dtype, d, block),
-        )
-        return cls(path, manifest, arrays)
+            dtype=dtype, nf4_block=block, rows_per_chunk=rows_per_chunk, layout=layout,
+            bytes_per_token=row_layout.row_bytes, layers=list(layers), vocab_size=vocab,
+            experts=experts,
+        )  # fmt: skip
+        if layout == "packed":
+            manifest["fields"] = row_layout.specs()
+        out = cls(target.root, manifest, arrays)
+        out.target = target
+        return out
 
     def write_rows(self, start: int, tables: dict[int, np.ndarray]) -> None:
         """Quantises float tables {layer: [n, E, D]} and writes them at rows start..start+n
         (rows in order: the digests of what was written are kept for `finalize`)."""
+        stored = {layer: quant.quantize(t, self.dtype, self.block) for layer, t in tables.items()}
+        if self.packed:
+            parts = {"rows": self.layout.pack(stored)}
+        else:
+            parts = {
+                f"{layer_name(i)}/{name}": a for i, g in stored.items() for name, a in g.items()
+            }
         futures = []
-        for layer, table in tables.items():
-            for name, arr in quant.quantize(table, self.dtype, self.block).items():
-                key = f"{layer_name(layer)}/{name}"
-                self.written.setdefault(key, hashlib.sha256()).update(
-                    np.ascontiguousarray(arr).tobytes()
-                )
-                futures.append(self.arrays[layer][name][start : start + len(table)].write(arr))
+        for key, arr in parts.items():
+            arr = np.ascontiguousarray(arr)
+            self.written.setdefault(key, hashlib.sha256()).update(arr.tobytes())
+            futures.append(self.arrays[key][start : start + len(arr)].write(arr))
         for f in futures:
             f.result()
 
     def finalize(self, meta: dict) -> dict:
         """Reads every array back against what was written, writes manifest.json (last),
         returns the manifest."""
-        first = self.arrays[self.layers[0]]["values"]
-        manifest = dict(
-            **meta,
-            **self.manifest,
-            layers=list(self.layers),
-            vocab_size=int(first.shape[0]),
-            experts=int(first.shape[1]),
-        )
         written = {k: h.hexdigest() for k, h in self.written.items()}
-        self.manifest = store.write_manifest(self.path, "mole_lut", manifest, self.arrays, written)
+        self.manifest = store.write_manifest(
+            self.target, "mole_lut", dict(**meta, **self.manifest), self.arrays, written
+        )
         return self.manifest
 
     # -- reading ---------------------------------------------------------------------------
     @classmethod
     def open(cls, path, expect: dict | None = None, verify: str = "auto") -> LutStore:
-        """Opens and checks a store. `expect`: manifest fields that must match (for example the
-        params_digest of the checkpoint in use). verify: 'full' | 'auto' | 'none' (per-chunk
-        crc32c checks still apply to every read)."""
-        path = Path(path)
-        manifest = store.read_manifest(path, "mole_lut", expect)
-        arrays = store.open_arrays(path, manifest, verify, index_cache(manifest))
-        return cls(path, manifest, arrays)
+        """Opens and checks a store (a folder or a URL). `expect`: manifest fields that must
+        match (for example the params_digest of the checkpoint in use). verify: 'full' | 'auto'
+        | 'none' (per-chunk crc32c checks still apply to every read)."""
+        loc = store.location(path)
+        manifest = store.read_manifest(loc, "mole_lut", expect)
+        arrays = store.open_arrays(loc, manifest, verify, index_cache(manifest))
+        return cls(loc, manifest, arrays)
+
+    def _result(self, key: str, future):
+        try:
+            return future.result()
+        except ValueError as e:
+            raise StoreError(
+                f"reading {self.path}/{key} failed ({store.short(e)}); the store is corrupt or "
+                "incomplete, re-export it"
+            ) from None
 
     def read_rows(self, ids: np.ndarray) -> dict[int, dict[str, np.ndarray]]:
         """{layer: {name: rows for ids}}: one batched read per array, all in flight at once."""
         ids = np.asarray(ids, np.int64)
-        futures = {
-            (layer, name): arr[ids].read()
-            for layer, group in self.arrays.items()
-            for name, arr in group.items()
-        }
-        out: dict[int, dict[str, np.ndarray]] = {layer: {} for layer in self.arrays}
-        for (layer, name), fut in futures.items():
-            try:
-                out[layer][name] = fut.result()
-            except ValueError as e:
-                where = f"{self.path}/{layer_name(layer)}/{name}"
-                raise StoreError(
-                    f"reading {where} failed ({store.short(e)}); the store is corrupt, re-export it"
-                ) from None
-        return out
+        if self.packed:
+            return self.layout.unpack_np(self.read_packed(ids))
+        futures = {key: arr[ids].read() for key, arr in self.arrays.items()}
+        return store.by_layer({key: self._result(key, f) for key, f in futures.items()})
 
     def read_packed(self, ids: np.ndarray) -> np.ndarray:
-        """uint8 [len(ids), row_bytes]: every layer's stored values for `ids`, packed."""
+        """uint8 [len(ids), row_bytes]: every layer's stored values for `ids`, packed (a packed
+        store: one read per token, all in flight at once)."""
+        if self.packed:
+            ids = np.asarray(ids, np.int64)
+            return self._result("rows", self.arrays["rows"][ids].read())
         return self.layout.pack(self.read_rows(ids))
 
     def read_all(self) -> np.ndarray:
         """The whole table, packed: uint8 [V, row_bytes]."""
-        stored = {
-            layer: {name: arr.read().result() for name, arr in group.items()}
-            for layer, group in self.arrays.items()
-        }
-        return self.layout.pack(stored)
+        futures = {key: arr.read() for key, arr in self.arrays.items()}
+        got = {key: self._result(key, f) for key, f in futures.items()}
+        return got["rows"] if self.packed else self.layout.pack(store.by_layer(got))

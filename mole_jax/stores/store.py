@@ -25,6 +25,7 @@ import json
 import os
 import shutil
 import time
+import uuid
 from pathlib import Path
 
 import ml_dtypes
@@ -33,27 +34,27 @@ import tensorstore as ts
 
 from mole_jax.errors import StoreError, UserError
 from mole_jax.files import write_text_atomic
+from mole_jax.stores import remote
+from mole_jax.stores.location import Location, context, location, read_key, short
 
 FORMAT_VERSION = 1
 VERIFY_AUTO_BYTES = 256 * 2**20  # `verify='auto'` hashes every array of stores up to this size
 KINDS = {"mole_lut": "LUT store", "moe_experts": "expert store"}  # manifest kind -> its name
 EXTRA_DTYPES = {"bfloat16": ml_dtypes.bfloat16}  # tensorstore dtype names numpy lacks
 
-Arrays = dict[int, dict[str, ts.TensorStore]]  # {layer: {array name: array}}
-
 
 def layer_name(layer: int) -> str:
     return f"layer_{layer:02d}"
 
 
-def array_spec(path: Path, shape, dtype: str, rows_per_chunk: int, shard_rows: int) -> dict:
+def array_spec(root: Location, name: str, shape, dtype: str, rows_per_chunk: int, shard_rows: int):
     chunk = [rows_per_chunk, *shape[1:]]
     shard = [max(rows_per_chunk, shard_rows - shard_rows % rows_per_chunk), *shape[1:]]
     raw_crc = [{"name": "bytes", "configuration": {"endian": "little"}}, {"name": "crc32c"}]
     return {
         "driver": "zarr3",
-        "kvstore": {"driver": "file", "path": str(path)},
-        "store_data_equal_to_fill_value": True,  # every chunk on disk: none missing by design
+        "kvstore": root.kvstore(name),
+        "store_data_equal_to_fill_value": True,  # every chunk stored: none missing by design
         "metadata": {
             "shape": list(shape),
             "data_type": dtype,
@@ -72,14 +73,65 @@ def array_spec(path: Path, shape, dtype: str, rows_per_chunk: int, shard_rows: i
     }
 
 
+class Staging:
+    """Where a store bound for `final` is written and how it is published.
+
+    A folder: arrays and manifest go to `.<name>.tmp-<pid>` beside it (what killed writers left
+    is removed first, `_recover_published`), renamed into place by `publish`. Object storage has
+    no rename: arrays go under a fresh, never-reused prefix `data-<time>-<random>/` of the store,
+    the manifest (naming that prefix and every object's generation) is written last, in one PUT
+    conditional on the manifest found at the start (`remote.py`), and `publish` then removes the
+    prefixes no manifest names. `Staging.at(root)` writes in
+    place (tests, scratch stores)."""
+
+    def __init__(self, final: Location, root: Location, prefix: str = "", tmp: Path | None = None):
+        self.final, self.root, self.prefix, self.tmp = final, root, prefix, tmp
+        self.found: bytes | None = None  # remote: the manifest's generation when export began
+
+    @classmethod
+    def at(cls, root) -> Staging:
+        if isinstance(root, Staging):
+            return root
+        loc = location(root)
+        return cls(loc, loc)
+
+    @classmethod
+    def begin(cls, final: Location) -> Staging:
+        if not final.writable:
+            raise UserError(f"{final}: an http(s) store is read-only; export to a folder, s3:// "
+                            "or gs:// and serve that")  # fmt: skip
+        if final.remote:
+            stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
+            prefix = f"{remote.PREFIX}{stamp}-{uuid.uuid4().hex[:8]}"
+            staging = cls(final, final.join(prefix), prefix)
+            staging.found = remote.generation(final, "manifest.json")
+            return staging
+        tmp = staging_dir(final.local_path)
+        return cls(final, location(tmp), tmp=tmp)
+
+    @property
+    def manifest_dir(self) -> Location:
+        return self.final if self.prefix else self.root
+
+    def publish(self) -> None:
+        if self.tmp is not None:
+            publish(self.tmp, self.final.local_path)
+        elif self.prefix:
+            remote.remove_stale(self.final, keep=self.prefix)
+
+
 def create_array(
-    store_dir: Path, layer: int, name: str, shape, dtype: str, rows_per_chunk: int, shard_rows: int
-) -> ts.TensorStore:
-    """A new empty array `layer_XX/<name>` of a store being written."""
-    spec = array_spec(
-        store_dir / layer_name(layer) / name, shape, dtype, rows_per_chunk, shard_rows
-    )
-    return ts.open(spec, create=True, delete_existing=True).result()
+    target: Staging, layer: int | None, name: str, shape, dtype: str, rows_per_chunk: int,
+    shard_rows: int,
+) -> ts.TensorStore:  # fmt: skip
+    """A new empty array `layer_XX/<name>` (or `<name>` when `layer` is None) of a store being
+    written."""
+    key = name if layer is None else f"{layer_name(layer)}/{name}"
+    spec = array_spec(target.root, key, shape, dtype, rows_per_chunk, shard_rows)
+    try:
+        return ts.open(spec, create=True, delete_existing=True, context=context()).result()
+    except ValueError as e:
+        raise StoreError(f"cannot write {target.root}/{key} ({short(e)})") from None
 
 
 def staging_dir(final: Path) -> Path:
@@ -91,11 +143,11 @@ def staging_dir(final: Path) -> Path:
     return final.parent / f".{final.name}.tmp-{os.getpid()}"
 
 
-def check_not_older(final: Path, step: int, chosen: bool) -> None:
+def check_not_older(final: Location, step: int, chosen: bool) -> None:
     """Refuses to replace a store made from a newer checkpoint step than `step` (the newest
     readable one, when the newest is damaged) unless that step was `chosen` (--step)."""
     try:
-        had = json.loads((final / "manifest.json").read_text()).get("checkpoint_step")
+        had = json.loads(read_key(final, "manifest.json") or b"{}").get("checkpoint_step")
     except (OSError, ValueError):
         return
     if not chosen and isinstance(had, int) and had > step:
@@ -127,23 +179,24 @@ def publish(tmp: Path, final: Path) -> None:
 
 
 def write_manifest(
-    path: Path, kind: str, fields: dict, arrays: Arrays, written: dict[str, str] | None = None
-) -> dict:
-    """Hashes `arrays` (read back from storage) and writes manifest.json last, atomically.
+    target: Staging, kind: str, fields: dict, arrays: dict[str, ts.TensorStore],
+    written: dict[str, str] | None = None,
+) -> dict:  # fmt: skip
+    """Hashes `arrays` ({manifest name: array}, read back from storage) and writes manifest.json
+    last (atomically: a rename in a folder, one PUT in object storage).
 
-    `written`: {'layer_XX/name': SHA-256 of the bytes handed to the writes}; a read-back that
-    differs raises StoreError and no manifest is written.
+    `written`: {name: SHA-256 of the bytes handed to the writes}; a read-back that differs
+    raises StoreError and no manifest is written.
     """
     entries = {
-        f"{layer_name(layer)}/{name}": dict(
-            shape=list(arr.shape), dtype=str(arr.dtype.name), sha256=digest(arr)
-        )
-        for layer in sorted(arrays)
-        for name, arr in arrays[layer].items()
+        name: dict(shape=list(arr.shape), dtype=str(arr.dtype.name), sha256=digest(arr))
+        for name, arr in sorted(arrays.items())
     }
     for name, want in (written or {}).items():
         if entries[name]["sha256"] != want:
-            raise StoreError(f"store verification failed for {path}/{name}: read-back differs")
+            raise StoreError(
+                f"store verification failed for {target.root}/{name}: read-back differs"
+            )
     manifest = dict(
         format_version=FORMAT_VERSION,
         kind=kind,
@@ -152,24 +205,41 @@ def write_manifest(
         created=time.strftime("%Y-%m-%dT%H:%M:%S"),
         arrays=entries,
     )
-    write_text_atomic(path / "manifest.json", json.dumps(manifest, indent=2))
+    if target.prefix:
+        manifest.update(prefix=target.prefix, generations=remote.generations(target.root))
+    text = json.dumps(manifest, indent=2)
+    if target.manifest_dir.remote:
+        try:
+            remote.put(target.manifest_dir, "manifest.json", text.encode(), target.found)
+        except StoreError:
+            remote.remove_prefix(target.final, target.prefix)
+            raise
+    else:
+        write_text_atomic(target.manifest_dir.local_path / "manifest.json", text)
     return manifest
 
 
-def read_manifest(path: Path, kind: str, expect: dict | None) -> dict:
+def read_manifest(loc, kind: str, expect: dict | None) -> dict:
     """The manifest of a store of `kind`, checked for format and for the `expect`ed fields."""
-    mpath = path / "manifest.json"
+    loc = location(loc)
     what = KINDS[kind]
-    if not mpath.is_file():
-        raise StoreError(f"no {what} at {path} (manifest.json missing): run `launch.py export`")
     try:
-        manifest = json.loads(mpath.read_text())
+        raw = read_key(loc, "manifest.json")
+    except ValueError as e:
+        hint = "; check the credentials" if "PERMISSION_DENIED" in str(e) else ""
+        raise StoreError(f"cannot reach the {what} at {loc} ({short(e)}){hint}") from None
+    if raw is None:
+        raise StoreError(f"no {what} at {loc} (manifest.json missing): run `launch.py export`")
+    try:
+        manifest = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise StoreError(f"{mpath} is corrupt ({e}); re-run `launch.py export`") from None
+        raise StoreError(
+            f"{loc}/manifest.json is corrupt ({e}); re-run `launch.py export`"
+        ) from None
     version = manifest.get("format_version")
     if version != FORMAT_VERSION or manifest.get("kind") != kind:
         raise StoreError(
-            f"{path}: format {manifest.get('kind')} v{version} is not {kind} v{FORMAT_VERSION}"
+            f"{loc}: format {manifest.get('kind')} v{version} is not {kind} v{FORMAT_VERSION}"
             "; re-run `launch.py export`"
         )
     if "params_sha256" in manifest:  # written before checkpoint digests were `digest.py`'s
@@ -177,51 +247,64 @@ def read_manifest(path: Path, kind: str, expect: dict | None) -> dict:
     for key, want in (expect or {}).items():
         if manifest.get(key) != want:
             raise StoreError(
-                f"{what} {path} does not match the checkpoint: its {key} is "
+                f"{what} {loc} does not match the checkpoint: its {key} is "
                 f"{manifest.get(key)!r}, expected {want!r}; re-run `launch.py export`"
             )
     return manifest
 
 
-def open_arrays(
-    path: Path, manifest: dict, verify: str, context: ts.Context | None = None
-) -> Arrays:
-    """Opens every array the manifest lists (in `context`), checks shapes and dtypes, and with
-    verify='full' (or 'auto' and at most VERIFY_AUTO_BYTES in all) their SHA-256 digests."""
-    arrays: Arrays = {}
+def open_arrays(loc, manifest: dict, verify: str, cache: dict | None = None) -> dict:
+    """Opens every array the manifest lists ({name: array}, in one context with the retry and
+    concurrency limits of `location.context` and `cache`), checks shapes and dtypes, and with
+    verify='full' (or 'auto' and at most VERIFY_AUTO_BYTES in a folder) their SHA-256 digests.
+    A remote store's objects are checked against the generations its manifest recorded, by
+    conditional requests that move no data."""
+    loc = location(loc)
+    root = loc.join(manifest.get("prefix", ""))
+    if manifest.get("generations"):
+        remote.check_generations(root, manifest["generations"])
+    ctx, arrays = context(cache), {}
     for name, info in manifest["arrays"].items():
-        layer_dir, array = name.split("/")
-        spec = {"driver": "zarr3", "kvstore": {"driver": "file", "path": str(path / name)}}
+        spec = {"driver": "zarr3", "kvstore": root.kvstore(name)}
         if manifest.get("all_chunks_stored"):  # earlier stores skipped all-zero chunks
             spec["fill_missing_data_reads"] = False
+        if loc.remote:  # the manifest's generations vouch for the objects: no revalidation
+            spec["recheck_cached_data"] = False
         try:
-            arr = ts.open(spec, open=True, context=context or ts.Context()).result()
+            arr = ts.open(spec, open=True, context=ctx).result()
         except ValueError as e:
             raise StoreError(
-                f"array {path}/{name} is missing or unreadable ({short(e)}); re-run export"
+                f"array {loc}/{name} is missing or unreadable ({short(e)}); re-run export"
             ) from None
         if list(arr.shape) != info["shape"] or arr.dtype.name != info["dtype"]:
             raise StoreError(
-                f"array {path}/{name} is {list(arr.shape)} {arr.dtype.name}; the manifest "
+                f"array {loc}/{name} is {list(arr.shape)} {arr.dtype.name}; the manifest "
                 f"says {info['shape']} {info['dtype']}"
             )
-        arrays.setdefault(int(layer_dir.removeprefix("layer_")), {})[array] = arr
+        arrays[name] = arr
     total = sum(array_bytes(a) for a in manifest["arrays"].values())
-    if verify == "full" or (verify == "auto" and total <= VERIFY_AUTO_BYTES):
-        verify_arrays(path, manifest, arrays)
+    if verify == "full" or (verify == "auto" and not loc.remote and total <= VERIFY_AUTO_BYTES):
+        verify_arrays(loc, manifest, arrays)
     return arrays
 
 
-def verify_arrays(path: Path, manifest: dict, arrays: Arrays) -> None:
-    for name, info in manifest["arrays"].items():
+def by_layer(arrays: dict[str, ts.TensorStore]) -> dict[int, dict[str, ts.TensorStore]]:
+    """{'layer_XX/name': array} -> {XX: {name: array}}."""
+    out: dict[int, dict[str, ts.TensorStore]] = {}
+    for name, arr in arrays.items():
         layer_dir, array = name.split("/")
-        arr = arrays[int(layer_dir.removeprefix("layer_"))][array]
+        out.setdefault(int(layer_dir.removeprefix("layer_")), {})[array] = arr
+    return out
+
+
+def verify_arrays(loc: Location, manifest: dict, arrays: dict[str, ts.TensorStore]) -> None:
+    for name, info in manifest["arrays"].items():
         try:
-            got = digest(arr)
+            got = digest(arrays[name])
         except ValueError as e:  # a crc32c mismatch surfaces as DATA_LOSS
-            raise StoreError(f"array {path}/{name} is corrupt ({short(e)}); re-export") from None
+            raise StoreError(f"array {loc}/{name} is corrupt ({short(e)}); re-export") from None
         if got != info["sha256"]:
-            raise StoreError(f"array {path}/{name} fails its checksum; re-export")
+            raise StoreError(f"array {loc}/{name} fails its checksum; re-export")
 
 
 def array_bytes(info: dict) -> int:
@@ -237,8 +320,3 @@ def digest(arr: ts.TensorStore, rows: int = 8192) -> str:
     for start in range(0, n, rows):
         h.update(np.ascontiguousarray(arr[start : min(n, start + rows)].read().result()).tobytes())
     return h.hexdigest()
-
-
-def short(e: Exception) -> str:
-    text = str(e).replace("\n", " ")
-    return text[:240] + ("..." if len(text) > 240 else "")

@@ -280,16 +280,20 @@ def run_sweep(
     dry_run: bool = False,
     executor: str = "local",
     params: dict | None = None,
+    store: str | None = None,
 ):
     """The `sweep` command. Returns the sweep's summary (also written to <workdir>/sweep.json).
     executor: 'local' (subprocesses here), 'slurm' (a submitit job array; `params` are its
-    parameters) or 'submitit_local' (submitit's local executor)."""
+    parameters) or 'submitit_local' (submitit's local executor). `store`: a folder or URL under
+    which each run's LUTs are exported (`<store>/<run>/lut_<dtype>`; default: the run's folder)."""
     if executor not in EXECUTORS:
         raise UserError(f"--executor={executor} is not one of {', '.join(EXECUTORS)}")
     from mole_jax.sweeps import report
 
     module = load_study(filename)
     runs = plan(module, study_cfg, workdir)
+    for r in runs if store else ():
+        r.spec["store"] = f"{str(store).rstrip('/')}/{r.name}"
     declared = claims.study_claims(module, study_cfg, {r.group or r.name for r in runs})
     print(f"study {filename}: {len(runs)} run(s) under {workdir}")
     for c in declared:

@@ -22,7 +22,8 @@ SUMMARY_KEYS = (
     "flops_per_token",
     "lut_values_per_token",
 )
-EVAL_KEYS = ("loss", "ppl", "mode", "tokens", "lut_dtype", "bytes_per_token", "cache_hit_rate")
+EVAL_KEYS = ("loss", "ppl", "mode", "tokens", "lut_dtype", "bytes_per_token", "cache_hit_rate",
+             "io_requests", "io_bytes")  # fmt: skip
 
 
 def finished_result(run_dir: str, spec: dict) -> dict | None:
@@ -49,7 +50,7 @@ def run_spec(spec: dict, run_dir: str) -> dict:
     with open(os.path.join(run_dir, "model_summary.json")) as f:
         summary = json.load(f)
     exported: set[str] = set()
-    evals = {e["name"]: run_eval(run_dir, e, exported) for e in spec["evals"]}
+    evals = {e["name"]: run_eval(run_dir, e, exported, spec.get("store")) for e in spec["evals"]}
     tasks = {}
     if spec.get("tasks"):
         tasks = {e["name"]: run_tasks(run_dir, spec, e) for e in [MODEL_EVAL, *spec["evals"]]}
@@ -72,14 +73,23 @@ def run_spec(spec: dict, run_dir: str) -> dict:
     )
 
 
-def run_eval(run_dir: str, e: dict, exported: set[str]) -> dict:
+def lut_location(e: dict, store: str | None) -> str | None:
+    """Where eval `e`'s LUT is: `lut_<dtype>` in the run's folder, or under the sweep's --store
+    URL (the run's own prefix); None for an eval that reads no exported LUT."""
+    if "export" not in e:
+        return None
+    name = f"lut_{e['export']}"
+    return f"{store}/{name}" if store else name
+
+
+def run_eval(run_dir: str, e: dict, exported: set[str], store: str | None = None) -> dict:
     from mole_jax.eval.validation import evaluate
     from mole_jax.infer.export import export_lut
     from mole_jax.workdir import Workdir
 
     lut = "lut"
     if "export" in e:
-        lut = f"lut_{e['export']}"
+        lut = lut_location(e, store)
         if lut not in exported:  # two evals of one dtype share its export
             export_lut(run_dir, dtype=e["export"], out=lut)
             exported.add(lut)
@@ -98,7 +108,7 @@ def run_tasks(run_dir: str, spec: dict, e: dict) -> dict:
     """The spec's lm-eval tasks on eval `e`'s engine (its store, if it reads one)."""
     from mole_jax.eval import zero_shot
 
-    lut = f"lut_{e['export']}" if "export" in e else None
+    lut = lut_location(e, spec.get("store"))
     r = zero_shot.run_tasks(
         run_dir, spec["tasks"], e["mode"], lut=lut, limit=spec.get("task_limit")
     )

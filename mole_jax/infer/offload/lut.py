@@ -74,6 +74,7 @@ class LutEngine(BaseEngine):
             rows_read=s.rows_read,
             bytes_read=s.bytes_read,
             io_bytes=s.io_bytes,
+            io_requests=s.io_requests,
             cache_hit_rate=s.hit_rate,
         )
 

@@ -87,6 +87,7 @@ class MoeOffloadEngine(BaseEngine):
         )
         self.step, self.capacity, self.prefetch = model.step, capacity, prefetch
         self.prefetch_k, self.lookahead, self.load_all = prefetch_k, lookahead, load_all
+        self.exact_slots = False  # True: no padding to a power of two (one compile per count)
         if load_all and (capacity or prefetch):
             raise UserError("load_all reads whole layers: use it with capacity=0 and no prefetch")
         self._to_device = _device_weights(self.store.dtype)
@@ -154,9 +155,9 @@ class MoeOffloadEngine(BaseEngine):
 
     def load(self, i: int, experts_TxK: np.ndarray, guess):
         """The loader hook of MoE block i: (local ids [T, K], up [S, D, F], down [S, F, D]) for
-        the set of experts the router chose, S padded to a power of two. Starts reading the
-        guessed experts of layer `guess_layer(i)` first, so that they arrive while the layers
-        before it compute."""
+        the set of experts the router chose, S padded to a power of two (unless `exact_slots`).
+        Starts reading the guessed experts of layer `guess_layer(i)` first, so that they arrive
+        while the layers before it compute."""
         j = self.guess_layer(i)
         if guess is not None and j is not None:
             g = {int(e) for e in np.unique(np.asarray(guess))}
@@ -174,7 +175,7 @@ class MoeOffloadEngine(BaseEngine):
         have = self._gather(i, need)
         local = np.full(max(need) + 1, -1, np.int32)
         local[need] = np.arange(len(need), dtype=np.int32)
-        pad = bucket(len(need)) - len(need)
+        pad = 0 if self.exact_slots else bucket(len(need)) - len(need)
         slots = [have[e] for e in need]
         up, down = (
             jnp.stack([s[j] for s in slots] + [jnp.zeros_like(slots[0][j])] * pad) for j in (0, 1)

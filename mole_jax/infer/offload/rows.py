@@ -10,6 +10,7 @@ import dataclasses
 
 import numpy as np
 
+from mole_jax.stores.location import io_counters
 from mole_jax.stores.lut import LutStore
 
 
@@ -19,7 +20,8 @@ class RowStats:
     hits: int = 0
     rows_read: int = 0  # token rows read from storage
     bytes_read: int = 0  # rows_read * row_bytes: the rows asked of the store
-    io_bytes: int = 0  # measured: bytes the process read (read/pread) during those reads
+    io_bytes: int = 0  # measured: bytes storage returned for those reads (tensorstore metrics)
+    io_requests: int = 0  # measured: read requests those reads made (a round trip each, remote)
 
     @property
     def hit_rate(self) -> float:
@@ -31,9 +33,10 @@ class LutRows:
 
     Rows come from an LRU cache of `cache_rows` tokens (0 disables it), a preallocated
     [cache_rows, row_bytes] byte slab, or, for the misses, from one batched read per stored
-    array. `bytes_read` grows by `store.row_bytes` (all layers, scales included) per token read;
-    `io_bytes` by what the process really read meanwhile (shard indexes the first time, nothing
-    for rows tensorstore still held; Linux only, and exact while no other thread reads files).
+    array (a packed store: one read per token). `bytes_read` grows by `store.row_bytes` (all
+    layers, scales included) per token read; `io_bytes` and `io_requests` by what storage really
+    served meanwhile, from tensorstore's own counters (shard indexes the first time, nothing for
+    rows tensorstore still held; exact while no other thread reads a store).
     """
 
     def __init__(self, store: LutStore, cache_rows: int = 4096):
@@ -65,10 +68,11 @@ class LutRows:
         self.stats.hits += len(hit_at)
         if miss_at:
             miss = np.array([ids[j] for j in miss_at], np.int64)
-            before = read_bytes()
+            requests, nbytes = io_counters()
             read = self.store.read_packed(miss)
-            if before is not None:
-                self.stats.io_bytes += read_bytes() - before
+            after = io_counters()
+            self.stats.io_requests += after[0] - requests
+            self.stats.io_bytes += after[1] - nbytes
             out[miss_at] = read
             self.stats.rows_read += len(miss)
             self.stats.bytes_read += len(miss) * self.store.row_bytes
@@ -82,19 +86,6 @@ class LutRows:
             slot = self.free.pop() if self.free else self.slot.popitem(last=False)[1]
             self.slab[slot] = row
             self.slot[t] = slot
-
-
-def read_bytes() -> int | None:
-    """Bytes this process has read through read()/pread() so far (Linux /proc/self/io rchar,
-    page-cache hits included); None where the counter does not exist."""
-    try:
-        with open("/proc/self/io", "rb") as f:
-            for line in f:
-                if line.startswith(b"rchar:"):
-                    return int(line.split()[1])
-    except OSError:
-        return None
-    return None
 
 
 class Prefetcher:
