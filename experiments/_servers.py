@@ -122,13 +122,21 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         self.end_headers()
 
 
+class _Server(http.server.ThreadingHTTPServer):
+    # socketserver's listen backlog of 5 drops connections when tensorstore opens dozens at
+    # once, and each dropped one waits a 1 s SYN retransmit: a stall the server made, not the
+    # store (seen as 1-second decode steps in bench_remote before this)
+    request_queue_size = 256
+    daemon_threads = True
+
+
 @contextlib.contextmanager
 def http_server(folder, delay_s: float = 0.0):
     """Yields (base URL, counts {'requests', 'bytes'}) of a Range-capable server of `folder`."""
     counts = {"requests": 0, "bytes": 0}
     handler = type("Handler", (_Handler,), dict(root=Path(folder).resolve(), delay_s=delay_s,
                                                 counts=counts))  # fmt: skip
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    server = _Server(("127.0.0.1", 0), handler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:

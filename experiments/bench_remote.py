@@ -14,15 +14,18 @@ missing). Stores: MoLE's fp16 LUT exported `packed` (a token's rows of every lay
 and MoE's fp16 experts, each in a folder, on moto's S3 server (a process on 127.0.0.1) and behind
 a Range-capable HTTP server on 127.0.0.1 that waits --delays_ms before answering each request
 (the added round trip; `_servers.py`). Rows: dense in memory, MoLE with its LUT in memory, MoLE
-offloaded (no row cache: every token's row is asked of the store), MoE offloaded (per-layer LRU
-of --capacity experts, no prefetch), each offloaded row on every store.
+offloaded cold (no row cache, and its store reopened before every decode step, untimed, so that
+tensorstore's cache holds the shard indexes and no rows: every token's row comes from storage),
+MoE offloaded with its per-layer LRU of --capacity experts (the baseline as it runs) and cold
+(no cache, store reopened every step), each offloaded row on every store.
 
 Method: prompts are validation windows; per engine one untimed decode compiles every shape, then
---rounds decodes of --new tokens, round-robin over the engines; before each round a store is
-opened afresh (so tensorstore's cache holds its shard indexes, read then, and no rows) and the
-MoE's expert caches emptied. Per decode step: median and p95 over the rounds' steps (blocked on
-the logits). Requests and bytes per token: tensorstore's counters over the decode steps / the
-tokens they fed (a request is a round trip; neighbouring rows can share one).
+--rounds decodes of --new tokens, round-robin over the engines, each from empty caches. Per
+decode step: median and p95 over the rounds' steps (blocked on the logits). Requests and bytes
+per token: tensorstore's counters over the timed steps / the tokens they fed (a request is a
+round trip; neighbouring rows can share one). A store's round trip: the median of 20 one-byte
+reads of its manifest; the target is checked against it (1.3 x (round trip + the in-memory LUT's
+step)), not against the added delay alone.
 """
 
 from __future__ import annotations
@@ -30,11 +33,13 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import time
 from pathlib import Path
 
 import _paths  # noqa: F401
 import bench_offload as bo
 import numpy as np
+import tensorstore as ts
 from _servers import http_server, s3_server
 from absl import app, flags
 
@@ -42,7 +47,8 @@ from mole_jax.eval.validation import val_batches
 from mole_jax.infer.engine import build_engine
 from mole_jax.infer.export import export_experts, export_lut
 from mole_jax.infer.generate import generate
-from mole_jax.stores.location import io_counters
+from mole_jax.stores.experts import ExpertStore
+from mole_jax.stores.location import context, io_counters, location
 from mole_jax.stores.lut import LutStore
 
 flags.DEFINE_list("delays_ms", ["0", "5", "20"], "Round-trip delays added by the HTTP server.")
@@ -69,46 +75,80 @@ def stores(dirs: dict, http: dict[str, str]) -> dict[str, tuple[str, str]]:
 
 
 def engines(dirs: dict, where: dict) -> list[tuple[str, str, str | None, object]]:
-    """(row, store label, LUT location or None, engine) of every row."""
+    """(row, store label, store location or None, engine) of every row; a row with a location
+    reopens its store before every decode step (`decode`)."""
     rows = [("dense", "memory", None, build_engine(dirs["dense"])),
             ("MoLE-4E LUT in memory", "memory", None,
              build_engine(dirs["mole"], "lut_memory", store=where["folder"][0]))]  # fmt: skip
     for label, (lut, experts) in where.items():
         rows.append(("MoLE-4E offloaded", label, lut,
                      build_engine(dirs["mole"], "offload", store=lut, cache_rows=0)))  # fmt: skip
-        rows.append(("MoE-10E offloaded", label, None,
+        rows.append((f"MoE-10E offloaded, LRU {FLAGS.capacity}/layer", label, None,
                      build_engine(dirs["moe"], "moe_offload", store=experts,
                                   capacity=FLAGS.capacity)))  # fmt: skip
+        cold = build_engine(dirs["moe"], "moe_offload", store=experts, capacity=0)
+        rows.append(("MoE-10E offloaded, no cache", label, experts, cold))
     return rows
 
 
-def decode(engine, lut: str | None, prompts) -> tuple[list[float], int, int]:
-    """One timed decode from fresh caches: (step seconds, requests, bytes) over the steps."""
-    engine.reset_stats()
-    if lut is not None:  # a fresh store: its indexes read now, no rows held
-        engine.rows.store = LutStore.open(lut, verify="none")
+def _cold(engine, where: str) -> None:
+    """A freshly opened store in the engine: tensorstore's cache holds the shard indexes (read
+    now) and no rows or experts."""
+    if isinstance(engine.store, LutStore):
+        engine.rows.store = LutStore.open(where, verify="none")
         engine.rows.store.read_packed(np.array([engine.model_config.vocab_size - 1]))
-    mark = {}
+    else:
+        engine.store = ExpertStore.open(where, verify="none")
+        for layer in engine.store.layers:
+            engine.store.start_read(layer, 0).result()
+
+
+def decode(engine, where: str | None, prompts) -> tuple[list[float], int, int]:
+    """One timed decode from empty caches: (step seconds, requests, bytes) of the decode steps.
+    With `where`, the store is reopened before every step (untimed, uncounted): every token's
+    row, every expert, comes from storage."""
+    engine.reset_stats()
+    io, mark = [0, 0], {}
+
+    def count() -> None:
+        if "io" in mark:
+            now = io_counters()
+            io[0], io[1] = io[0] + now[0] - mark["io"][0], io[1] + now[1] - mark["io"][1]
 
     def before(t):
-        if t == 1:
-            mark["io"] = io_counters()
+        if t == 0:
+            return
+        count()
+        if where is not None:
+            _cold(engine, where)
+        mark["io"] = io_counters()
 
     out = generate(engine, prompts, FLAGS.new, before_step=before)
-    end = io_counters()
-    return out["step_s"], end[0] - mark["io"][0], end[1] - mark["io"][1]
+    count()
+    return out["step_s"], io[0], io[1]
+
+
+def round_trip_ms(where: str) -> float:
+    """Median time of a one-byte read of the store's manifest (20 reads)."""
+    kv = ts.KvStore.open(location(where).kvstore(), context=context()).result()
+    times = []
+    for _ in range(20):
+        t0 = time.perf_counter()
+        kv.read("manifest.json", byte_range=slice(0, 1)).result()
+        times.append(time.perf_counter() - t0)
+    return 1e3 * float(np.median(times))
 
 
 def measure(rows, windows, batch: int) -> list[dict]:
     prompts = windows[:batch, : FLAGS.prompt]
-    for _, _, lut, eng in rows:  # compiles every shape
-        decode(eng, lut, prompts)
+    for _, _, where, eng in rows:  # compiles every shape
+        decode(eng, where, prompts)
     steps = {i: [] for i in range(len(rows))}
     io = {i: [0, 0] for i in range(len(rows))}
     for r in range(FLAGS.rounds):
         p = windows[(r + 1) * batch : (r + 2) * batch, : FLAGS.prompt]
-        for i, (_, _, lut, eng) in enumerate(rows):
-            s, req, nbytes = decode(eng, lut, p)
+        for i, (_, _, where, eng) in enumerate(rows):
+            s, req, nbytes = decode(eng, where, p)
             steps[i] += s
             io[i][0] += req
             io[i][1] += nbytes
@@ -128,9 +168,13 @@ def main(_):
         stack.enter_context(s3_server("stores"))
         http = {d: stack.enter_context(http_server(Path(dirs["mole"]).parent, float(d) / 1e3))[0]
                 for d in FLAGS.delays_ms}  # fmt: skip
-        rows = engines(dirs, stores(dirs, http))
+        where = stores(dirs, http)
+        rtt = {label: round_trip_ms(lut) for label, (lut, _) in where.items()}
+        rows = engines(dirs, where)
         for batch in map(int, FLAGS.batches):
             results += measure(rows, windows, batch)
+    for r in results:
+        r["round_trip_ms"] = rtt.get(r["store"], 0.0)
     report(results)
 
 

@@ -171,12 +171,16 @@ def _row(out) -> dict:
                 busy_s=float(sum(out["seconds"])))  # fmt: skip
 
 
-def compute_seconds(store: str, sizes, n_experts: int, windows) -> dict[int, dict[int, float]]:
+def compute_seconds(
+    store: str, sizes, n_experts: int, windows, exact: bool = False
+) -> dict[int, dict[int, float]]:
     """{n: {k: median seconds of one jitted forward over n held-out tokens routed onto k
     experts}}: the router, each block's attention and its grouped matmul over the experts the
-    lookahead engine hands in for k experts (S padded to a power of two), the head; token t on
-    expert t mod k. A batch of n tokens on k experts run as one call."""
+    lookahead engine hands in for k experts (S padded to a power of two; `exact`: S = k, one
+    compile per k), the head; token t on expert t mod k. A batch of n tokens on k experts run as
+    one call."""
     eng = build_engine(FLAGS.workdir, "lookahead", store=store, capacity=n_experts)
+    eng.exact_slots = exact
     s, layers = eng.staged, sorted(eng.moe_layers)
 
     def one_call(p, r, ids, local, ups, downs):
