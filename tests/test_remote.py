@@ -65,6 +65,20 @@ def test_s3_and_http_stores_give_the_local_loss(s3, mole_run):
     assert np.array_equal(LutStore.open("s3://stores/run/lut").read_packed(ids), want)
 
 
+def test_a_copy_of_a_remote_store_opens_elsewhere(s3, mole_run, tmp_path):
+    """Generations belong to the origin that wrote them: a copy synced to a folder and served
+    over HTTP opens (its chunks' crc32c still checked) and reads the same rows."""
+    export_lut(mole_run, dtype="float16", out="s3://stores/copied/lut")
+    src, dst = _kv("s3://stores/copied/lut"), _kv(str(tmp_path / "copy"))
+    for key in src.list().result():
+        dst.write(key, src.read(key).result().value).result()
+    ids = np.arange(0, 512, 5)
+    want = LutStore.open("s3://stores/copied/lut").read_packed(ids)
+    assert np.array_equal(LutStore.open(tmp_path / "copy").read_packed(ids), want)
+    with http_server(tmp_path) as (url, _):
+        assert np.array_equal(LutStore.open(f"{url}/copy").read_packed(ids), want)
+
+
 def test_a_packed_store_costs_one_request_per_token(s3, mole_run):
     """A decode step's new token: one request from a packed store, one per array (layer and
     scale) from a layered one; a batch's tokens at most one each (neighbours share one)."""
@@ -145,14 +159,20 @@ def test_urls_are_checked_and_secrets_never_printed():
     assert redact("GET https://user:pw@h.example/x?X-Amz-Signature=abc failed") == (
         "GET https://***@h.example/x?*** failed"
     )
-    with pytest.raises(UserError, match="credentials do not go in a store URL"):
-        location("s3://key:secret@bucket/x")
+    assert redact("s3://AKIA:ab/cd@bucket/x") == "s3://***@bucket/x"  # a '/' in the secret
+    with pytest.raises(UserError, match="credentials do not go in a store URL") as e:
+        location("s3://key:se/cret@bucket/x")
+    assert "se/cret" not in str(e.value) and "key" not in str(e.value)
     with pytest.raises(UserError, match="a store URL is"):
         location("ftp://host/x")
     with pytest.raises(UserError, match="read-only"):
         Staging.begin(location("http://127.0.0.1:1/x"))
     assert location("file:///tmp/a/b") == location("/tmp/a/b")
     assert location("s3://b/p/q/").kvstore("r")["path"] == "p/q/r/"
+    assert (
+        location("s3://Bucket").kvstore()["path"] == ""
+        and location("s3://Bucket").bucket == "Bucket"
+    )
 
 
 def test_moe_experts_offloaded_from_s3_equal_in_memory(s3, tmp_path_factory, corpus_dir,

@@ -18,6 +18,7 @@ import tensorstore as ts
 
 from mole_jax.errors import StoreError
 from mole_jax.stores import quant, store
+from mole_jax.stores.location import wait
 from mole_jax.stores.store import layer_name
 
 NAMES = ("up", "down")
@@ -56,7 +57,7 @@ class ExpertStore:
                 for key, w in _stored(np.asarray(weights[name]), name, dtype).items():
                     w = np.ascontiguousarray(w)
                     arr = store.create_array(target, i, key, w.shape, w.dtype.name, 1, w.shape[0])
-                    arr.write(w).result()
+                    wait(arr.write(w), f"writing {target.root}/{layer_name(i)}/{key}")
                     arrays[f"{layer_name(i)}/{key}"] = arr
                     written[f"{layer_name(i)}/{key}"] = hashlib.sha256(w.tobytes()).hexdigest()
         return store.write_manifest(target, "moe_experts", fields, arrays, written)

@@ -32,10 +32,11 @@ from pathlib import Path
 
 import tensorstore as ts
 
-from mole_jax.errors import UserError
+from mole_jax.errors import StoreError, UserError
 
 SCHEMES = ("file", "s3", "gs", "http", "https")
-_URL = re.compile(r"\b([a-z][a-z0-9+.-]*://)([^/@\s]*@)?([^\s?#]*)(\?[^\s#]*)?", re.I)
+# user:password@ may hold '/' (AWS secret keys do): everything up to the last '@' of the word
+_URL = re.compile(r"\b([a-z][a-z0-9+.-]*://)([^@\s]*@)?([^\s?#]*)(\?[^\s#]*)?", re.I)
 
 
 def redact(text: str) -> str:
@@ -79,6 +80,19 @@ class Location:
             raise UserError(f"{self} is not a local folder")
         return Path(self.path)
 
+    def __fspath__(self) -> str:
+        """A folder's path (so `Path(location)` works for local stores); object storage has none."""
+        if self.remote:
+            raise TypeError(f"{self} is object storage, not a local folder")
+        return self.path
+
+    @property
+    def origin(self) -> str:
+        """Who serves the objects (scheme, bucket or host, S3 endpoint): object generations are
+        only comparable within one origin."""
+        endpoint = s3_options().get("endpoint", "") if self.scheme == "s3" else ""
+        return f"{self.scheme}://{self.bucket}{' ' + endpoint if endpoint else ''}"
+
     @property
     def name(self) -> str:
         return self.path.rstrip("/").rsplit("/", 1)[-1]
@@ -100,7 +114,8 @@ class Location:
         """The tensorstore kvstore spec of `parts` under this location (a folder's path ends
         with '/', as tensorstore's directory-like kvstores expect)."""
         loc = self.join(*parts)
-        path = loc.path.rstrip("/") + "/"
+        path = loc.path.strip("/")
+        path = (path + "/" if path else "") if loc.remote else loc.path.rstrip("/") + "/"
         if loc.scheme == "file":
             return {"driver": "file", "path": path}
         if loc.scheme in ("http", "https"):
@@ -131,15 +146,14 @@ def location(value: str | os.PathLike | Location) -> Location:
     scheme = url.scheme.lower()
     if scheme not in SCHEMES:
         raise UserError(f"{redact(text)}: a store URL is {'|'.join(s + '://' for s in SCHEMES)}")
-    if url.username or url.password:
-        raise UserError(f"{redact(text)}: credentials do not go in a store URL (use the "
-                        "environment or a profile)")  # fmt: skip
+    if "@" in text:  # user:password@ (a secret may hold '/', so anywhere in the URL)
+        raise UserError(f"{scheme}://...: credentials do not go in a store URL, and a store URL "
+                        "has no '@' (use the environment or a profile)")  # fmt: skip
     if scheme == "file":
         return Location("file", "", str(Path(urllib.parse.unquote(url.path)).absolute()))
     if not url.hostname or url.query:
         raise UserError(f"{redact(text)}: expected {scheme}://HOST/PATH, no query")
-    host = url.netloc if scheme.startswith("http") else url.hostname
-    return Location(scheme, host, url.path.strip("/"))
+    return Location(scheme, url.netloc, url.path.strip("/"))  # (a bucket keeps its case)
 
 
 def s3_options() -> dict:
@@ -182,6 +196,14 @@ def context(extra: dict | None = None) -> ts.Context:
         **(extra or {}),
     }
     return ts.Context(spec)
+
+
+def wait(future, what: str):
+    """A tensorstore future's result; its failure is one StoreError line naming `what`."""
+    try:
+        return future.result()
+    except ValueError as e:
+        raise StoreError(f"{what} failed ({short(e)})") from None
 
 
 def read_key(loc: Location, key: str) -> bytes | None:

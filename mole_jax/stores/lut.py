@@ -25,6 +25,7 @@ import tensorstore as ts
 
 from mole_jax.errors import StoreError
 from mole_jax.stores import quant, store
+from mole_jax.stores.location import wait
 from mole_jax.stores.store import layer_name
 
 
@@ -176,9 +177,9 @@ class LutStore:
         for key, arr in parts.items():
             arr = np.ascontiguousarray(arr)
             self.written.setdefault(key, hashlib.sha256()).update(arr.tobytes())
-            futures.append(self.arrays[key][start : start + len(arr)].write(arr))
-        for f in futures:
-            f.result()
+            futures.append((key, self.arrays[key][start : start + len(arr)].write(arr)))
+        for key, f in futures:
+            wait(f, f"writing {self.path}/{key}")
 
     def finalize(self, meta: dict) -> dict:
         """Reads every array back against what was written, writes manifest.json (last),

@@ -4,20 +4,23 @@ and the removal of data prefixes no manifest names.
 
 What protects a remote store: a store is only ever read through its manifest, written last in
 one PUT after its arrays were read back and checked, so a reader sees the old store or the new
-one, never a mixture; an object replaced or deleted after that is refused on open (generation)
-or on read (a missing chunk is an error, never zeros). Two exports to the same URL at once are
-refused where the backend honours conditional writes (S3, GCS): an export's manifest PUT is
-conditional on the manifest it found when it started, so the second of two concurrent exports
-fails in one line and removes its own data; each export removes only prefixes older than its
-own.
+one, never a mixture; an object replaced or deleted after that is refused on open (generation,
+when read from the origin that wrote it) or on read (a missing chunk is an error, never zeros).
+Two exports to one URL: the manifest PUT is conditional on the manifest the export found when it
+began (tensorstore's `if_equal`), atomic on Amazon S3 and GCS; on other S3-compatible endpoints
+tensorstore checks with a HEAD and then PUTs, so an export that published in between is caught
+but a truly simultaneous one is not. The manifest is read back before old data is removed, and
+an export removes only prefixes older than its own.
 """
 
 from __future__ import annotations
 
+import json
+
 import tensorstore as ts
 
 from mole_jax.errors import StoreError
-from mole_jax.stores.location import Location, context, short
+from mole_jax.stores.location import Location, context, short, wait
 
 PREFIX = "data-"  # every data prefix of a remote store starts so: `remove_stale` touches no other
 
@@ -52,26 +55,41 @@ def generation(loc: Location, key: str) -> bytes:
 
 
 def remove_prefix(loc: Location, prefix: str) -> None:
-    _open(loc).delete_range(ts.KvStore.KeyRange(prefix + "/", prefix + "0")).result()
+    """Deletes `prefix/` under `loc` ('0' follows '/'); a failure is a warning (the data is
+    unreferenced, and the next export removes it)."""
+    if not prefix:
+        return
+    try:
+        _open(loc).delete_range(ts.KvStore.KeyRange(prefix + "/", prefix + "0")).result()
+    except (ValueError, StoreError) as e:
+        print(f"warning: could not remove {loc}/{prefix}/ ({short(e)}); the next export will")
 
 
-def _keys(kv: ts.KvStore) -> list[str]:
-    return sorted(k.decode() for k in kv.list().result())
+def published(final: Location, prefix: str) -> bool:
+    """Whether the manifest under `final` names `prefix` now (read back after the PUT)."""
+    raw = wait(_open(final).read("manifest.json"), f"reading {final}/manifest.json")
+    return raw.state == "value" and json.loads(raw.value).get("prefix") == prefix
+
+
+def _keys(kv: ts.KvStore, loc: Location) -> list[str]:
+    return sorted(k.decode() for k in wait(kv.list(), f"listing {loc}"))
 
 
 def generations(root: Location) -> dict[str, str]:
-    """{key: generation (hex)} of every object under `root`, from one-byte range reads."""
+    """{key: generation (hex)} of every object under `root` (empty-range reads: no data)."""
     kv = _open(root)
-    keys = _keys(kv)
-    reads = [kv.read(k, byte_range=slice(0, 1)) for k in keys]
-    return {k: r.result().stamp.generation.hex() for k, r in zip(keys, reads, strict=True)}
+    keys = _keys(kv, root)
+    reads = [kv.read(k, byte_range=slice(0, 0)) for k in keys]
+    got = [wait(r, f"reading {root}/{k}") for k, r in zip(keys, reads, strict=True)]
+    return {k: r.stamp.generation.hex() for k, r in zip(keys, got, strict=True)}
 
 
 def check_generations(root: Location, recorded: dict[str, str]) -> None:
     """Every recorded object is there, unchanged: conditional reads (if the generation differs),
     all in flight at once; an unchanged object answers without data."""
     kv = _open(root)
-    reads = {k: kv.read(k, if_not_equal=bytes.fromhex(g)) for k, g in recorded.items()}
+    reads = {k: kv.read(k, if_not_equal=bytes.fromhex(g), byte_range=slice(0, 0))
+             for k, g in recorded.items()}  # fmt: skip
     for key, read in reads.items():
         try:
             got = read.result()
@@ -89,8 +107,11 @@ def check_generations(root: Location, recorded: dict[str, str]) -> None:
 def remove_stale(final: Location, keep: str) -> None:
     """Deletes the data prefixes under `final` older than `keep` (names sort by time): no
     manifest names them once `keep`'s manifest is written."""
-    kv = _open(final)
-    prefixes = {k.split("/", 1)[0] for k in _keys(kv) if k.startswith(PREFIX)}
+    try:
+        prefixes = {k.split("/", 1)[0] for k in _keys(_open(final), final) if k.startswith(PREFIX)}
+    except StoreError as e:
+        print(f"warning: old data under {final} not removed ({e}); the next export will")
+        return
     for p in sorted(prefixes):
         if p < keep:
             remove_prefix(final, p)

@@ -188,10 +188,13 @@ def write_manifest(
     `written`: {name: SHA-256 of the bytes handed to the writes}; a read-back that differs
     raises StoreError and no manifest is written.
     """
-    entries = {
-        name: dict(shape=list(arr.shape), dtype=str(arr.dtype.name), sha256=digest(arr))
-        for name, arr in sorted(arrays.items())
-    }
+    try:
+        entries = {
+            name: dict(shape=list(arr.shape), dtype=str(arr.dtype.name), sha256=digest(arr))
+            for name, arr in sorted(arrays.items())
+        }
+    except ValueError as e:
+        raise StoreError(f"reading back {target.root} failed ({short(e)})") from None
     for name, want in (written or {}).items():
         if entries[name]["sha256"] != want:
             raise StoreError(
@@ -206,11 +209,17 @@ def write_manifest(
         arrays=entries,
     )
     if target.prefix:
-        manifest.update(prefix=target.prefix, generations=remote.generations(target.root))
+        manifest.update(prefix=target.prefix, generations_of=target.final.origin,
+                        generations=remote.generations(target.root))  # fmt: skip
     text = json.dumps(manifest, indent=2)
     if target.manifest_dir.remote:
         try:
             remote.put(target.manifest_dir, "manifest.json", text.encode(), target.found)
+            if target.prefix and not remote.published(target.final, target.prefix):
+                raise StoreError(
+                    f"another export published {target.final} at the same time; this one's "
+                    "data is removed: re-run export if it should win"
+                )
         except StoreError:
             remote.remove_prefix(target.final, target.prefix)
             raise
@@ -226,8 +235,9 @@ def read_manifest(loc, kind: str, expect: dict | None) -> dict:
     try:
         raw = read_key(loc, "manifest.json")
     except ValueError as e:
-        hint = "; check the credentials" if "PERMISSION_DENIED" in str(e) else ""
-        raise StoreError(f"cannot reach the {what} at {loc} ({short(e)}){hint}") from None
+        hint = "; check the credentials" if loc.remote and "PERMISSION_DENIED" in str(e) else ""
+        verb = "reach" if loc.remote else "read"
+        raise StoreError(f"cannot {verb} the {what} at {loc} ({short(e)}){hint}") from None
     if raw is None:
         raise StoreError(f"no {what} at {loc} (manifest.json missing): run `launch.py export`")
     try:
@@ -261,14 +271,16 @@ def open_arrays(loc, manifest: dict, verify: str, cache: dict | None = None) -> 
     conditional requests that move no data."""
     loc = location(loc)
     root = loc.join(manifest.get("prefix", ""))
-    if manifest.get("generations"):
+    # generations compare within the origin that wrote them (a copy elsewhere has its own)
+    checked = bool(manifest.get("generations")) and manifest.get("generations_of") == loc.origin
+    if checked:
         remote.check_generations(root, manifest["generations"])
     ctx, arrays = context(cache), {}
     for name, info in manifest["arrays"].items():
         spec = {"driver": "zarr3", "kvstore": root.kvstore(name)}
         if manifest.get("all_chunks_stored"):  # earlier stores skipped all-zero chunks
             spec["fill_missing_data_reads"] = False
-        if loc.remote:  # the manifest's generations vouch for the objects: no revalidation
+        if checked:  # the objects are the export's: cached indexes need no revalidation
             spec["recheck_cached_data"] = False
         try:
             arr = ts.open(spec, open=True, context=ctx).result()

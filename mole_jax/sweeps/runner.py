@@ -292,8 +292,9 @@ def run_sweep(
 
     module = load_study(filename)
     runs = plan(module, study_cfg, workdir)
-    for r in runs if store else ():
-        r.spec["store"] = f"{str(store).rstrip('/')}/{r.name}"
+    base = store if not store or "://" in store else os.path.abspath(store)  # workers' cwd differ
+    for r in runs if base else ():
+        r.spec["store"] = f"{base.rstrip('/')}/{r.name}"
     declared = claims.study_claims(module, study_cfg, {r.group or r.name for r in runs})
     print(f"study {filename}: {len(runs)} run(s) under {workdir}")
     for c in declared:
