@@ -280,7 +280,9 @@ def open_arrays(loc, manifest: dict, verify: str, cache: dict | None = None) -> 
         spec = {"driver": "zarr3", "kvstore": root.kvstore(name)}
         if manifest.get("all_chunks_stored"):  # earlier stores skipped all-zero chunks
             spec["fill_missing_data_reads"] = False
-        if checked:  # the objects are the export's: cached indexes need no revalidation
+        if loc.remote:  # a cached shard index is not revalidated (a round trip per read): an
+            # object replaced under it fails its chunks' crc32c, and on open the generations
+            # (where they were checked) refuse it first
             spec["recheck_cached_data"] = False
         try:
             arr = ts.open(spec, open=True, context=ctx).result()
