@@ -270,6 +270,18 @@ def serving_seeds(path: str) -> str:
     return "\n".join(out)
 
 
+@renderer("serving_seeds_summary")
+def serving_seeds_summary(path: str) -> str:
+    """serving_seeds.py's declared claims counted by verdict, in one line."""
+    from _serving_claims import CLAIMS, tests, verdict_line
+
+    lines = [verdict_line(t) for t in tests(load(path)["modelled"], CLAIMS)]
+    words = ("reproduced", "contradicted", "not resolved at this scale")
+    counts = {w: sum(f": {w} —" in v for v in lines) for w in words}
+    return (f"{len(lines)} declared claims: " + ", ".join(f"{n} {w}" for w, n in counts.items())
+            + " (paired over six queues, Holm)")  # fmt: skip
+
+
 # --- stores in object storage (bench_remote.py) --------------------------------------------
 
 
