@@ -48,7 +48,7 @@ from mole_jax.infer.engine import build_engine
 from mole_jax.infer.export import export_experts, export_lut
 from mole_jax.infer.generate import generate
 from mole_jax.stores.experts import ExpertStore
-from mole_jax.stores.location import context, io_counters, location
+from mole_jax.stores.location import context, io_counters, io_since, location
 from mole_jax.stores.lut import LutStore
 
 flags.DEFINE_list("delays_ms", ["0", "5", "20"], "Round-trip delays added by the HTTP server.")
@@ -112,8 +112,8 @@ def decode(engine, where: str | None, prompts) -> tuple[list[float], int, int]:
 
     def count() -> None:
         if "io" in mark:
-            now = io_counters()
-            io[0], io[1] = io[0] + now[0] - mark["io"][0], io[1] + now[1] - mark["io"][1]
+            requests, nbytes = io_since(mark["io"])
+            io[0], io[1] = io[0] + requests, io[1] + nbytes
 
     def before(t):
         if t == 0:

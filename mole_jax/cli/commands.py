@@ -259,7 +259,7 @@ def generate(f):
     from mole_jax.data import pipeline
     from mole_jax.infer.engine import build_engine
     from mole_jax.infer.generate import generate as generate_tokens
-    from mole_jax.stores.location import io_counters
+    from mole_jax.stores.location import io_counters, io_since
     from mole_jax.workdir import Workdir
 
     _need(f, "workdir")
@@ -277,7 +277,7 @@ def generate(f):
     engine = build_engine(wd, _mode(f), f.step, **_store_option(f))
     io_start = io_counters()
     out = generate_tokens(engine, [ids], f.max_new, f.temperature, f.top_k, f.seed)
-    requests, nbytes = (a - b for a, b in zip(io_counters(), io_start, strict=True))
+    requests, nbytes = io_since(io_start)
     text = pipeline.detokenize(tok, out["tokens"][0])
     print(f.prompt + text)
     if f.offload:

@@ -29,7 +29,7 @@ from mole_jax.errors import UserError
 from mole_jax.infer.engine import build_engine, require_causal
 from mole_jax.infer.generate import generate_steps
 from mole_jax.model.config import model_config
-from mole_jax.stores.location import io_counters
+from mole_jax.stores.location import io_counters, io_since
 from mole_jax.workdir import Workdir
 
 MIN_BUCKET = 16
@@ -110,7 +110,7 @@ class MoleJaxLM(TemplateLM):
             out["bytes_read"] = int(stats["bytes_read"])
             out["bytes_read_per_token"] = stats["bytes_read"] / self.tokens_fed
             out["bytes_read_per_position"] = stats["bytes_read"] / self.positions_fed
-        requests, nbytes = (a - b for a, b in zip(io_counters(), self._io_start, strict=True))
+        requests, nbytes = io_since(self._io_start)
         if requests and self.tokens_fed:  # what storage served (a round trip each, remote)
             out.update(io_requests=requests, io_bytes=nbytes)
             out["io_requests_per_token"] = requests / self.tokens_fed

@@ -25,7 +25,7 @@ from mole_jax.files import write_text_atomic
 from mole_jax.infer.engine import Engine, build_engine
 from mole_jax.infer.offload.rows import Prefetcher
 from mole_jax.progress import Progress
-from mole_jax.stores.location import io_counters
+from mole_jax.stores.location import io_counters, io_since
 from mole_jax.workdir import Workdir, as_workdir
 
 EVAL_NAMES = {"experts": "val", "offload": "val_offload", "lut_memory": "val_lut"}
@@ -96,7 +96,7 @@ def evaluate_engine(engine: Engine, batches) -> dict:
     }
     stats = engine.stats()
     out.update(stats)
-    requests, nbytes = (a - b for a, b in zip(io_counters(), io_start, strict=True))
+    requests, nbytes = io_since(io_start)
     out.update(io_requests=requests, io_bytes=nbytes)  # what storage served, all engines alike
     if "bytes_read" in stats:
         out["bytes_read_per_position"] = stats["bytes_read"] / tokens

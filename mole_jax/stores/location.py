@@ -231,3 +231,9 @@ def io_counters() -> tuple[int, int]:
         elif parts[3] == "bytes_read":
             nbytes += value
     return int(requests), int(nbytes)
+
+
+def io_since(start: tuple[int, int]) -> tuple[int, int]:
+    """(requests, bytes) read since `start`, an earlier `io_counters()`."""
+    now = io_counters()
+    return now[0] - start[0], now[1] - start[1]

@@ -10,7 +10,7 @@ import dataclasses
 
 import numpy as np
 
-from mole_jax.stores.location import io_counters
+from mole_jax.stores.location import io_counters, io_since
 from mole_jax.stores.lut import LutStore
 
 
@@ -68,11 +68,11 @@ class LutRows:
         self.stats.hits += len(hit_at)
         if miss_at:
             miss = np.array([ids[j] for j in miss_at], np.int64)
-            requests, nbytes = io_counters()
+            start = io_counters()
             read = self.store.read_packed(miss)
-            after = io_counters()
-            self.stats.io_requests += after[0] - requests
-            self.stats.io_bytes += after[1] - nbytes
+            requests, nbytes = io_since(start)
+            self.stats.io_requests += requests
+            self.stats.io_bytes += nbytes
             out[miss_at] = read
             self.stats.rows_read += len(miss)
             self.stats.bytes_read += len(miss) * self.store.row_bytes
