@@ -262,21 +262,28 @@ def modelled(requests, cost) -> list[dict]:
     return rows
 
 
-def main(_):
-    rng = np.random.default_rng(FLAGS.seed)
+def setup():
+    """(in-memory engine, held-out windows, batch sizes a budget forms, MoE layers, one expert's
+    read time): the workdir checked, its fp16 expert store exported unless current."""
     engine = build_engine(FLAGS.workdir, "experts")
     m = engine.model_config
     if m.kind != "pregated" or m.ffn.topk != 1 or len(m.ffn_layers) != m.n_layers:
         raise SystemExit(f"{FLAGS.workdir}: a pre-gated model, top-1, in every block is needed")
-    store_dir = os.path.join(FLAGS.workdir, "experts_float16")
     fresh(ExpertStore, FLAGS.workdir, "experts_float16", lambda: export_experts(
         FLAGS.workdir, dtype="float16", out="experts_float16"))  # fmt: skip
     windows = np.concatenate(list(val_batches(FLAGS.workdir)), axis=0)
-    requests, prompts = make_requests(engine, rng, windows)
     sizes = [1 << i for i in range((FLAGS.budget - 1).bit_length() + 1)]
-    compute = compute_seconds("experts_float16", sizes, m.ffn.experts, windows)
     layers = [i for i in range(m.n_layers) if m.kind_of_layer(i) == m.kind]
-    load = load_seconds(store_dir, m.ffn.experts, layers)
+    load = load_seconds(os.path.join(FLAGS.workdir, "experts_float16"), m.ffn.experts, layers)
+    return engine, windows, sizes, layers, load
+
+
+def main(_):
+    engine, windows, sizes, layers, load = setup()
+    m = engine.model_config
+    requests, prompts = make_requests(engine, np.random.default_rng(FLAGS.seed), windows)
+    compute = compute_seconds("experts_float16", sizes, m.ffn.experts, windows)
+    store_dir = os.path.join(FLAGS.workdir, "experts_float16")
     rows = hit_rows(requests)
     model = modelled(requests, lambda t, u, j: batch_seconds(t, u, j, compute, load, len(layers)))
     served = executed(requests, prompts, store_dir) if FLAGS.rounds else []

@@ -24,20 +24,13 @@ declared latency claims are tested on `exact`; `padded` is reported as explorato
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import _paths  # noqa: F401
 import bench_serving as bs
 import numpy as np
 from _serving_claims import CLAIMS, EXPLORATORY, SOURCE, tests, verdict_line
-from _stores import fresh
 from absl import app, flags
-
-from mole_jax.eval.validation import val_batches
-from mole_jax.infer.engine import build_engine
-from mole_jax.infer.export import export_experts
-from mole_jax.stores.experts import ExpertStore
 
 flags.DEFINE_list("seeds", ["0", "1", "2", "3", "4", "5"], "One queue and arrival stream each.")
 FLAGS = flags.FLAGS
@@ -54,19 +47,11 @@ def one_seed(seed: int, engine, windows, costs: dict) -> list[dict]:
 
 
 def main(_):
-    m = build_engine(FLAGS.workdir, "experts").model_config
-    if m.kind != "pregated" or m.ffn.topk != 1 or len(m.ffn_layers) != m.n_layers:
-        raise SystemExit(f"{FLAGS.workdir}: a pre-gated model, top-1, in every block is needed")
     print("declared claims (FIFO - expert-aware > 0; paired over seeds, Holm):")
     for c in CLAIMS:
         print("  ", c)
-    engine = build_engine(FLAGS.workdir, "experts")
-    fresh(ExpertStore, FLAGS.workdir, "experts_float16", lambda: export_experts(
-        FLAGS.workdir, dtype="float16", out="experts_float16"))  # fmt: skip
-    windows = np.concatenate(list(val_batches(FLAGS.workdir)), axis=0)
-    sizes = [1 << i for i in range((FLAGS.budget - 1).bit_length() + 1)]
-    layers = [i for i in range(m.n_layers) if m.kind_of_layer(i) == m.kind]
-    load = bs.load_seconds(os.path.join(FLAGS.workdir, "experts_float16"), m.ffn.experts, layers)
+    engine, windows, sizes, layers, load = bs.setup()
+    m = engine.model_config
     compute = {name: bs.compute_seconds("experts_float16", sizes, m.ffn.experts, windows, exact)
                for name, exact in (("exact", True), ("padded", False))}  # fmt: skip
     costs = {name: (lambda t, u, j, c=c: bs.batch_seconds(t, u, j, c, load, len(layers)))
