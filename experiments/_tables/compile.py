@@ -25,9 +25,7 @@ def _row(r: dict) -> list[str]:
         err, f"{r['seconds']['compile']:.0f}" if r.get("seconds") else "-",
         f"{r['host_peak_rss_gib']:.1f}" if r.get("host_peak_rss_gib") else "-",
         f"{rf['step_s']:.3g} – {rf['serial_s']:.3g}" if rf else "-",
-        "n/a (scanned)"
-        if r.get("scan_layers")
-        else (f"{100 * rf['mfu_serial']:.0f}% – {100 * rf['mfu']:.0f}%" if rf else "-"),
+        f"{100 * rf['mfu_serial']:.0f}% – {100 * rf['mfu']:.0f}%" if rf else "-",
     ]  # fmt: skip
 
 

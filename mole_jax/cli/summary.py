@@ -104,14 +104,14 @@ def render_compile(r: dict) -> str:
     )
     c, rf = r["cost_per_device"], r["roofline"]
     flops = "n/a" if c["flops"] is None else f"{c['flops']:.3e}"
-    lines.append(f"  XLA FLOPs {flops}, model FLOPs {r['model_flops_per_device']:.3e} per device")
+    loops = ", ".join(str(n) for n in r["scanned_loops"]) or "none"
+    lines.append(f"  compiled FLOPs {flops} (loops multiplied out; trip counts: {loops}), model "
+                 f"FLOPs {r['model_flops_per_device']:.3e} per device")  # fmt: skip
     for op, v in sorted(r["collectives"].items()):
-        lines.append(f"  {op}: {v['count']} op(s), {nbytes(v['bytes'])}")
+        lines.append(f"  {op}: {v['count']} per step, {nbytes(v['bytes'])}")
     if rf.get("approximate"):
-        lines.append(
-            "  (scanned layers: the compiler counts a loop body once; the roofline below "
-            "scales its bytes by a guess and is not an estimate to plan by)"
-        )
+        lines.append("  (a loop's trip count or the compiled FLOPs could not be read: the roofline "
+                     "below undercounts that loop and is not an estimate to plan by)")  # fmt: skip
     lines.append(
         f"  roofline step {1e3 * rf['step_s']:.4g} ms if compute, memory and collectives overlap "
         f"({rf['bound']}-bound; MFU at most {100 * rf['mfu']:.1f}%), {1e3 * rf['serial_s']:.4g}"

@@ -11,10 +11,12 @@ seconds and RAM of the compile, and a roofline estimate of the step time:
     time  = max(FLOPs / peak FLOP/s, bytes accessed / HBM bandwidth, collective bytes / link)
     MFU   = model FLOPs (accounting's 6N + attention, per token x tokens) / (time x peak FLOP/s)
 
-The compiler's FLOPs count a loop body once: with `model.scan_layers`, the scanned blocks are
-counted once per scan (`scanned_loops` lists the trip counts), so the roofline takes the larger
-of the compiler's and the model's FLOPs. A program that does not fit a TPU's memory is refused
-by the compiler itself (RESOURCE_EXHAUSTED); the report then carries what it needed.
+XLA counts a while loop's body once (a scanned layer stack, a micro-batch loop); `train.hlo`
+multiplies every body by its trip count (read off the program: `scanned_loops`), for the FLOPs,
+the bytes accessed and the collectives alike, so the roofline is that of the whole step. Its
+FLOPs are the compiled program's (remat's recomputation included), its MFU counts only the
+model's. A program that does not fit a TPU's memory is refused by the compiler itself
+(RESOURCE_EXHAUSTED); the report then carries what it needed.
 """
 
 from __future__ import annotations
@@ -80,16 +82,16 @@ def compile_step(cfg, target: targets.Target) -> dict:
         compiled = lowered.compile()
     except Exception as e:  # noqa: BLE001 - XLA raises its own runtime error type
         return {**report, **_refused(e, target), "seconds": _seconds(t0, t1, t2)}
-    text = compiled.as_text()
+    prog = hlo.parse(compiled.as_text())
     ma = compiled.memory_analysis()
     memory = {k.removesuffix("_in_bytes"): int(getattr(ma, k)) for k in MEMORY}
     report.update(
         compiled=True,
         memory_per_device=memory,
         fits=memory["peak_memory"] <= target.peak.memory,
-        cost_per_device=hlo.cost(compiled),
-        collectives=hlo.collectives(text),
-        scanned_loops=hlo.while_loops(text),
+        cost_per_device=hlo.cost(compiled, prog),
+        collectives=hlo.collectives(prog),
+        scanned_loops=[lp.trips for lp in hlo.all_loops(prog)],
         seconds=_seconds(t0, t1, t2),
         host_peak_rss_gib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
     )
@@ -143,22 +145,19 @@ def _refused(e: Exception, target: targets.Target) -> dict:
 
 
 def roofline(report: dict, target: targets.Target) -> dict:
-    """Step-time bounds per device from the compiled program and the device's peaks: `step_s`
-    if compute, memory traffic and collectives overlap fully (a lower bound on the time, so its
-    MFU is an upper bound), `serial_s` if none overlap (the other end). Where layers are scanned
-    the compiler counts the loop body once: FLOPs are then the model's, and the bytes accessed
-    and collective bytes are scaled by the same factor — a guess, flagged `approximate`."""
-    peak = target.peak
-    xla_flops = report["cost_per_device"]["flops"] or 0.0
+    """Step-time bounds per device from the compiled program (loops multiplied out) and the
+    device's peaks: `step_s` if compute, memory traffic and collectives overlap fully (a lower
+    bound on the time, so its MFU is an upper bound), `serial_s` if none overlap (the other
+    end). MFU = model FLOPs / (time x peak): remat's recomputation counts as time, not as work.
+    Without the compiled FLOPs (a jax without the cost binding) the model's stand in, flagged
+    `approximate`, as is a program with a loop whose trip count was not read."""
+    peak, cost = target.peak, report["cost_per_device"]
     model = report["model_flops_per_device"]
-    flops = max(xla_flops, model)
-    scanned = report["scan_layers"]  # (TPU's HLO does not show the loops' trip counts)
-    scale = flops / xla_flops if xla_flops and scanned else 1.0
-    hbm = report["cost_per_device"]["bytes_accessed"]
-    comm = scale * sum(c["bytes"] for c in report["collectives"].values())
+    flops = cost["flops"] or model
+    comm = sum(c["bytes"] for c in report["collectives"].values())
     times = {"compute_s": flops / peak.flops, "collectives_s": comm / peak.link_bytes_s}
-    if hbm:
-        times["memory_s"] = hbm * scale / peak.hbm_bytes_s
+    if cost["bytes_accessed"]:
+        times["memory_s"] = cost["bytes_accessed"] / peak.hbm_bytes_s
     step, serial = max(times.values()), sum(times.values())
     return {
         **{k: float(f"{v:.4g}") for k, v in times.items()},
@@ -167,8 +166,7 @@ def roofline(report: dict, target: targets.Target) -> dict:
         "bound": max(times, key=times.get).removesuffix("_s"),
         "mfu": round(model / (step * peak.flops), 3),
         "mfu_serial": round(model / (serial * peak.flops), 3),
-        # scanned: the compiler counted each loop body once, and the scaling above is a guess
-        # (wrong where XLA's own FLOPs exceed the model's, as a MoE's dispatch makes them)
-        "approximate": scanned,
+        "compiled_over_model_flops": round(flops / model, 3),
+        "approximate": not cost["flops"] or None in report["scanned_loops"],
         "assumes": peak.source,
     }
