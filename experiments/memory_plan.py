@@ -12,7 +12,7 @@ Method: `memory.plan` (summary's bytes_per_device) for each configuration, micro
 `memory.fit`: the fewest that fit. Parameters, gradients and AdamW moments are float32 and split
 by the rules table; activations are the planner's closed-form estimate for bfloat16 compute with
 remat='full', a 512-position loss chunk and per-micro-batch token tables (the defaults from
-160m up) on a GPU (a MoE's grouped matmul through ragged_dot), checked against XLA's memory
+160m up) on a GPU (a MoE's grouped matmul blocked), checked against XLA's memory
 analysis at tiny and small (CPU) in tests/test_memory.py.
 """
 

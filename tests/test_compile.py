@@ -50,8 +50,9 @@ def test_compile_for_a_target_reports_its_program(tmp_path, kind, config, topolo
     assert r["compiled"] and r["fits"]
     m = r["memory_per_device"]
     assert 0 < m["argument_size"] and 0 < m["peak_memory"] < r["device_memory"]
-    # the target's code path: the MoE's grouped matmul is ragged_dot there (blocked on this CPU)
-    assert (r["ragged_dot_ops"] > 0) == (kind == "moe")
+    # the target's code path: the MoE's grouped matmul is ragged_dot on TPU (blocked on GPU, whose
+    # compiler makes ragged_dot dense over every expert, and on this CPU)
+    assert (r["ragged_dot_ops"] > 0) == (kind == "moe" and platform == "tpu")
     assert r["collectives"]["all-reduce"]["count"] >= 1  # data parallel: gradients all-reduced
     assert r["cost_per_device"]["flops"] > 0.5 * r["model_flops_per_device"]
     rf = r["roofline"]

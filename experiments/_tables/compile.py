@@ -39,3 +39,66 @@ def compile_plan(path: str = "compile_plan.json") -> str:
               "roofline step s (overlapped – serial)",
               "est. MFU (serial – overlapped)"]  # fmt: skip
     return markdown(header, [_row(r) for r in rows])
+
+
+def _rows(path: str) -> dict[tuple[str, str], dict]:
+    return {(r["name"], r["topology"]): r for r in load(path)["rows"]}
+
+
+def _fit_cell(r: dict | None) -> str:
+    if r is None:
+        return "not compiled"
+    micro = r["attempts"][-1]["microbatches"]
+    if not r.get("fits"):
+        return f"does not fit at {micro} micro-batches"
+    return f"{_gib(r['memory_per_device']['peak_memory'])} ({micro})"
+
+
+@renderer("compile_fit_summary")
+def compile_fit_summary(path: str = "compile_plan.json") -> str:
+    """README: per paper configuration, the compiled peak GiB per device (micro-batches) on 64
+    H100 and on v5p:4x4x4 at the paper batch."""
+    if not (RESULTS / path).exists():
+        return "(no compiled rows yet: `python experiments/compile_plan.py`)"
+    rows = _rows(path)
+    names = sorted({n for n, _ in rows}, key=lambda n: (n.split("-", 1)[1], n.split("-")[0]))
+    targets = sorted({t for _, t in rows})
+    header = ["model", *(f"{t}: peak GiB (micro-batches)" for t in targets)]
+    return markdown(header, [[n, *(_fit_cell(rows.get((n, t))) for t in targets)] for n in names])
+
+
+MFU_TARGETS = ("1b-dense", "160m-mole-16e")  # issue 26: >= 50 % estimated MFU on both targets
+
+
+@renderer("mfu_targets")
+def mfu_targets(path: str = "compile_plan.json") -> str:
+    """The roofline's estimated MFU of the configurations with a stated target, per target."""
+    if not (RESULTS / path).exists():
+        return "(no compiled rows yet: `python experiments/compile_plan.py`)"
+    out = []
+    for (name, topology), r in sorted(_rows(path).items()):
+        rf = r.get("roofline")
+        if name not in MFU_TARGETS or not rf:
+            continue
+        out.append([name, topology, f"{rf['compute_s']:.3g}", f"{rf.get('memory_s', 0):.3g}",
+                    f"{rf['collectives_s']:.3g}", rf["bound"],
+                    f"{rf['compiled_over_model_flops']:.2f}",
+                    f"{100 * rf['mfu']:.0f}%", f"{100 * rf['mfu_serial']:.0f}%",
+                    "met" if rf["mfu"] >= 0.5 else "not met"])  # fmt: skip
+    header = ["model", "target", "compute s", "memory s", "collectives s", "bound",
+              "compiled / model FLOPs", "MFU overlapped", "MFU serial",
+              "≥ 50 % (overlapped)"]  # fmt: skip
+    return markdown(header, out)
+
+
+@renderer("roofline_peaks")
+def roofline_peaks() -> str:
+    """The device figures the roofline assumes (`mole_jax.parallel.targets.PEAKS`)."""
+    from mole_jax.parallel.targets import PEAKS
+
+    rows = [[name, f"{p.flops / 1e12:,.0f}", f"{p.hbm_bytes_s / 1e9:,.0f}",
+             f"{p.link_bytes_s / 1e9:,.0f}", _gib(p.memory), p.source]
+            for name, p in PEAKS.items()]  # fmt: skip
+    header = ["device", "bf16 TFLOP/s", "HBM GB/s", "link GB/s per device (one way)",
+              "memory GiB", "source"]  # fmt: skip
+    return markdown(header, rows)

@@ -144,7 +144,7 @@ def _table_bytes(m, cfg, sizes: dict[str, int]) -> float:
 
 def plan(cfg, sizes: dict[str, int], backend: str = "cpu", params: int | None = None) -> dict:
     """{'params', 'grads', 'opt_state', 'activations', 'total'}: bytes per device on `backend`
-    ('cpu', or 'gpu' / 'tpu', where a MoE's grouped matmul is ragged_dot: no padded tiles).
+    ('cpu', 'gpu', or 'tpu', where a MoE's grouped matmul is ragged_dot: no padded tiles).
     `params`: the parameter bytes per device when already known (they do not depend on the
     batch)."""
     if params is None:
