@@ -48,6 +48,9 @@ def _model(s: dict, size: str) -> ConfigDict:
             # "Compiling for the hardware"); off on the CPU sizes, where the scan compiled
             # slower (docs/scaling.md, "Scanned layers").
             scan_layers=size not in CPU_SIZES,
+            # training's attention: auto = a flash kernel (Pallas: splash on TPU, Triton on GPU)
+            # on accelerators when seq_len is a multiple of 128, XLA's otherwise | xla | flash
+            attention="auto",
             # Llama-family fields (`launch.py import` sets them from config.json): key/value
             # heads (0: n_heads), an LM head tied to the embedding, Llama 3.1's RoPE rescaling
             n_kv_heads=0,

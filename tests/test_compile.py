@@ -44,7 +44,7 @@ def compile_json(tmp_path, config: str, topology: str, *extra: str) -> dict:
 @pytest.mark.parametrize("kind,config", CASES)
 def test_compile_for_a_target_reports_its_program(tmp_path, kind, config, topology, platform,
                                                   kind_name):  # fmt: skip
-    r = compile_json(tmp_path, config, topology)
+    r = compile_json(tmp_path, config, topology, "--config.data.seq_len=128")
     assert r["platform"] == platform and kind_name in r["device_kind"] and r["devices"] == 4
     assert r["mesh"] == {"data": 4, "fsdp": 1, "expert": 1, "tensor": 1}
     assert r["compiled"] and r["fits"]
@@ -53,6 +53,9 @@ def test_compile_for_a_target_reports_its_program(tmp_path, kind, config, topolo
     # the target's code path: the MoE's grouped matmul is ragged_dot on TPU (blocked on GPU, whose
     # compiler makes ragged_dot dense over every expert, and on this CPU)
     assert (r["ragged_dot_ops"] > 0) == (kind == "moe" and platform == "tpu")
+    # 128 positions: the attention is a flash kernel there (splash / Triton), its FLOPs added
+    assert r["pallas_calls"] > 0 and r["cost_per_device"]["flash_kernel_flops"] > 0
+    assert not r["roofline"]["approximate"]  # every loop's trip count read, FLOPs counted
     assert r["collectives"]["all-reduce"]["count"] >= 1  # data parallel: gradients all-reduced
     assert r["cost_per_device"]["flops"] > 0.5 * r["model_flops_per_device"]
     rf = r["roofline"]

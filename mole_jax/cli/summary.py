@@ -107,6 +107,10 @@ def render_compile(r: dict) -> str:
     loops = ", ".join(str(n) for n in r["scanned_loops"]) or "none"
     lines.append(f"  compiled FLOPs {flops} (loops multiplied out; trip counts: {loops}), model "
                  f"FLOPs {r['model_flops_per_device']:.3e} per device")  # fmt: skip
+    if c.get("flash_kernel_flops"):
+        lines.append(f"  of which {c['flash_kernel_flops']:.3e} in the flash attention kernels "
+                     f"({r['pallas_calls']} call sites), counted in closed form (XLA cannot see "
+                     "into them)")  # fmt: skip
     for op, v in sorted(r["collectives"].items()):
         lines.append(f"  {op}: {v['count']} per step, {nbytes(v['bytes'])}")
     if rf.get("approximate"):

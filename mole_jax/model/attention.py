@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from mole_jax.model import flash
 from mole_jax.model.layers import linear, out_std
 
 
@@ -49,13 +50,16 @@ def rope(x_BxQxHxK, pos_Q, theta: float, scaling: str = ""):
     return out.astype(x_BxQxHxK.dtype)
 
 
-def causal_attention(q_BxQxHxK, k_BxSxHxK, v_BxSxHxK, pos_Q=None, pos_S=None):
+def causal_attention(q_BxQxHxK, k_BxSxHxK, v_BxSxHxK, pos_Q=None, pos_S=None, impl="xla"):
     """softmax(q.k / sqrt(K)) v with key position <= query position, scores and softmax in
-    float32, through `jax.nn.dot_product_attention` (cuDNN's fused kernel on GPU where it
-    applies, XLA elsewhere). Without positions, query i attends to keys 0..i (training).
-    Keys and values may have fewer heads than the queries (grouped-query attention: each
-    serves H / H_kv consecutive query heads)."""
+    float32. Without positions, query i attends to keys 0..i (training): through a flash kernel
+    where `impl` (`model.attention`) resolves to one (`flash.py`), else XLA's
+    `jax.nn.dot_product_attention`, as with positions (decoding). Keys and values may have
+    fewer heads than the queries (grouped-query attention: each serves H / H_kv consecutive
+    query heads)."""
     if pos_Q is None:
+        if flash.resolve(impl, q_BxQxHxK.shape[1]) == "flash":
+            return flash.attention(q_BxQxHxK, k_BxSxHxK, v_BxSxHxK)
         return jax.nn.dot_product_attention(q_BxQxHxK, k_BxSxHxK, v_BxSxHxK, is_causal=True)
     mask_1x1xQxS = (pos_S[None, :] <= pos_Q[:, None])[None, None]
     return jax.nn.dot_product_attention(q_BxQxHxK, k_BxSxHxK, v_BxSxHxK, mask=mask_1x1xQxS)
@@ -67,6 +71,7 @@ class Attention(nnx.Module):
         self.n_heads, self.head_dim, self.theta = m.n_heads, d // m.n_heads, m.rope_theta
         self.kv_heads = m.kv_heads
         self.scaling = m.rope_scaling
+        self.impl = m.attention
         d_kv = self.kv_heads * self.head_dim
         self.q = linear(d, d, m, rngs, ("embed", "heads"))
         self.k, self.v = (linear(d, d_kv, m, rngs, ("embed", "heads")) for _ in range(2))
@@ -80,7 +85,7 @@ class Attention(nnx.Module):
         k = rope(split(self.k(x_BxQxD)), pos_Q, self.theta, self.scaling)
         v = split(self.v(x_BxQxD))
         if kv is None:
-            y = causal_attention(q, k, v)
+            y = causal_attention(q, k, v, impl=self.impl)
         else:
             k = jax.lax.dynamic_update_slice(kv["k"], k.astype(kv["k"].dtype), (0, index, 0, 0))
             v = jax.lax.dynamic_update_slice(kv["v"], v.astype(kv["v"].dtype), (0, index, 0, 0))

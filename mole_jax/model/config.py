@@ -34,6 +34,7 @@ class ModelConfig:
     # as the official MoLE code (Megatron) does; False (configs written before it): init_std
     scaled_out_init: bool = False
     scan_layers: bool = False  # runs of identical blocks as one lax.scan (scan.py)
+    attention: str = "auto"  # auto | xla | flash: training's attention kernel (flash.py)
     # Llama-family fields (each off by default, as the MoLE paper's models have them):
     n_kv_heads: int = 0  # key/value heads (grouped-query attention); 0: n_heads
     tie_embeddings: bool = False  # the LM head is the embedding table, transposed
@@ -74,6 +75,7 @@ BACKBONE = tuple(
 OPTIONAL = (
     "remat",
     "scan_layers",
+    "attention",
     "scaled_out_init",
     "n_kv_heads",
     "tie_embeddings",
@@ -83,7 +85,7 @@ OPTIONAL = (
 
 # Fields added after runs were written, at the values that reproduce those runs: a model section
 # without them is the same model as one that has them at these values (resume checks, digests).
-LATER_DEFAULTS = {"n_kv_heads": 0, "tie_embeddings": False, "rope_scaling": ""}
+LATER_DEFAULTS = {"n_kv_heads": 0, "tie_embeddings": False, "rope_scaling": "", "attention": "auto"}
 LATER_FFN_DEFAULTS = {"gated": False}
 
 

@@ -21,6 +21,7 @@ model's. A program that does not fit a TPU's memory is refused by the compiler i
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import resource
@@ -30,7 +31,9 @@ import jax
 import jax.numpy as jnp
 
 from mole_jax.errors import ConfigError
+from mole_jax.model.config import model_config
 from mole_jax.parallel import targets
+from mole_jax.parallel.sharding import BATCH_AXES
 from mole_jax.train import accounting, hlo
 from mole_jax.train.trainer import Trainer, setup
 
@@ -75,8 +78,11 @@ def compile_step(cfg, target: targets.Target) -> dict:
     report = _header(cfg, target, devs, mesh)
     t1 = time.perf_counter()
     lowered = tr.step_fn.lower(*args)
-    # the target's code paths, read off the program: MoE's grouped matmul as ragged_dot
-    report["ragged_dot_ops"] = lowered.as_text().count("ragged_dot")
+    # the target's code paths, read off the program: MoE's grouped matmul as ragged_dot, the
+    # flash attention kernels as Pallas calls
+    text = lowered.as_text()
+    report["ragged_dot_ops"] = text.count("ragged_dot")
+    report["pallas_calls"] = text.count("tpu_custom_call") + text.count("__gpu$xla.gpu.triton")
     t2 = time.perf_counter()
     try:
         compiled = lowered.compile()
@@ -89,7 +95,7 @@ def compile_step(cfg, target: targets.Target) -> dict:
         compiled=True,
         memory_per_device=memory,
         fits=memory["peak_memory"] <= target.peak.memory,
-        cost_per_device=hlo.cost(compiled, prog),
+        cost_per_device=_with_kernels(hlo.cost(compiled, prog), cfg, mesh, target.platform),
         collectives=hlo.collectives(prog),
         scanned_loops=[lp.trips for lp in hlo.all_loops(prog)],
         seconds=_seconds(t0, t1, t2),
@@ -120,6 +126,36 @@ def _header(cfg, target: targets.Target, devs, mesh) -> dict:
         "planned_bytes_per_device": s["bytes_per_device"]["total"],
         "model_flops_per_device": s["train_flops_per_token"] * tokens / len(devs),
     }
+
+
+def flash_flops(cfg, mesh, platform: str) -> float:
+    """FLOPs per device per step of the flash attention kernels, which XLA's cost analysis does
+    not see into (a custom call): per layer and head, causal, forward 2 x T S K (q.k and p.v
+    over the half of the blocks at or below the diagonal, T the device's positions), backward
+    2.5 x that (q.k again, dP, dV, dQ, dK), the forward twice under remat; 0 where the step
+    uses XLA's attention."""
+    from mole_jax.model import flash
+    from mole_jax.model.ffn.pregated import router_config
+
+    m, s = model_config(cfg), cfg.data.seq_len
+    if flash.resolve(m.attention, s, platform) != "flash":
+        return 0.0
+    ways = math.prod(mesh.shape[a] for a in BATCH_AXES)
+    tokens = cfg.train.batch_size * s / ways
+    forwards = 1 if m.remat == "none" else 2
+    blocks = [(m.n_layers, m.n_heads, m.head_dim)]
+    if m.kind == "pregated":
+        r = router_config(m)
+        blocks.append((1, r.n_heads, r.head_dim))
+    per_head = 2 * tokens * s * (forwards + 2.5)
+    return sum(n * h / mesh.shape["tensor"] * k * per_head for n, h, k in blocks)
+
+
+def _with_kernels(cost: dict, cfg, mesh, platform: str) -> dict:
+    kernels = flash_flops(cfg, mesh, platform)
+    if not kernels or cost["flops"] is None:
+        return cost
+    return {**cost, "flops": cost["flops"] + kernels, "flash_kernel_flops": kernels}
 
 
 def _seconds(t0: float, t1: float, t2: float) -> dict:

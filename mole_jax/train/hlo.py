@@ -97,7 +97,7 @@ def parse(text: str) -> Program:
                 entry = current if is_entry else entry
                 bodies[current] = [line]
             continue
-        if line.startswith("}"):
+        if line.rstrip() == "}":  # (an attribute's text may span lines, some starting "}}")
             bodies[current].append("}")
             current = None
         else:

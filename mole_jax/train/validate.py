@@ -23,6 +23,17 @@ def _positive(cfg: ml_collections.ConfigDict, prefix: str, names: tuple[str, ...
         )
 
 
+def _check_attention(impl: str, seq_len: int) -> None:
+    from mole_jax.model import flash
+
+    require_one_of(impl, flash.IMPLS, "model.attention")
+    require(
+        impl != "flash" or seq_len % flash.BLOCK == 0,
+        f"model.attention=flash needs data.seq_len={seq_len} to be a multiple of {flash.BLOCK} "
+        "(the kernels' block); use auto or xla",
+    )
+
+
 def validate(cfg: ml_collections.ConfigDict, n_devices: int | None = None):
     """Raises ConfigError naming the first offending field; returns the typed model config
     (`model_config.ModelConfig`). Runs before anything compiles."""
@@ -40,6 +51,7 @@ def validate(cfg: ml_collections.ConfigDict, n_devices: int | None = None):
     )
     require_one_of(m.dtype, ("float32", "bfloat16"), "model.dtype")
     require_one_of(m.remat, ("none", "full", "dots"), "model.remat")
+    _check_attention(m.get("attention", "auto"), d.seq_len)
     require_one_of(t.token_tables, ("step", "microbatch"), "train.token_tables")
     factor = t.get("diverge_factor", 0)
     require(
