@@ -30,6 +30,9 @@ flags.DEFINE_list("targets", ["h100:1x8x8", "v5p:4x4x4"], "Topologies.")
 flags.DEFINE_string("json", "experiments/results/compile_plan.json", "Results (kept and extended).")
 flags.DEFINE_bool("redo", False, "Compile rows that are already in the JSON again.")
 flags.DEFINE_integer("max_micro", 64, "Give up past this many micro-batches.")
+flags.DEFINE_bool("replan", False, "Only recompute every row's closed-form plan (no compiling).")
+flags.DEFINE_string("calibration", "experiments/results/plan_calibration.json",
+                    "Where --replan writes the plan's fit to the compiled peaks.")  # fmt: skip
 FLAGS = flags.FLAGS
 
 KINDS = {  # name -> config file argument (the papers' configurations)
@@ -78,7 +81,61 @@ def fewest_micro(config: str, topology: str) -> dict:
     return {**r, "attempts": attempts}
 
 
+def load_config(row: dict):
+    """The row's config as compiled: its file argument and micro-batches, on the 64-device
+    mesh the paper sizes default to."""
+    import importlib
+
+    module, _, arg = row["config"].removeprefix("configs/").partition(".py:")
+    cfg = importlib.import_module(f"configs.{module}").get_config(arg)
+    cfg.train.microbatches = row["microbatches"]
+    return cfg
+
+
+def replan(rows: list[dict]) -> dict:
+    """Every row's plan at the current `memory.plan` (uncalibrated and calibrated), and per
+    platform the activation factor that best fits the compiled peaks (least squares in log
+    space) with the plan's error before and after it."""
+    import math
+
+    from mole_jax.train import memory
+
+    fit = {}
+    for platform in sorted({r["platform"] for r in rows}):
+        mine = [r for r in rows if r["platform"] == platform and r.get("compiled")]
+        logs, parts = [], []
+        for r in mine:
+            cfg = load_config(r)
+            sizes = memory.mesh_sizes(cfg.mesh, r["devices"])
+            p = memory.plan(cfg, sizes, platform, calibrated=False)
+            state = p["total"] - p["activations"]
+            parts.append((r, state, p["activations"]))
+            logs.append(math.log(max(r["memory_per_device"]["peak_memory"] - state, 1) /
+                                 p["activations"]))  # fmt: skip
+        k = math.exp(sum(logs) / len(logs))
+        errors = {"closed_form": [], "calibrated": []}
+        for r, state, act in parts:
+            peak = r["memory_per_device"]["peak_memory"]
+            r["planned_bytes_per_device"] = int(state + k * act)
+            errors["closed_form"].append((state + act) / peak - 1)
+            errors["calibrated"].append((state + k * act) / peak - 1)
+        fit[platform] = {"activation_factor": round(k, 4), "configurations": len(mine),
+                         **{f"error_{n}": [round(min(e), 3), round(max(e), 3)]
+                            for n, e in errors.items()}}  # fmt: skip
+    return fit
+
+
 def main(_):
+    if FLAGS.replan:
+        with open(FLAGS.json) as f:
+            compiled = json.load(f)["rows"]
+        fit = replan(compiled)
+        print(json.dumps(fit, indent=1))
+        with open(FLAGS.json, "w") as f:
+            json.dump({"rows": compiled}, f, indent=1)
+        with open(FLAGS.calibration, "w") as f:
+            json.dump(fit, f, indent=1)
+        return
     if not os.path.exists(AOT_PYTHON):
         sys.exit(f"error: no {AOT_PYTHON}: run `make aot` first (the TPU/GPU compilers)")
     done = {}

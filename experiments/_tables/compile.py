@@ -47,24 +47,29 @@ def _rows(path: str) -> dict[tuple[str, str], dict]:
 
 def _fit_cell(r: dict | None) -> str:
     if r is None:
-        return "not compiled"
+        return "-"
     micro = r["attempts"][-1]["microbatches"]
     if not r.get("fits"):
-        return f"does not fit at {micro} micro-batches"
-    return f"{_gib(r['memory_per_device']['peak_memory'])} ({micro})"
+        return f"no fit at {micro} micro"
+    more = f" ({micro} micro)" if micro > 1 else ""
+    return f"{r['memory_per_device']['peak_memory'] / GIB:.1f}{more}"
 
 
 @renderer("compile_fit_summary")
 def compile_fit_summary(path: str = "compile_plan.json") -> str:
-    """README: per paper configuration, the compiled peak GiB per device (micro-batches) on 64
-    H100 and on v5p:4x4x4 at the paper batch."""
+    """README: per paper configuration, the compiled peak GiB per device at the paper batch on
+    each target (one micro-batch unless said)."""
     if not (RESULTS / path).exists():
         return "(no compiled rows yet: `python experiments/compile_plan.py`)"
     rows = _rows(path)
-    names = sorted({n for n, _ in rows}, key=lambda n: (n.split("-", 1)[1], n.split("-")[0]))
+    short = {"h100:1x8x8": "64 H100", "v5p:4x4x4": "v5p:4x4x4"}
+    sizes = ("160m", "410m", "1b")
+    kinds = dict.fromkeys(n.split("-", 1)[1] for n, _ in sorted(rows))
     targets = sorted({t for _, t in rows})
-    header = ["model", *(f"{t}: peak GiB (micro-batches)" for t in targets)]
-    return markdown(header, [[n, *(_fit_cell(rows.get((n, t))) for t in targets)] for n in names])
+    header = ["kind", *(f"{s} {short.get(t, t)}" for s in sizes for t in targets)]
+    body = [[k, *(_fit_cell(rows.get((f"{s}-{k}", t))) for s in sizes for t in targets)]
+            for k in kinds]  # fmt: skip
+    return markdown(header, body)
 
 
 MFU_TARGETS = ("1b-dense", "160m-mole-16e")  # issue 26: >= 50 % estimated MFU on both targets

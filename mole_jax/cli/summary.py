@@ -60,6 +60,12 @@ def memory_lines(cfg, s: dict, budget_gib: float) -> list[str]:
         f"{t.batch_size} x {cfg.data.seq_len} tokens in {micro}; remat={cfg.model.remat}, "
         f"dtype={cfg.model.dtype}, platform={backend} (--platform)",
     ]
+    if backend in memory.CALIBRATION:
+        lines.append(
+            f"  activations calibrated x{memory.CALIBRATION[backend]:g} against the compiled paper "
+            f"configurations; the compiler's own figure: launch.py compile --topology=... "
+            f"(docs/scaling.md)"
+        )
     budget = budget_gib * 2**30
     if plan["total"] <= budget:
         return [*lines, f"  fits in {budget_gib:g} GiB per device"]

@@ -28,6 +28,7 @@ _WHILE = re.compile(r"^\s*(?:ROOT\s+)?%?\S+\s*=.*?\swhile\(%?([\w.\-]+)\),\s*"
                     r"condition=%?([\w.\-]+),\s*body=%?([\w.\-]+)")  # fmt: skip
 _TRIP = re.compile(r'"known_trip_count":\{"n":"(\d+)"\}')
 _REF = re.compile(r"%([\w.\-]+)")
+_END = re.compile(r"^\}(,\s*execution_thread=\S+)?\s*$")
 _METADATA = re.compile(r",\s*metadata=\{[^{}]*\}")
 
 
@@ -97,8 +98,8 @@ def parse(text: str) -> Program:
                 entry = current if is_entry else entry
                 bodies[current] = [line]
             continue
-        if line.rstrip() == "}":  # (an attribute's text may span lines, some starting "}}")
-            bodies[current].append("}")
+        if _END.match(line):  # "}" or "}, execution_thread=..." (attribute text may span lines)
+            bodies[current].append(line)
             current = None
         else:
             bodies[current].append(line)

@@ -5,10 +5,10 @@ assignments, C capacity per expert, N tiles, R rows of a tile.
 
 Dispatch (`model.ffn.moe.dispatch`):
   dropless  every assignment is computed. Tokens are sorted by expert and the per-expert groups
-            multiplied with `grouped`: `ragged` (jax.lax.ragged_dot, TPU's grouped GEMM) or
-            `blocked` (each group padded to a multiple of `tile` rows, one batched matmul over
-            tiles; exact, and fast where ragged_dot is emulated (CPU) or made dense (GPU)).
-            `auto` picks ragged on TPU and blocked on GPU and CPU.
+            multiplied with `grouped`: `ragged` (jax.lax.ragged_dot) or `blocked` (each group
+            padded to a multiple of `tile` rows, one batched matmul over tiles; exact). `auto`
+            is blocked everywhere: ragged_dot is emulated on CPU and compiled densely over the
+            experts for GPU (forward and backward) and TPU (weight gradients).
   capacity  GShard/Switch einsum dispatch with capacity ceil(capacity_factor * A / E); overflow
             assignments are dropped (their share is logged as `dropped`).
 
@@ -49,7 +49,6 @@ from mole_jax.model.layers import (
     param,
     up_width,
 )
-from mole_jax.parallel import sharding
 
 FORMS = ("train", "offload")
 DISPATCH = ("dropless", "capacity")
@@ -276,14 +275,14 @@ class Layer(FFN):
 
 
 def resolve_grouped(grouped: str, platform: str | None = None) -> str:
-    """`model.ffn.<kind>.grouped`, with 'auto' read off `platform` (default: the platform the
-    step is traced for): ragged_dot on TPU; the blocked matmul on CPU (where ragged_dot is
-    emulated) and on GPU, whose compiler turns ragged_dot into a dense matmul over every expert
-    (compiled for H100, MoE-10E 160m: 5.6x the model's FLOPs with ragged_dot, 1.36x blocked;
-    docs/scaling.md)."""
-    if grouped != "auto":
-        return grouped
-    return "ragged" if (platform or sharding.platform()) == "tpu" else "blocked"
+    """`model.ffn.<kind>.grouped`, with 'auto' = the blocked matmul on every platform, as the
+    compiled programs say: on CPU ragged_dot is emulated; XLA's GPU compiler turns it into a
+    dense matmul over every expert, and TPU's computes its weight gradient densely over the
+    experts (masked): compiled at the paper batch, MoE-34E 1b does 16.8x (H100) and 6.4x
+    (v5p) the model's FLOPs through ragged_dot, 1.39x and 1.32x blocked (docs/scaling.md).
+    `platform` is kept for the callers that pass the target's."""
+    del platform
+    return "blocked" if grouped == "auto" else grouped
 
 
 def validate(m) -> None:
