@@ -92,36 +92,53 @@ def load_config(row: dict):
     return cfg
 
 
-def replan(rows: list[dict]) -> dict:
-    """Every row's plan at the current `memory.plan` (uncalibrated and calibrated), and per
-    platform the activation factor that best fits the compiled peaks (least squares in log
-    space) with the plan's error before and after it."""
+def _factor(parts: list[tuple]) -> float:
+    """The activation factor k minimising sum (log((peak - state) / activations) - log k)^2
+    over `parts` (row, kind, state bytes, activation bytes)."""
     import math
 
+    logs = [math.log(max(r["memory_per_device"]["peak_memory"] - state, 1) / act)
+            for r, _, state, act in parts]  # fmt: skip
+    return math.exp(sum(logs) / len(logs))
+
+
+def _span(parts: list[tuple], factors: dict) -> list[float]:
+    """The plan's relative error range against the compiled peaks, each row's activations
+    scaled by its kind's factor (or "all")."""
+    errors = [(state + factors.get(kind, factors["all"]) * act) / r["memory_per_device"]
+              ["peak_memory"] - 1 for r, kind, state, act in parts]  # fmt: skip
+    return [round(min(errors), 3), round(max(errors), 3)]
+
+
+def replan(rows: list[dict]) -> dict:
+    """Per platform and per FFN kind, the activation factor that best fits the compiled peaks
+    (`_factor`), "all" for every kind together (used for kinds not compiled); the plan's error
+    range before and after; every row's `planned_bytes_per_device` recomputed with its kind's
+    factor."""
     from mole_jax.train import memory
 
     fit = {}
     for platform in sorted({r["platform"] for r in rows}):
-        mine = [r for r in rows if r["platform"] == platform and r.get("compiled")]
-        logs, parts = [], []
-        for r in mine:
-            cfg = load_config(r)
-            sizes = memory.mesh_sizes(cfg.mesh, r["devices"])
-            p = memory.plan(cfg, sizes, platform, calibrated=False)
-            state = p["total"] - p["activations"]
-            parts.append((r, state, p["activations"]))
-            logs.append(math.log(max(r["memory_per_device"]["peak_memory"] - state, 1) /
-                                 p["activations"]))  # fmt: skip
-        k = math.exp(sum(logs) / len(logs))
-        errors = {"closed_form": [], "calibrated": []}
-        for r, state, act in parts:
-            peak = r["memory_per_device"]["peak_memory"]
-            r["planned_bytes_per_device"] = int(state + k * act)
-            errors["closed_form"].append((state + act) / peak - 1)
-            errors["calibrated"].append((state + k * act) / peak - 1)
-        fit[platform] = {"activation_factor": round(k, 4), "configurations": len(mine),
-                         **{f"error_{n}": [round(min(e), 3), round(max(e), 3)]
-                            for n, e in errors.items()}}  # fmt: skip
+        parts = []
+        for r in rows:
+            if r["platform"] == platform and r.get("compiled"):
+                cfg = load_config(r)
+                sizes = memory.mesh_sizes(cfg.mesh, r["devices"])
+                p = memory.plan(cfg, sizes, platform, calibrated=False)
+                parts.append((r, cfg.model.ffn.kind, p["total"] - p["activations"],
+                              p["activations"]))  # fmt: skip
+        of = {k: [x for x in parts if x[1] == k] for k in sorted({x[1] for x in parts})}
+        factors = {k: _factor(x) for k, x in of.items()} | {"all": _factor(parts)}
+        for r, kind, state, act in parts:
+            r["planned_bytes_per_device"] = int(state + factors[kind] * act)
+        fit[platform] = {
+            "activation_factors": {k: round(v, 4) for k, v in factors.items()},
+            "configurations": {k: len(x) for k, x in of.items()},
+            "error_closed_form": _span(parts, {"all": 1.0}),
+            "error_one_factor": _span(parts, {"all": factors["all"]}),
+            "error_calibrated": _span(parts, factors),
+            "error_calibrated_by_kind": {k: _span(x, factors) for k, x in of.items()},
+        }
     return fit
 
 

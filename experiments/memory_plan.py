@@ -13,7 +13,8 @@ Method: `memory.plan` (summary's bytes_per_device) for each configuration, micro
 by the rules table; activations are the planner's closed-form estimate for bfloat16 compute with
 remat='full', a 512-position loss chunk and per-micro-batch token tables (the defaults from
 160m up) on a GPU (a MoE's grouped matmul blocked), checked against XLA's memory
-analysis at tiny and small (CPU) in tests/test_memory.py.
+analysis at tiny and small (CPU) in tests/test_memory.py, and scaled by the GPU factor of the
+model's kind fitted to the compiled paper configurations (`memory.CALIBRATION`).
 """
 
 from __future__ import annotations

@@ -107,3 +107,49 @@ def roofline_peaks() -> str:
     header = ["device", "bf16 TFLOP/s", "HBM GB/s", "link GB/s per device (one way)",
               "memory GiB", "source"]  # fmt: skip
     return markdown(header, rows)
+
+
+def _pct(span: list[float]) -> str:
+    return f"{100 * span[0]:+.0f}% to {100 * span[1]:+.0f}%"
+
+
+@renderer("plan_calibration")
+def plan_calibration(path: str = "plan_calibration.json") -> str:
+    """Per platform and FFN kind, the activation factor `compile_plan.py --replan` fitted and the
+    plan's error range against the compiled peaks before and after it (in-sample)."""
+    if not (RESULTS / path).exists():
+        return "(no calibration yet: `python experiments/compile_plan.py --replan`)"
+    out = []
+    for platform, fit in load(path).items():
+        for kind, n in fit["configurations"].items():
+            out.append([platform, kind, str(n), f"{fit['activation_factors'][kind]:.3f}",
+                        _pct(fit["error_calibrated_by_kind"][kind])])  # fmt: skip
+        out.append([platform, "all kinds", str(sum(fit["configurations"].values())),
+                    f"{fit['activation_factors']['all']:.3f}",
+                    f"{_pct(fit['error_calibrated'])} (one factor: "
+                    f"{_pct(fit['error_one_factor'])}; closed form: "
+                    f"{_pct(fit['error_closed_form'])})"])  # fmt: skip
+    header = ["platform", "kind", "compiled configurations", "activation factor",
+              "plan vs compiled peak, calibrated"]  # fmt: skip
+    return markdown(header, out)
+
+
+@renderer("compile_cost")
+def compile_cost(path: str = "compile_plan.json") -> str:
+    """Per target: the compile's seconds and host RAM over every row, and the rows past the
+    issue's budget (10 minutes, 4 GB)."""
+    if not (RESULTS / path).exists():
+        return "(no compiled rows yet: `python experiments/compile_plan.py`)"
+    out = []
+    for topology in sorted({t for _, t in _rows(path)}):
+        rows = [
+            r for (_, t), r in sorted(_rows(path).items()) if t == topology and r.get("seconds")
+        ]
+        secs = [r["seconds"]["compile"] for r in rows]
+        rss = [r["host_peak_rss_gib"] for r in rows]
+        over = [f"{r['name']} {r['host_peak_rss_gib'] * GIB / 1e9:.2f} GB" for r in rows
+                if r["seconds"]["compile"] > 600 or r["host_peak_rss_gib"] * GIB > 4e9]  # fmt: skip
+        out.append(f"- {topology}: {len(rows)} programs, compile {min(secs):.0f}–{max(secs):.0f} "
+                   f"s, host RSS {min(rss):.2f}–{max(rss):.2f} GiB; past 10 min or 4 GB: "
+                   f"{', '.join(over) or 'none'}")  # fmt: skip
+    return "\n".join(out)

@@ -61,10 +61,11 @@ def memory_lines(cfg, s: dict, budget_gib: float) -> list[str]:
         f"dtype={cfg.model.dtype}, platform={backend} (--platform)",
     ]
     if backend in memory.CALIBRATION:
+        kind = cfg.model.ffn.kind
         lines.append(
-            f"  activations calibrated x{memory.CALIBRATION[backend]:g} against the compiled paper "
-            f"configurations; the compiler's own figure: launch.py compile --topology=... "
-            f"(docs/scaling.md)"
+            f"  activations calibrated x{memory.calibration(backend, kind):g} against the compiled "
+            f"paper configurations ({kind}); the compiler's own figure: launch.py compile "
+            f"--topology=... (docs/scaling.md)"
         )
     budget = budget_gib * 2**30
     if plan["total"] <= budget:
