@@ -54,7 +54,7 @@ test: $(VENV)/.test $(AOT)/.aot
 	$(BIN)/ruff check .
 	$(PYTEST)
 
-# The tests that neither train a run nor spawn processes (2 min 03 s on 2 cores, warm:
+# The tests that neither train a run nor spawn processes (1 min 12 s on 2 cores, warm:
 # docs/development.md, "Latest test run").
 test-fast: $(VENV)/.test
 	$(BIN)/ruff check .
