@@ -128,11 +128,12 @@ def replan(rows: list[dict]) -> dict:
                 parts.append((r, cfg.model.ffn.kind, p["total"] - p["activations"],
                               p["activations"]))  # fmt: skip
         of = {k: [x for x in parts if x[1] == k] for k in sorted({x[1] for x in parts})}
-        factors = {k: _factor(x) for k, x in of.items()} | {"all": _factor(parts)}
+        # rounded as memory.CALIBRATION holds them, so the rows' plans are summary's
+        factors = {k: round(_factor(x), 4) for k, x in (of | {"all": parts}).items()}
         for r, kind, state, act in parts:
             r["planned_bytes_per_device"] = int(state + factors[kind] * act)
         fit[platform] = {
-            "activation_factors": {k: round(v, 4) for k, v in factors.items()},
+            "activation_factors": factors,
             "configurations": {k: len(x) for k, x in of.items()},
             "error_closed_form": _span(parts, {"all": 1.0}),
             "error_one_factor": _span(parts, {"all": factors["all"]}),

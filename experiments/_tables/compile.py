@@ -140,11 +140,9 @@ def compile_cost(path: str = "compile_plan.json") -> str:
     issue's budget (10 minutes, 4 GB)."""
     if not (RESULTS / path).exists():
         return "(no compiled rows yet: `python experiments/compile_plan.py`)"
-    out = []
-    for topology in sorted({t for _, t in _rows(path)}):
-        rows = [
-            r for (_, t), r in sorted(_rows(path).items()) if t == topology and r.get("seconds")
-        ]
+    out, every = [], sorted(_rows(path).items())
+    for topology in sorted({t for (_, t), _ in every}):
+        rows = [r for (_, t), r in every if t == topology and r.get("seconds")]
         secs = [r["seconds"]["compile"] for r in rows]
         rss = [r["host_peak_rss_gib"] for r in rows]
         over = [f"{r['name']} {r['host_peak_rss_gib'] * GIB / 1e9:.2f} GB" for r in rows

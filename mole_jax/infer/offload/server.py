@@ -60,12 +60,7 @@ def serve(
     per-batch loads, seconds and start times, and per-request latency per token from its
     arrival."""
     m = engine.model_config
-    if m.ffn.topk != 1:
-        raise UserError("queue serving needs one path per token (a top-1 pre-gated model)")
-    if eviction not in EVICTIONS:
-        raise UserError(f"eviction {eviction!r} is not one of {EVICTIONS}")
-    if min(news) < 1 or not all(1 <= len(p) <= budget for p in prompts):
-        raise UserError(f"every request needs >= 1 new token and a prompt of 1..{budget} tokens")
+    _check(m, prompts, news, budget, eviction)
     route = _router(engine, max(len(p) + n for p, n in zip(prompts, news, strict=True)))
     seqs = [[int(t) for t in p] for p in prompts]
     live = {
@@ -112,6 +107,16 @@ def serve(
     out["tokens"] = {rid: r.ids[r.prompt :] for rid, r in live.items()}
     out["latency_s"] = np.array([done[rid] / live[rid].new for rid in sorted(live)])
     return out
+
+
+def _check(m, prompts, news, budget: int, eviction: str) -> None:
+    """One line for what queue serving cannot take."""
+    if m.ffn.topk != 1:
+        raise UserError("queue serving needs one path per token (a top-1 pre-gated model)")
+    if eviction not in EVICTIONS:
+        raise UserError(f"eviction {eviction!r} is not one of {EVICTIONS}")
+    if min(news) < 1 or not all(1 <= len(p) <= budget for p in prompts):
+        raise UserError(f"every request needs >= 1 new token and a prompt of 1..{budget} tokens")
 
 
 def _run_batch(engine, batch, need: set[int], live: dict, route, loads: int) -> None:
