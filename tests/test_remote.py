@@ -112,6 +112,13 @@ def test_a_second_export_replaces_the_first_and_removes_its_prefix(s3, mole_run)
     assert LutStore.open("s3://stores/again/lut").manifest["prefix"] == third["prefix"]
 
 
+def test_data_prefixes_sort_in_the_order_exports_began(s3):
+    """Stale-prefix removal keeps what sorts after its own prefix: two exports begun within one
+    second must still sort in order (seconds and a random suffix did not: CI kept a stale one)."""
+    prefixes = [Staging.begin(location("s3://stores/order/lut")).prefix for _ in range(20)]
+    assert prefixes == sorted(prefixes) and len(set(prefixes)) == 20
+
+
 def test_damaged_remote_and_local_stores_fail_in_one_line(s3, mole_run, tmp_path):
     m = export_lut(mole_run, dtype="float16", out="s3://stores/damaged/lut")
     kv = _kv(f"s3://stores/damaged/lut/{m['prefix']}")

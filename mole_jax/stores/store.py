@@ -101,8 +101,7 @@ class Staging:
             raise UserError(f"{final}: an http(s) store is read-only; export to a folder, s3:// "
                             "or gs:// and serve that")  # fmt: skip
         if final.remote:
-            stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
-            prefix = f"{remote.PREFIX}{stamp}-{uuid.uuid4().hex[:8]}"
+            prefix = f"{remote.PREFIX}{_stamp()}-{uuid.uuid4().hex[:8]}"
             staging = cls(final, final.join(prefix), prefix)
             staging.found = remote.generation(final, "manifest.json")
             return staging
@@ -118,6 +117,13 @@ class Staging:
             publish(self.tmp, self.final.local_path)
         elif self.prefix:
             remote.remove_stale(self.final, keep=self.prefix)
+
+
+def _stamp() -> str:
+    """UTC time to the microsecond: data prefixes sort by creation even within one second (an
+    export removes only prefixes that sort before its own)."""
+    ns = time.time_ns()
+    return time.strftime("%Y%m%dT%H%M%S", time.gmtime(ns // 10**9)) + f".{ns // 1000 % 10**6:06d}"
 
 
 def create_array(
