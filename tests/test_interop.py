@@ -15,6 +15,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import jax
@@ -323,9 +324,17 @@ def test_import_export_and_offloaded_eval_from_the_command_line(tmp_path, corpus
         "--config.data.val_fraction=0.2",
     ]
 
+    took = []  # (command, seconds): a slow or hung one is named when the test fails
+
     def launch(*args):
         cmd = [sys.executable, str(ROOT / "launch.py"), *args]
-        return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+        t0 = time.perf_counter()
+        try:
+            return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=240)
+        except subprocess.TimeoutExpired as e:
+            pytest.fail(f"{' '.join(args)} ran past 240 s; before it: {took}\n{e.stderr}")
+        finally:
+            took.append((args[0], round(time.perf_counter() - t0, 1)))
 
     out = launch(
         "import",
