@@ -29,11 +29,15 @@ def compile_json(tmp_path, config: str, topology: str, *extra: str) -> dict:
         pytest.skip(f"no {AOT_PYTHON}: `make aot` installs the TPU/GPU compilers")
     out = tmp_path / "compile.json"
     env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}  # compile sets its own
+    env["JAX_COMPILATION_CACHE_DIR"] = str(tmp_path / "jax_cache")
     cmd = [AOT_PYTHON, os.path.join(ROOT, "launch.py"), "compile", f"--config={config}",
            f"--topology={topology}", f"--json={out}", *extra]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"{topology}:" in proc.stdout and "roofline step" in proc.stdout, proc.stdout
+    # a deviceless executable cannot be read back from JAX's persistent cache (no client), so
+    # compile leaves the cache off rather than write entries in vain (and warn on reading them)
+    assert not list((tmp_path / "jax_cache").glob("*-cache")), "compile wrote JAX's cache"
     return json.loads(out.read_text())
 
 
@@ -48,6 +52,7 @@ def test_compile_for_a_target_reports_its_program(tmp_path, kind, config, topolo
     assert r["platform"] == platform and kind_name in r["device_kind"] and r["devices"] == 4
     assert r["mesh"] == {"data": 4, "fsdp": 1, "expert": 1, "tensor": 1}
     assert r["compiled"] and r["fits"]
+    assert set(r["host_malloc"]) == {"arena_max", "mmap_threshold", "trim_threshold"}  # all set
     m = r["memory_per_device"]
     assert 0 < m["argument_size"] and 0 < m["peak_memory"] < r["device_memory"]
     # the MoE's grouped matmul is blocked on every target (ragged_dot compiles dense there)

@@ -21,6 +21,7 @@ model's. A program that does not fit a TPU's memory is refused by the compiler i
 
 from __future__ import annotations
 
+import ctypes
 import math
 import os
 import re
@@ -71,6 +72,10 @@ def abstract_inputs(tr: Trainer) -> tuple:
 def compile_step(cfg, target: targets.Target) -> dict:
     """Compiles `cfg`'s train step for `target`; returns the report (see the module doc)."""
     t0 = time.perf_counter()
+    malloc = lean_malloc()
+    # JAX's persistent cache writes a deviceless executable but cannot read one back (jax 0.10:
+    # "PjRtCompiler must be constructed with a Client"): off, rather than warn and write in vain
+    jax.config.update("jax_enable_compilation_cache", False)
     devs = targets.devices(target)
     mesh = targets.mesh(target, devs, cfg.mesh)
     tr = setup(cfg, mesh)
@@ -105,6 +110,7 @@ def compile_step(cfg, target: targets.Target) -> dict:
         # this report's own analysis of the program (loop bodies re-analysed on the host)
         host_peak_rss_gib=rss["compiled"],
         host_rss_gib={**rss, "analysed": _rss_gib()},
+        host_malloc=malloc,
     )
     report["roofline"] = roofline(report, target)
     return report
@@ -161,6 +167,22 @@ def _with_kernels(cost: dict, cfg, mesh, platform: str) -> dict:
     if not kernels or cost["flops"] is None:
         return cost
     return {**cost, "flops": cost["flops"] + kernels, "flash_kernel_flops": kernels}
+
+
+# glibc malloc for the compiler's threads: two arenas (not 8 per core), blocks over 64 KiB
+# mmapped and every free returned at once. The compiled program is the same; the host's peak
+# RAM of the paper configurations' compiles 8-13 % lower for v5p:4x4x4 (1b pre-gated: 4.90 ->
+# 4.47 GiB), 0-4 % for H100, every memory analysis unchanged (docs/scaling.md, compile cost).
+MALLOC = {"arena_max": (-8, 2), "mmap_threshold": (-3, 65536), "trim_threshold": (-1, 0)}
+
+
+def lean_malloc() -> dict:
+    """Sets `MALLOC` with mallopt (glibc; elsewhere nothing) before the compiler starts."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return {}
+    return {name: v for name, (param, v) in MALLOC.items() if libc.mallopt(param, v) == 1}
 
 
 def _rss_gib() -> float:
