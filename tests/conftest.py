@@ -98,3 +98,22 @@ def tiny_cfg(corpus_dir, cache_dir):
     from configs import dense
 
     return tiny_overrides(dense.get_config("size=tiny"), corpus_dir, cache_dir)
+
+
+def run_bounded(cmd: list[str], timeout: float, env: dict | None = None, cwd: str = ROOT):
+    """subprocess.run(capture_output, text) that fails the test past `timeout` seconds with the
+    child's Python stacks (PYTHONFAULTHANDLER: SIGABRT makes it print every thread's), where
+    pytest-timeout under xdist would end the worker and say only 'node down'."""
+    import signal
+    import subprocess
+
+    env = dict(os.environ if env is None else env, PYTHONFAULTHANDLER="1")
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGABRT)
+        out, err = proc.communicate()
+        pytest.fail(f"{' '.join(cmd[1:])} ran past {timeout:.0f} s; its stacks:\n{err[-6000:]}")
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)

@@ -7,7 +7,8 @@ import subprocess
 import sys
 import time
 
-from conftest import ROOT
+import pytest
+from conftest import ROOT, run_bounded
 
 from configs import mole
 from mole_jax import progress
@@ -88,3 +89,11 @@ def test_summary_says_its_assumptions_and_the_fewest_microbatches_that_fit():
     assert "does not fit in 80 GiB per device" in text and "GiB" in text and "(0.000" not in text
     tiny = load_file(os.path.join(ROOT, "configs/mole.py:size=tiny"))
     assert "fits in 80 GiB per device" in render(tiny, accounting.summarize(tiny), 80)
+
+
+def test_a_hung_child_fails_its_test_with_its_stacks():
+    """conftest.run_bounded: past its bound the child is aborted and its Python stack shown."""
+    sleep = [sys.executable, "-c", "import time\ndef wait():\n    time.sleep(60)\nwait()"]
+    with pytest.raises(pytest.fail.Exception, match=r"ran past 2 s(.|\n)*in wait"):
+        run_bounded(sleep, timeout=2)
+    assert run_bounded([sys.executable, "-c", "print('ok')"], timeout=60).stdout == "ok\n"

@@ -15,14 +15,13 @@ import re
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import tiny_overrides
+from conftest import run_bounded, tiny_overrides
 from flax import nnx
 from safetensors.numpy import load_file
 
@@ -324,17 +323,8 @@ def test_import_export_and_offloaded_eval_from_the_command_line(tmp_path, corpus
         "--config.data.val_fraction=0.2",
     ]
 
-    took = []  # (command, seconds): a slow or hung one is named when the test fails
-
-    def launch(*args):
-        cmd = [sys.executable, str(ROOT / "launch.py"), *args]
-        t0 = time.perf_counter()
-        try:
-            return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=240)
-        except subprocess.TimeoutExpired as e:
-            pytest.fail(f"{' '.join(args)} ran past 240 s; before it: {took}\n{e.stderr}")
-        finally:
-            took.append((args[0], round(time.perf_counter() - t0, 1)))
+    def launch(*args):  # a hung run fails the test with its stacks (conftest.run_bounded)
+        return run_bounded([sys.executable, str(ROOT / "launch.py"), *args], timeout=240)
 
     out = launch(
         "import",

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import ROOT, synthetic_text, trained_workdir
+from conftest import ROOT, run_bounded, synthetic_text, trained_workdir
 
 pytest.importorskip("lm_eval")  # the [eval] extra; `make test` installs it
 
@@ -187,7 +187,7 @@ def test_greedy_generate_until_equals_launch_generate(mole_run):
 def _launch(*args):
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
     cmd = [sys.executable, "launch.py", *args]
-    return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env)
+    return run_bounded(cmd, timeout=240, env=env)
 
 
 def test_a_hub_task_offline_is_one_error_line(mole_run):
@@ -214,12 +214,11 @@ def test_launch_eval_tasks_writes_scores_and_the_lm_eval_cli_runs(mole_run, tmp_
         assert sum(items) / 6 == pytest.approx(rec["tasks"][task]["acc"])
     assert rec["mode"] == "offload" and rec["lut_dtype"] == "float32"
     assert rec["bytes_read_per_token"] > 0 and rec["requests"] == 6 * 4 + 6 + 6
-    cli = subprocess.run(
+    cli = run_bounded(
         [sys.executable, "-m", "mole_jax.eval.harness_cli", "run", "--model", "mole_jax",
          "--model_args", f"workdir={mole_run}", "--tasks", "mole_next_line", "--limit", "4",
          "--output_path", str(tmp_path / "out")],
-        capture_output=True, text=True, cwd=ROOT,
-        env=dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1"),
+        timeout=240, env=dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1"),
     )  # fmt: skip
     assert cli.returncode == 0, cli.stderr[-3000:]
     assert "mole_next_line" in cli.stdout
