@@ -3,7 +3,6 @@ lines in a log, and a summary that says what it assumed and what would fit."""
 
 import io
 import os
-import subprocess
 import sys
 import time
 
@@ -19,8 +18,7 @@ from mole_jax.train import accounting, memory
 
 
 def launch(*args):
-    cmd = [sys.executable, os.path.join(ROOT, "launch.py"), *args]
-    return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=120)
+    return run_bounded([sys.executable, os.path.join(ROOT, "launch.py"), *args], timeout=120)
 
 
 def test_help_lists_the_commands_and_exits_0():

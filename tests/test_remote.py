@@ -6,14 +6,13 @@ wrong."""
 
 import json
 import os
-import subprocess
 import sys
 import time
 
 import numpy as np
 import pytest
 import tensorstore as ts
-from conftest import ROOT, trained_workdir
+from conftest import ROOT, run_bounded, trained_workdir
 
 from configs import moe, mole
 from experiments._servers import free_port, http_server, s3_server
@@ -194,7 +193,7 @@ def test_moe_experts_offloaded_from_s3_equal_in_memory(s3, tmp_path_factory, cor
 
 def _launch(*args, env):
     cmd = [sys.executable, os.path.join(ROOT, "launch.py"), *args]
-    return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300, env=env)
+    return run_bounded(cmd, timeout=300, env=env)
 
 
 def test_cli_export_to_s3_then_eval_offloaded_from_it(s3, mole_run):
